@@ -1,0 +1,34 @@
+"""prefect-managed: Prefect Managed work pools for self-hosted Prefect 3.
+
+Importing the package registers the `prefect:managed` worker type with Prefect (the
+`prefect.collections` entry point imports it).
+"""
+
+from importlib.metadata import PackageNotFoundError, version
+
+from prefect_managed.configuration import ManagedJobConfiguration, ManagedVariables
+from prefect_managed.exceptions import (
+    InvalidJobVariable,
+    InvalidPipPackage,
+    ManagedError,
+    RuntimeImageError,
+)
+from prefect_managed.settings import ManagedSettings
+from prefect_managed.worker import ManagedWorker
+
+try:
+    __version__ = version("prefect-managed")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree
+    __version__ = "0.0.0"
+
+__all__ = [
+    "InvalidJobVariable",
+    "InvalidPipPackage",
+    "ManagedError",
+    "ManagedJobConfiguration",
+    "ManagedSettings",
+    "ManagedVariables",
+    "ManagedWorker",
+    "RuntimeImageError",
+    "__version__",
+]

@@ -1,0 +1,95 @@
+"""pip_packages: validation of untrusted requirement strings (PEP 508).
+
+Entries reach the runtime image as ``EXTRA_PIP_PACKAGES``, a single string the image's
+entrypoint splits on whitespace. So an entry is accepted only when it parses as one
+requirement and its normal form holds no whitespace; that rules out shell fragments,
+paths, options and environment markers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from packaging.requirements import InvalidRequirement, Requirement
+
+from prefect_managed.exceptions import InvalidPipPackage
+
+__all__ = ["describe_early_exit", "normalize_pip_packages", "split_extra_pip_packages"]
+
+
+def _normalize(entry: object, allow_urls: bool) -> str:
+    if not isinstance(entry, str):
+        raise InvalidPipPackage(entry, "it is not a string")
+    text = entry.strip()
+    if not text:
+        raise InvalidPipPackage(entry, "it is empty")
+    if text.startswith("-"):
+        raise InvalidPipPackage(entry, "installer options are not accepted")
+    try:
+        requirement = Requirement(text)
+    except InvalidRequirement as exc:
+        reason = str(exc).splitlines()[0]
+        raise InvalidPipPackage(entry, f"it is not a valid requirement ({reason})") from exc
+    if requirement.marker is not None:
+        raise InvalidPipPackage(
+            entry, "environment markers (after ';') are not supported in a fixed runtime image"
+        )
+    if requirement.url is not None and not allow_urls:
+        raise InvalidPipPackage(
+            entry,
+            "direct URL requirements are not allowed by this workspace's policy; "
+            "name a package from the package index instead",
+        )
+    normal = str(requirement)
+    if any(ch.isspace() for ch in normal):
+        raise InvalidPipPackage(entry, "it contains whitespace")
+    return normal
+
+
+def normalize_pip_packages(entries: Iterable[object], *, allow_urls: bool = False) -> list[str]:
+    """Validate each entry and return its normal form, duplicates dropped, order kept.
+
+    Raises `InvalidPipPackage` naming the first entry that is not acceptable.
+    """
+    seen: dict[str, None] = {}
+    for entry in entries:
+        seen.setdefault(_normalize(entry, allow_urls), None)
+    return list(seen)
+
+
+def split_extra_pip_packages(value: str | None) -> list[str]:
+    """Split an ``EXTRA_PIP_PACKAGES`` value the way the image's entrypoint does."""
+    return value.split() if value else []
+
+
+_INSTALL_MARK = "+uv pip install "
+
+
+def describe_early_exit(exit_code: int, pip_packages: list[str], output: list[str]) -> str:
+    """The final-state message of a container that exited before its flow started.
+
+    When pip_packages were asked for and the output shows the installer ran, the
+    message names the installation and quotes the installer's first error line.
+    """
+    installing = bool(pip_packages) and any(line.startswith(_INSTALL_MARK) for line in output)
+    if installing:
+        start = max(i for i, line in enumerate(output) if line.startswith(_INSTALL_MARK))
+        after = output[start + 1 :]
+        first = next((i for i, line in enumerate(after) if "error" in line.lower()), None)
+        detail = ""
+        if first is not None:
+            # uv prints the error, then its cause on indented lines below it.
+            quoted = [after[first].strip()]
+            quoted += [line.strip() for line in after[first + 1 : first + 3] if line.startswith(" ")]
+            detail = ": " + " ".join(quoted)
+        return (
+            f"Installing pip_packages {' '.join(pip_packages)} failed before the flow started "
+            f"(the container exited with code {exit_code}){detail}. The installer's output is "
+            "in this flow run's logs; check the package names and versions in pip_packages."
+        )
+    last = next((line.strip() for line in reversed(output) if line.strip()), "")
+    detail = f": {last}" if last else ""
+    return (
+        f"The flow run's container exited with code {exit_code} before the flow started{detail}. "
+        "Its output is in this flow run's logs."
+    )

@@ -1,0 +1,38 @@
+"""The errors prefect-managed raises.
+
+ManagedError
+ ├── InvalidPipPackage       a pip_packages entry is not an acceptable requirement
+ ├── InvalidJobVariable      another job variable has a value the worker cannot use
+ └── RuntimeImageError       the local runtime image could not be built
+"""
+
+from __future__ import annotations
+
+
+class ManagedError(Exception):
+    """Base class of every error raised by prefect-managed."""
+
+
+class InvalidPipPackage(ManagedError, ValueError):
+    """A pip_packages entry is not a requirement the worker will install."""
+
+    def __init__(self, entry: object, reason: str) -> None:
+        self.entry = entry
+        self.reason = reason
+        super().__init__(
+            f"pip_packages entry {entry!r} was rejected: {reason}. Give each package as a "
+            "PEP 508 requirement such as 'pandas' or 'pandas>=2.2,<3', one per entry."
+        )
+
+
+class InvalidJobVariable(ManagedError, ValueError):
+    """A job variable has a value the worker cannot use."""
+
+    def __init__(self, name: str, value: object, hint: str) -> None:
+        self.name = name
+        self.value = value
+        super().__init__(f"Job variable {name!r} has the value {value!r}, which is not usable: {hint}.")
+
+
+class RuntimeImageError(ManagedError, RuntimeError):
+    """Building the local runtime image failed."""

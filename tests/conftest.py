@@ -1,0 +1,162 @@
+"""Fixtures: real services on loopback for the integration tests.
+
+The Prefect API URL is chosen and exported before Prefect is imported, so every client
+in this process (and every worker and container started from it) talks to the test
+server.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from services import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+OUTPUT = Path(os.environ.get("PREFECT_MANAGED_TEST_OUTPUT", ROOT / "test-output"))
+OUTPUT.mkdir(parents=True, exist_ok=True)
+_HOME = Path(tempfile.mkdtemp(prefix="prefect-managed-tests-"))
+_PORT = free_port()
+os.environ["PREFECT_HOME"] = str(_HOME / "client-home")
+os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.5"
+
+import docker  # noqa: E402
+import pytest  # noqa: E402
+
+from services import (  # noqa: E402
+    GitServer,
+    PackageIndex,
+    build_wheel,
+    start_git_server,
+    start_package_index,
+    start_prefect_server,
+)
+
+RUNTIME_IMAGE = os.environ.get("PREFECT_MANAGED_TEST_IMAGE", "")
+
+
+@pytest.fixture(scope="session")
+def output_dir() -> Path:
+    return OUTPUT
+
+
+@pytest.fixture(scope="session")
+def docker_client():
+    client = docker.from_env()
+    try:
+        client.ping()
+    except docker.errors.DockerException as exc:
+        pytest.fail(f"No Docker engine answers ({exc}); run scripts/setup.sh first.")
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def runtime_image(docker_client) -> str:
+    """The local runtime image; built here if it is missing."""
+    from prefect_managed.runtime.builder import build_runtime_image, default_runtime_tag
+
+    tag = RUNTIME_IMAGE or default_runtime_tag()
+    try:
+        docker_client.images.get(tag)
+    except docker.errors.ImageNotFound:
+        ca = os.environ.get("SSL_CERT_FILE")
+        build_runtime_image(tag=tag, extra_ca_bundle=Path(ca) if ca else None)
+    return tag
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    service = start_prefect_server(_PORT, _HOME / "server-home", OUTPUT)
+    yield os.environ["PREFECT_API_URL"]
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def git_server(tmp_path_factory) -> GitServer:
+    server = start_git_server(tmp_path_factory.mktemp("git"), OUTPUT)
+    yield server
+    server.service.stop()
+
+
+PROBE_VERSION = "1.0.0"
+PROBE_MESSAGE = "managed-probe imported from the loopback index"
+
+
+@pytest.fixture(scope="session")
+def package_index(tmp_path_factory) -> PackageIndex:
+    """pypiserver on loopback serving `managed-probe`, a wheel built here."""
+    root = tmp_path_factory.mktemp("index")
+    build_wheel(
+        root,
+        "managed-probe",
+        PROBE_VERSION,
+        {"managed_probe/__init__.py": f"MESSAGE = {PROBE_MESSAGE!r}\n"},
+    )
+    index = start_package_index(root, OUTPUT)
+    yield index
+    index.service.stop()
+
+
+FLOWS = Path(__file__).parent / "flows"
+
+
+@pytest.fixture(scope="session")
+def flows_repo(git_server: GitServer) -> str:
+    """A git repository on the loopback git daemon holding the test flows."""
+    return git_server.publish("flows", {"probe_flows.py": (FLOWS / "probe_flows.py").read_text()})
+
+
+@pytest.fixture(scope="session")
+def managed_pool(prefect_server) -> str:
+    """A `prefect:managed` pool, created with Prefect's own CLI."""
+    import subprocess
+
+    from services import BIN
+
+    name = "tests-managed-pool"
+    done = subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", name, "--type", "prefect:managed"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return name
+
+
+@pytest.fixture(scope="session")
+def managed_worker(managed_pool, runtime_image, package_index, docker_client):
+    """`prefect worker start --type prefect:managed` serving the pool, in its own process."""
+    from services import start_worker
+
+    worker = start_worker(
+        managed_pool,
+        OUTPUT,
+        {
+            "PREFECT_INTEGRATIONS_MANAGED_DEFAULT_IMAGE": runtime_image,
+            "PREFECT_INTEGRATIONS_MANAGED_PACKAGE_INDEX_URL": package_index.url,
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        },
+    )
+    yield worker
+    worker.service.stop()
+    assert worker.service.process.returncode is not None
+
+
+@pytest.fixture
+def deploy(flows_repo, managed_pool, managed_worker):
+    """Deploy a test flow from git to the managed pool, as Prefect's docs show."""
+    from prefect import flow
+
+    def _deploy(flow_name: str, name: str, job_variables: dict | None = None):
+        return flow.from_source(source=flows_repo, entrypoint=f"probe_flows.py:{flow_name}").deploy(
+            name=name,
+            work_pool_name=managed_pool,
+            job_variables=job_variables or {},
+            print_next_steps=False,
+        )
+
+    return _deploy

@@ -1,0 +1,35 @@
+"""Flows the integration tests deploy from a git repository."""
+
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+CGROUP_MEMORY_FILES = ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes")
+
+
+def cgroup_memory_limit() -> str:
+    for path in CGROUP_MEMORY_FILES:
+        try:
+            return Path(path).read_text().strip()
+        except OSError:
+            continue
+    return "unknown"
+
+
+@flow
+def probe(sleep_seconds: float = 0.0) -> str:
+    """Imports the package that pip_packages installed and reports its cgroup memory limit."""
+    import managed_probe
+
+    logger = get_run_logger()
+    logger.info("probe says: %s", managed_probe.MESSAGE)
+    logger.info("cgroup memory limit: %s", cgroup_memory_limit())
+    time.sleep(sleep_seconds)
+    return managed_probe.MESSAGE
+
+
+@flow
+def hello() -> str:
+    get_run_logger().info("hello from a managed container")
+    return "hello"

@@ -1,0 +1,55 @@
+"""Reading what a user would check: flow run states, logs and containers."""
+
+from __future__ import annotations
+
+import time
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.client.schemas.objects import FlowRun
+
+from services import wait_for
+
+
+def wait_for_final_state(flow_run_id: UUID, timeout: float = 240) -> FlowRun:
+    with get_client(sync_client=True) as client:
+
+        def final() -> FlowRun | None:
+            run = client.read_flow_run(flow_run_id)
+            return run if run.state is not None and run.state.is_final() else None
+
+        try:
+            return wait_for(final, timeout, f"flow run {flow_run_id} reaching a final state", 0.5)
+        except TimeoutError:
+            run = client.read_flow_run(flow_run_id)
+            raise AssertionError(
+                f"flow run {flow_run_id} is still {run.state.name if run.state else None} "
+                f"after {timeout} s"
+            ) from None
+
+
+def flow_run_logs(flow_run_id: UUID) -> list[str]:
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [log.message for log in logs]
+
+
+def wait_for_log(flow_run_id: UUID, text: str, timeout: float = 30) -> list[str]:
+    """The flow run's logs once one of them contains `text` (logs are sent in batches)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        messages = flow_run_logs(flow_run_id)
+        if any(text in message for message in messages):
+            return messages
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no log of flow run {flow_run_id} contains {text!r}: {messages}")
+        time.sleep(0.5)
+
+
+def run_containers(docker_client, flow_run_id: UUID) -> list:
+    return docker_client.containers.list(
+        all=True, filters={"label": f"io.prefect.flow-run-id={flow_run_id}"}
+    )

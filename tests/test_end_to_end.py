@@ -1,0 +1,119 @@
+"""A deployment from git with pip_packages, run by the managed worker in a capped container.
+
+Everything here is real: a Prefect server, `prefect worker start --type prefect:managed`,
+a Docker engine, a git daemon and a package index on loopback.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+
+import pytest
+from conftest import PROBE_MESSAGE, PROBE_VERSION
+from helpers import run_containers, wait_for_final_state, wait_for_log
+from prefect.client.orchestration import get_client
+from prefect.deployments import run_deployment
+from services import BIN, wait_for
+
+pytestmark = pytest.mark.docker
+
+TWO_GIB = 2 * 1024**3
+
+
+def start_run(deployment_id, parameters=None):
+    return run_deployment(deployment_id, parameters=parameters or {}, timeout=0).id
+
+
+def test_pool_created_with_prefect_cli_offers_the_managed_form(prefect_server):
+    name = "cli-created-pool"
+    done = subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", name, "--type", "prefect:managed"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    with get_client(sync_client=True) as client:
+        pool = client.read_work_pool(name)
+    assert pool.type == "prefect:managed"
+    properties = pool.base_job_template["variables"]["properties"]
+    for variable in ("image", "pip_packages", "env", "name", "labels", "command"):
+        assert variable in properties, variable
+    assert properties["pip_packages"]["title"] == "Pip Packages"
+    assert "PEP 508" in properties["pip_packages"]["description"]
+    assert properties["image"]["title"] == "Image"
+
+
+def test_git_deployment_installs_pip_packages_and_completes(deploy, docker_client):
+    deployment_id = deploy(
+        "probe", "probe-with-packages", {"pip_packages": [f"managed-probe=={PROBE_VERSION}"]}
+    )
+    flow_run_id = start_run(deployment_id)
+
+    run = wait_for_final_state(flow_run_id)
+
+    assert run.state.is_completed(), run.state
+    wait_for_log(flow_run_id, f"probe says: {PROBE_MESSAGE}")
+    wait_for(lambda: not run_containers(docker_client, flow_run_id), 30, "the container removed")
+
+
+def test_container_memory_is_capped_at_two_gib_without_swap(deploy, docker_client):
+    deployment_id = deploy(
+        "probe", "probe-memory", {"pip_packages": ["managed-probe"]}
+    )
+    flow_run_id = start_run(deployment_id, {"sleep_seconds": 15})
+
+    container = wait_for(
+        lambda: next(iter(run_containers(docker_client, flow_run_id)), None),
+        120,
+        "the run's container appearing",
+    )
+    host_config = docker_client.api.inspect_container(container.id)["HostConfig"]
+    assert host_config["Memory"] == TWO_GIB
+    assert host_config["MemorySwap"] == TWO_GIB
+    run = wait_for_final_state(flow_run_id)
+    assert run.state.is_completed(), run.state
+    wait_for_log(flow_run_id, f"cgroup memory limit: {TWO_GIB}")
+
+
+def test_failed_install_crashes_the_run_with_the_installer_output_in_its_logs(
+    deploy, docker_client
+):
+    deployment_id = deploy(
+        "hello", "hello-missing-package", {"pip_packages": ["managed-probe-missing==9.9.9"]}
+    )
+    flow_run_id = start_run(deployment_id)
+
+    run = wait_for_final_state(flow_run_id)
+
+    assert run.state.is_crashed(), run.state
+    assert "Installing pip_packages managed-probe-missing==9.9.9 failed" in run.state.message
+    logs = wait_for_log(flow_run_id, "Container output:")
+    installer_output = next(log for log in logs if "Container output:" in log)
+    assert "+uv pip install managed-probe-missing==9.9.9" in installer_output
+    assert "managed-probe-missing" in installer_output.split("Container output:")[1]
+    assert "hello from a managed container" not in "\n".join(logs)
+    wait_for(lambda: not run_containers(docker_client, flow_run_id), 30, "the container removed")
+
+
+@pytest.mark.parametrize(
+    "entry", ["pandas; rm -rf /", "../evil", "", "evil @ https://example.invalid/evil.whl"]
+)
+def test_invalid_pip_package_is_rejected_before_any_container_starts(
+    deploy, docker_client, entry
+):
+    deployment_id = deploy("hello", "hello-invalid-package", {"pip_packages": ["six", entry]})
+    since = int(time.time()) - 1
+    flow_run_id = start_run(deployment_id)
+
+    run = wait_for_final_state(flow_run_id)
+
+    assert run.state.is_crashed(), run.state
+    assert f"pip_packages entry {entry!r} was rejected" in run.state.message
+    created = docker_client.api.events(
+        since=since,
+        until=int(time.time()) + 1,
+        filters={"type": "container", "event": "create", "label": f"io.prefect.flow-run-id={flow_run_id}"},
+        decode=True,
+    )
+    assert list(created) == []
