@@ -1,0 +1,152 @@
+"""The demo: one flow run from a git source with pip_packages, in a capped container.
+
+Run it through scripts/demo.sh, which sets up the machine first. Everything it starts
+listens on 127.0.0.1 and is stopped at the end; state lives in .demo/ and is made anew
+on each run, so the demo can be run again and again.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))  # the loopback services the tests use, too
+
+from services import (  # noqa: E402
+    BIN,
+    free_port,
+    start_git_server,
+    start_package_index,
+    start_prefect_server,
+    start_worker,
+)
+
+DEMO = ROOT / ".demo"
+RUN = DEMO / "run"
+WHEELS = DEMO / "wheels"
+POOL = "my-managed-pool"
+DEPLOYMENT = "my-flow/test-managed-flow"
+PIP_PACKAGES = ["cowsay==6.1"]
+
+
+def say(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def prefect(*args: str, env: dict[str, str]) -> str:
+    done = subprocess.run(
+        [str(BIN / "prefect"), *args], env={**os.environ, **env}, capture_output=True, text=True
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
+    return done.stdout
+
+
+def main() -> int:
+    started = time.monotonic()
+    shutil.rmtree(RUN, ignore_errors=True)
+    RUN.mkdir(parents=True)
+    WHEELS.mkdir(parents=True, exist_ok=True)
+
+    port = free_port()
+    api_url = f"http://127.0.0.1:{port}/api"
+    env = {
+        "PREFECT_API_URL": api_url,
+        "PREFECT_HOME": str(RUN / "home"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    os.environ.update(env)
+    from prefect.client.orchestration import get_client
+    from prefect_managed.runtime.builder import default_runtime_tag
+
+    services = []
+    try:
+        say(f"Starting a Prefect server on SQLite at {api_url}")
+        services.append(start_prefect_server(port, RUN / "server-home", RUN))
+
+        say("Starting a git server holding examples/flows")
+        git = start_git_server(RUN / "git", RUN)
+        services.append(git.service)
+        source = git.publish("demo", {"flow.py": (ROOT / "examples/flows/flow.py").read_text()})
+        print(f"    {source}")
+
+        say(f"Starting a package index on loopback with {', '.join(PIP_PACKAGES)}")
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+             "-d", str(WHEELS), *PIP_PACKAGES],
+            check=True,
+        )
+        index = start_package_index(WHEELS, RUN)
+        services.append(index.service)
+
+        say(f"prefect work-pool create {POOL} --type prefect:managed")
+        print(prefect("work-pool", "create", POOL, "--type", "prefect:managed", env=env).strip())
+
+        say("python examples/managed-execution.py")
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "examples/managed-execution.py")],
+            env={**os.environ, "FLOW_SOURCE": source},
+            capture_output=True,
+            text=True,
+        )
+        if done.returncode != 0:
+            raise SystemExit(f"deploying failed:\n{done.stdout}{done.stderr}")
+        print(done.stdout.strip())
+
+        image = default_runtime_tag()
+        say(f"prefect worker start --pool {POOL} --type prefect:managed  (image {image})")
+        worker = start_worker(
+            POOL,
+            RUN,
+            {
+                "PREFECT_INTEGRATIONS_MANAGED_DEFAULT_IMAGE": image,
+                "PREFECT_INTEGRATIONS_MANAGED_PACKAGE_INDEX_URL": index.url,
+                "PREFECT_WORKER_QUERY_SECONDS": "1",
+            },
+        )
+        services.append(worker.service)
+        print(f"    worker log: {worker.service.log_path.relative_to(ROOT)}")
+
+        say(f"prefect deployment run '{DEPLOYMENT}'")
+        run_started = time.monotonic()
+        output = prefect("deployment", "run", DEPLOYMENT, env=env)
+        match = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
+        if match is None:
+            raise SystemExit(f"no flow run id in the output of prefect deployment run:\n{output}")
+        flow_run_id = match.group(1)
+        print(f"    flow run {flow_run_id}")
+
+        with get_client(sync_client=True) as client:
+            while True:
+                run = client.read_flow_run(flow_run_id)
+                if run.state is not None and run.state.is_final():
+                    break
+                if time.monotonic() - run_started > 600:
+                    raise SystemExit("the flow run did not finish within 10 minutes")
+                time.sleep(0.5)
+        run_seconds = time.monotonic() - run_started
+
+        time.sleep(1)  # the last log batch
+        say(f"prefect flow-run logs {flow_run_id}")
+        print(prefect("flow-run", "logs", flow_run_id, env=env).rstrip())
+
+        say("Result")
+        print(f"    final state:                      {run.state.name} ({run.state.type.value})")
+        if run.state.message:
+            print(f"    message:                          {run.state.message}")
+        print(f"    prefect deployment run -> final:  {run_seconds:.1f} s")
+        print(f"    demo wall time so far:            {time.monotonic() - started:.1f} s")
+        return 0 if run.state.is_completed() else 1
+    finally:
+        for service in reversed(services):
+            service.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
