@@ -18,19 +18,21 @@ from prefect.workers.base import BaseVariables
 from prefect_docker.worker import DockerWorkerJobConfiguration
 from pydantic import Field
 
-from prefect_managed.exceptions import InvalidJobVariable
 from prefect_managed.dependencies import normalize_pip_packages, split_extra_pip_packages
-from prefect_managed.settings import ManagedSettings, get_settings
+from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable
+from prefect_managed.policy import Policy
+from prefect_managed.settings import get_policy
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
     from prefect.client.schemas.objects import FlowRun, WorkPool
     from prefect.client.schemas.responses import DeploymentResponse
 
-__all__ = ["MANAGED_LABEL", "ManagedJobConfiguration", "ManagedVariables"]
+__all__ = ["MANAGED_LABEL", "WORKSPACE_LABEL", "ManagedJobConfiguration", "ManagedVariables"]
 
-#: Docker label (after prefect-docker's conversion) on every container this worker creates.
+#: Docker labels (in Docker's reversed-domain form) on every container this worker creates.
 MANAGED_LABEL = "io.prefect-managed.managed"
+WORKSPACE_LABEL = "io.prefect-managed.workspace"
 
 _IMAGE_DESCRIPTION = (
     "The Prefect image flow runs execute in. Leave it empty to use the workspace's "
@@ -89,61 +91,74 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
         worker_name: str | None = None,
         worker_id: UUID | None = None,
     ) -> None:
-        settings = get_settings()
-        self.image = self.image or settings.default_image
-        self.labels = {**self.labels, "prefect-managed.io/managed": "true"}
+        policy = get_policy()
+        self.image = self.image or policy.runtime.default_image
         super().prepare_for_flow_run(
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
-        self.apply_settings(settings)
+        self.apply_policy(policy, flow_run)
 
-    def apply_settings(self, settings: ManagedSettings) -> None:
+    def apply_policy(self, policy: Policy, flow_run: FlowRun) -> None:
         """Overwrite every field a deployment could use to lift a cap or loosen hardening.
 
-        Raises `InvalidPipPackage` for a pip_packages entry that is not acceptable, so
-        that no container is created for the run.
+        Raises `InvalidPipPackage`, `InvalidJobVariable` or `ImageNotAllowed` for a value
+        the policy does not accept, so that no container is created for the run.
         """
-        requested = [*self.pip_packages, *split_extra_pip_packages(self.env.get("EXTRA_PIP_PACKAGES"))]
+        runtime, tier = policy.runtime, policy.tier
+        if not runtime.image_allowed(self.image or ""):
+            raise ImageNotAllowed(str(self.image), runtime.allowed_images)
+
+        requested = [
+            *self.pip_packages,
+            *split_extra_pip_packages(self.env.get("EXTRA_PIP_PACKAGES")),
+        ]
         self.pip_packages = normalize_pip_packages(
-            requested, allow_urls=settings.allow_url_requirements
+            requested, allow_urls=runtime.allow_url_requirements
         )
         self.env.pop("EXTRA_PIP_PACKAGES", None)
         if self.pip_packages:
             self.env["EXTRA_PIP_PACKAGES"] = " ".join(self.pip_packages)
-        if settings.package_index_url:
-            self.env["UV_DEFAULT_INDEX"] = settings.package_index_url
+        if runtime.package_index_url:
+            self.env["UV_DEFAULT_INDEX"] = runtime.package_index_url
+        # The run's identity is the worker's to say, not the deployment's.
+        self.env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
+        self.labels = {
+            **self.labels,
+            "io.prefect.flow-run-id": str(flow_run.id),
+            MANAGED_LABEL: "true",
+            WORKSPACE_LABEL: policy.workspace.name,
+        }
 
-        memory = memory_limit_bytes(self.mem_limit, settings.memory_limit)
+        memory = memory_limit_bytes(self.mem_limit, tier.memory_bytes)
         self.mem_limit = str(memory)
         self.memswap_limit = str(memory)  # memory + swap = memory: no swap
 
         self.privileged = False
         self.volumes = []
         self.networks = []
-        self.network_mode = settings.network_mode
+        self.network_mode = runtime.network_mode
         self.registry_credentials = None
+        self.image_pull_policy = "IfNotPresent"
         self.auto_remove = False  # the worker removes containers once it has read them
-        self.container_create_kwargs = hardening_kwargs(settings)
+        self.container_create_kwargs = {
+            "user": runtime.user,
+            "cap_drop": ["ALL"],
+            "security_opt": ["no-new-privileges"],
+            "pids_limit": runtime.pids_limit,
+            "nano_cpus": int(tier.cpus * 1e9),
+        }
 
 
-def memory_limit_bytes(requested: str | int | None, cap: str | int) -> int:
+def memory_limit_bytes(requested: str | int | None, cap: int) -> int:
     """The memory a run gets: what it asked for, never more than the cap."""
-    cap_bytes = parse_bytes(cap)
     if requested in (None, ""):
-        return cap_bytes
+        return cap
     try:
         asked = parse_bytes(requested)
     except DockerException as exc:
-        raise InvalidJobVariable("mem_limit", requested, "use Docker's units, such as 512m or 1g") from exc
+        raise InvalidJobVariable(
+            "mem_limit", requested, "use Docker's units, such as 512m or 1g"
+        ) from exc
     if asked <= 0:
         raise InvalidJobVariable("mem_limit", requested, "ask for a positive amount, such as 512m")
-    return min(asked, cap_bytes)
-
-
-def hardening_kwargs(settings: ManagedSettings) -> dict[str, Any]:
-    """docker-py `containers.create` arguments every managed container gets."""
-    return {
-        "cap_drop": ["ALL"],
-        "security_opt": ["no-new-privileges"],
-        "pids_limit": settings.pids_limit,
-    }
+    return min(asked, cap)

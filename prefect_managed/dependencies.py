@@ -80,7 +80,9 @@ def describe_early_exit(exit_code: int, pip_packages: list[str], output: list[st
         if first is not None:
             # uv prints the error, then its cause on indented lines below it.
             quoted = [after[first].strip()]
-            quoted += [line.strip() for line in after[first + 1 : first + 3] if line.startswith(" ")]
+            quoted += [
+                line.strip() for line in after[first + 1 : first + 3] if line.startswith(" ")
+            ]
             detail = ": " + " ".join(quoted)
         return (
             f"Installing pip_packages {' '.join(pip_packages)} failed before the flow started "

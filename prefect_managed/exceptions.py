@@ -3,6 +3,8 @@
 ManagedError
  ├── InvalidPipPackage       a pip_packages entry is not an acceptable requirement
  ├── InvalidJobVariable      another job variable has a value the worker cannot use
+ ├── ImageNotAllowed         the image is not in the policy's allow-list
+ ├── PolicyError             the policy file is missing, malformed or invalid
  └── RuntimeImageError       the local runtime image could not be built
 """
 
@@ -31,7 +33,30 @@ class InvalidJobVariable(ManagedError, ValueError):
     def __init__(self, name: str, value: object, hint: str) -> None:
         self.name = name
         self.value = value
-        super().__init__(f"Job variable {name!r} has the value {value!r}, which is not usable: {hint}.")
+        super().__init__(
+            f"Job variable {name!r} has the value {value!r}, which is not usable: {hint}."
+        )
+
+
+class ImageNotAllowed(ManagedError, ValueError):
+    """The image a flow run asked for is not in the policy's allow-list."""
+
+    def __init__(self, image: str, allowed: list[str]) -> None:
+        self.image = image
+        super().__init__(
+            f"Image {image!r} is not allowed in this workspace; allowed images: "
+            f"{', '.join(allowed)}. Remove 'image' from the deployment's job variables to use "
+            "the default, or ask the operator to allow the image."
+        )
+
+
+class PolicyError(ManagedError, ValueError):
+    """The policy file is missing, malformed or invalid."""
+
+    def __init__(self, path: object, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(f"Policy file {str(path)!r} is not usable: {problem}.")
 
 
 class RuntimeImageError(ManagedError, RuntimeError):

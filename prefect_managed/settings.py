@@ -1,74 +1,51 @@
-"""Operator settings of prefect-managed, read once from the environment.
+"""Where the worker finds its policy, read once per process.
 
-Every setting is an environment variable prefixed ``PREFECT_INTEGRATIONS_MANAGED_``
-(or the ``[integrations.managed]`` table of ``prefect.toml``). They belong to the
-operator who runs the worker; job variables of a deployment never change them.
+The settings are environment variables prefixed ``PREFECT_INTEGRATIONS_MANAGED_`` (or
+the ``[integrations.managed]`` table of ``prefect.toml``). Everything else the operator
+decides (tiers, images, network, package index) lives in the policy file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from prefect.settings import PREFECT_HOME
 from prefect.settings.base import PrefectBaseSettings, build_settings_config
+from pydantic import Field
 
-OFFICIAL_IMAGE = "prefecthq/prefect:3-latest"
+from prefect_managed.policy import Policy, load_policy
+
+DEFAULT_POLICY_FILE_NAME = "prefect-managed.toml"
 
 
 class ManagedSettings(PrefectBaseSettings):
     model_config = build_settings_config(("integrations", "managed"))
 
-    default_image: str = Field(
-        default=OFFICIAL_IMAGE,
-        description=(
-            "The image a flow run uses when its deployment names none. Set it to the "
-            "local runtime image (`prefect-managed image build`) where no registry "
-            "can be reached."
-        ),
-    )
-    memory_limit: str = Field(
-        default="2g",
-        description=(
-            "Memory cap of every flow run container, dependency installation "
-            "included, with no swap. Docker's units: 512m, 2g."
-        ),
-    )
-    pids_limit: int = Field(
-        default=1024, gt=0, description="Largest number of processes in one container."
-    )
-    network_mode: str = Field(
-        default="host",
-        description="Docker network mode of flow run containers.",
-    )
-    allow_url_requirements: bool = Field(
-        default=False,
-        description="Whether pip_packages may name a URL (`name @ https://...`).",
-    )
-    package_index_url: str | None = Field(
+    policy_file: Path | None = Field(
         default=None,
         description=(
-            "The package index pip_packages are installed from (uv's default index). "
-            "Unset: uv's own default."
-        ),
-    )
-    extra_ca_bundle: Path | None = Field(
-        default=None,
-        description=(
-            "A PEM bundle of extra certificate authorities baked into the runtime "
-            "image, for a TLS-intercepting proxy."
+            "The policy file (TOML). Unset: prefect-managed.toml in PREFECT_HOME if it "
+            "exists, else the built-in policy (the free tier)."
         ),
     )
     install_log_lines: int = Field(
         default=400,
         gt=0,
         description=(
-            "How many of the last lines of a container's output are sent to the "
-            "flow run's logs when it exits before the flow starts."
+            "How many of the last lines of a container's output are sent to the flow "
+            "run's logs when it exits before the flow starts."
         ),
     )
 
+    def resolved_policy_file(self) -> Path | None:
+        if self.policy_file is not None:
+            return self.policy_file
+        default = Path(PREFECT_HOME.value()) / DEFAULT_POLICY_FILE_NAME
+        return default if default.is_file() else None
+
 
 _settings: ManagedSettings | None = None
+_policy: Policy | None = None
 
 
 def get_settings() -> ManagedSettings:
@@ -77,3 +54,11 @@ def get_settings() -> ManagedSettings:
     if _settings is None:
         _settings = ManagedSettings()
     return _settings
+
+
+def get_policy() -> Policy:
+    """The policy, read from its file once per process. Raises `PolicyError`."""
+    global _policy
+    if _policy is None:
+        _policy = load_policy(get_settings().resolved_policy_file())
+    return _policy

@@ -25,6 +25,7 @@ from services import (  # noqa: E402
     start_package_index,
     start_prefect_server,
     start_worker,
+    write_policy,
 )
 
 DEMO = ROOT / ".demo"
@@ -99,14 +100,20 @@ def main() -> int:
             raise SystemExit(f"deploying failed:\n{done.stdout}{done.stderr}")
         print(done.stdout.strip())
 
-        image = default_runtime_tag()
-        say(f"prefect worker start --pool {POOL} --type prefect:managed  (image {image})")
+        policy = write_policy(
+            RUN / "prefect-managed.toml",
+            workspace={"name": "demo", "tier": "free"},
+            runtime={"default_image": default_runtime_tag(), "package_index_url": index.url},
+        )
+        say(f"prefect-managed policy check {policy.relative_to(ROOT)}")
+        subprocess.run([str(BIN / "prefect-managed"), "policy", "check", str(policy)], check=True)
+
+        say(f"prefect worker start --pool {POOL} --type prefect:managed")
         worker = start_worker(
             POOL,
             RUN,
             {
-                "PREFECT_INTEGRATIONS_MANAGED_DEFAULT_IMAGE": image,
-                "PREFECT_INTEGRATIONS_MANAGED_PACKAGE_INDEX_URL": index.url,
+                "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
                 "PREFECT_WORKER_QUERY_SECONDS": "1",
             },
         )

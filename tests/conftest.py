@@ -127,8 +127,31 @@ def managed_pool(prefect_server) -> str:
     return name
 
 
+def worker_policy(path: Path, runtime_image: str, index_url: str, workspace: str, **tier) -> Path:
+    """A policy file for a test worker: a tier named `test` with the given numbers."""
+    from services import write_policy
+
+    return write_policy(
+        path,
+        workspace={"name": workspace, "tier": "test"},
+        tiers={"test": {"pool_limit": 100, **tier}},
+        runtime={"default_image": runtime_image, "package_index_url": index_url},
+    )
+
+
 @pytest.fixture(scope="session")
-def managed_worker(managed_pool, runtime_image, package_index, docker_client):
+def main_policy(runtime_image, package_index, tmp_path_factory) -> Path:
+    return worker_policy(
+        tmp_path_factory.mktemp("policy") / "policy.toml",
+        runtime_image,
+        package_index.url,
+        workspace="tests",
+        concurrency_limit=4,
+    )
+
+
+@pytest.fixture(scope="session")
+def managed_worker(managed_pool, main_policy, docker_client):
     """`prefect worker start --type prefect:managed` serving the pool, in its own process."""
     from services import start_worker
 
@@ -136,14 +159,12 @@ def managed_worker(managed_pool, runtime_image, package_index, docker_client):
         managed_pool,
         OUTPUT,
         {
-            "PREFECT_INTEGRATIONS_MANAGED_DEFAULT_IMAGE": runtime_image,
-            "PREFECT_INTEGRATIONS_MANAGED_PACKAGE_INDEX_URL": package_index.url,
+            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(main_policy),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
         },
     )
     yield worker
     worker.service.stop()
-    assert worker.service.process.returncode is not None
 
 
 @pytest.fixture
@@ -151,10 +172,10 @@ def deploy(flows_repo, managed_pool, managed_worker):
     """Deploy a test flow from git to the managed pool, as Prefect's docs show."""
     from prefect import flow
 
-    def _deploy(flow_name: str, name: str, job_variables: dict | None = None):
+    def _deploy(flow_name: str, name: str, job_variables: dict | None = None, pool: str | None = None):
         return flow.from_source(source=flows_repo, entrypoint=f"probe_flows.py:{flow_name}").deploy(
             name=name,
-            work_pool_name=managed_pool,
+            work_pool_name=pool or managed_pool,
             job_variables=job_variables or {},
             print_next_steps=False,
         )

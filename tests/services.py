@@ -211,3 +211,12 @@ def start_worker(pool: str, log_dir: Path, env: dict[str, str], name: str = "wor
         env,
     )
     return Worker(service, pool, env)
+
+
+def write_policy(path: Path, **tables: dict) -> Path:
+    """Write a policy file from tables, e.g. workspace={...}, tiers={"t": {...}}, runtime={...}."""
+    import tomli_w
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(tables))
+    return path

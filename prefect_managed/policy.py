@@ -1,0 +1,312 @@
+"""The operator's policy: tiers, the workspace's tier and the runtime settings.
+
+Pure data and pure functions: `load_policy` reads one TOML file into pydantic models,
+and the models answer questions (`Policy.tier`, `Runtime.image_allowed`). No Docker,
+no Prefect client.
+
+A policy file looks like::
+
+    [workspace]
+    name = "analytics"
+    tier = "pro"
+
+    [tiers.pro]                 # override some numbers of a built-in tier
+    concurrency_limit = 20
+
+    [tiers.team]                # or define a tier; unset numbers take the free tier's
+    concurrency_limit = 3
+    pool_limit = 2
+
+    [runtime]
+    default_image = "prefect-managed-runtime:3.9.1"
+    package_index_url = "http://127.0.0.1:8080/simple/"
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from docker.errors import DockerException
+from docker.utils import parse_bytes
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
+
+from prefect_managed.exceptions import PolicyError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = [
+    "BUILTIN_TIERS",
+    "Policy",
+    "Runtime",
+    "Tier",
+    "Workspace",
+    "awaiting_slot_message",
+    "format_bytes",
+    "format_seconds",
+    "load_policy",
+    "out_of_memory_message",
+    "pool_not_served_message",
+    "run_time_exceeded_message",
+    "served_pool_names",
+]
+
+
+def _memory(value: str | int) -> str | int:
+    try:
+        size = parse_bytes(value)
+    except DockerException as exc:
+        raise ValueError(f"{value!r} is not a size; use Docker's units such as 512m or 2g") from exc
+    if size <= 0:
+        raise ValueError(f"{value!r} must be more than zero")
+    return value
+
+
+MemorySize = Annotated[str | int, AfterValidator(_memory)]
+
+
+def format_bytes(size: int) -> str:
+    """2147483648 -> '2 GiB', 536870912 -> '512 MiB'."""
+    for unit, factor in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if size >= factor:
+            value = size / factor
+            return f"{value:.0f} {unit}" if value == int(value) else f"{value:.1f} {unit}"
+    return f"{size} B"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Tier(_Strict):
+    """The limits of one tier. Unset numbers take the free tier's values."""
+
+    concurrency_limit: PositiveInt = Field(
+        default=1, description="Concurrent flow runs per workspace, across all managed pools."
+    )
+    pool_limit: PositiveInt = Field(default=1, description="Managed work pools per workspace.")
+    memory: MemorySize = Field(
+        default="2g",
+        description="Memory per flow run, dependency installation included, with no swap.",
+    )
+    cpus: PositiveFloat = Field(default=1.0, description="CPUs per flow run.")
+    max_run_seconds: PositiveInt = Field(
+        default=24 * 3600,
+        description="Maximum run time of a flow run, from container start, in seconds.",
+    )
+    compute_hours_per_month: PositiveFloat = Field(
+        default=10, description="Compute hours per workspace per calendar month (UTC)."
+    )
+
+    @property
+    def memory_bytes(self) -> int:
+        return parse_bytes(self.memory)
+
+
+BUILTIN_TIERS: dict[str, dict[str, Any]] = {
+    "free": {},
+    "pro": {"concurrency_limit": 10, "pool_limit": 5, "cpus": 2.0, "compute_hours_per_month": 250},
+}
+
+OFFICIAL_IMAGES = ("prefecthq/prefect:3*", "docker.io/prefecthq/prefect:3*")
+
+
+class Workspace(_Strict):
+    name: str = Field(
+        default="default",
+        pattern=r"^[a-z0-9][a-z0-9-]{0,62}$",
+        description="The workspace's name: lowercase letters, digits and dashes.",
+    )
+    tier: str = Field(default="free", description="The tier the workspace is on.")
+
+
+class Runtime(_Strict):
+    """Operator-only settings of the containers; no job variable changes them."""
+
+    default_image: str = Field(
+        default="prefecthq/prefect:3-latest",
+        description="The image of a flow run whose deployment names none.",
+    )
+    allowed_images: list[str] = Field(
+        default_factory=lambda: [*OFFICIAL_IMAGES, "prefect-managed-runtime:*"],
+        description="Images flow runs may use (shell-style patterns such as 'prefecthq/prefect:3*').",
+    )
+    network_mode: Literal["host", "bridge", "none"] = Field(
+        default="host", description="Docker network mode of flow run containers."
+    )
+    user: str = Field(
+        default="1000:1000",
+        pattern=r"^[1-9][0-9]*(:[1-9][0-9]*)?$",
+        description="The non-root uid[:gid] flow run containers run as.",
+    )
+    pids_limit: PositiveInt = Field(default=1024, description="Processes per container.")
+    extra_ca_bundle: Path | None = Field(
+        default=None,
+        description="A PEM bundle of extra certificate authorities for the runtime image.",
+    )
+    package_index_url: str | None = Field(
+        default=None,
+        description="The package index pip_packages are installed from (unset: uv's default).",
+    )
+    allow_url_requirements: bool = Field(
+        default=False, description="Whether pip_packages may name a URL ('name @ https://...')."
+    )
+
+    @model_validator(mode="after")
+    def _default_image_is_allowed(self) -> Runtime:
+        if not self.image_allowed(self.default_image):
+            raise ValueError(
+                f"default_image {self.default_image!r} is not in allowed_images {self.allowed_images}"
+            )
+        return self
+
+    def image_allowed(self, image: str) -> bool:
+        return any(fnmatch.fnmatchcase(image, pattern) for pattern in self.allowed_images)
+
+
+class Policy(_Strict):
+    workspace: Workspace = Field(default_factory=Workspace)
+    tiers: dict[str, Tier] = Field(default_factory=dict)
+    runtime: Runtime = Field(default_factory=Runtime)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_builtin_tiers(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        given = data.get("tiers", {})
+        if not isinstance(given, dict):
+            return data
+        tiers = {name: dict(values) for name, values in BUILTIN_TIERS.items()}
+        for name, values in given.items():
+            if not isinstance(values, dict):
+                tiers[name] = values  # let pydantic name the problem
+                continue
+            tiers[name] = {**tiers.get(name, {}), **values}
+        return {**data, "tiers": tiers}
+
+    @model_validator(mode="after")
+    def _tier_exists(self) -> Policy:
+        if self.workspace.tier not in self.tiers:
+            raise ValueError(
+                f"workspace.tier {self.workspace.tier!r} is not a tier; "
+                f"known tiers: {', '.join(sorted(self.tiers))}"
+            )
+        return self
+
+    @property
+    def tier(self) -> Tier:
+        """The workspace's tier."""
+        return self.tiers[self.workspace.tier]
+
+    @property
+    def concurrency_limit_name(self) -> str:
+        """The Prefect global concurrency limit that caps the workspace's runs."""
+        return f"prefect-managed-{self.workspace.name}"
+
+
+def _describe(error: dict[str, Any]) -> str:
+    location = ".".join(str(part) for part in error["loc"])
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"key {location!r} is not a known setting"
+    return f"key {location!r}: {message}" if location else message
+
+
+def load_policy(path: Path | None) -> Policy:
+    """Read a policy file; `None` gives the built-in policy (free tier, defaults).
+
+    Raises `PolicyError` with one message naming the file, the key and the problem.
+    """
+    if path is None:
+        return Policy()
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise PolicyError(path, "the file does not exist") from exc
+    except OSError as exc:
+        raise PolicyError(path, f"the file cannot be read ({exc.strerror})") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise PolicyError(path, f"it is not valid TOML ({exc})") from exc
+    try:
+        return Policy.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(error) for error in exc.errors())
+        raise PolicyError(path, problems) from exc
+
+
+def format_seconds(seconds: float) -> str:
+    """86400 -> '24 h', 90 -> '1 min 30 s'."""
+    whole = int(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = [
+        f"{hours} h" if hours else "",
+        f"{minutes} min" if minutes else "",
+        f"{secs} s" if secs else "",
+    ]
+    return " ".join(part for part in parts if part) or "0 s"
+
+
+def out_of_memory_message(policy: Policy, memory_bytes: int) -> str:
+    tier = policy.workspace.tier
+    limit = format_bytes(memory_bytes)
+    if memory_bytes < policy.tier.memory_bytes:
+        which = f"the {limit} its deployment asked for (mem_limit; the {tier} tier allows {format_bytes(policy.tier.memory_bytes)})"
+    else:
+        which = f"the {tier} tier's memory limit of {limit}"
+    return (
+        f"Flow run ran out of memory: it used all of {which}, dependency installation "
+        "included, and the kernel stopped it. Lower the memory the flow needs, or ask for "
+        "a tier with more memory."
+    )
+
+
+def run_time_exceeded_message(policy: Policy) -> str:
+    seconds = policy.tier.max_run_seconds
+    return (
+        f"Flow run exceeded the {policy.workspace.tier} tier's maximum run time of "
+        f"{format_seconds(seconds)} ({seconds} s, counted from container start) and its "
+        "container was stopped. Make the flow finish sooner or split it into several runs."
+    )
+
+
+def awaiting_slot_message(policy: Policy) -> str:
+    limit = policy.tier.concurrency_limit
+    runs = "flow run" if limit == 1 else "flow runs"
+    return (
+        f"Waiting for a concurrency slot: workspace {policy.workspace.name!r} is on the "
+        f"{policy.workspace.tier} tier, which runs {limit} {runs} at a time across all "
+        "managed work pools. This run starts when a running one finishes."
+    )
+
+
+def served_pool_names(pools: list[tuple[str, object]], pool_limit: int) -> list[str]:
+    """The pools a workspace may use: the oldest `pool_limit`, by (name, created) pairs."""
+    return [name for name, _ in sorted(pools, key=lambda pool: (pool[1], pool[0]))][:pool_limit]
+
+
+def pool_not_served_message(policy: Policy, pool: str, served: list[str]) -> str:
+    limit = policy.tier.pool_limit
+    pools = "managed work pool" if limit == 1 else "managed work pools"
+    kept = ", ".join(repr(name) for name in served)
+    return (
+        f"Work pool {pool!r} is not served: workspace {policy.workspace.name!r} is on the "
+        f"{policy.workspace.tier} tier, which allows {limit} {pools} (the oldest: {kept}). "
+        "Its flow runs stay Scheduled and start once the pool is served. Delete a managed "
+        "pool you no longer use, or move the workspace to a tier with more pools."
+    )
