@@ -8,11 +8,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from prefect_managed.configuration import ManagedJobConfiguration, ManagedVariables
 from prefect_managed.exceptions import (
+    ImageNotAllowed,
     InvalidJobVariable,
     InvalidPipPackage,
     ManagedError,
+    PolicyError,
     RuntimeImageError,
 )
+from prefect_managed.policy import Policy
 from prefect_managed.settings import ManagedSettings
 from prefect_managed.worker import ManagedWorker
 
@@ -22,6 +25,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree
     __version__ = "0.0.0"
 
 __all__ = [
+    "ImageNotAllowed",
     "InvalidJobVariable",
     "InvalidPipPackage",
     "ManagedError",
@@ -29,6 +33,8 @@ __all__ = [
     "ManagedSettings",
     "ManagedVariables",
     "ManagedWorker",
+    "Policy",
+    "PolicyError",
     "RuntimeImageError",
     "__version__",
 ]

@@ -60,6 +60,16 @@ class ManagedVariables(BaseVariables):
         description=_PIP_PACKAGES_DESCRIPTION,
         examples=[["pandas>=2.2", "prefect-aws"]],
     )
+    mem_limit: str | None = Field(
+        default=None,
+        title="Memory Limit",
+        description=(
+            "Memory for each flow run, dependency installation included, with no swap, "
+            "in Docker's units (for example 512m or 1g). It can only lower the workspace "
+            "tier's limit; leave it empty to get the tier's limit."
+        ),
+        examples=["512m"],
+    )
 
 
 class ManagedJobConfiguration(DockerWorkerJobConfiguration):
@@ -93,6 +103,9 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
     ) -> None:
         policy = get_policy()
         self.image = self.image or policy.runtime.default_image
+        # Before prefect-docker derives the API URL the container uses from the network.
+        self.network_mode = policy.runtime.network_mode
+        self.networks = []
         super().prepare_for_flow_run(
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
@@ -119,7 +132,10 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
         if self.pip_packages:
             self.env["EXTRA_PIP_PACKAGES"] = " ".join(self.pip_packages)
         if runtime.package_index_url:
+            # uv installs pip_packages; pip installs a pull step's requirements.txt
+            # (`pip_install_requirements`): both use the operator's index only.
             self.env["UV_DEFAULT_INDEX"] = runtime.package_index_url
+            self.env["PIP_INDEX_URL"] = runtime.package_index_url
         # The run's identity is the worker's to say, not the deployment's.
         self.env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
         self.labels = {

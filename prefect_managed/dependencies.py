@@ -41,6 +41,10 @@ def _normalize(entry: object, allow_urls: bool) -> str:
             "name a package from the package index instead",
         )
     normal = str(requirement)
+    if requirement.url is not None:
+        # PEP 508 allows 'name@url'; the spaced form would be split by the entrypoint.
+        extras = f"[{','.join(sorted(requirement.extras))}]" if requirement.extras else ""
+        normal = f"{requirement.name}{extras}@{requirement.url}"
     if any(ch.isspace() for ch in normal):
         raise InvalidPipPackage(entry, "it contains whitespace")
     return normal
@@ -89,7 +93,7 @@ def describe_early_exit(exit_code: int, pip_packages: list[str], output: list[st
             f"(the container exited with code {exit_code}){detail}. The installer's output is "
             "in this flow run's logs; check the package names and versions in pip_packages."
         )
-    last = next((line.strip() for line in reversed(output) if line.strip()), "")
+    last = next((line.strip().rstrip(".") for line in reversed(output) if line.strip()), "")
     detail = f": {last}" if last else ""
     return (
         f"The flow run's container exited with code {exit_code} before the flow started{detail}. "

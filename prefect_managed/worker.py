@@ -29,7 +29,7 @@ from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import Abort, InfrastructureNotFound
-from prefect.states import Scheduled
+from prefect.states import Crashed, Scheduled
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
@@ -224,9 +224,7 @@ class ManagedWorker(DockerWorker):
                 pass  # already reported when the container was stopped
             elif await run_sync_in_worker_thread(self._was_oom_killed, container_id):
                 memory = int(configuration.mem_limit or self.policy.tier.memory_bytes)
-                await self._propose_crashed_state(
-                    flow_run, out_of_memory_message(self.policy, memory)
-                )
+                await self._crash_with_cause(flow_run, out_of_memory_message(self.policy, memory))
             elif result.status_code != 0:
                 await self._report_exit_before_flow_start(
                     flow_run, configuration, container_id, result.status_code
@@ -234,6 +232,19 @@ class ManagedWorker(DockerWorker):
         finally:
             await run_sync_in_worker_thread(self._remove_container, container_id)
         return result
+
+    async def _crash_with_cause(self, flow_run: FlowRun, message: str) -> None:
+        """End the run Crashed with `message`, replacing a Crashed state without a cause.
+
+        The engine in the container may have reported its own Crashed state already
+        (its flow process was killed); the worker knows why, so its message wins.
+        """
+        current = (await self.client.read_flow_run(flow_run.id)).state
+        if current is not None and current.is_crashed():
+            await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+            self.get_flow_run_logger(flow_run).error("%s", message)
+        elif current is None or not current.is_final():
+            await self._propose_crashed_state(flow_run, message)
 
     async def _stop_at_max_run_time(
         self, flow_run: FlowRun, started: _StartedProxy, timed_out: anyio.Event
@@ -243,7 +254,7 @@ class ManagedWorker(DockerWorker):
         assert started.infrastructure_pid is not None
         timed_out.set()
         # The state first, so the engine's own report of the stop cannot replace it.
-        await self._propose_crashed_state(flow_run, run_time_exceeded_message(self.policy))
+        await self._crash_with_cause(flow_run, run_time_exceeded_message(self.policy))
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
         try:
             await run_sync_in_worker_thread(self._stop_container, container_id, 10)

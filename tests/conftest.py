@@ -25,7 +25,6 @@ os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.5"
 
 import docker  # noqa: E402
 import pytest  # noqa: E402
-
 from services import (  # noqa: E402
     GitServer,
     PackageIndex,

@@ -8,7 +8,6 @@ from uuid import UUID
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
-
 from services import wait_for
 
 
@@ -53,3 +52,16 @@ def run_containers(docker_client, flow_run_id: UUID) -> list:
     return docker_client.containers.list(
         all=True, filters={"label": f"io.prefect.flow-run-id={flow_run_id}"}
     )
+
+
+def wait_for_settled_run(docker_client, flow_run_id: UUID, timeout: float = 240) -> FlowRun:
+    """The run once it is final and the worker has removed its container.
+
+    The engine in a container may report a state before the worker has read the
+    container (for example an out-of-memory kill); what the user finally sees is the
+    state after the worker is done.
+    """
+    wait_for_final_state(flow_run_id, timeout)
+    wait_for(lambda: not run_containers(docker_client, flow_run_id), 60, "the container removed")
+    with get_client(sync_client=True) as client:
+        return client.read_flow_run(flow_run_id)

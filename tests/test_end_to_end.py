@@ -58,9 +58,7 @@ def test_git_deployment_installs_pip_packages_and_completes(deploy, docker_clien
 
 
 def test_container_memory_is_capped_at_two_gib_without_swap(deploy, docker_client):
-    deployment_id = deploy(
-        "probe", "probe-memory", {"pip_packages": ["managed-probe"]}
-    )
+    deployment_id = deploy("probe", "probe-memory", {"pip_packages": ["managed-probe"]})
     flow_run_id = start_run(deployment_id, {"sleep_seconds": 15})
 
     container = wait_for(
@@ -99,9 +97,7 @@ def test_failed_install_crashes_the_run_with_the_installer_output_in_its_logs(
 @pytest.mark.parametrize(
     "entry", ["pandas; rm -rf /", "../evil", "", "evil @ https://example.invalid/evil.whl"]
 )
-def test_invalid_pip_package_is_rejected_before_any_container_starts(
-    deploy, docker_client, entry
-):
+def test_invalid_pip_package_is_rejected_before_any_container_starts(deploy, docker_client, entry):
     deployment_id = deploy("hello", "hello-invalid-package", {"pip_packages": ["six", entry]})
     since = int(time.time()) - 1
     flow_run_id = start_run(deployment_id)
@@ -113,7 +109,11 @@ def test_invalid_pip_package_is_rejected_before_any_container_starts(
     created = docker_client.api.events(
         since=since,
         until=int(time.time()) + 1,
-        filters={"type": "container", "event": "create", "label": f"io.prefect.flow-run-id={flow_run_id}"},
+        filters={
+            "type": "container",
+            "event": "create",
+            "label": f"io.prefect.flow-run-id={flow_run_id}",
+        },
         decode=True,
     )
     assert list(created) == []

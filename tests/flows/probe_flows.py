@@ -33,3 +33,36 @@ def probe(sleep_seconds: float = 0.0) -> str:
 def hello() -> str:
     get_run_logger().info("hello from a managed container")
     return "hello"
+
+
+@flow
+def sleeper(seconds: float = 5.0) -> float:
+    time.sleep(seconds)
+    return seconds
+
+
+@flow
+def allocate(megabytes: int = 1024) -> int:
+    """Holds `megabytes` of memory at once, touching every page."""
+    blocks = [bytearray(b"\x01") * (1024 * 1024) for _ in range(megabytes)]
+    return len(blocks)
+
+
+@flow
+def inspect_self(sleep_seconds: float = 0.0) -> dict:
+    """Reports what the container lets the flow see and do."""
+    import os
+
+    status = Path("/proc/self/status").read_text()
+    caps = next(line.split()[1] for line in status.splitlines() if line.startswith("CapEff"))
+    seen = {
+        "uid": os.getuid(),
+        "cap_eff": caps,
+        "docker_socket": Path("/var/run/docker.sock").exists(),
+        "no_new_privs": next(
+            line.split()[1] for line in status.splitlines() if line.startswith("NoNewPrivs")
+        ),
+    }
+    get_run_logger().info("inspect_self: %s", seen)
+    time.sleep(sleep_seconds)
+    return seen

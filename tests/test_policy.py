@@ -1,0 +1,129 @@
+"""The policy file: loading, validation messages, tiers and the pure limit helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prefect_managed.exceptions import PolicyError
+from prefect_managed.policy import (
+    Policy,
+    load_policy,
+    out_of_memory_message,
+    pool_not_served_message,
+    run_time_exceeded_message,
+    served_pool_names,
+)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "policy.toml"
+    path.write_text(text)
+    return path
+
+
+def test_no_file_gives_the_free_tier_with_the_seed_numbers():
+    policy = load_policy(None)
+    assert policy.workspace.tier == "free"
+    tier = policy.tier
+    assert (tier.concurrency_limit, tier.pool_limit) == (1, 1)
+    assert tier.memory_bytes == 2 * 1024**3
+    assert tier.max_run_seconds == 24 * 3600
+    assert tier.compute_hours_per_month == 10
+
+
+def test_pro_tier_has_the_seed_numbers():
+    pro = Policy.model_validate({"workspace": {"tier": "pro"}}).tier
+    assert (pro.concurrency_limit, pro.pool_limit, pro.compute_hours_per_month) == (10, 5, 250)
+    assert pro.memory_bytes == 2 * 1024**3
+
+
+def test_a_builtin_tier_can_be_partly_overridden(tmp_path):
+    policy = load_policy(
+        write(tmp_path, '[workspace]\ntier = "pro"\n[tiers.pro]\nconcurrency_limit = 20\n')
+    )
+    assert policy.tier.concurrency_limit == 20
+    assert policy.tier.pool_limit == 5
+
+
+def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
+    policy = load_policy(
+        write(tmp_path, '[workspace]\ntier = "team"\n[tiers.team]\nconcurrency_limit = 3\n')
+    )
+    assert policy.tier.concurrency_limit == 3
+    assert policy.tier.pool_limit == 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[workspace\n", "it is not valid TOML"),
+        (
+            '[workspace]\ntier = "gold"\n',
+            "workspace.tier 'gold' is not a tier; known tiers: free, pro",
+        ),
+        (
+            "[tiers.pro]\nconcurrency_limit = 0\n",
+            "key 'tiers.pro.concurrency_limit': Input should be greater than 0",
+        ),
+        (
+            "[tiers.free]\nmax_run_seconds = -5\n",
+            "key 'tiers.free.max_run_seconds': Input should be greater than 0",
+        ),
+        ('[tiers.free]\nmemory = "lots"\n', "key 'tiers.free.memory': 'lots' is not a size"),
+        ('[tiers.free]\nmemory = "0"\n', "key 'tiers.free.memory': '0' must be more than zero"),
+        ("[runtime]\nprivileged = true\n", "key 'runtime.privileged' is not a known setting"),
+        (
+            "[tiers.free]\nconcurency_limit = 3\n",
+            "key 'tiers.free.concurency_limit' is not a known setting",
+        ),
+        (
+            '[runtime]\ndefault_image = "evil:latest"\n',
+            "default_image 'evil:latest' is not in allowed_images",
+        ),
+        ('[runtime]\nuser = "0"\n', "key 'runtime.user'"),
+        ('[workspace]\nname = "Not A Slug"\n', "key 'workspace.name'"),
+    ],
+)
+def test_a_bad_policy_file_is_named_with_its_key_and_problem(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError) as caught:
+        load_policy(path)
+    message = str(caught.value)
+    assert message.startswith(f"Policy file {str(path)!r} is not usable: ")
+    assert expected in message
+    assert "\n" not in message
+
+
+def test_a_missing_policy_file_is_an_error(tmp_path):
+    with pytest.raises(PolicyError, match="the file does not exist"):
+        load_policy(tmp_path / "nope.toml")
+
+
+def test_image_allow_list_admits_official_and_runtime_images_only():
+    runtime = Policy().runtime
+    assert runtime.image_allowed("prefecthq/prefect:3-latest")
+    assert runtime.image_allowed("prefecthq/prefect:3.9.1-python3.12")
+    assert runtime.image_allowed("prefect-managed-runtime:3.9.1")
+    assert not runtime.image_allowed("prefecthq/prefect:2-latest")
+    assert not runtime.image_allowed("python:3.12")
+    assert not runtime.image_allowed("evil/prefecthq/prefect:3-latest")
+
+
+def test_oldest_pools_are_served():
+    pools = [("c", 3), ("a", 1), ("b", 2)]
+    assert served_pool_names(pools, 2) == ["a", "b"]
+
+
+def test_messages_name_the_limit_the_tier_and_what_to_do():
+    policy = Policy()
+    oom = out_of_memory_message(policy, 2 * 1024**3)
+    assert "free tier's memory limit of 2 GiB" in oom and "Lower the memory" in oom
+    asked_less = out_of_memory_message(policy, 300 * 1024**2)
+    assert "300 MiB its deployment asked for (mem_limit" in asked_less
+    timeout = run_time_exceeded_message(policy)
+    assert "maximum run time of 24 h (86400 s" in timeout
+    not_served = pool_not_served_message(policy, "late-pool", ["first-pool"])
+    assert "'late-pool' is not served" in not_served
+    assert "free tier, which allows 1 managed work pool (the oldest: 'first-pool')" in not_served
