@@ -1,7 +1,12 @@
-"""The `prefect-managed` command."""
+"""The `prefect-managed` command.
+
+Every error is one line on standard error, starting with ``Error:``, and a non-zero exit
+code: 1 when the work failed, 2 for a wrong command or option (see `main`).
+"""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -11,21 +16,68 @@ from prefect_managed.policy import format_bytes, format_seconds, load_policy
 from prefect_managed.settings import get_policy, get_settings
 
 app = typer.Typer(
-    help="Prefect Managed work pools for self-hosted Prefect: the operator's commands.",
+    help="""Prefect Managed work pools for self-hosted Prefect: the operator's commands.
+
+    Examples:
+
+        prefect-managed image build
+
+        prefect-managed policy check policy.toml
+    """,
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_show_locals=False,
 )
-image_app = typer.Typer(help="The local runtime image.", no_args_is_help=True)
+image_app = typer.Typer(
+    help="""The local runtime image, for machines with no image registry.
+
+    Example:
+
+        prefect-managed image build --tag prefect-managed-runtime:dev
+    """,
+    no_args_is_help=True,
+)
 app.add_typer(image_app, name="image")
 policy_app = typer.Typer(
-    help="The policy file: tiers, limits and runtime settings.", no_args_is_help=True
+    help="""The policy file: tiers, limits and runtime settings.
+
+    Example:
+
+        prefect-managed policy check policy.toml
+    """,
+    no_args_is_help=True,
 )
 app.add_typer(policy_app, name="policy")
 
 
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
 def _fail(exc: ManagedError) -> None:
-    typer.echo(f"Error: {exc}", err=True)
+    typer.echo(f"Error: {_one_line(str(exc))}", err=True)
     raise typer.Exit(1)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from prefect_managed import __version__
+
+        typer.echo(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False,
+        "--version",
+        help="Print the version and exit.",
+        is_eager=True,
+        callback=_print_version,
+    ),
+) -> None:
+    pass
 
 
 @image_app.command("build")
@@ -44,13 +96,17 @@ def image_build(
 ) -> None:
     """Build the runtime image locally, for machines with no image registry.
 
-    Example:
+    Prints the tag it built on standard output, its progress on standard error.
 
-        prefect-managed image build --ca-bundle /path/to/proxy-ca.pem
+    Examples:
 
-    Then point the worker at it:
+        prefect-managed image build
 
-        export PREFECT_INTEGRATIONS_MANAGED_DEFAULT_IMAGE=prefect-managed-runtime:<version>
+        prefect-managed image build --ca-bundle ./proxy-ca.pem
+
+    Then make the tag it printed the default, in the policy file's [runtime] table:
+
+        default_image = "prefect-managed-runtime:VERSION"
     """
     from prefect_managed.runtime.builder import BASE_IMAGE, build_runtime_image
 
@@ -123,3 +179,20 @@ def policy_check(
         f"Network mode: {runtime.network_mode}; user: {runtime.user}; pids limit: {runtime.pids_limit}"
     )
     console.print(f"Package index: {runtime.package_index_url or 'uv default'}")
+
+
+def main() -> None:
+    """The `prefect-managed` command: a wrong command or option is one `Error:` line too."""
+    try:
+        code = app(standalone_mode=False)
+    except typer.TyperException as exc:  # typer's usage errors (it vendors click's)
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a bare group: its help, not an error
+            exc.show()  # type: ignore[attr-defined]
+        else:
+            message = exc.format_message()  # type: ignore[attr-defined]
+            typer.echo(f"Error: {_one_line(message)}", err=True)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        typer.echo("Error: aborted.", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)

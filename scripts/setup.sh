@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs and starts what prefect-managed needs on a fresh Debian machine, and skips
 # what is already there: Debian's Docker engine (started in the background when no
-# engine answers), mmdebstrap and git, a virtualenv in .venv with the package and its
-# test extras, and the local runtime image.
+# engine answers), mmdebstrap, git and chromium, a virtualenv in .venv with the package
+# and its test, dev and docs extras, and the local runtime image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +13,8 @@ missing=()
 command -v dockerd >/dev/null 2>&1 || missing+=(docker.io)
 command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v git >/dev/null 2>&1 || missing+=(git)
+# Debian's chromium, driven headless by Playwright in tests/test_ui.py.
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian's packages..." >&2
   $SUDO apt-get update -qq
@@ -35,7 +37,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q uv
-.venv/bin/python -m uv pip install -q --python .venv/bin/python -e ".[test,dev]"
+.venv/bin/python -m uv pip install -q --python .venv/bin/python -e ".[test,dev,docs]"
 
 # The runtime image carries the worker's Prefect version; Docker's layer cache makes
 # this a no-op when nothing changed. An extra CA bundle (SSL_CERT_FILE) lets pip and uv

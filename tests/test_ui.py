@@ -1,0 +1,170 @@
+"""The Prefect UI, in a real browser: what a user sees of a managed pool.
+
+Debian's chromium (/usr/bin/chromium, installed by scripts/setup.sh), driven headless by
+Playwright, opens the UI that the test session's Prefect server serves at its root URL.
+The browser loads 127.0.0.1 only: every other request is aborted, and the UI's requests
+for Prefect's collection registry, which the server would fetch from the internet, are
+answered with an empty registry. Screenshots go to test-output/screenshots/.
+
+Prefect's work pool wizard lists the worker types of that public registry, which has no
+`prefect:managed`, so a managed pool is created with the CLI (the `managed_pool`
+fixture, as the quickstart says) and its form is the one on the pool's Edit page: the
+same schema form the wizard's Configuration step shows.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+
+from prefect_managed import ManagedVariables
+
+pytestmark = pytest.mark.docker
+
+CHROMIUM = "/usr/bin/chromium"
+# The flags this machine's chromium needs (no sandbox as root, no background traffic);
+# Playwright adds --headless and a fresh --user-data-dir itself.
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+TIMEOUT_MS = 30_000
+# Titles of prefect-docker's fields that a managed pool's form must not offer.
+DOCKER_ONLY_TITLES = (
+    "Volumes",
+    "Privileged",
+    "Memory Swap Limit",
+    "Network Mode",
+    "Networks",
+    "Container Configuration",
+    "Image Pull Policy",
+    "Auto Remove",
+)
+
+
+@pytest.fixture(scope="session")
+def ui_url(prefect_server: str) -> str:
+    """The UI's root URL; the server must serve it (PREFECT_UI_ENABLED, the default)."""
+    root = prefect_server.removesuffix("/api")
+    response = httpx.get(f"{root}/", timeout=10)
+    assert response.status_code == 200, response.text[:500]
+    assert "text/html" in response.headers["content-type"]
+    return root
+
+
+@pytest.fixture(scope="session")
+def browser() -> Browser:
+    if shutil.which(CHROMIUM) is None:
+        pytest.fail(f"{CHROMIUM} is missing; run scripts/setup.sh, which installs chromium")
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS
+        )
+        yield browser
+        browser.close()
+
+
+@pytest.fixture(scope="session")
+def screenshots(output_dir: Path) -> Path:
+    directory = output_dir / "screenshots"
+    directory.mkdir(parents=True, exist_ok=True)
+    return directory
+
+
+def _loopback_only(route: Route) -> None:
+    url = urlsplit(route.request.url)
+    if url.hostname != "127.0.0.1":
+        route.abort()
+    elif url.path.startswith("/api/collections/"):
+        # The server would fetch this from Prefect's registry on GitHub: answer "empty".
+        route.fulfill(status=200, json={})
+    else:
+        route.continue_()
+
+
+@pytest.fixture
+def page(browser: Browser) -> Page:
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    context.route("**/*", _loopback_only)
+    page = context.new_page()
+    yield page
+    context.close()
+
+
+def test_prefect_ui_is_served_at_the_server_root(page: Page, ui_url: str, screenshots: Path):
+    page.goto(f"{ui_url}/")
+
+    expect(page.get_by_role("link", name="Work Pools").first).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "ui-home.png")
+
+
+def test_managed_pool_form_shows_image_pip_packages_and_memory_with_titles_and_descriptions(
+    page: Page, ui_url: str, managed_pool: str, screenshots: Path
+):
+    image = ManagedVariables.model_fields["image"].description
+    pip_packages = ManagedVariables.model_fields["pip_packages"].description
+    memory = ManagedVariables.model_fields["mem_limit"].description
+
+    page.goto(f"{ui_url}/work-pools/work-pool/{managed_pool}/edit")
+
+    expect(page.get_by_role("heading", name="Base Job Template")).to_be_visible()
+    image_field = page.locator(".schema-form-property").filter(has_text=image).first
+    pip_field = page.locator(".schema-form-property").filter(has_text=pip_packages).first
+    image_field.scroll_into_view_if_needed()
+    expect(image_field.get_by_role("heading", name="Image", exact=True)).to_be_visible()
+    expect(image_field.get_by_text(image)).to_be_visible()
+    expect(pip_field.get_by_text("Pip Packages (Optional)", exact=True)).to_be_visible()
+    expect(pip_field.get_by_text(pip_packages)).to_be_visible()
+    memory_field = page.locator(".schema-form-property").filter(has_text=memory).first
+    expect(memory_field.get_by_role("heading", name="Memory Limit", exact=True)).to_be_visible()
+    expect(memory_field.get_by_text(memory)).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "managed-pool-form.png")
+    image_field.screenshot(path=screenshots / "managed-pool-form-image.png")
+    pip_field.screenshot(path=screenshots / "managed-pool-form-pip-packages.png")
+    memory_field.screenshot(path=screenshots / "managed-pool-form-memory-limit.png")
+
+
+def test_managed_pool_form_offers_prefects_standard_variables(
+    page: Page, ui_url: str, managed_pool: str
+):
+    page.goto(f"{ui_url}/work-pools/work-pool/{managed_pool}/edit")
+
+    expect(page.get_by_role("heading", name="Base Job Template")).to_be_visible()
+    for title in ("Environment Variables (Optional)", "Labels (Optional)"):
+        expect(page.get_by_text(title, exact=True)).to_be_visible()
+    for title in ("Name", "Command"):
+        expect(page.get_by_role("heading", name=title, exact=True)).to_be_visible()
+
+
+def test_managed_pool_form_hides_docker_only_fields(page: Page, ui_url: str, managed_pool: str):
+    page.goto(f"{ui_url}/work-pools/work-pool/{managed_pool}/edit")
+
+    expect(page.get_by_text(ManagedVariables.model_fields["image"].description)).to_be_visible()
+    for title in DOCKER_ONLY_TITLES:
+        expect(page.get_by_text(re.compile(rf"^{title}( \(Optional\))?$"))).to_have_count(0)
+
+
+def test_managed_pool_page_shows_its_type_and_variables(
+    page: Page, ui_url: str, managed_pool: str, screenshots: Path
+):
+    page.goto(f"{ui_url}/work-pools/work-pool/{managed_pool}")
+
+    expect(page.get_by_text("Prefect:managed", exact=True)).to_be_visible()
+    expect(page.get_by_text("Base Job Configuration")).to_be_visible()
+    expect(page.get_by_text("Pip Packages", exact=True)).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "managed-pool-page.png", full_page=True)
