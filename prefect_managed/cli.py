@@ -181,6 +181,104 @@ def policy_check(
     console.print(f"Package index: {runtime.package_index_url or 'uv default'}")
 
 
+@app.command("usage")
+def usage(
+    month: str = typer.Option(
+        None, help="The month, as YYYY-MM (default: this month, UTC).", show_default=False
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON for scripts."),
+) -> None:
+    """Print the workspace's compute usage in a month, from the Prefect server.
+
+    Examples:
+
+        prefect-managed usage
+
+        prefect-managed usage --month 2026-10 --json
+    """
+    import json
+    import re
+    from datetime import datetime, timezone
+
+    from prefect.client.orchestration import get_client
+    from rich.console import Console
+    from rich.table import Table
+
+    from prefect_managed.ledger import UsageLedger
+    from prefect_managed.usage import month_of, next_reset
+
+    if month is not None and not re.fullmatch(r"\d{4}-(0[1-9]|1[0-2])", month):
+        _fail(ManagedError(f"--month {month!r} is not a month; give it as YYYY-MM, e.g. 2026-11"))
+    try:
+        policy = get_policy()
+    except ManagedError as exc:
+        _fail(exc)
+    month = month or month_of(datetime.now(timezone.utc))
+
+    async def read():
+        async with get_client() as client:
+            return await UsageLedger(client, policy.workspace.name).month_usage(month)
+
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    monthly = run_coro_as_sync(read())
+    quota = policy.tier.compute_hours_per_month
+    if as_json:
+        typer.echo(
+            json.dumps(
+                {
+                    "workspace": monthly.workspace,
+                    "tier": policy.workspace.tier,
+                    "month": monthly.month,
+                    "hours_used": round(monthly.hours, 4),
+                    "billable_minutes": monthly.minutes,
+                    "quota_hours": quota,
+                    "percent_used": round(monthly.percent_of(quota), 2),
+                    "resets": next_reset(monthly.month).isoformat(),
+                    "runs": len(monthly.records),
+                    "hours_by_pool": monthly.hours_by("pool"),
+                    "hours_by_deployment": monthly.hours_by("deployment"),
+                    "runs_by_outcome": monthly.runs_by_outcome(),
+                    "records": [
+                        record.model_dump(mode="json") for record in monthly.records.values()
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return
+    console = Console()
+    console.print(
+        f"Workspace {monthly.workspace!r} ({policy.workspace.tier} tier), {monthly.month}: "
+        f"{monthly.hours:.2f} h of {quota:g} h used ({monthly.percent_of(quota):.1f} %), "
+        f"{len(monthly.records)} runs; resets {next_reset(monthly.month).date().isoformat()} (UTC)"
+    )
+    table = Table()
+    for column in (
+        "flow run",
+        "deployment",
+        "pool",
+        "outcome",
+        "wall s",
+        "billed min",
+        "peak memory",
+        "CPU s",
+    ):
+        table.add_column(column)
+    for record in sorted(monthly.records.values(), key=lambda r: r.started_at):
+        table.add_row(
+            record.flow_run_name,
+            record.deployment or "",
+            record.pool,
+            record.outcome.value,
+            f"{record.wall_seconds:.1f}",
+            str(record.billable_minutes),
+            format_bytes(record.peak_memory_bytes) if record.peak_memory_bytes else "-",
+            f"{record.cpu_seconds:.1f}" if record.cpu_seconds is not None else "-",
+        )
+    console.print(table)
+
+
 def main() -> None:
     """The `prefect-managed` command: a wrong command or option is one `Error:` line too."""
     try:

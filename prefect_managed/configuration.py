@@ -9,11 +9,13 @@ overwrite whatever the templating produced.
 
 from __future__ import annotations
 
+import hashlib
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from docker.errors import DockerException
 from docker.utils import parse_bytes
+from prefect.settings import PREFECT_API_URL
 from prefect.workers.base import BaseVariables
 from prefect_docker.worker import DockerWorkerJobConfiguration
 from pydantic import Field
@@ -33,6 +35,16 @@ __all__ = ["MANAGED_LABEL", "WORKSPACE_LABEL", "ManagedJobConfiguration", "Manag
 #: Docker labels (in Docker's reversed-domain form) on every container this worker creates.
 MANAGED_LABEL = "io.prefect-managed.managed"
 WORKSPACE_LABEL = "io.prefect-managed.workspace"
+API_LABEL = "io.prefect-managed.api"
+
+
+def api_label_value() -> str:
+    """Which Prefect API a container belongs to: a digest of the API URL, so that
+    workers of different Prefect servers sharing a Docker engine never take over each
+    other's containers."""
+    url = PREFECT_API_URL.value() or ""
+    return hashlib.sha256(url.encode()).hexdigest()[:16]
+
 
 _IMAGE_DESCRIPTION = (
     "The Prefect image flow runs execute in. Leave it empty to use the workspace's "
@@ -143,6 +155,7 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             "io.prefect.flow-run-id": str(flow_run.id),
             MANAGED_LABEL: "true",
             WORKSPACE_LABEL: policy.workspace.name,
+            API_LABEL: api_label_value(),
         }
 
         memory = memory_limit_bytes(self.mem_limit, tier.memory_bytes)

@@ -21,22 +21,33 @@ import time
 from contextlib import closing
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 import anyio
 import anyio.abc
 import docker.errors
 from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
-from prefect.client.schemas.objects import FlowRun
-from prefect.exceptions import Abort, InfrastructureNotFound
-from prefect.states import Crashed, Scheduled
+from prefect.client.schemas.objects import FlowRun, State, WorkerStatus
+from prefect.events import emit_event
+from prefect.exceptions import Abort, InfrastructureNotFound, ObjectNotFound
+from prefect.states import Crashed, Failed, Scheduled
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
 from prefect_managed.concurrency import WorkspaceSlots
-from prefect_managed.configuration import ManagedJobConfiguration, ManagedVariables
-from prefect_managed.dependencies import describe_early_exit
+from prefect_managed.configuration import (
+    API_LABEL,
+    MANAGED_LABEL,
+    WORKSPACE_LABEL,
+    ManagedJobConfiguration,
+    ManagedVariables,
+    api_label_value,
+)
+from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
 from prefect_managed.exceptions import PolicyError
+from prefect_managed.ledger import UsageLedger
+from prefect_managed.metering import Meter, parse_docker_time
 from prefect_managed.policy import (
     Policy,
     awaiting_slot_message,
@@ -46,6 +57,16 @@ from prefect_managed.policy import (
     served_pool_names,
 )
 from prefect_managed.settings import get_policy, get_settings
+from prefect_managed.sources import describe_pull_step_failure, redact_url_credentials
+from prefect_managed.usage import (
+    MonthlyUsage,
+    Outcome,
+    UsageRecord,
+    crossed_thresholds,
+    month_of,
+    quota_exhausted_message,
+    quota_warning_message,
+)
 
 if TYPE_CHECKING:
     from prefect.client.schemas.responses import WorkerFlowRunResponse
@@ -55,6 +76,10 @@ __all__ = ["ManagedWorker"]
 CONTAINER_OUTPUT_LOGGER = "prefect_managed.container"
 AWAITING_SLOT = "AwaitingConcurrencySlot"
 POOL_CHECK_SECONDS = 10.0
+QUOTA_CHECK_SECONDS = 10.0
+STATS_INTERVAL = 2.0
+RECONCILE_SECONDS = 60.0
+QUOTA_EXHAUSTED = "QuotaExhausted"
 
 
 class _StartedProxy:
@@ -96,8 +121,13 @@ class ManagedWorker(DockerWorker):
             raise SystemExit(1) from exc
         super().__init__(*args, **kwargs)
         self._slots: WorkspaceSlots | None = None
+        self._ledger: UsageLedger | None = None
+        self._background: anyio.abc.TaskGroup | None = None
+        self._active: set[str] = set()  # containers of orphaned runs being watched
         self._pool_served = True
         self._pool_checked_at = -POOL_CHECK_SECONDS
+        self._month_usage: MonthlyUsage | None = None
+        self._usage_checked_at = -QUOTA_CHECK_SECONDS
 
     async def setup(self) -> None:
         await super().setup()
@@ -108,10 +138,12 @@ class ManagedWorker(DockerWorker):
             self._logger,
         )
         await self._slots.ensure_limit()
-        renewals = anyio.create_task_group()
-        await self._exit_stack.enter_async_context(renewals)
-        self._exit_stack.callback(renewals.cancel_scope.cancel)
-        renewals.start_soon(self._renew_leases_forever)
+        self._ledger = UsageLedger(self.client, self.policy.workspace.name)
+        self._background = anyio.create_task_group()
+        await self._exit_stack.enter_async_context(self._background)
+        self._exit_stack.callback(self._background.cancel_scope.cancel)
+        self._background.start_soon(self._renew_leases_forever)
+        self._background.start_soon(self._reconcile_forever)
         tier = self.policy.tier
         self._logger.info(
             "Workspace %r, %s tier: %d concurrent flow runs, %d managed pools, "
@@ -165,8 +197,17 @@ class ManagedWorker(DockerWorker):
     async def _submit_scheduled_flow_runs(
         self, flow_run_response: list[WorkerFlowRunResponse]
     ) -> list[FlowRun]:
-        """Submit, oldest first, only the runs that get a workspace concurrency slot."""
+        """Submit, oldest first, only the runs that get a workspace concurrency slot.
+
+        Once the workspace's monthly compute quota is used up, new runs end Failed
+        (`QuotaExhausted`) instead; runs already running finish.
+        """
         assert self._slots is not None
+        if flow_run_response and await self._quota_exhausted():
+            for entry in flow_run_response:
+                if entry.flow_run.id not in self._submitting_flow_run_ids:
+                    await self._refuse_over_quota(entry.flow_run)
+            return []
         admitted: list[WorkerFlowRunResponse] = []
         for entry in sorted(flow_run_response, key=lambda e: _scheduled_time(e.flow_run)):
             flow_run = entry.flow_run
@@ -182,6 +223,28 @@ class ManagedWorker(DockerWorker):
             if entry.flow_run.id not in submitted_ids:
                 await self._slots.release(entry.flow_run.id)
         return submitted
+
+    async def _quota_exhausted(self) -> bool:
+        assert self._ledger is not None
+        month = month_of(datetime.now(timezone.utc))
+        stale = time.monotonic() - self._usage_checked_at >= QUOTA_CHECK_SECONDS
+        if stale or self._month_usage is None or self._month_usage.month != month:
+            self._month_usage = await self._ledger.month_usage(month)
+            self._usage_checked_at = time.monotonic()
+        return self._month_usage.hours >= self.policy.tier.compute_hours_per_month
+
+    async def _refuse_over_quota(self, flow_run: FlowRun) -> None:
+        assert self._month_usage is not None
+        message = quota_exhausted_message(
+            self._month_usage, self.policy.tier.compute_hours_per_month, self.policy.workspace.tier
+        )
+        try:
+            await self.client.set_flow_run_state(
+                flow_run.id, Failed(name=QUOTA_EXHAUSTED, message=message)
+            )
+        except Abort:
+            return
+        self.get_flow_run_logger(flow_run).error("%s", message)
 
     async def _mark_awaiting_slot(self, flow_run: FlowRun) -> None:
         if flow_run.state is None or flow_run.state.name == AWAITING_SLOT:
@@ -214,24 +277,156 @@ class ManagedWorker(DockerWorker):
     ) -> DockerWorkerResult:
         started = _StartedProxy(task_status)
         timed_out = anyio.Event()
-        async with anyio.create_task_group() as deadline:
-            deadline.start_soon(self._stop_at_max_run_time, flow_run, started, timed_out)
+        meter = Meter()
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(self._stop_at_max_run_time, flow_run, started, timed_out)
+            watchers.start_soon(self._sample_stats, started, meter)
             result = await super().run(flow_run, configuration, started)  # type: ignore[arg-type]
-            deadline.cancel_scope.cancel()
+            watchers.cancel_scope.cancel()
         _, container_id = self._parse_infrastructure_pid(result.identifier)
-        try:
-            if timed_out.is_set():
-                pass  # already reported when the container was stopped
-            elif await run_sync_in_worker_thread(self._was_oom_killed, container_id):
-                memory = int(configuration.mem_limit or self.policy.tier.memory_bytes)
-                await self._crash_with_cause(flow_run, out_of_memory_message(self.policy, memory))
-            elif result.status_code != 0:
-                await self._report_exit_before_flow_start(
-                    flow_run, configuration, container_id, result.status_code
-                )
-        finally:
-            await run_sync_in_worker_thread(self._remove_container, container_id)
+        await self._finish(flow_run, container_id, meter, timed_out=timed_out.is_set())
         return result
+
+    async def _sample_stats(self, started: _StartedProxy, meter: Meter) -> None:
+        await started.event.wait()
+        assert started.infrastructure_pid is not None
+        _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
+        while True:
+            stats = await run_sync_in_worker_thread(self._stats, container_id)
+            if stats is None:
+                return
+            meter.add(stats)
+            await anyio.sleep(STATS_INTERVAL)
+
+    async def _stop_at_max_run_time(
+        self, flow_run: FlowRun, started: _StartedProxy, timed_out: anyio.Event
+    ) -> None:
+        await started.event.wait()
+        await anyio.sleep(self.policy.tier.max_run_seconds)
+        assert started.infrastructure_pid is not None
+        timed_out.set()
+        _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
+        await self._stop_for_run_time(flow_run, container_id)
+
+    async def _stop_for_run_time(self, flow_run: FlowRun, container_id: str) -> None:
+        # The state first, so the engine's own report of the stop cannot replace it.
+        await self._crash_with_cause(flow_run, run_time_exceeded_message(self.policy))
+        try:
+            await run_sync_in_worker_thread(self._stop_container, container_id, 10)
+        except InfrastructureNotFound:
+            pass  # it exited on its own meanwhile
+
+    async def _finish(
+        self, flow_run: FlowRun, container_id: str, meter: Meter, timed_out: bool = False
+    ) -> None:
+        """Explain, record and remove a container that has exited.
+
+        Uses only what the container itself says (labels, environment, state), so it
+        serves runs this worker watched and containers it found orphaned alike. The
+        container is removed only once its usage is recorded: if recording fails, the
+        next reconciliation finds it again.
+        """
+        attrs = await run_sync_in_worker_thread(self._inspect, container_id)
+        if attrs is None:
+            self._logger.warning(
+                "The container of flow run %s was removed by someone else before its "
+                "usage could be measured",
+                flow_run.id,
+            )
+            return
+        state = attrs["State"]
+        exit_code = state.get("ExitCode")
+        oom = bool(state.get("OOMKilled"))
+        if timed_out:
+            pass  # reported when the container was stopped
+        elif oom:
+            memory = int(attrs["HostConfig"].get("Memory") or self.policy.tier.memory_bytes)
+            await self._crash_with_cause(flow_run, out_of_memory_message(self.policy, memory))
+        elif exit_code not in (0, None):
+            await self._report_exit_before_flow_start(flow_run, attrs, exit_code)
+        final = await self._ensure_final_state(flow_run, exit_code)
+        outcome = outcome_of(final, timed_out=timed_out, out_of_memory=oom)
+        try:
+            await self._record_usage(flow_run, attrs, meter, outcome, exit_code)
+        except Exception:
+            self._logger.exception(
+                "Could not record the usage of flow run %s; its container is kept and "
+                "recorded at the next reconciliation",
+                flow_run.id,
+            )
+            return
+        await run_sync_in_worker_thread(self._remove_container, container_id)
+
+    async def _ensure_final_state(self, flow_run: FlowRun, exit_code: int | None) -> State | None:
+        """The run's state, made Crashed if its container is gone but it is not final."""
+        current = (await self.client.read_flow_run(flow_run.id)).state
+        if current is not None and (current.is_final() or current.is_cancelling()):
+            return current
+        await self._propose_crashed_state(
+            flow_run,
+            f"The flow run's container exited with code {exit_code} without the flow run "
+            "reporting a final state.",
+        )
+        return (await self.client.read_flow_run(flow_run.id)).state
+
+    async def _record_usage(
+        self,
+        flow_run: FlowRun,
+        attrs: dict[str, Any],
+        meter: Meter,
+        outcome: Outcome,
+        exit_code: int | None,
+    ) -> None:
+        assert self._ledger is not None
+        labels = attrs["Config"].get("Labels") or {}
+        started_at = parse_docker_time(attrs["State"].get("StartedAt", ""))
+        finished_at = parse_docker_time(attrs["State"].get("FinishedAt", ""))
+        if started_at is None or finished_at is None:
+            return  # the container never ran: no compute to count
+        tier = self.policy.tier
+        record = UsageRecord.from_timestamps(
+            started_at,
+            finished_at,
+            flow_run_id=flow_run.id,
+            flow_run_name=flow_run.name,
+            workspace=self.policy.workspace.name,
+            tier=self.policy.workspace.tier,
+            pool=labels.get("io.prefect.work-pool-name", self._work_pool_name),
+            deployment=labels.get("io.prefect.deployment-name"),
+            image=attrs["Config"].get("Image", ""),
+            peak_memory_bytes=meter.peak_memory_bytes,
+            cpu_seconds=meter.cpu_seconds,
+            outcome=outcome,
+            exit_code=exit_code,
+        )
+        published = await self._ledger.publish(
+            record, tier.compute_hours_per_month, self.policy.workspace.tier
+        )
+        if published is None:
+            return
+        before, after = published
+        self._month_usage = after
+        for threshold in crossed_thresholds(
+            before.hours, after.hours, tier.compute_hours_per_month
+        ):
+            message = quota_warning_message(
+                after, tier.compute_hours_per_month, self.policy.workspace.tier, threshold
+            )
+            self.get_flow_run_logger(flow_run).warning("%s", message)
+            emit_event(
+                event="prefect-managed.quota.warning",
+                resource={
+                    "prefect.resource.id": f"prefect-managed.workspace.{after.workspace}",
+                    "prefect.resource.name": after.workspace,
+                },
+                payload={
+                    "threshold_percent": threshold,
+                    "hours_used": round(after.hours, 4),
+                    "quota_hours": tier.compute_hours_per_month,
+                    "month": after.month,
+                    "message": message,
+                },
+            )
 
     async def _crash_with_cause(self, flow_run: FlowRun, message: str) -> None:
         """End the run Crashed with `message`, replacing a Crashed state without a cause.
@@ -246,41 +441,33 @@ class ManagedWorker(DockerWorker):
         elif current is None or not current.is_final():
             await self._propose_crashed_state(flow_run, message)
 
-    async def _stop_at_max_run_time(
-        self, flow_run: FlowRun, started: _StartedProxy, timed_out: anyio.Event
-    ) -> None:
-        await started.event.wait()
-        await anyio.sleep(self.policy.tier.max_run_seconds)
-        assert started.infrastructure_pid is not None
-        timed_out.set()
-        # The state first, so the engine's own report of the stop cannot replace it.
-        await self._crash_with_cause(flow_run, run_time_exceeded_message(self.policy))
-        _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
-        try:
-            await run_sync_in_worker_thread(self._stop_container, container_id, 10)
-        except InfrastructureNotFound:
-            pass  # it exited on its own meanwhile
-
     async def _report_exit_before_flow_start(
-        self,
-        flow_run: FlowRun,
-        configuration: ManagedJobConfiguration,
-        container_id: str,
-        exit_code: int,
+        self, flow_run: FlowRun, attrs: dict[str, Any], exit_code: int
     ) -> None:
-        """A container that exits while its run is still Pending never started the flow.
+        """A container that exits before its flow started: its output goes to the flow
+        run's logs from here (URL credentials redacted), and the run ends Crashed with a
+        message saying why.
 
-        The engine in the container reports nothing then, so the container's output
-        (the installer's, usually) goes to the flow run's logs from here, and the run
-        ends Crashed with a message saying why.
+        A failed install leaves the run Pending (the engine never ran). A failed pull
+        step leaves it Crashed with only "Process exited with status code: 1" from
+        Prefect's runner, and no start time; that message is replaced with the step,
+        its source and its error.
         """
         current = await self.client.read_flow_run(flow_run.id)
-        if current.state is None or not current.state.is_pending():
+        crashed_before_start = (
+            current.state is not None and current.state.is_crashed() and current.start_time is None
+        )
+        if current.state is None or not (current.state.is_pending() or crashed_before_start):
             return
         lines = await run_sync_in_worker_thread(
-            self._container_output, container_id, get_settings().install_log_lines
+            self._container_output, attrs["Id"], get_settings().install_log_lines
         )
-        message = describe_early_exit(exit_code, configuration.pip_packages, lines)
+        lines = [redact_url_credentials(line) for line in lines]
+        env = dict(item.split("=", 1) for item in attrs["Config"].get("Env") or [] if "=" in item)
+        pip_packages = split_extra_pip_packages(env.get("EXTRA_PIP_PACKAGES"))
+        message = describe_pull_step_failure(
+            exit_code, lines, await self._pull_steps(current)
+        ) or describe_early_exit(exit_code, pip_packages, lines)
         await self.client.create_logs(
             [
                 LogCreate(
@@ -293,22 +480,128 @@ class ManagedWorker(DockerWorker):
                 )
             ]
         )
-        await self._propose_crashed_state(flow_run, message)
+        if crashed_before_start:
+            await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+        else:
+            await self._propose_crashed_state(flow_run, message)
 
-    def _was_oom_killed(self, container_id: str) -> bool:
+    async def _pull_steps(self, flow_run: FlowRun) -> list[dict[str, Any]]:
+        """The pull steps of the run's deployment, to name the source that failed."""
+        if flow_run.deployment_id is None:
+            return []
+        try:
+            deployment = await self.client.read_deployment(flow_run.deployment_id)
+        except ObjectNotFound:
+            return []
+        return list(deployment.pull_steps or [])
+
+    # -- containers a previous worker left behind ----------------------------------
+
+    async def _reconcile_forever(self) -> None:
+        while True:
+            try:
+                await self._reconcile_orphans()
+            except Exception:
+                self._logger.warning("Could not reconcile orphaned containers", exc_info=True)
+            await anyio.sleep(RECONCILE_SECONDS)
+
+    async def _reconcile_orphans(self) -> None:
+        """Find this pool's containers that no live worker watches, and finish them."""
+        containers = await run_sync_in_worker_thread(self._pool_containers)
+        if not containers:
+            return
+        online = {
+            worker.name
+            for worker in await self.client.read_workers_for_work_pool(self._work_pool_name)
+            if worker.status == WorkerStatus.ONLINE and worker.name != self.name
+        }
+        for attrs in containers:
+            labels = attrs["Config"].get("Labels") or {}
+            if attrs["Id"] in self._active or labels.get("io.prefect.worker-name") in online:
+                continue
+            flow_run_id = labels.get("io.prefect.flow-run-id")
+            if not flow_run_id:
+                continue
+            try:
+                flow_run = await self.client.read_flow_run(UUID(flow_run_id))
+            except ObjectNotFound:
+                continue  # not a run of this Prefect server: not ours to touch
+            self._active.add(attrs["Id"])
+            self._logger.info(
+                "Taking over container %s of flow run %s, left by worker %r",
+                attrs["Name"],
+                flow_run_id,
+                labels.get("io.prefect.worker-name"),
+            )
+            assert self._background is not None
+            self._background.start_soon(self._adopt, flow_run, attrs)
+
+    async def _adopt(self, flow_run: FlowRun, attrs: dict[str, Any]) -> None:
+        """Watch an orphaned container to its end (within the run time limit), then finish it."""
+        container_id = attrs["Id"]
+        meter = Meter()
+        timed_out = False
+        started_at = parse_docker_time(attrs["State"].get("StartedAt", ""))
+        try:
+            while True:
+                current = await run_sync_in_worker_thread(self._inspect, container_id)
+                if current is None or not current["State"].get("Running"):
+                    break
+                stats = await run_sync_in_worker_thread(self._stats, container_id)
+                if stats is not None:
+                    meter.add(stats)
+                elapsed = (
+                    (datetime.now(timezone.utc) - started_at).total_seconds() if started_at else 0
+                )
+                if not timed_out and elapsed > self.policy.tier.max_run_seconds:
+                    timed_out = True
+                    await self._stop_for_run_time(flow_run, container_id)
+                await anyio.sleep(STATS_INTERVAL)
+            await self._finish(flow_run, container_id, meter, timed_out=timed_out)
+        finally:
+            self._active.discard(container_id)
+
+    # -- Docker, in worker threads --------------------------------------------------
+
+    def _pool_containers(self) -> list[dict[str, Any]]:
+        filters = {
+            "label": [
+                f"{MANAGED_LABEL}=true",
+                f"{WORKSPACE_LABEL}={self.policy.workspace.name}",
+                f"{API_LABEL}={api_label_value()}",
+                f"io.prefect.work-pool-name={self._work_pool_name}",
+            ]
+        }
+        with closing(self._get_client()) as client:
+            found = client.api.containers(all=True, filters=filters)
+            return [
+                attrs
+                for attrs in (self._inspect_with(client, item["Id"]) for item in found)
+                if attrs is not None
+            ]
+
+    def _inspect(self, container_id: str) -> dict[str, Any] | None:
+        with closing(self._get_client()) as client:
+            return self._inspect_with(client, container_id)
+
+    @staticmethod
+    def _inspect_with(client: docker.DockerClient, container_id: str) -> dict[str, Any] | None:
+        try:
+            return client.api.inspect_container(container_id)
+        except docker.errors.NotFound:
+            return None
+
+    def _stats(self, container_id: str) -> dict[str, Any] | None:
         with closing(self._get_client()) as client:
             try:
-                state = client.api.inspect_container(container_id)["State"]
+                return client.api.stats(container_id, stream=False, one_shot=True)
             except docker.errors.NotFound:
-                return False
-        return bool(state.get("OOMKilled"))
+                return None
 
     def _container_output(self, container_id: str, tail: int) -> list[str]:
         with closing(self._get_client()) as client:
             try:
-                raw: bytes = client.containers.get(container_id).logs(
-                    stdout=True, stderr=True, tail=tail
-                )
+                raw: bytes = client.api.logs(container_id, stdout=True, stderr=True, tail=tail)
             except docker.errors.NotFound:
                 return ["(the container was removed before its output could be read)"]
         return raw.decode(errors="replace").splitlines()
@@ -316,10 +609,26 @@ class ManagedWorker(DockerWorker):
     def _remove_container(self, container_id: str) -> None:
         with closing(self._get_client()) as client:
             try:
-                client.containers.get(container_id).remove(force=True)
+                client.api.remove_container(container_id, force=True)
             except docker.errors.NotFound:
                 return
         self._logger.debug("Removed Docker container %r", container_id)
+
+
+def outcome_of(state: State | None, *, timed_out: bool, out_of_memory: bool) -> Outcome:
+    if timed_out:
+        return Outcome.TIMED_OUT
+    if out_of_memory:
+        return Outcome.OUT_OF_MEMORY
+    if state is None:
+        return Outcome.CRASHED
+    if state.is_completed():
+        return Outcome.COMPLETED
+    if state.is_failed():
+        return Outcome.FAILED
+    if state.is_cancelled() or state.is_cancelling():
+        return Outcome.CANCELLED
+    return Outcome.CRASHED
 
 
 def _scheduled_time(flow_run: FlowRun) -> datetime:

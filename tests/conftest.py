@@ -171,7 +171,9 @@ def deploy(flows_repo, managed_pool, managed_worker):
     """Deploy a test flow from git to the managed pool, as Prefect's docs show."""
     from prefect import flow
 
-    def _deploy(flow_name: str, name: str, job_variables: dict | None = None, pool: str | None = None):
+    def _deploy(
+        flow_name: str, name: str, job_variables: dict | None = None, pool: str | None = None
+    ):
         return flow.from_source(source=flows_repo, entrypoint=f"probe_flows.py:{flow_name}").deploy(
             name=name,
             work_pool_name=pool or managed_pool,
@@ -180,3 +182,27 @@ def deploy(flows_repo, managed_pool, managed_worker):
         )
 
     return _deploy
+
+
+@pytest.fixture(scope="session")
+def tight_pool(prefect_server):
+    """A pool served by `tight_worker`: a tier with 512 MiB of memory and 15 s of run time."""
+    from helpers import create_pool
+
+    return create_pool("tight-pool")
+
+
+@pytest.fixture
+def tight_worker(tight_pool, runtime_image, package_index, tmp_path):
+    from helpers import worker
+
+    policy = worker_policy(
+        tmp_path / "tight.toml",
+        runtime_image,
+        package_index.url,
+        "tight",
+        memory="512m",
+        max_run_seconds=15,
+    )
+    with worker(tight_pool, policy, "tight-worker") as running:
+        yield running

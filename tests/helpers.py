@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
+from pathlib import Path
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
-from services import wait_for
+from services import start_worker, wait_for
 
 
 def wait_for_final_state(flow_run_id: UUID, timeout: float = 240) -> FlowRun:
@@ -65,3 +67,69 @@ def wait_for_settled_run(docker_client, flow_run_id: UUID, timeout: float = 240)
     wait_for(lambda: not run_containers(docker_client, flow_run_id), 60, "the container removed")
     with get_client(sync_client=True) as client:
         return client.read_flow_run(flow_run_id)
+
+
+def usage_records(flow_run_id: UUID) -> list[dict]:
+    """The usage records attached to a flow run (its usage artifacts' metadata)."""
+    import json
+
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="-run-")),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+        )
+    return [json.loads(a.metadata_["usage_record"]) for a in artifacts if a.metadata_]
+
+
+def wait_for_usage_record(flow_run_id: UUID, timeout: float = 60) -> dict:
+    records = wait_for(
+        lambda: usage_records(flow_run_id), timeout, f"a usage record of {flow_run_id}"
+    )
+    assert len(records) == 1, records
+    return records[0]
+
+
+def create_pool(name: str, base_job_template: dict | None = None) -> str:
+    """A `prefect:managed` pool made through the API, with the given base job template."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from prefect_managed import ManagedWorker
+
+    with get_client(sync_client=True) as client:
+        client.create_work_pool(
+            WorkPoolCreate(
+                name=name,
+                type=ManagedWorker.type,
+                base_job_template=base_job_template
+                or ManagedWorker.get_default_base_job_template(),
+            ),
+            overwrite=True,
+        )
+    return name
+
+
+@contextmanager
+def worker(pool: str, policy: Path, name: str):
+    """`prefect worker start --type prefect:managed` with a policy file, stopped on exit."""
+    from conftest import OUTPUT
+
+    running = start_worker(
+        pool,
+        OUTPUT,
+        {
+            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        },
+        name=name,
+    )
+    try:
+        yield running
+    finally:
+        running.service.stop()

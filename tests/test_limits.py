@@ -7,14 +7,19 @@ import os
 import signal
 import subprocess
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from conftest import OUTPUT, worker_policy
-from helpers import run_containers, wait_for_final_state, wait_for_log, wait_for_settled_run
+from helpers import (
+    create_pool,
+    run_containers,
+    wait_for_final_state,
+    wait_for_log,
+    wait_for_settled_run,
+    worker,
+)
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.deployments import run_deployment
 from services import BIN, start_worker, wait_for, write_policy
 
@@ -28,37 +33,6 @@ TWO_GIB = 2 * 1024**3
 
 def start_run(deployment_id, **parameters):
     return run_deployment(deployment_id, parameters=parameters, timeout=0).id
-
-
-def create_pool(name: str, base_job_template: dict | None = None) -> str:
-    with get_client(sync_client=True) as client:
-        client.create_work_pool(
-            WorkPoolCreate(
-                name=name,
-                type=ManagedWorker.type,
-                base_job_template=base_job_template
-                or ManagedWorker.get_default_base_job_template(),
-            ),
-            overwrite=True,
-        )
-    return name
-
-
-@contextmanager
-def worker(pool: str, policy: Path, name: str):
-    running = start_worker(
-        pool,
-        OUTPUT,
-        {
-            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-        },
-        name=name,
-    )
-    try:
-        yield running
-    finally:
-        running.service.stop()
 
 
 @pytest.fixture
@@ -163,25 +137,6 @@ def test_running_out_of_a_requested_memory_limit_crashes_the_run_naming_it(deplo
         "300 MiB its deployment asked for (mem_limit; the test tier allows 2 GiB)"
         in run.state.message
     )
-
-
-@pytest.fixture(scope="module")
-def tight_pool():
-    return create_pool("tight-pool")
-
-
-@pytest.fixture
-def tight_worker(tight_pool, runtime_image, package_index, tmp_path):
-    policy = worker_policy(
-        tmp_path / "tight.toml",
-        runtime_image,
-        package_index.url,
-        "tight",
-        memory="512m",
-        max_run_seconds=15,
-    )
-    with worker(tight_pool, policy, "tight-worker") as running:
-        yield running
 
 
 def test_running_out_of_the_tiers_memory_crashes_the_run_naming_the_limit(

@@ -1,0 +1,129 @@
+"""Where a flow run's code comes from, described for the people who read its logs.
+
+A deployment's pull steps (`git_clone`, `pull_from_s3`, `pull_from_gcs`,
+`pull_from_azure_blob_storage`, `pull_with_block`, `pip_install_requirements`) run inside
+the flow run's container before the flow starts. When one fails (a wrong URL, a missing
+branch, bad credentials, a missing bucket or object), Prefect's runner reports only
+"Process exited with status code: 1"; the reason is in the container's output. These pure
+functions find the failing step and its error there, name the source the step was pulling
+from, and keep credentials found in URLs out of what they return.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+__all__ = ["describe_pull_step_failure", "describe_source", "redact_url_credentials"]
+
+_STEP_FAILED = re.compile(r"StepExecutionError: Encountered error while running (?P<fqn>[\w.]+)")
+# "RuntimeError: Failed to clone ...", "botocore.errorfactory.NoSuchBucket: An error ..."
+_EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*): (?P<message>\S.*)$")
+_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
+
+_HINTS = {
+    "git_clone": (
+        "check the repository URL, the branch, tag or commit, and the access token or "
+        "credentials block"
+    ),
+    "pull_from_s3": "check the bucket, the folder and the AWS credentials block",
+    "pull_from_gcs": "check the bucket, the folder and the GCP credentials block",
+    "pull_from_azure_blob_storage": (
+        "check the container, the folder and the Azure Blob Storage credentials block"
+    ),
+    "pull_with_block": "check the storage block: its bucket or container, folder and credentials",
+    "pip_install_requirements": (
+        "check the requirements file and the package names and versions in it"
+    ),
+}
+
+
+def redact_url_credentials(text: str) -> str:
+    """Replace the user and password of every URL in `text` with ``***``."""
+    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def _short_name(fqn: str) -> str:
+    return fqn.rsplit(".", 1)[-1]
+
+
+def _redacted_url(url: str) -> str:
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
+def describe_source(step: Mapping[str, Any]) -> str:
+    """One pull step (``{fqn: inputs}``) as the source it pulls from, credentials left out."""
+    fqn, inputs = next(iter(step.items()))
+    inputs = inputs if isinstance(inputs, Mapping) else {}
+    name = _short_name(fqn)
+    folder = str(inputs.get("folder") or "").strip("/")
+    if name == "git_clone":
+        text = f"repository {_redacted_url(str(inputs.get('repository', '?')))}"
+        if inputs.get("commit_sha"):
+            text += f" at commit {inputs['commit_sha']}"
+        elif inputs.get("branch"):
+            text += f" at branch or tag {inputs['branch']}"
+        return text
+    if name == "pull_from_s3":
+        return f"s3://{inputs.get('bucket', '?')}/{folder}"
+    if name == "pull_from_gcs":
+        return f"gs://{inputs.get('bucket', '?')}/{folder}"
+    if name == "pull_from_azure_blob_storage":
+        return f"Azure Blob container {inputs.get('container', '?')!r}, folder {folder!r}"
+    if name == "pull_with_block":
+        slug = inputs.get("block_type_slug", "?")
+        return f"storage block {slug}/{inputs.get('block_document_name', '?')}"
+    if name == "pip_install_requirements":
+        return f"requirements file {inputs.get('requirements_file', 'requirements.txt')}"
+    return fqn
+
+
+def _find_step(fqn: str, pull_steps: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:
+    for step in pull_steps:
+        if isinstance(step, Mapping) and step and fqn in step:
+            return step
+    short = _short_name(fqn)
+    for step in pull_steps:
+        if isinstance(step, Mapping) and step and _short_name(next(iter(step))) == short:
+            return step
+    return None
+
+
+def describe_pull_step_failure(
+    exit_code: int, output: Sequence[str], pull_steps: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """The final-state message of a container whose pull step failed, or None when its
+    output shows no failed pull step.
+
+    It names the step, the source from the deployment's pull steps, and the error the
+    step raised (its first line), with credentials in URLs redacted.
+    """
+    failed_at = None
+    for index in range(len(output) - 1, -1, -1):
+        match = _STEP_FAILED.search(output[index])
+        if match:
+            failed_at, fqn = index, match["fqn"]
+            break
+    if failed_at is None:
+        return None
+    cause = ""
+    for line in reversed(output[:failed_at]):
+        match = _EXCEPTION_LINE.match(line.rstrip())
+        if match and not match["type"].endswith("StepExecutionError"):
+            cause = f"{match['type'].rsplit('.', 1)[-1]}: {match['message']}"
+            break
+    step = _find_step(fqn, pull_steps)
+    name = _short_name(fqn)
+    source = f" from {describe_source(step)}" if step is not None else ""
+    reason = f": {cause.rstrip('.')}" if cause else ""
+    hint = _HINTS.get(name, "check the step's settings in the deployment's pull steps")
+    return redact_url_credentials(
+        f"Pulling the flow's code failed before the flow started: pull step {name}{source} "
+        f"failed (the container exited with code {exit_code}){reason}. The container's "
+        f"output is in this flow run's logs; {hint}."
+    )

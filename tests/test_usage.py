@@ -1,0 +1,222 @@
+"""Compute usage: measured per run, stored as Prefect artifacts, the monthly quota, and
+exactly one record per run across a worker killed mid-run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+from conftest import OUTPUT, worker_policy
+from helpers import (
+    create_pool,
+    run_containers,
+    usage_records,
+    wait_for_final_state,
+    wait_for_log,
+    wait_for_usage_record,
+    worker,
+)
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.deployments import run_deployment
+from services import BIN, start_worker, wait_for
+
+from prefect_managed.usage import month_of, next_reset, summary_key
+
+pytestmark = pytest.mark.docker
+
+
+def start_run(deployment_id, **parameters):
+    return run_deployment(deployment_id, parameters=parameters, timeout=0).id
+
+
+def this_month() -> str:
+    return month_of(datetime.now(timezone.utc))
+
+
+def test_a_run_is_measured_from_container_start_to_finish(deploy):
+    deployment = deploy("sleeper", "sleeper-measured")
+    flow_run_id = start_run(deployment, seconds=20)
+    run = wait_for_final_state(flow_run_id)
+    assert run.state.is_completed(), run.state
+
+    record = wait_for_usage_record(flow_run_id)
+    # 20 s of sleep plus the engine's start and the git clone, all inside the container.
+    assert 20 <= record["wall_seconds"] <= 50
+    assert record["billable_minutes"] == 1
+    assert record["outcome"] == "completed"
+    assert record["workspace"] == "tests" and record["pool"] == "tests-managed-pool"
+    assert record["deployment"] == "sleeper-measured"
+    assert record["image"].startswith("prefect-managed-runtime:")
+    assert record["peak_memory_bytes"] > 50 * 2**20
+    assert record["cpu_seconds"] > 0.5
+
+
+def test_the_monthly_summary_has_history_under_a_stable_key(deploy):
+    key = summary_key("tests", this_month())
+    deployment = deploy("hello", "hello-summary")
+    wait_for_final_state(start_run(deployment))
+    wait_for(lambda: len(summary_versions(key)) >= 1, 60, "a summary")
+    before = len(summary_versions(key))
+    flow_run_id = start_run(deployment)
+    wait_for_final_state(flow_run_id)
+    wait_for_usage_record(flow_run_id)
+    versions = wait_for(
+        lambda: summary_versions(key) if len(summary_versions(key)) > before else None,
+        60,
+        "a new summary version",
+    )
+    latest = versions[0].data
+    assert f"Compute usage of workspace `tests` in {this_month()}" in latest
+    assert "| work pool | hours |" in latest and "| tests-managed-pool |" in latest
+    assert "| deployment | hours |" in latest and "| hello-summary |" in latest
+    assert "quota (h)" in latest
+
+
+def summary_versions(key: str) -> list:
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+
+
+def test_out_of_memory_and_timed_out_runs_are_recorded_with_that_outcome(
+    deploy, tight_pool, tight_worker, docker_client
+):
+    oom = start_run(deploy("allocate", "allocate-usage", pool=tight_pool), megabytes=1024)
+    slow = start_run(deploy("sleeper", "sleeper-usage", pool=tight_pool), seconds=300)
+    assert wait_for_usage_record(oom, timeout=240)["outcome"] == "out of memory"
+    record = wait_for_usage_record(slow, timeout=240)
+    assert record["outcome"] == "timed out"
+    assert 15 <= record["wall_seconds"] <= 40
+
+
+def test_an_exhausted_quota_stops_the_next_run_naming_hours_quota_and_reset(
+    deploy, runtime_image, package_index, tmp_path, prefect_server
+):
+    pool = create_pool("quota-pool")
+    # One billed minute is 0.0167 h: the first run uses the whole quota.
+    policy = worker_policy(
+        tmp_path / "quota.toml",
+        runtime_image,
+        package_index.url,
+        "quota",
+        compute_hours_per_month=0.01,
+    )
+    deployment = deploy("hello", "hello-quota", pool=pool)
+    with worker(pool, policy, "quota-worker"):
+        first = start_run(deployment)
+        assert wait_for_final_state(first).state.is_completed()
+        wait_for_usage_record(first)
+        wait_for_log(first, "all of the test tier's 0.01 h quota")
+        second = start_run(deployment)
+        run = wait_for_final_state(second, timeout=120)
+    assert run.state.is_failed() and run.state.name == "QuotaExhausted", run.state
+    reset = next_reset(this_month()).date().isoformat()
+    assert "has used 0.02 h of compute" in run.state.message
+    assert "monthly quota is 0.01 h" in run.state.message
+    assert f"resets on {reset} (UTC)" in run.state.message
+    assert usage_records(second) == []
+
+    def quota_warnings() -> set[int]:
+        events = httpx.post(
+            f"{prefect_server}/events/filter",
+            json={"filter": {"event": {"prefix": ["prefect-managed.quota.warning"]}}, "limit": 50},
+        ).json()["events"]
+        return {
+            event["payload"]["threshold_percent"]
+            for event in events
+            if event["resource"]["prefect.resource.id"] == "prefect-managed.workspace.quota"
+        }
+
+    thresholds = wait_for(
+        lambda: quota_warnings() == {80, 100} and quota_warnings(), 30, "both quota warning events"
+    )
+    assert thresholds == {80, 100}
+
+
+def test_a_killed_worker_leaves_exactly_one_record_per_run_after_restart(
+    deploy, docker_client, runtime_image, package_index, tmp_path
+):
+    pool = create_pool("reconcile-pool")
+    policy = worker_policy(
+        tmp_path / "reconcile.toml",
+        runtime_image,
+        package_index.url,
+        "reconcile",
+        concurrency_limit=4,
+    )
+    env = {
+        "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    }
+    deployment = deploy("sleeper", "sleeper-reconcile", pool=pool)
+    first = start_worker(pool, OUTPUT, env, name="reconcile-worker")
+    runs = [start_run(deployment, seconds=15) for _ in range(2)]
+    wait_for(
+        lambda: (
+            all(run_containers(docker_client, run) for run in runs)
+            and all(
+                c.status == "running" for run in runs for c in run_containers(docker_client, run)
+            )
+        ),
+        180,
+        "both runs' containers running",
+    )
+    os.kill(first.service.process.pid, signal.SIGKILL)
+    first.service.process.wait()
+    assert all(run_containers(docker_client, run) for run in runs)  # left behind
+
+    with worker(pool, policy, "reconcile-worker"):  # the same worker, restarted
+        for run in runs:
+            wait_for(
+                lambda run=run: not run_containers(docker_client, run), 180, "orphans finished"
+            )
+    with worker(pool, policy, "reconcile-worker"):  # and once more: nothing counted twice
+        time.sleep(5)
+
+    for run in runs:
+        records = usage_records(run)
+        assert len(records) == 1, records
+        assert records[0]["outcome"] == "completed"
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(run).state.is_completed()
+
+
+def test_the_usage_command_prints_the_months_records(prefect_server, main_policy, deploy):
+    deployment = deploy("hello", "hello-usage-cli")
+    flow_run_id = start_run(deployment)
+    wait_for_final_state(flow_run_id)
+    record = wait_for_usage_record(flow_run_id)
+    env = {**os.environ, "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(main_policy)}
+    done = subprocess.run(
+        [str(BIN / "prefect-managed"), "usage", "--json"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["workspace"] == "tests" and report["month"] == this_month()
+    assert any(r["flow_run_id"] == str(flow_run_id) for r in report["records"])
+    assert report["billable_minutes"] >= record["billable_minutes"]
+    table = subprocess.run(
+        [str(BIN / "prefect-managed"), "usage"],
+        env={**env, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+    )
+    assert table.returncode == 0 and "hello-usage-cli" in table.stdout
+    bad = subprocess.run(
+        [str(BIN / "prefect-managed"), "usage", "--month", "2026-13"],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert bad.returncode == 1 and "--month '2026-13' is not a month" in bad.stderr
