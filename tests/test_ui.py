@@ -10,20 +10,30 @@ Prefect's work pool wizard lists the worker types of that public registry, which
 `prefect:managed`, so a managed pool is created with the CLI (the `managed_pool`
 fixture, as the quickstart says) and its form is the one on the pool's Edit page: the
 same schema form the wizard's Configuration step shows.
+
+A run finished by the session's managed worker shows its usage: the table artifact in
+its page's Artifacts tab and on the artifact's page, and the workspace's monthly summary
+under its key. docs/usage.md shows copies of those screenshots (docs/images/).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
+from uuid import UUID
 
 import httpx
 import pytest
+from helpers import wait_for_final_state, wait_for_usage_record
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from prefect_managed import ManagedVariables
+from prefect_managed.policy import format_bytes
+from prefect_managed.usage import month_of, run_key, summary_key
 
 pytestmark = pytest.mark.docker
 
@@ -168,3 +178,90 @@ def test_managed_pool_page_shows_its_type_and_variables(
     expect(page.get_by_text("Pip Packages", exact=True)).to_be_visible()
     page.wait_for_load_state("networkidle")
     page.screenshot(path=screenshots / "managed-pool-page.png", full_page=True)
+
+
+# -- compute usage as the UI shows it ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(flows_repo, managed_pool, managed_worker) -> tuple[UUID, dict]:
+    """A completed run of the `hello` flow on the managed pool, and its usage record.
+
+    Deployed and waited for in a thread of its own: Playwright's sync API runs an event
+    loop in this one, where Prefect's sync-compatible calls would return coroutines.
+    """
+
+    def deploy_and_run() -> tuple[UUID, dict]:
+        from prefect import flow
+        from prefect.deployments import run_deployment
+
+        deployment = flow.from_source(
+            source=flows_repo, entrypoint="probe_flows.py:hello"
+        ).deploy(name="hello-ui-usage", work_pool_name=managed_pool, print_next_steps=False)
+        flow_run_id = run_deployment(deployment, timeout=0).id
+        run = wait_for_final_state(flow_run_id)
+        assert run.state.is_completed(), run.state
+        return flow_run_id, wait_for_usage_record(flow_run_id)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(deploy_and_run).result()
+
+
+def test_a_finished_runs_page_shows_its_usage_artifact_with_the_measured_metrics(
+    page: Page, ui_url: str, finished_run: tuple[UUID, dict], screenshots: Path
+):
+    flow_run_id, record = finished_run
+    key = run_key("tests", month_of(datetime.fromisoformat(record["finished_at"])), flow_run_id)
+
+    page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}")
+    # Prefect's tabs are list items of a tablist, without a role of their own.
+    page.get_by_role("tablist").get_by_text("Artifacts", exact=True).click()
+
+    artifact_link = page.get_by_text(key, exact=True).first
+    expect(artifact_link).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "usage-run-artifacts-tab.png")
+    artifact_link.click()
+    table = page.locator("table").filter(has_text="billable minutes").first
+    expect(table).to_be_visible()
+    for metric, value in (
+        ("outcome", "completed"),
+        ("billable minutes", str(record["billable_minutes"])),
+        ("wall time (s)", f"{record['wall_seconds']:.1f}"),
+        ("peak memory", format_bytes(record["peak_memory_bytes"])),
+        ("CPU seconds", f"{record['cpu_seconds']:.1f}"),
+        ("work pool", "tests-managed-pool"),
+        ("deployment", "hello-ui-usage"),
+    ):
+        row = table.locator("tr").filter(has=page.get_by_text(metric, exact=True))
+        expect(row).to_have_count(1)
+        expect(row.get_by_text(value, exact=True)).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "usage-run-artifact.png", full_page=True)
+
+
+def test_the_monthly_summary_artifact_shows_hours_quota_and_breakdowns(
+    page: Page, ui_url: str, finished_run: tuple[UUID, dict], screenshots: Path
+):
+    _, record = finished_run
+    month = month_of(datetime.fromisoformat(record["finished_at"]))
+
+    page.goto(f"{ui_url}/artifacts/key/{summary_key('tests', month)}")
+
+    # The key's page: the latest description and a timeline of the summary's versions.
+    expect(page.get_by_text(f"Compute usage of workspace tests in {month}").first).to_be_visible()
+    versions = page.locator("a[href^='/artifacts/artifact/']")
+    expect(versions.first).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "usage-monthly-summary-history.png", full_page=True)
+    versions.first.click()  # the newest version, rendered
+
+    expect(
+        page.get_by_role("heading", name=f"Compute usage of workspace tests in {month}")
+    ).to_be_visible()
+    for header in ("used (h)", "quota (h)", "resets (UTC)", "work pool", "deployment"):
+        expect(page.get_by_role("columnheader", name=header, exact=True)).to_be_visible()
+    expect(page.get_by_role("cell", name="tests-managed-pool", exact=True)).to_be_visible()
+    expect(page.get_by_role("cell", name="hello-ui-usage", exact=True)).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "usage-monthly-summary.png", full_page=True)
