@@ -67,11 +67,25 @@ def runtime_image(docker_client) -> str:
     return tag
 
 
+#: The running Prefect server; a fault test may stop it and start it again
+#: (`restart_prefect_server`), so teardown stops whichever one runs last.
+SERVER: dict = {}
+
+
+def restart_prefect_server(down_seconds: float) -> None:
+    """Stop the Prefect server, keep it down, then start it on the same port and database."""
+    import time
+
+    SERVER["service"].stop()
+    time.sleep(down_seconds)
+    SERVER["service"] = start_prefect_server(_PORT, _HOME / "server-home", OUTPUT)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
-    service = start_prefect_server(_PORT, _HOME / "server-home", OUTPUT)
+    SERVER["service"] = start_prefect_server(_PORT, _HOME / "server-home", OUTPUT)
     yield os.environ["PREFECT_API_URL"]
-    service.stop()
+    SERVER["service"].stop()
 
 
 @pytest.fixture(scope="session")
@@ -174,11 +188,17 @@ def deploy(flows_repo, managed_pool, managed_worker):
     def _deploy(
         flow_name: str, name: str, job_variables: dict | None = None, pool: str | None = None
     ):
-        return flow.from_source(source=flows_repo, entrypoint=f"probe_flows.py:{flow_name}").deploy(
+        # _sync: another test's browser (Playwright's sync API) may leave an event loop
+        # running in this thread, which would make Prefect's dispatch return coroutines.
+        source = flow.from_source(
+            source=flows_repo, entrypoint=f"probe_flows.py:{flow_name}", _sync=True
+        )
+        return source.deploy(
             name=name,
             work_pool_name=pool or managed_pool,
             job_variables=job_variables or {},
             print_next_steps=False,
+            _sync=True,
         )
 
     return _deploy
@@ -186,23 +206,31 @@ def deploy(flows_repo, managed_pool, managed_worker):
 
 @pytest.fixture(scope="session")
 def tight_pool(prefect_server):
-    """A pool served by `tight_worker`: a tier with 512 MiB of memory and 15 s of run time."""
+    """A pool for workers on tight tiers (`small_memory_worker`, `short_run_worker`)."""
     from helpers import create_pool
 
     return create_pool("tight-pool")
 
 
 @pytest.fixture
-def tight_worker(tight_pool, runtime_image, package_index, tmp_path):
+def small_memory_worker(tight_pool, runtime_image, package_index, tmp_path):
+    """Serves `tight_pool` on a tier with 512 MiB of memory per run."""
     from helpers import worker
 
     policy = worker_policy(
-        tmp_path / "tight.toml",
-        runtime_image,
-        package_index.url,
-        "tight",
-        memory="512m",
-        max_run_seconds=15,
+        tmp_path / "small-memory.toml", runtime_image, package_index.url, "tight", memory="512m"
     )
-    with worker(tight_pool, policy, "tight-worker") as running:
+    with worker(tight_pool, policy, "small-memory-worker") as running:
+        yield running
+
+
+@pytest.fixture
+def short_run_worker(tight_pool, runtime_image, package_index, tmp_path):
+    """Serves `tight_pool` on a tier with a 15 s maximum run time."""
+    from helpers import worker
+
+    policy = worker_policy(
+        tmp_path / "short-run.toml", runtime_image, package_index.url, "tight", max_run_seconds=15
+    )
+    with worker(tight_pool, policy, "short-run-worker") as running:
         yield running

@@ -140,7 +140,7 @@ def test_running_out_of_a_requested_memory_limit_crashes_the_run_naming_it(deplo
 
 
 def test_running_out_of_the_tiers_memory_crashes_the_run_naming_the_limit(
-    deploy, tight_pool, tight_worker, docker_client
+    deploy, tight_pool, small_memory_worker, docker_client
 ):
     deployment = deploy("allocate", "allocate-tight", pool=tight_pool)
     flow_run_id = start_run(deployment, megabytes=1024)
@@ -150,7 +150,7 @@ def test_running_out_of_the_tiers_memory_crashes_the_run_naming_the_limit(
 
 
 def test_a_run_past_the_maximum_run_time_is_stopped_and_crashed(
-    deploy, tight_pool, tight_worker, docker_client
+    deploy, tight_pool, short_run_worker, docker_client
 ):
     deployment = deploy("sleeper", "sleeper-tight", pool=tight_pool)
     started = time.monotonic()
