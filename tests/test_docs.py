@@ -249,3 +249,40 @@ def test_the_usage_page_shows_the_screenshots_the_ui_test_takes():
         assert (DOCS / "images" / image).is_file(), image
         assert f'"{image}"' in ui_test, f"tests/test_ui.py does not take {image}"
     assert len(re.findall(r"\]\(images/", markdown)) == 3
+
+
+def test_the_hardening_the_limits_page_lists_is_what_the_worker_applies():
+    from prefect.client.schemas.objects import FlowRun
+
+    from prefect_managed.configuration import ManagedJobConfiguration
+
+    policy = Policy()
+    config = ManagedJobConfiguration(
+        image=policy.runtime.default_image,
+        pip_packages=["pandas"],
+        privileged=True,
+        volumes=["/var/run/docker.sock:/var/run/docker.sock"],
+        networks=["bridge"],
+        network_mode="bridge",
+        auto_remove=True,
+        image_pull_policy="Always",
+        container_create_kwargs={"user": "0", "cap_add": ["ALL"], "privileged": True},
+    )
+    config.apply_policy(policy, FlowRun(flow_id=UUID(int=1), name="hostile"))
+    kwargs = config.container_create_kwargs
+    text = page_text("limits.md")
+
+    assert kwargs["user"] == "1000:1000"
+    assert "as the non-root user `runtime.user` (default `1000:1000`;" in text
+    assert kwargs["cap_drop"] == ["ALL"] and "(`cap_drop: [ALL]`)" in text
+    assert kwargs["security_opt"] == ["no-new-privileges"] and "with `no-new-privileges`" in text
+    assert kwargs["pids_limit"] == 1024 and "`runtime.pids_limit` processes (default 1024)" in text
+    assert set(kwargs) == {"user", "cap_drop", "security_opt", "pids_limit", "nano_cpus"}
+    assert "with `user`, `cap_drop`, `security_opt`, `pids_limit` and `nano_cpus`" in text
+    assert config.privileged is False and config.volumes == []
+    assert "not privileged, with no volumes: no host directory and no Docker socket" in text
+    assert config.network_mode == "host" and config.networks == []
+    assert "on the network `runtime.network_mode` (default `host`) and no other network" in text
+    assert config.registry_credentials is None and config.image_pull_policy == "IfNotPresent"
+    assert "with no registry credentials, pulling only an image that is not present" in text
+    assert config.auto_remove is False and "without `auto_remove`" in text
