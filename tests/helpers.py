@@ -56,6 +56,21 @@ def run_containers(docker_client, flow_run_id: UUID) -> list:
     )
 
 
+def containers_created_since(docker_client, flow_run_id: UUID, since: int) -> list[dict]:
+    """Docker's `create` events for the run's containers from `since` (epoch s) to now."""
+    events = docker_client.api.events(
+        since=since,
+        until=int(time.time()) + 1,
+        filters={
+            "type": "container",
+            "event": "create",
+            "label": f"io.prefect.flow-run-id={flow_run_id}",
+        },
+        decode=True,
+    )
+    return list(events)
+
+
 def wait_for_settled_run(docker_client, flow_run_id: UUID, timeout: float = 240) -> FlowRun:
     """The run once it is final and the worker has removed its container.
 

@@ -11,7 +11,7 @@ import time
 
 import pytest
 from conftest import PROBE_MESSAGE, PROBE_VERSION
-from helpers import run_containers, wait_for_final_state, wait_for_log
+from helpers import containers_created_since, run_containers, wait_for_final_state, wait_for_log
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from services import BIN, wait_for
@@ -106,14 +106,4 @@ def test_invalid_pip_package_is_rejected_before_any_container_starts(deploy, doc
 
     assert run.state.is_crashed(), run.state
     assert f"pip_packages entry {entry!r} was rejected" in run.state.message
-    created = docker_client.api.events(
-        since=since,
-        until=int(time.time()) + 1,
-        filters={
-            "type": "container",
-            "event": "create",
-            "label": f"io.prefect.flow-run-id={flow_run_id}",
-        },
-        decode=True,
-    )
-    assert list(created) == []
+    assert containers_created_since(docker_client, flow_run_id, since) == []

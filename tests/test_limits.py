@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import OUTPUT, worker_policy
 from helpers import (
+    containers_created_since,
     create_pool,
     run_containers,
     wait_for_final_state,
@@ -170,17 +171,7 @@ def test_an_image_outside_the_allow_list_is_refused_before_a_container_starts(
     run = wait_for_final_state(flow_run_id)
     assert run.state.is_crashed(), run.state
     assert "Image 'python:3.12' is not allowed in this workspace" in run.state.message
-    created = docker_client.api.events(
-        since=since,
-        until=int(time.time()) + 1,
-        filters={
-            "type": "container",
-            "event": "create",
-            "label": f"io.prefect.flow-run-id={flow_run_id}",
-        },
-        decode=True,
-    )
-    assert list(created) == []
+    assert containers_created_since(docker_client, flow_run_id, since) == []
 
 
 HOSTILE = {
