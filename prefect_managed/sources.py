@@ -19,6 +19,9 @@ from urllib.parse import urlsplit, urlunsplit
 __all__ = ["describe_pull_step_failure", "describe_source", "redact_url_credentials"]
 
 _STEP_FAILED = re.compile(r"StepExecutionError: Encountered error while running (?P<fqn>[\w.]+)")
+_STEPS_DONE = "All deployment steps completed successfully"
+# Prefect's runner logs this (with a traceback of its own) after the real error.
+_HOOK_NOISE = "Runner failed to retrieve flow to execute on_crashed hooks"
 # "RuntimeError: Failed to clone ...", "botocore.errorfactory.NoSuchBucket: An error ..."
 _EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*): (?P<message>\S.*)$")
 _URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
@@ -94,6 +97,33 @@ def _find_step(fqn: str, pull_steps: Sequence[Mapping[str, Any]]) -> Mapping[str
     return None
 
 
+def _last_cause(output: Sequence[str]) -> str:
+    """The last exception line (``Type: message``) of `output`, before Prefect's hook noise."""
+    end = next((i for i, line in enumerate(output) if _HOOK_NOISE in line), len(output))
+    for line in reversed(output[:end]):
+        match = _EXCEPTION_LINE.match(line.rstrip())
+        if match and not match["type"].endswith("StepExecutionError"):
+            return f"{match['type'].rsplit('.', 1)[-1]}: {match['message']}"
+    return ""
+
+
+def _describe_load_failure(
+    exit_code: int, output: Sequence[str], pull_steps: Sequence[Mapping[str, Any]]
+) -> str | None:
+    """Every pull step succeeded, yet the flow never started: its file was not there."""
+    if not pull_steps or not any(_STEPS_DONE in line for line in output):
+        return None
+    sources = "; ".join(describe_source(step) for step in pull_steps if isinstance(step, Mapping))
+    cause = _last_cause(output)
+    exited = f" (the container exited with code {exit_code})" if exit_code else ""
+    reason = f": {cause.rstrip('.')}" if cause else ""
+    return redact_url_credentials(
+        f"Loading the flow failed after its code was pulled from {sources}{exited}{reason}. "
+        "The container's output is in this flow run's logs; check that the source holds "
+        "the deployment's entrypoint file at that folder, branch or commit."
+    )
+
+
 def describe_pull_step_failure(
     exit_code: int, output: Sequence[str], pull_steps: Sequence[Mapping[str, Any]]
 ) -> str | None:
@@ -110,20 +140,16 @@ def describe_pull_step_failure(
             failed_at, fqn = index, match["fqn"]
             break
     if failed_at is None:
-        return None
-    cause = ""
-    for line in reversed(output[:failed_at]):
-        match = _EXCEPTION_LINE.match(line.rstrip())
-        if match and not match["type"].endswith("StepExecutionError"):
-            cause = f"{match['type'].rsplit('.', 1)[-1]}: {match['message']}"
-            break
+        return _describe_load_failure(exit_code, output, pull_steps)
+    cause = _last_cause(output[:failed_at])
     step = _find_step(fqn, pull_steps)
     name = _short_name(fqn)
     source = f" from {describe_source(step)}" if step is not None else ""
     reason = f": {cause.rstrip('.')}" if cause else ""
     hint = _HINTS.get(name, "check the step's settings in the deployment's pull steps")
+    # Prefect's runner reports the run Crashed itself and exits 0; the code says little.
+    exited = f" (the container exited with code {exit_code})" if exit_code else ""
     return redact_url_credentials(
         f"Pulling the flow's code failed before the flow started: pull step {name}{source} "
-        f"failed (the container exited with code {exit_code}){reason}. The container's "
-        f"output is in this flow run's logs; {hint}."
+        f"failed{exited}{reason}. The container's output is in this flow run's logs; {hint}."
     )

@@ -342,7 +342,9 @@ class ManagedWorker(DockerWorker):
         elif oom:
             memory = int(attrs["HostConfig"].get("Memory") or self.policy.tier.memory_bytes)
             await self._crash_with_cause(flow_run, out_of_memory_message(self.policy, memory))
-        elif exit_code not in (0, None):
+        elif exit_code is not None:
+            # Exit code 0 too: after a failed pull step, Prefect's runner reports the run
+            # Crashed and its process exits 0.
             await self._report_exit_before_flow_start(flow_run, attrs, exit_code)
         final = await self._ensure_final_state(flow_run, exit_code)
         outcome = outcome_of(final, timed_out=timed_out, out_of_memory=oom)
@@ -450,12 +452,12 @@ class ManagedWorker(DockerWorker):
 
         A failed install leaves the run Pending (the engine never ran). A failed pull
         step leaves it Crashed with only "Process exited with status code: 1" from
-        Prefect's runner, and no start time; that message is replaced with the step,
-        its source and its error.
+        Prefect's runner, never having run (run count 0); that message is replaced with
+        the step, its source and its error.
         """
         current = await self.client.read_flow_run(flow_run.id)
         crashed_before_start = (
-            current.state is not None and current.state.is_crashed() and current.start_time is None
+            current.state is not None and current.state.is_crashed() and current.run_count == 0
         )
         if current.state is None or not (current.state.is_pending() or crashed_before_start):
             return
