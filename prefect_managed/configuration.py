@@ -20,7 +20,14 @@ from prefect.workers.base import BaseVariables
 from prefect_docker.worker import DockerWorkerJobConfiguration
 from pydantic import Field
 
-from prefect_managed.dependencies import normalize_pip_packages, split_extra_pip_packages
+from prefect_managed.dependencies import (
+    CACHE_ENV_KEYS,
+    CACHE_MOUNT,
+    cache_environment,
+    cache_volume_name,
+    normalize_pip_packages,
+    split_extra_pip_packages,
+)
 from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable
 from prefect_managed.policy import Policy
 from prefect_managed.settings import get_policy
@@ -36,6 +43,8 @@ __all__ = ["MANAGED_LABEL", "WORKSPACE_LABEL", "ManagedJobConfiguration", "Manag
 MANAGED_LABEL = "io.prefect-managed.managed"
 WORKSPACE_LABEL = "io.prefect-managed.workspace"
 API_LABEL = "io.prefect-managed.api"
+#: Environment variables only the worker sets: where the flow run reports, and as whom.
+WORKER_OWNED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
 
 
 def api_label_value() -> str:
@@ -148,6 +157,17 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             # (`pip_install_requirements`): both use the operator's index only.
             self.env["UV_DEFAULT_INDEX"] = runtime.package_index_url
             self.env["PIP_INDEX_URL"] = runtime.package_index_url
+        # Where the run reports is the worker's to say: a run sent to another Prefect API
+        # would never report its states to this one.
+        base = self._base_environment()
+        for key in WORKER_OWNED_ENV:
+            if key in self.env and self.env[key] != base.get(key):
+                raise InvalidJobVariable(
+                    "env",
+                    {key: "***" if "KEY" in key or "AUTH" in key else self.env[key]},
+                    f"{key} is set by the worker so that the flow run reports to this "
+                    "Prefect server; remove it from the deployment's env",
+                )
         # The run's identity is the worker's to say, not the deployment's.
         self.env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
         self.labels = {
@@ -164,6 +184,13 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
 
         self.privileged = False
         self.volumes = []
+        for key in CACHE_ENV_KEYS:
+            self.env.pop(key, None)
+        if self.pip_packages and runtime.dependency_cache:
+            # The workspace's own named volume (not a host path), chosen by the policy.
+            volume = cache_volume_name(policy.workspace.name, api_label_value())
+            self.volumes = [f"{volume}:{CACHE_MOUNT}:rw"]
+            self.env.update(cache_environment(runtime.dependency_cache_max_bytes))
         self.networks = []
         self.network_mode = runtime.network_mode
         self.registry_credentials = None

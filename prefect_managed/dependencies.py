@@ -14,7 +14,24 @@ from packaging.requirements import InvalidRequirement, Requirement
 
 from prefect_managed.exceptions import InvalidPipPackage
 
-__all__ = ["describe_early_exit", "normalize_pip_packages", "split_extra_pip_packages"]
+__all__ = [
+    "CACHE_MOUNT",
+    "cache_environment",
+    "cache_volume_name",
+    "describe_early_exit",
+    "normalize_pip_packages",
+    "split_extra_pip_packages",
+]
+
+#: Where a run's container sees its workspace's dependency cache (a named volume).
+#: The runtime image has this directory, owned by its user, so that Docker gives a new
+#: volume mounted here that owner (Docker copies a mount point's ownership into an
+#: empty volume).
+CACHE_MOUNT = "/opt/prefect/cache"
+
+#: The environment variables the dependency cache is configured by; the policy sets
+#: them (or removes them), never a deployment.
+CACHE_ENV_KEYS = ("UV_CACHE_DIR", "UV_LINK_MODE", "PREFECT_MANAGED_CACHE_MAX_BYTES")
 
 
 def _normalize(entry: object, allow_urls: bool) -> str:
@@ -99,3 +116,25 @@ def describe_early_exit(exit_code: int, pip_packages: list[str], output: list[st
         f"The flow run's container exited with code {exit_code} before the flow started{detail}. "
         "Its output is in this flow run's logs."
     )
+
+
+def cache_volume_name(workspace: str, api_digest: str) -> str:
+    """The named Docker volume that holds one workspace's dependency cache.
+
+    The digest of the Prefect API URL keeps apart workspaces of the same name on
+    different Prefect servers that share a Docker engine.
+    """
+    return f"prefect-managed-cache-{workspace}-{api_digest[:12]}"
+
+
+def cache_environment(max_bytes: int) -> dict[str, str]:
+    """The environment that points uv at the cache and tells the entrypoint its bound.
+
+    The cache is on another filesystem than the image's virtual environment, so uv
+    cannot hardlink from it; ``copy`` says so up front instead of warning on every run.
+    """
+    return {
+        "UV_CACHE_DIR": f"{CACHE_MOUNT}/uv",
+        "UV_LINK_MODE": "copy",
+        "PREFECT_MANAGED_CACHE_MAX_BYTES": str(max_bytes),
+    }

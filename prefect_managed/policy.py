@@ -60,6 +60,7 @@ __all__ = [
     "format_seconds",
     "load_policy",
     "out_of_memory_message",
+    "pids_limit_message",
     "pool_not_served_message",
     "run_time_exceeded_message",
     "served_pool_names",
@@ -165,6 +166,26 @@ class Runtime(_Strict):
     allow_url_requirements: bool = Field(
         default=False, description="Whether pip_packages may name a URL ('name @ https://...')."
     )
+    dependency_cache: bool = Field(
+        default=True,
+        description=(
+            "Whether runs with pip_packages use the workspace's dependency cache: a named "
+            "Docker volume per workspace (no host path) mounted as uv's cache directory, so "
+            "a second run with the same packages installs them without downloading."
+        ),
+    )
+    dependency_cache_max_size: MemorySize = Field(
+        default="5g",
+        description=(
+            "The most the workspace's dependency cache may hold, in Docker's units. A run "
+            "that finds it larger evicts the packages used least recently, before its flow "
+            "starts, until it holds at most 80 % of this."
+        ),
+    )
+
+    @property
+    def dependency_cache_max_bytes(self) -> int:
+        return parse_bytes(self.dependency_cache_max_size)
 
     @model_validator(mode="after")
     def _default_image_is_allowed(self) -> Runtime:
@@ -273,6 +294,15 @@ def out_of_memory_message(policy: Policy, memory_bytes: int) -> str:
         f"Flow run ran out of memory: it used all of {which}, dependency installation "
         "included, and the kernel stopped it. Lower the memory the flow needs, or ask for "
         "a tier with more memory."
+    )
+
+
+def pids_limit_message(policy: Policy, limit: int) -> str:
+    return (
+        f"Flow run reached the limit of {limit} processes and threads per container "
+        "(a fork bomb or a runaway pool of workers), so the kernel refused to start more "
+        "and the flow could not go on. Start fewer processes or threads at once; the "
+        "limit is the operator's (runtime.pids_limit)."
     )
 
 

@@ -100,7 +100,7 @@ def build_runtime_image(
                 raise RuntimeImageError(f"The base image {base_image!r} does not exist locally.")
             _make_base_image(client, base_image, progress)
         files = resources.files("prefect_managed.runtime")
-        for name in ("Dockerfile", "entrypoint.sh"):
+        for name in ("Dockerfile", "entrypoint.sh", "cache_evict.py"):
             (Path(ctx) / name).write_bytes(files.joinpath(name).read_bytes())
         ca = extra_ca_bundle.read_bytes() if extra_ca_bundle else b""
         (Path(ctx) / "extra-ca.crt").write_bytes(ca)
