@@ -39,6 +39,21 @@ fi
 .venv/bin/python -m pip install -q uv
 .venv/bin/python -m uv pip install -q --python .venv/bin/python -e ".[test,dev,docs]"
 
+# Code-source tests (tests/test_sources_storage.py): Azurite, the Azure Blob Storage
+# emulator, from npm into the gitignored .tools/ (the S3 and GCS emulators are Python
+# packages of the test extra). Skipped when this version is already there.
+AZURITE_VERSION=3.35.0
+if ! grep -qs "\"version\": \"$AZURITE_VERSION\"" .tools/node_modules/azurite/package.json; then
+  if ! command -v npm >/dev/null 2>&1; then
+    echo "setup: installing npm from Debian's packages..." >&2
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq npm >/dev/null
+  fi
+  echo "setup: installing azurite $AZURITE_VERSION from npm into .tools/..." >&2
+  mkdir -p .tools
+  npm install --prefix .tools --no-audit --no-fund --no-save --silent "azurite@$AZURITE_VERSION" >/dev/null
+fi
+
 # The runtime image carries the worker's Prefect version; Docker's layer cache makes
 # this a no-op when nothing changed. An extra CA bundle (SSL_CERT_FILE) lets pip and uv
 # inside containers trust a TLS-intercepting proxy.

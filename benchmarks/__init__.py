@@ -1,0 +1,1 @@
+"""`python -m benchmarks`: ManagedWorker side by side with prefect-docker's DockerWorker."""

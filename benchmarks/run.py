@@ -1,0 +1,723 @@
+"""ManagedWorker against prefect-docker's DockerWorker, in one run on one machine.
+
+Both workers run at the same time against one Prefect server on loopback, with the same
+runtime image, the same poll interval (1 s), the same run limit and host networking;
+each serves a pool of its own. Samples of the two are interleaved so that load from
+elsewhere on the machine falls on both alike. Everything stops by itself: each wait
+has a timeout and the whole benchmark a deadline.
+
+    python -m benchmarks            # the full benchmark (about 15-25 min on 2 cores)
+    python -m benchmarks --quick    # a smoke test (a few minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from uuid import UUID
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+WHEELS = ROOT / "benchmarks" / ".wheels"  # gitignored: pandas and its dependencies
+PANDAS = "pandas==2.2.3"
+RUN_TIMEOUT = 300.0
+QUERY_SECONDS = "1"
+
+sys.path.insert(0, str(ROOT / "tests"))
+from services import (  # noqa: E402
+    BIN,
+    GitServer,
+    PackageIndex,
+    Service,
+    free_port,
+    start,
+    start_git_server,
+    start_package_index,
+    start_prefect_server,
+    write_policy,
+)
+
+
+@dataclass
+class Sample:
+    seconds: float | None
+    phases: dict[str, float] = field(default_factory=dict)
+    state: str = ""
+
+
+@dataclass
+class Results:
+    command: str
+    started: str
+    machine: dict[str, object]
+    settings: dict[str, object]
+    samples: dict[str, list[Sample]] = field(default_factory=dict)
+    throughput: dict[str, dict[str, float]] = field(default_factory=dict)
+    peak_rss_bytes: dict[str, int] = field(default_factory=dict)
+    lease_call_seconds: list[float] = field(default_factory=list)
+    load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    finished: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+class Deadline(Exception):
+    pass
+
+
+# -- the machine ---------------------------------------------------------------------
+
+
+def describe_machine() -> dict[str, object]:
+    """Cores, memory, kernel and Docker version; no host names or paths."""
+    import docker
+
+    meminfo = Path("/proc/meminfo").read_text().splitlines()
+    total_kib = int(next(line.split()[1] for line in meminfo if line.startswith("MemTotal")))
+    model = ""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        model = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            "",
+        )
+    client = docker.from_env()
+    try:
+        version = client.version()
+        info = client.info()
+    finally:
+        client.close()
+    import prefect
+    import prefect_docker
+
+    return {
+        "cores": os.cpu_count(),
+        "cpu_model": model,
+        "memory_gib": round(total_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "os": platform.platform(terse=True),
+        "docker_version": version.get("Version"),
+        "docker_storage_driver": info.get("Driver"),
+        "cgroup_version": info.get("CgroupVersion"),
+        "python": platform.python_version(),
+        "prefect": prefect.__version__,
+        "prefect_docker": prefect_docker.__version__,
+    }
+
+
+# -- services ------------------------------------------------------------------------
+
+
+def ensure_wheels() -> None:
+    """pandas and its dependencies for the container's Python (3.11, manylinux x86_64)."""
+    if list(WHEELS.glob("pandas-*.whl")):
+        return
+    WHEELS.mkdir(parents=True, exist_ok=True)
+    print(f"Downloading {PANDAS} and its dependencies (once) into benchmarks/.wheels ...")
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            PANDAS,
+            "--dest",
+            str(WHEELS),
+            "--only-binary=:all:",
+            "--python-version",
+            "3.11",
+            "--implementation",
+            "cp",
+            "--platform",
+            "manylinux_2_28_x86_64",
+            "--platform",
+            "manylinux_2_17_x86_64",
+            "--platform",
+            "manylinux2014_x86_64",
+        ],
+        check=True,
+    )
+
+
+def publish_flows(git: GitServer) -> str:
+    return git.publish("bench", {"flows.py": (ROOT / "benchmarks" / "flows.py").read_text()})
+
+
+def start_workers(
+    logs: Path, managed_pool: str, docker_pool: str, policy: Path, limit: int
+) -> dict[str, Service]:
+    common = {"PREFECT_WORKER_QUERY_SECONDS": QUERY_SECONDS}
+    managed = start(
+        "bench-managed-worker",
+        [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            managed_pool,
+            "--type",
+            "prefect:managed",
+            "--name",
+            "bench-managed",
+            "--limit",
+            str(limit),
+        ],
+        logs,
+        {**common, "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy)},
+    )
+    plain = start(
+        "bench-docker-worker",
+        [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            docker_pool,
+            "--type",
+            "docker",
+            "--name",
+            "bench-docker",
+            "--limit",
+            str(limit),
+        ],
+        logs,
+        common,
+    )
+    return {"managed": managed, "docker": plain}
+
+
+def peak_rss(service: Service) -> int:
+    """The worker process's peak resident set size (VmHWM), in bytes."""
+    status = Path(f"/proc/{service.process.pid}/status").read_text()
+    kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
+    return int(kib) * 1024
+
+
+# -- one flow run --------------------------------------------------------------------
+
+
+def timed_run(deployment_id, deadline: float) -> Sample:
+    """From creating the run (what `prefect deployment run` does) to Completed.
+
+    The end is the server's timestamp of the final state (server and benchmark share a
+    clock), so how often this loop polls does not count.
+    """
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        t0 = datetime.now(timezone.utc)
+        run = client.create_flow_run_from_deployment(deployment_id)
+        limit = min(deadline, time.monotonic() + RUN_TIMEOUT)
+        while True:
+            current = client.read_flow_run(run.id)
+            if current.state is not None and current.state.is_final():
+                break
+            if time.monotonic() > limit:
+                return Sample(None, state=current.state.name if current.state else "")
+            time.sleep(0.2)
+        states = client.read_flow_run_states(run.id)
+    return sample_from_states(t0, states)
+
+
+def sample_from_states(t0: datetime, states) -> Sample:
+    first: dict[str, datetime] = {}
+    for state in states:
+        first.setdefault(state.type.value, state.timestamp)
+    final = states[-1]
+    end = final.timestamp
+    phases = {}
+    if "PENDING" in first:
+        phases["scheduled_to_pending"] = (first["PENDING"] - t0).total_seconds()
+        if "RUNNING" in first:
+            phases["pending_to_running"] = (first["RUNNING"] - first["PENDING"]).total_seconds()
+    if "RUNNING" in first:
+        phases["running_to_final"] = (end - first["RUNNING"]).total_seconds()
+    seconds = (end - t0).total_seconds() if final.type.value == "COMPLETED" else None
+    return Sample(seconds, phases, final.type.value)
+
+
+def throughput(deployment_id, runs: int, deadline: float) -> dict[str, float]:
+    """Create `runs` runs at once; the worker's limit sets the concurrency."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        t0 = datetime.now(timezone.utc)
+        ids = [client.create_flow_run_from_deployment(deployment_id).id for _ in range(runs)]
+        limit = min(deadline, time.monotonic() + RUN_TIMEOUT * 3)
+        pending = set(ids)
+        while pending and time.monotonic() < limit:
+            for flow_run_id in list(pending):
+                state = client.read_flow_run(flow_run_id).state
+                if state is not None and state.is_final():
+                    pending.discard(flow_run_id)
+            time.sleep(1.0)
+        finals = [client.read_flow_run(i).state for i in ids]
+    completed = [s for s in finals if s is not None and s.type.value == "COMPLETED"]
+    end = max((s.timestamp for s in finals if s is not None and s.is_final()), default=t0)
+    minutes = max((end - t0).total_seconds(), 1e-9) / 60
+    return {
+        "runs": runs,
+        "completed": len(completed),
+        "minutes": round(minutes, 3),
+        "runs_per_minute": round(len(completed) / minutes, 2),
+    }
+
+
+def floor_sample(image: str) -> float:
+    start_time = time.perf_counter()
+    subprocess.run(
+        ["docker", "run", "--rm", "--network", "host", image, "python", "-c", "import prefect"],
+        check=True,
+        capture_output=True,
+    )
+    return time.perf_counter() - start_time
+
+
+def lease_call_seconds(limit_name: str, samples: int) -> list[float]:
+    """What one global concurrency lease costs: take and release a slot, timed."""
+    from prefect.client.orchestration import get_client
+
+    out = []
+    with get_client(sync_client=True) as client:
+        for _ in range(samples):
+            t = time.perf_counter()
+            response = client.increment_concurrency_slots_with_lease(
+                names=[limit_name], slots=1, mode="concurrency", lease_duration=60
+            )
+            out.append(time.perf_counter() - t)
+            client.release_concurrency_slots_with_lease(UUID(response.json()["lease_id"]))
+    return out
+
+
+def remove_cache_volume(volume: str, timeout: float = 60) -> None:
+    """Empty the workspace's cache for a cold run (waiting for containers still on it)."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                client.volumes.get(volume).remove()
+                return
+            except docker.errors.NotFound:
+                return
+            except docker.errors.APIError:
+                if time.monotonic() > end:
+                    raise
+                time.sleep(0.5)
+    finally:
+        client.close()
+
+
+# -- reporting -----------------------------------------------------------------------
+
+
+def median(values: list[float | None]) -> float | None:
+    done = [v for v in values if v is not None]
+    return statistics.median(done) if done else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a is not None and b else None
+
+
+def summarize(results: Results) -> dict[str, object]:
+    m = {name: median([s.seconds for s in samples]) for name, samples in results.samples.items()}
+    tp = results.throughput
+    rss = results.peak_rss_bytes
+    checks = {
+        "a_trivial_managed_over_docker": (
+            ratio(m.get("managed_noop"), m.get("docker_noop")),
+            "<=",
+            1.05,
+        ),
+        "a_trivial_managed_over_floor": (ratio(m.get("managed_noop"), m.get("floor")), "", None),
+        "b_warm_over_managed_trivial": (
+            ratio(m.get("managed_pandas_warm"), m.get("managed_noop")),
+            "<=",
+            1.2,
+        ),
+        "b_docker_deps_over_warm": (
+            ratio(m.get("docker_pandas"), m.get("managed_pandas_warm")),
+            ">=",
+            3.0,
+        ),
+        "b_cold_over_docker_deps": (
+            ratio(m.get("managed_pandas_cold"), m.get("docker_pandas")),
+            "",
+            None,
+        ),
+        "c_throughput_managed_over_docker": (
+            ratio(
+                tp.get("managed", {}).get("runs_per_minute"),
+                tp.get("docker", {}).get("runs_per_minute"),
+            ),
+            ">=",
+            0.95,
+        ),
+        "d_rss_managed_over_docker": (ratio(rss.get("managed"), rss.get("docker")), "<=", 1.2),
+    }
+    verdicts = {}
+    for key, (value, op, target) in checks.items():
+        met = None
+        if value is not None and target is not None:
+            met = value <= target if op == "<=" else value >= target
+        verdicts[key] = {"ratio": value, "target": f"{op} {target}" if target else "", "met": met}
+    phases: dict[str, dict[str, float]] = {}
+    for name, samples in results.samples.items():
+        keys = {k for s in samples for k in s.phases}
+        phases[name] = {
+            k: round(median([s.phases.get(k) for s in samples]) or 0, 3) for k in sorted(keys)
+        }
+    return {
+        "medians_seconds": {k: round(v, 3) if v is not None else None for k, v in m.items()},
+        "ratios": verdicts,
+        "phase_medians_seconds": phases,
+    }
+
+
+def table(results: Results, summary: dict[str, object]) -> str:
+    m = summary["medians_seconds"]
+    lines = [
+        "| measurement | ManagedWorker | DockerWorker | ratio | target | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    r = summary["ratios"]
+
+    def fmt(value, unit="s"):
+        return "—" if value is None else f"{value:.2f} {unit}"
+
+    def row(name, ours, theirs, key):
+        v = r[key]
+        met = {True: "yes", False: "**no**", None: ""}[v["met"]]
+        lines.append(f"| {name} | {ours} | {theirs} | {v['ratio']} | {v['target']} | {met} |")
+
+    row(
+        "(a) trivial flow, run → Completed",
+        fmt(m.get("managed_noop")),
+        fmt(m.get("docker_noop")),
+        "a_trivial_managed_over_docker",
+    )
+    row(
+        "(a) vs floor (`docker run --rm … import prefect`)",
+        fmt(m.get("managed_noop")),
+        f"floor {fmt(m.get('floor'))}",
+        "a_trivial_managed_over_floor",
+    )
+    row(
+        "(b) pandas, warm cache vs our trivial run",
+        fmt(m.get("managed_pandas_warm")),
+        f"ours trivial {fmt(m.get('managed_noop'))}",
+        "b_warm_over_managed_trivial",
+    )
+    row(
+        "(b) DockerWorker + EXTRA_PIP_PACKAGES vs our warm run",
+        fmt(m.get("managed_pandas_warm")),
+        fmt(m.get("docker_pandas")),
+        "b_docker_deps_over_warm",
+    )
+    row(
+        "(b) our cold run vs DockerWorker + EXTRA_PIP_PACKAGES",
+        fmt(m.get("managed_pandas_cold")),
+        fmt(m.get("docker_pandas")),
+        "b_cold_over_docker_deps",
+    )
+    tp = results.throughput
+    row(
+        f"(c) throughput, {tp.get('managed', {}).get('runs', '?')} runs, limit "
+        f"{results.settings['concurrency']}",
+        fmt(tp.get("managed", {}).get("runs_per_minute"), "runs/min"),
+        fmt(tp.get("docker", {}).get("runs_per_minute"), "runs/min"),
+        "c_throughput_managed_over_docker",
+    )
+    rss = results.peak_rss_bytes
+    row(
+        "(d) worker peak RSS",
+        fmt((rss.get("managed") or 0) / 2**20, "MiB"),
+        fmt((rss.get("docker") or 0) / 2**20, "MiB"),
+        "d_rss_managed_over_docker",
+    )
+    return "\n".join(lines)
+
+
+def write_results(results: Results, summary: dict[str, object], text: str) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    payload = {**asdict(results), "summary": summary}
+    (RESULTS / "latest.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    phases = json.dumps(summary["phase_medians_seconds"], indent=2)
+    machine = "\n".join(f"- {k}: {v}" for k, v in results.machine.items())
+    notes = "\n".join(f"- {n}" for n in results.notes) or "- none"
+    lease = median(results.lease_call_seconds)
+    md = f"""# Benchmark results
+
+Command: `{results.command}` (from the repository root, in `.venv`)
+
+Started {results.started}, finished {results.finished}.
+Load average (1, 5, 15 min) before: {results.load_before}; after: {results.load_after}.
+
+## Machine
+{machine}
+
+## Settings
+{json.dumps(results.settings, indent=2)}
+
+## Medians and ratios
+{text}
+
+One global concurrency lease (take + release, the API call ManagedWorker adds per run):
+median {lease * 1000 if lease else float("nan"):.1f} ms over {len(results.lease_call_seconds)} calls.
+
+## Where the time goes (medians of the flow run's state timestamps, seconds)
+`scheduled_to_pending`: from creating the run to the worker submitting it (poll
+interval, the worker's checks); `pending_to_running`: container create and start,
+`EXTRA_PIP_PACKAGES` install, `import prefect`, the git clone pull step, until the
+engine reports Running; `running_to_final`: the flow itself and the engine's wrap-up.
+
+```json
+{phases}
+```
+
+## Notes
+{notes}
+"""
+    (RESULTS / "latest.md").write_text(md)
+    return RESULTS / "latest.md"
+
+
+# -- the benchmark -------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("--quick", action="store_true", help="a smoke test: few samples")
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="samples per latency measurement (default 10; quick 2)",
+    )
+    parser.add_argument("--throughput-runs", type=int, default=None, help="default 50; quick 6")
+    parser.add_argument(
+        "--concurrency", type=int, default=None, help="worker limit (default 10; quick 3)"
+    )
+    parser.add_argument("--deadline-minutes", type=float, default=75.0)
+    parser.add_argument("--no-write", action="store_true", help="print only, write no results")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    runs = args.runs or (2 if quick else 10)
+    cold_runs = 1 if quick else 3
+    tp_runs = args.throughput_runs or (6 if quick else 50)
+    concurrency = args.concurrency or (3 if quick else 10)
+    deadline = time.monotonic() + args.deadline_minutes * 60
+
+    # SIGTERM (e.g. from `timeout`) stops the benchmark like Ctrl-C: services and
+    # containers are cleaned up and what was measured is reported.
+    signal.signal(signal.SIGTERM, _interrupt)
+    home = Path(tempfile.mkdtemp(prefix="prefect-managed-bench-"))
+    logs = home / "logs"
+    logs.mkdir()
+    port = free_port()
+    os.environ["PREFECT_HOME"] = str(home / "client-home")
+    os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
+    os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.5"
+
+    from prefect_managed.runtime.builder import default_runtime_tag
+
+    image = default_runtime_tag()
+    ensure_wheels()
+    results = Results(
+        command="python -m benchmarks" + (" " + " ".join(sys.argv[1:]) if sys.argv[1:] else ""),
+        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        machine=describe_machine(),
+        settings={
+            "image": image,
+            "poll_interval_seconds": float(QUERY_SECONDS),
+            "network_mode": "host",
+            "samples_per_latency": runs,
+            "cold_samples": cold_runs,
+            "throughput_runs": tp_runs,
+            "concurrency": concurrency,
+            "dependencies": PANDAS,
+            "quick": quick,
+        },
+        load_before=os.getloadavg(),
+    )
+    services: list[Service] = []
+    workspace = f"bench-{uuid.uuid4().hex[:6]}"
+    try:
+        server = start_prefect_server(port, home / "server-home", logs)
+        services.append(server)
+        git = start_git_server(home / "git", logs)
+        services.append(git.service)
+        index: PackageIndex = start_package_index(WHEELS, logs)
+        services.append(index.service)
+        repo = publish_flows(git)
+
+        from prefect import flow
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.actions import WorkPoolCreate
+        from prefect_docker.worker import DockerWorker
+
+        from prefect_managed import ManagedWorker
+        from prefect_managed.configuration import api_label_value
+        from prefect_managed.dependencies import cache_volume_name
+
+        with get_client(sync_client=True) as client:
+            for name, worker_cls in (
+                ("bench-managed", ManagedWorker),
+                ("bench-docker", DockerWorker),
+            ):
+                client.create_work_pool(
+                    WorkPoolCreate(
+                        name=name,
+                        type=worker_cls.type,
+                        base_job_template=worker_cls.get_default_base_job_template(),
+                    ),
+                    overwrite=True,
+                )
+        policy = write_policy(
+            home / "policy.toml",
+            workspace={"name": workspace, "tier": "bench"},
+            tiers={
+                "bench": {
+                    "concurrency_limit": concurrency,
+                    "pool_limit": 100,
+                    "cpus": 2.0,
+                    "compute_hours_per_month": 100000,
+                }
+            },
+            runtime={"default_image": image, "package_index_url": index.url},
+        )
+        workers = start_workers(logs, "bench-managed", "bench-docker", policy, concurrency)
+        services.extend(workers.values())
+
+        docker_vars = {
+            "image": image,
+            "network_mode": "host",
+            "image_pull_policy": "IfNotPresent",
+            "auto_remove": True,
+        }
+        deps_env = {
+            "EXTRA_PIP_PACKAGES": PANDAS,
+            "UV_DEFAULT_INDEX": index.url,
+            "PIP_INDEX_URL": index.url,
+        }
+
+        def deploy(entry: str, name: str, pool: str, variables: dict) -> object:
+            return flow.from_source(source=repo, entrypoint=f"flows.py:{entry}").deploy(
+                name=name, work_pool_name=pool, job_variables=variables, print_next_steps=False
+            )
+
+        d = {
+            "managed_noop": deploy("noop", "managed-noop", "bench-managed", {}),
+            "docker_noop": deploy("noop", "docker-noop", "bench-docker", docker_vars),
+            "managed_pandas": deploy(
+                "uses_pandas", "managed-pandas", "bench-managed", {"pip_packages": [PANDAS]}
+            ),
+            "docker_pandas": deploy(
+                "uses_pandas", "docker-pandas", "bench-docker", {**docker_vars, "env": deps_env}
+            ),
+        }
+        volume = cache_volume_name(workspace, api_label_value())
+
+        def sample(key: str, deployment_key: str) -> None:
+            if time.monotonic() > deadline:
+                raise Deadline(key)
+            s = timed_run(d[deployment_key], deadline)
+            results.samples.setdefault(key, []).append(s)
+            shown = f"{s.seconds:.2f} s" if s.seconds is not None else f"not completed ({s.state})"
+            print(f"  {key:22s} {shown}", flush=True)
+
+        print("Warming up (one run each; not counted)...", flush=True)
+        for key in ("managed_noop", "docker_noop"):
+            timed_run(d[key], deadline)
+
+        print(f"Floor: docker run --rm {image} python -c 'import prefect' x{runs}", flush=True)
+        results.samples["floor"] = [Sample(floor_sample(image)) for _ in range(runs)]
+        print(f"  floor median {median([s.seconds for s in results.samples['floor']]):.2f} s")
+
+        print(f"(a) trivial flow, {runs} runs each, interleaved", flush=True)
+        for _ in range(runs):
+            sample("managed_noop", "managed_noop")
+            sample("docker_noop", "docker_noop")
+
+        print(f"(b) {PANDAS}: {cold_runs} cold, {runs} warm, {runs} DockerWorker", flush=True)
+        for _ in range(cold_runs):
+            remove_cache_volume(volume)
+            sample("managed_pandas_cold", "managed_pandas")
+        for _ in range(runs):
+            sample("managed_pandas_warm", "managed_pandas")
+            sample("docker_pandas", "docker_pandas")
+
+        print(f"(c) throughput: {tp_runs} runs at a limit of {concurrency}", flush=True)
+        for key in ("managed", "docker"):
+            results.throughput[key] = throughput(d[f"{key}_noop"], tp_runs, deadline)
+            print(f"  {key}: {results.throughput[key]}", flush=True)
+
+        results.lease_call_seconds = lease_call_seconds(f"prefect-managed-{workspace}", runs)
+        results.peak_rss_bytes = {key: peak_rss(service) for key, service in workers.items()}
+    except KeyboardInterrupt:
+        results.notes.append("interrupted (SIGINT or SIGTERM); reporting what was measured")
+        print("Interrupted; reporting what was measured.")
+    except Deadline as exc:
+        results.notes.append(f"stopped at the deadline during {exc}")
+        print(f"Deadline reached during {exc}; reporting what was measured.")
+    finally:
+        results.load_after = os.getloadavg()
+        results.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        for service in reversed(services):
+            service.stop()
+        cleanup(workspace)
+    summary = summarize(results)
+    text = table(results, summary)
+    print()
+    print(text)
+    print("\nPhase medians (s):", json.dumps(summary["phase_medians_seconds"], indent=1))
+    if not args.no_write:
+        print(f"\nWrote {write_results(results, summary, text).relative_to(ROOT)} and latest.json")
+    shutil.rmtree(home, ignore_errors=True)
+    return 0
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def cleanup(workspace: str) -> None:
+    """Remove the benchmark's containers and its workspace's cache volume."""
+    import docker
+
+    client = docker.from_env()
+    try:
+        for filters in (
+            {"label": "io.prefect.work-pool-name=bench-managed"},
+            {"label": "io.prefect.work-pool-name=bench-docker"},
+        ):
+            for container in client.containers.list(all=True, filters=filters):
+                container.remove(force=True)
+        for volume in client.volumes.list(filters={"name": f"prefect-managed-cache-{workspace}-"}):
+            volume.remove(force=True)
+    finally:
+        client.close()
