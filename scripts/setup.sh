@@ -37,7 +37,7 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q uv
-.venv/bin/python -m uv pip install -q --python .venv/bin/python -e ".[test,dev,docs]"
+.venv/bin/python -m uv pip install -q --python .venv/bin/python -e ".[test,dev,docs,bench]"
 
 # Code-source tests (tests/test_sources_storage.py): Azurite, the Azure Blob Storage
 # emulator, from npm into the gitignored .tools/ (the S3 and GCS emulators are Python
