@@ -2,7 +2,7 @@
 # Installs and starts what prefect-managed needs on a fresh Debian machine, and skips
 # what is already there: Debian's Docker engine (started in the background when no
 # engine answers), mmdebstrap, git and chromium, a virtualenv in .venv with the package
-# and its test, dev and docs extras, and the local runtime image.
+# and its test, dev, docs and bench extras, and the local runtime image.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
