@@ -184,6 +184,16 @@ def limits_page_messages() -> list[str]:
         submit
         + "ImageNotAllowed: "
         + str(ImageNotAllowed("python:3.12", ["prefecthq/prefect:3*", "prefect-managed-runtime:*"])),
+        submit
+        + "InvalidJobVariable: "
+        + str(
+            InvalidJobVariable(
+                "env",
+                {"PREFECT_API_KEY": "***"},
+                "PREFECT_API_KEY is set by the worker so that the flow run reports to this "
+                "Prefect server; remove it from the deployment's env",
+            )
+        ),
         quota_exhausted_message(_month_of_usage([8, 2]), 10, "free"),
         quota_warning_message(_month_of_usage([8]), 10, "free", 80),
         quota_warning_message(_month_of_usage([8, 2]), 10, "free", 100),
@@ -254,7 +264,8 @@ def test_the_usage_page_shows_the_screenshots_the_ui_test_takes():
 def test_the_hardening_the_limits_page_lists_is_what_the_worker_applies():
     from prefect.client.schemas.objects import FlowRun
 
-    from prefect_managed.configuration import ManagedJobConfiguration
+    from prefect_managed.configuration import ManagedJobConfiguration, api_label_value
+    from prefect_managed.dependencies import CACHE_MOUNT, cache_volume_name
 
     policy = Policy()
     config = ManagedJobConfiguration(
@@ -279,10 +290,30 @@ def test_the_hardening_the_limits_page_lists_is_what_the_worker_applies():
     assert kwargs["pids_limit"] == 1024 and "`runtime.pids_limit` processes (default 1024)" in text
     assert set(kwargs) == {"user", "cap_drop", "security_opt", "pids_limit", "nano_cpus"}
     assert "with `user`, `cap_drop`, `security_opt`, `pids_limit` and `nano_cpus`" in text
-    assert config.privileged is False and config.volumes == []
-    assert "not privileged, with no volumes: no host directory and no Docker socket" in text
+    volume = f"{cache_volume_name('default', api_label_value())}:{CACHE_MOUNT}:rw"
+    assert config.privileged is False and config.volumes == [volume]
+    assert volume.startswith("prefect-managed-cache-default-")
+    assert "not privileged, with no host directory and no Docker socket mounted" in text
+    assert "named Docker volume `prefect-managed-cache-<workspace>-<digest>`" in text
     assert config.network_mode == "host" and config.networks == []
     assert "on the network `runtime.network_mode` (default `host`) and no other network" in text
     assert config.registry_credentials is None and config.image_pull_policy == "IfNotPresent"
     assert "with no registry credentials, pulling only an image that is not present" in text
     assert config.auto_remove is False and "without `auto_remove`" in text
+
+
+def test_a_run_without_pip_packages_gets_no_volume_at_all():
+    from prefect.client.schemas.objects import FlowRun
+
+    from prefect_managed.configuration import ManagedJobConfiguration
+
+    policy = Policy()
+    config = ManagedJobConfiguration(
+        image=policy.runtime.default_image, volumes=["/:/host"], privileged=True
+    )
+    config.apply_policy(policy, FlowRun(flow_id=UUID(int=1), name="hostile"))
+
+    assert config.volumes == []
+    assert "the only volume a container can get is, for a run with `pip_packages`" in page_text(
+        "limits.md"
+    )
