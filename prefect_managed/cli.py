@@ -6,6 +6,7 @@ code: 1 when the work failed, 2 for a wrong command or option (see `main`).
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -19,6 +20,8 @@ app = typer.Typer(
     help="""Prefect Managed work pools for self-hosted Prefect: the operator's commands.
 
     Examples:
+
+        prefect-managed serve
 
         prefect-managed image build
 
@@ -277,6 +280,76 @@ def usage(
             f"{record.cpu_seconds:.1f}" if record.cpu_seconds is not None else "-",
         )
     console.print(table)
+
+
+@app.command("serve")
+def serve(
+    name: str = typer.Option(
+        None,
+        help="The service's name; its worker for pool P is named NAME-P. Keep it stable "
+        "per host, so that a restarted service takes over the runs it left (default: the "
+        "host name).",
+        show_default=False,
+    ),
+    poll_seconds: float = typer.Option(
+        10.0, min=1.0, help="How often to look for managed pools created, paused or deleted."
+    ),
+) -> None:
+    """Serve every prefect:managed work pool of the workspace, in one process.
+
+    Runs one worker per managed pool, up to the tier's pool count (the oldest pools),
+    picks up pools created later and stops serving pools that are paused or deleted.
+    Unlike `prefect worker start`, it needs no --pool and no --type. On SIGTERM or
+    Ctrl-C it claims no new runs and exits; running containers keep running, and the
+    next start with the same --name finishes and records them.
+
+    Examples:
+
+        prefect-managed serve
+
+        prefect-managed serve --name docker-host-2 --poll-seconds 5
+    """
+    import signal
+    import socket
+
+    import anyio
+
+    from prefect_managed.service import ManagedService
+
+    try:
+        policy = get_policy()
+    except ManagedError as exc:
+        _fail(exc)
+    service = ManagedService(name or socket.gethostname(), policy, poll_seconds)
+
+    async def serve_until_signalled() -> None:
+        async with anyio.create_task_group() as group:
+
+            async def stop_on_signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                    async for received in signals:
+                        if service.stopping:  # a second signal: stop at once
+                            group.cancel_scope.cancel()
+                            return
+                        typer.echo(
+                            f"Received {signal.Signals(received).name}: claiming no new runs "
+                            "and stopping; running containers keep running and are finished "
+                            f"by the next `prefect-managed serve --name {service.name}`.",
+                            err=True,
+                        )
+                        service.stop()
+
+            group.start_soon(stop_on_signals)
+            await service.run()
+            group.cancel_scope.cancel()
+
+    anyio.run(serve_until_signalled)
+    # The threads that watched the running containers were abandoned, not stopped (a
+    # thread cannot be stopped), and Python waits for every thread before it exits: that
+    # is, for the containers to end. They are left running on purpose, so exit now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def main() -> None:

@@ -15,6 +15,9 @@ command -v mmdebstrap >/dev/null 2>&1 || missing+=(mmdebstrap)
 command -v git >/dev/null 2>&1 || missing+=(git)
 # Debian's chromium, driven headless by Playwright in tests/test_ui.py.
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+# Debian's PostgreSQL: tests/test_serve.py starts a throwaway cluster of its own with
+# initdb and pg_ctl (Debian keeps them in /usr/lib/postgresql/<version>/bin).
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian's packages..." >&2
   $SUDO apt-get update -qq

@@ -1,0 +1,362 @@
+"""`prefect-managed serve` and scale-out, for real: a Prefect server on PostgreSQL (a
+throwaway cluster of Debian's postgresql), `prefect-managed serve` processes each standing
+in for a Docker host, and the Docker engine.
+
+This module's Prefect server is its own (not the session's SQLite one), so the pools it
+creates are the only managed pools the services see.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+from conftest import OUTPUT, worker_policy
+from helpers import create_pool, run_containers, usage_records, wait_for_final_state
+from postgres import start_postgres
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolUpdate
+from prefect.deployments import run_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from services import BIN, Service, free_port, start, wait_for
+
+from prefect_managed import ManagedWorker
+from prefect_managed.configuration import WORKSPACE_LABEL
+
+# Generous time limits: the runs share a 2-core machine with other test sessions.
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
+
+POLL_SECONDS = "2"
+
+
+@pytest.fixture(scope="module")
+def postgres_api():
+    """A Prefect server whose database is PostgreSQL, on loopback; its API URL."""
+    database = start_postgres(OUTPUT)
+    home = Path(tempfile.mkdtemp(prefix="prefect-managed-pg-server-"))
+    port = free_port()
+    server = start(
+        "prefect-server-postgres",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+        OUTPUT,
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_API_DATABASE_CONNECTION_URL": database.create_database("prefect"),
+        },
+    )
+
+    def healthy() -> bool:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"prefect server exited:\n{server.log()[-3000:]}")
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/api/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(healthy, 180, "the PostgreSQL-backed Prefect server answering /api/health")
+        yield f"http://127.0.0.1:{port}/api"
+    finally:
+        server.stop()
+        database.stop()
+
+
+@pytest.fixture
+def api(postgres_api):
+    """Point this process's Prefect client at the PostgreSQL-backed server; delete the
+    test's pools afterwards so that each test sees only its own."""
+    with temporary_settings(updates={PREFECT_API_URL: postgres_api}):
+        yield postgres_api
+        with get_client(sync_client=True) as client:
+            for pool in client.read_work_pools():
+                if pool.type == ManagedWorker.type:
+                    client.delete_work_pool(pool.name)
+
+
+@pytest.fixture
+def policy_for(runtime_image, package_index, tmp_path):
+    def _policy(workspace: str, **tier) -> Path:
+        return worker_policy(
+            tmp_path / f"{workspace}.toml", runtime_image, package_index.url, workspace, **tier
+        )
+
+    return _policy
+
+
+@pytest.fixture
+def deploy_to(flows_repo, api):
+    from prefect import flow
+
+    def _deploy(pool: str, flow_name: str = "hello"):
+        return flow.from_source(source=flows_repo, entrypoint=f"probe_flows.py:{flow_name}").deploy(
+            name=f"{flow_name}-{pool}", work_pool_name=pool, print_next_steps=False
+        )
+
+    return _deploy
+
+
+def start_serve(api: str, policy: Path, name: str) -> Service:
+    return start(
+        f"serve-{name}",
+        [str(BIN / "prefect-managed"), "serve", "--name", name, "--poll-seconds", POLL_SECONDS],
+        OUTPUT,
+        {
+            "PREFECT_API_URL": api,
+            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        },
+    )
+
+
+@contextmanager
+def serving(api: str, policy: Path, name: str):
+    service = start_serve(api, policy, name)
+    try:
+        yield service
+    finally:
+        service.stop(timeout=60)
+
+
+def start_run(deployment_id, **parameters):
+    return run_deployment(deployment_id, parameters=parameters, timeout=0).id
+
+
+def wait_for_log_line(service: Service, text: str, timeout: float = 180) -> None:
+    wait_for(lambda: text in service.log(), timeout, f"{text!r} in the log of {service.name}")
+
+
+@contextmanager
+def container_creations(docker_client, workspace: str):
+    """The labels of every container Docker creates for the workspace meanwhile.
+
+    Read live from Docker's event stream: the engine keeps only its last 256 events for
+    later queries, fewer than a busy machine makes during a test.
+    """
+    created: list[dict] = []
+    events = docker_client.api.events(
+        filters={"type": "container", "event": "create", "label": f"{WORKSPACE_LABEL}={workspace}"},
+        decode=True,
+    )
+
+    def read() -> None:
+        try:
+            for event in events:
+                created.append(event["Actor"]["Attributes"])
+        except Exception:  # the stream is closed when the block ends
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield created
+    finally:
+        time.sleep(1)  # let the last events arrive
+        events.close()
+        reader.join(10)
+
+
+def test_serve_runs_flows_of_every_managed_pool_including_one_created_after_it_started(
+    api, deploy_to, policy_for, docker_client
+):
+    early = create_pool("serve-early")
+    with (
+        container_creations(docker_client, "serve-all") as creations,
+        serving(api, policy_for("serve-all"), "svc") as service,
+    ):
+        wait_for_log_line(service, "Serving work pool 'serve-early' with worker 'svc-serve-early'")
+        late = create_pool("serve-late")
+        wait_for_log_line(service, "Serving work pool 'serve-late' with worker 'svc-serve-late'")
+        runs = {pool: start_run(deploy_to(pool)) for pool in (early, late)}
+        states = {pool: wait_for_final_state(run, 600).state for pool, run in runs.items()}
+        for run in runs.values():
+            wait_for(lambda run=run: not run_containers(docker_client, run), 300, "removed")
+    assert all(state.is_completed() for state in states.values()), states
+    created = {
+        labels["io.prefect.flow-run-id"]: labels["io.prefect.worker-name"] for labels in creations
+    }
+    assert created == {str(runs[early]): "svc-serve-early", str(runs[late]): "svc-serve-late"}
+
+
+def test_serve_serves_only_the_oldest_pools_of_the_tier_and_follows_deletion(
+    api, deploy_to, policy_for
+):
+    first, second, third = (create_pool(f"count-{n}") for n in (1, 2, 3))
+    deployment = deploy_to(third)
+    with serving(api, policy_for("serve-count", pool_limit=2), "count") as service:
+        wait_for_log_line(service, "Serving work pool 'count-2'")
+        wait_for_log_line(service, "Not serving work pools 'count-3'")
+        waiting = start_run(deployment)
+        time.sleep(8)
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(waiting).state.is_scheduled()
+            client.delete_work_pool(first)
+        wait_for_log_line(service, "Stopped serving work pool 'count-1': it was deleted")
+        wait_for_log_line(service, "Serving work pool 'count-3' with worker 'count-count-3'")
+        run = wait_for_final_state(waiting, 600)
+        time.sleep(2 * float(POLL_SECONDS))
+        with get_client(sync_client=True) as client:
+            pools = {pool.name for pool in client.read_work_pools()}
+    assert run.state.is_completed(), run.state
+    assert first not in pools, "a worker of the service made the deleted pool again"
+    assert service.log().count("Serving work pool 'count-1'") == 1
+
+
+def test_serve_stops_serving_a_paused_pool_and_serves_it_again_when_resumed(
+    api, deploy_to, policy_for
+):
+    pool = create_pool("pausable")
+    deployment = deploy_to(pool)
+    with serving(api, policy_for("serve-pause"), "pause") as service:
+        wait_for_log_line(service, "Serving work pool 'pausable'")
+        with get_client(sync_client=True) as client:
+            client.update_work_pool(pool, WorkPoolUpdate(is_paused=True))
+        wait_for_log_line(service, "Stopped serving work pool 'pausable': it is paused")
+        waiting = start_run(deployment)
+        time.sleep(5)
+        with get_client(sync_client=True) as client:
+            assert client.read_flow_run(waiting).state.is_scheduled()
+            client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
+        run = wait_for_final_state(waiting, 600)
+    assert run.state.is_completed(), run.state
+    assert service.log().count("Serving work pool 'pausable'") == 2
+
+
+def test_sigterm_leaves_running_containers_and_the_next_start_finishes_them(
+    api, deploy_to, policy_for, docker_client
+):
+    pool = create_pool("graceful")
+    policy = policy_for("serve-term")
+    deployment = deploy_to(pool, "sleeper")
+    first = start_serve(api, policy, "term")
+    try:
+        flow_run_id = start_run(deployment, seconds=45)
+        container = wait_for(
+            lambda: next(iter(run_containers(docker_client, flow_run_id)), None),
+            600,
+            "the run's container",
+        )
+        with get_client(sync_client=True) as client:
+            wait_for(
+                lambda: client.read_flow_run(flow_run_id).state.is_running(), 600, "run Running"
+            )
+        first.process.send_signal(signal.SIGTERM)
+        exit_code = first.process.wait(timeout=60)
+    finally:
+        first.stop()
+    container.reload()
+    assert exit_code == 0, first.log()[-3000:]
+    assert "claiming no new runs" in first.log()
+    assert container.status == "running"
+
+    with serving(api, policy, "term") as second:
+        run = wait_for_final_state(flow_run_id, timeout=600)
+        wait_for(lambda: not run_containers(docker_client, flow_run_id), 300, "container removed")
+        records = wait_for(lambda: usage_records(flow_run_id), 300, "the usage record")
+    assert run.state.is_completed(), run.state
+    assert f"Taking over container /{container.name} of flow run {flow_run_id}" in second.log()
+    assert len(records) == 1, records
+
+
+# -- scale-out: two hosts, one PostgreSQL-backed server -------------------------------
+# Both services run on this machine's Docker engine, each standing in for a host.
+
+CAP = 3
+RUNS = 10
+SCALE = "scale"
+
+
+@pytest.mark.timeout(1800)
+def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
+    api, deploy_to, policy_for, docker_client, runtime_image, package_index, tmp_path
+):
+    policy = policy_for(SCALE, concurrency_limit=CAP)
+    pools = [create_pool("scale-a"), create_pool("scale-b")]
+    deployments = [deploy_to(pool, "sleeper") for pool in pools]
+    # Phase 2's refused runs must create no container either.
+    with container_creations(docker_client, SCALE) as created:
+        hosts = {name: start_serve(api, policy, name) for name in ("host-a", "host-b")}
+        try:
+            for service in hosts.values():
+                for pool in pools:
+                    wait_for_log_line(service, f"Serving work pool {pool!r}")
+            runs = [start_run(deployments[n % 2], seconds=3) for n in range(RUNS)]
+            most_running = 0
+            with get_client(sync_client=True) as client:
+                deadline = time.monotonic() + 1200
+                while time.monotonic() < deadline:
+                    running = docker_client.containers.list(
+                        filters={"label": f"{WORKSPACE_LABEL}={SCALE}", "status": "running"}
+                    )
+                    most_running = max(most_running, len(running))
+                    states = [client.read_flow_run(run).state for run in runs]
+                    if all(state.is_final() for state in states):
+                        break
+                    time.sleep(0.2)
+            for run in runs:
+                wait_for(lambda run=run: usage_records(run), 180, f"the usage record of {run}")
+            records = {run: usage_records(run) for run in runs}
+            usage = json.loads(usage_json(api, policy))
+            for service in hosts.values():
+                service.stop(timeout=60)
+
+            # Quota shared: a quota of exactly the minutes both hosts used; each host alone
+            # then refuses the next run. At least one of them ran fewer runs than there are
+            # records, so it counts the other host's records too.
+            used_up = worker_policy(
+                tmp_path / "used-up.toml",
+                runtime_image,
+                package_index.url,
+                SCALE,
+                concurrency_limit=CAP,
+                compute_hours_per_month=usage["billable_minutes"] / 60,
+            )
+            refused = {}
+            for name in ("host-b", "host-a"):
+                hosts[name] = start_serve(api, used_up, name)
+                over = start_run(deployments[0], seconds=1)
+                refused[name] = wait_for_final_state(over, timeout=600).state
+                hosts[name].stop(timeout=60)
+        finally:
+            for service in hosts.values():
+                service.stop(timeout=60)
+
+    assert [state.type.value for state in states] == ["COMPLETED"] * RUNS
+    assert most_running == CAP
+    per_run = Counter(labels["io.prefect.flow-run-id"] for labels in created)
+    assert per_run == Counter({str(run): 1 for run in runs})
+    # Which host ran how many is up to the race between them (both poll every second).
+    print("runs per host:", Counter(labels["io.prefect.worker-name"] for labels in created))
+    assert all(len(found) == 1 for found in records.values()), records
+    assert usage["runs"] == RUNS
+    assert usage["billable_minutes"] == sum(
+        found[0]["billable_minutes"] for found in records.values()
+    )
+    for host, state in refused.items():
+        assert state.is_failed() and state.name == "QuotaExhausted", (host, state)
+
+
+def usage_json(api: str, policy: Path) -> str:
+    done = subprocess.run(
+        [str(BIN / "prefect-managed"), "usage", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={
+            **os.environ,
+            "PREFECT_API_URL": api,
+            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+        },
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
