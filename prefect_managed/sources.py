@@ -102,9 +102,17 @@ def _last_cause(output: Sequence[str]) -> str:
     end = next((i for i, line in enumerate(output) if _HOOK_NOISE in line), len(output))
     for line in reversed(output[:end]):
         match = _EXCEPTION_LINE.match(line.rstrip())
-        if match and not match["type"].endswith("StepExecutionError"):
+        if match and _is_exception_type(match["type"]):
             return f"{match['type'].rsplit('.', 1)[-1]}: {match['message']}"
     return ""
+
+
+def _is_exception_type(name: str) -> bool:
+    """`RuntimeError`, `botocore.errorfactory.NoSuchBucket`; not `Content` or `Time` (lines
+    of an Azure error's body) nor the runner's own StepExecutionError."""
+    if name.endswith("StepExecutionError"):
+        return False
+    return "." in name or name.endswith(("Error", "Exception"))
 
 
 def _describe_load_failure(

@@ -191,3 +191,21 @@ def test_pulled_code_without_the_entrypoint_names_the_source_and_the_missing_fil
     )
     assert "flows.py" in message
     assert "workspace.json" not in message
+
+
+def test_the_cause_is_the_exception_line_not_a_line_of_its_body():
+    output = [
+        "azure.core.exceptions.ResourceNotFoundError: The specified container does not exist.",
+        "RequestId:5e1a",
+        "Time:2026-11-24T21:40:00.000Z",
+        "ErrorCode:ContainerNotFound",
+        "Content: <?xml version='1.0' encoding='utf-8'?><Error><Code>ContainerNotFound</Code>",
+        "prefect.deployments.steps.core.StepExecutionError: Encountered error while running "
+        "prefect_azure.deployments.steps.pull_from_azure_blob_storage",
+    ]
+
+    message = describe_pull_step_failure(0, output, [])
+
+    assert message is not None
+    assert "ResourceNotFoundError: The specified container does not exist" in message
+    assert "<?xml" not in message
