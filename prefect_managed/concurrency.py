@@ -4,6 +4,15 @@ Every worker of a workspace, on any host, takes a slot of the same global concur
 limit before it starts a run and gives it back when the run's container is gone. Slots
 are held through leases the worker renews; a worker that dies stops renewing, and the
 Prefect server takes the slot back when the lease expires.
+
+A lease can also vanish before it expires: the Prefect server keeps leases in memory by
+default, so a server restart forgets them while the slots they held stay counted, and the
+workspace's limit would shrink for good. So a worker that finds one of its leases missing
+gives the slot back itself (and takes a new lease for a run still going). When the lease
+had in fact expired (the worker could not renew it for a whole lease), the server has
+given the slot back too; the count is then one too low, which lets at most one extra run
+start and heals itself, as the server never counts below zero. Too low for a while is
+better than too high for ever.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ import time
 from dataclasses import dataclass
 from uuid import UUID
 
+import httpx
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
@@ -24,6 +34,7 @@ __all__ = ["LEASE_SECONDS", "WorkspaceSlots"]
 LEASE_SECONDS = 60.0
 
 _LOCKED = 423
+_GONE = 410  # what the server answers when renewing a lease it does not have
 
 
 @dataclass
@@ -49,6 +60,8 @@ class WorkspaceSlots:
         self._logger = logger
         self._lease_seconds = lease_seconds
         self._leases: dict[UUID, _Lease] = {}
+        self._renewing: set[UUID] = set()  # runs whose lost lease is being replaced
+        self._ended: set[UUID] = set()  # runs released while their lease was replaced
 
     async def ensure_limit(self) -> None:
         """Create the workspace's limit, or set it to the tier's number."""
@@ -88,11 +101,48 @@ class WorkspaceSlots:
     async def release(self, flow_run_id: UUID) -> None:
         lease = self._leases.pop(flow_run_id, None)
         if lease is None:
+            if flow_run_id in self._renewing:
+                self._ended.add(flow_run_id)
             return
+        # Releasing a lease the server does not have is a silent no-op, which would leave
+        # a forgotten lease's slot counted: ask first (renewing is how to ask).
         try:
+            if not await self._renew(lease):
+                await self._release_lost_slot(flow_run_id, lease)
+                return
             await self._client.release_concurrency_slots_with_lease(lease.id)
+        except (httpx.HTTPError, PrefectHTTPStatusError):
+            self._logger.warning(
+                "Could not release the concurrency slot of flow run %s; the Prefect server "
+                "takes it back when its lease expires",
+                flow_run_id,
+                exc_info=True,
+            )
+
+    async def _renew(self, lease: _Lease) -> bool:
+        """Renew the lease; False when the server no longer has it."""
+        try:
+            await self._client.renew_concurrency_lease(lease.id, self._lease_seconds)
         except ObjectNotFound:
-            self._logger.debug("Lease of flow run %s had already expired", flow_run_id)
+            return False
+        except PrefectHTTPStatusError as exc:
+            if exc.response.status_code == _GONE:
+                return False
+            raise
+        lease.renewed_at = time.monotonic()
+        return True
+
+    async def _release_lost_slot(self, flow_run_id: UUID, lease: _Lease) -> None:
+        await self._client.release_concurrency_slots(
+            names=[self.limit_name],
+            slots=1,
+            occupancy_seconds=time.monotonic() - lease.renewed_at,
+        )
+        self._logger.warning(
+            "The concurrency lease of flow run %s was gone (expired, or forgotten by a "
+            "restarted Prefect server); its slot was given back",
+            flow_run_id,
+        )
 
     async def renew_due(self) -> None:
         """Renew every lease older than a third of its duration."""
@@ -100,18 +150,28 @@ class WorkspaceSlots:
         for flow_run_id, lease in list(self._leases.items()):
             if now - lease.renewed_at < self._lease_seconds / 3:
                 continue
-            try:
-                await self._client.renew_concurrency_lease(lease.id, self._lease_seconds)
-            except ObjectNotFound:
-                self._logger.warning(
-                    "The concurrency slot of flow run %s expired before it was renewed; "
-                    "the workspace may briefly run more than %d flow runs at once",
-                    flow_run_id,
-                    self.limit,
-                )
+            if not await self._renew(lease):
+                if self._leases.get(flow_run_id) is not lease:
+                    continue  # released meanwhile: the run is over
+                # Give the forgotten slot back, and count the run again under a new lease.
                 self._leases.pop(flow_run_id, None)
-            else:
-                lease.renewed_at = now
+                self._renewing.add(flow_run_id)
+                try:
+                    await self._release_lost_slot(flow_run_id, lease)
+                    acquired = await self.try_acquire(flow_run_id)
+                finally:
+                    self._renewing.discard(flow_run_id)
+                if flow_run_id in self._ended:
+                    self._ended.discard(flow_run_id)
+                    await self.release(flow_run_id)  # it ended while the new lease was taken
+                elif not acquired:
+                    self._logger.warning(
+                        "The concurrency slot of flow run %s expired before it was renewed "
+                        "and every slot is taken now; the workspace may briefly run more "
+                        "than %d flow runs at once",
+                        flow_run_id,
+                        self.limit,
+                    )
 
     @property
     def renew_interval(self) -> float:

@@ -4,6 +4,7 @@ ManagedError
  ├── InvalidPipPackage       a pip_packages entry is not an acceptable requirement
  ├── InvalidJobVariable      another job variable has a value the worker cannot use
  ├── ImageNotAllowed         the image is not in the policy's allow-list
+ ├── ImageNotAvailable       the image is neither on the Docker host nor pullable
  ├── PolicyError             the policy file is missing, malformed or invalid
  └── RuntimeImageError       the local runtime image could not be built
 """
@@ -47,6 +48,18 @@ class ImageNotAllowed(ManagedError, ValueError):
             f"Image {image!r} is not allowed in this workspace; allowed images: "
             f"{', '.join(allowed)}. Remove 'image' from the deployment's job variables to use "
             "the default, or ask the operator to allow the image."
+        )
+
+
+class ImageNotAvailable(ManagedError, RuntimeError):
+    """The image is allowed but neither on the Docker host nor pullable."""
+
+    def __init__(self, image: str, reason: str) -> None:
+        self.image = image
+        super().__init__(
+            f"Image {image!r} is not on this Docker host and could not be pulled ({reason}). "
+            "Check the image name and tag, remove 'image' from the deployment's job "
+            "variables to use the default, or ask the operator to provide the image."
         )
 
 

@@ -23,12 +23,28 @@ def parse_docker_time(value: str) -> datetime | None:
 
 @dataclass
 class Meter:
-    """The highest memory and the CPU time seen in a container's stats samples."""
+    """The highest memory and the CPU time seen in a container's stats samples, when
+    the last sample was taken, and the container's inspection when it started (what is
+    left to go on if the container is removed before the worker reads it)."""
 
     peak_memory_bytes: int | None = None
     cpu_seconds: float | None = None
+    last_seen: datetime | None = None
+    container: dict[str, Any] | None = None
+    peak_pids: int = 0
+    pids_limit: int | None = None
+
+    @property
+    def pids_exhausted(self) -> bool:
+        """Whether a sample saw the container at its limit of processes and threads."""
+        return self.pids_limit is not None and self.peak_pids >= self.pids_limit
 
     def add(self, stats: dict[str, Any]) -> None:
+        self.last_seen = datetime.now(timezone.utc)
+        pids = stats.get("pids_stats") or {}
+        self.peak_pids = max(self.peak_pids, int(pids.get("current") or 0))
+        if pids.get("limit"):
+            self.pids_limit = int(pids["limit"])
         memory = stats.get("memory_stats") or {}
         # cgroup v1 keeps a high-water mark; cgroup v2 reports only current usage.
         seen = memory.get("max_usage") or memory.get("usage")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections import deque
 from contextlib import closing
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -26,11 +27,18 @@ from uuid import UUID
 import anyio
 import anyio.abc
 import docker.errors
+import httpx
+import requests.exceptions
 from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
 from prefect.client.schemas.objects import FlowRun, State, WorkerStatus
 from prefect.events import emit_event
-from prefect.exceptions import Abort, InfrastructureNotFound, ObjectNotFound
+from prefect.exceptions import (
+    Abort,
+    InfrastructureNotFound,
+    ObjectNotFound,
+    PrefectHTTPStatusError,
+)
 from prefect.states import Crashed, Failed, Scheduled
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
@@ -45,13 +53,14 @@ from prefect_managed.configuration import (
     api_label_value,
 )
 from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
-from prefect_managed.exceptions import PolicyError
+from prefect_managed.exceptions import ImageNotAvailable, PolicyError
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.metering import Meter, parse_docker_time
 from prefect_managed.policy import (
     Policy,
     awaiting_slot_message,
     out_of_memory_message,
+    pids_limit_message,
     pool_not_served_message,
     run_time_exceeded_message,
     served_pool_names,
@@ -80,6 +89,41 @@ QUOTA_CHECK_SECONDS = 10.0
 STATS_INTERVAL = 2.0
 RECONCILE_SECONDS = 60.0
 QUOTA_EXHAUSTED = "QuotaExhausted"
+DOCKER_WAIT_SECONDS = 600.0
+
+CONTAINER_REMOVED_MESSAGE = (
+    "The flow run's container was removed from outside the worker (for example with "
+    "`docker rm -f`) before the flow run finished, so the flow run was stopped with it. "
+    "Its usage is counted until the worker last saw the container running. Run it again, "
+    "and ask whoever manages the Docker host not to remove running flow run containers."
+)
+DOCKER_ENGINE_LOST_MESSAGE = (
+    "The Docker engine stopped while the flow run was running (a restart of the Docker "
+    "daemon stops its containers unless live-restore is on); its container exited with "
+    "code {exit_code}. Run it again once the engine is back."
+)
+
+
+def _refused_a_process(state: State) -> bool:
+    """Whether the run ended on the kernel refusing a new process or thread (EAGAIN from
+    fork or clone), which in a container with a process limit means it reached it."""
+    message = state.message or ""
+    return "[Errno 11] Resource temporarily unavailable" in message or (
+        "can't start new thread" in message
+    )
+
+
+def _docker_lost(exc: BaseException) -> bool:
+    """Whether `exc` says the Docker engine could not be reached (not a 404 or 409)."""
+    while exc is not None:
+        if isinstance(exc, requests.exceptions.ConnectionError):
+            return True
+        if isinstance(exc, docker.errors.DockerException) and not isinstance(
+            exc, docker.errors.APIError
+        ):
+            return True
+        exc = exc.__cause__  # type: ignore[assignment]
+    return False
 
 
 class _StartedProxy:
@@ -123,7 +167,10 @@ class ManagedWorker(DockerWorker):
         self._slots: WorkspaceSlots | None = None
         self._ledger: UsageLedger | None = None
         self._background: anyio.abc.TaskGroup | None = None
-        self._active: set[str] = set()  # containers of orphaned runs being watched
+        self._active: set[str] = set()  # containers being watched (runs and orphans)
+        # Containers this worker finished lately: a reconciliation that listed one just
+        # before it was removed must not take it over.
+        self._finished: deque[str] = deque(maxlen=1000)
         self._pool_served = True
         self._pool_checked_at = -POOL_CHECK_SECONDS
         self._month_usage: MonthlyUsage | None = None
@@ -137,7 +184,16 @@ class ManagedWorker(DockerWorker):
             self.policy.tier.concurrency_limit,
             self._logger,
         )
-        await self._slots.ensure_limit()
+        try:
+            await self._slots.ensure_limit()
+        except (httpx.HTTPError, PrefectHTTPStatusError):
+            # Started while the Prefect server is unreachable: serve anyway, as Prefect's
+            # worker does; the limit is made when the first run takes a slot.
+            self._logger.warning(
+                "Could not set the workspace's concurrency limit %r (is the Prefect API "
+                "reachable?); it is set when the first flow run takes a slot",
+                self.policy.concurrency_limit_name,
+            )
         self._ledger = UsageLedger(self.client, self.policy.workspace.name)
         self._background = anyio.create_task_group()
         await self._exit_stack.enter_async_context(self._background)
@@ -278,25 +334,78 @@ class ManagedWorker(DockerWorker):
         started = _StartedProxy(task_status)
         timed_out = anyio.Event()
         meter = Meter()
+        error: Exception | None = None
         async with anyio.create_task_group() as watchers:
             watchers.start_soon(self._stop_at_max_run_time, flow_run, started, timed_out)
             watchers.start_soon(self._sample_stats, started, meter)
-            result = await super().run(flow_run, configuration, started)  # type: ignore[arg-type]
-            watchers.cancel_scope.cancel()
-        _, container_id = self._parse_infrastructure_pid(result.identifier)
-        await self._finish(flow_run, container_id, meter, timed_out=timed_out.is_set())
+            try:
+                result = await super().run(flow_run, configuration, started)  # type: ignore[arg-type]
+            except Exception as exc:
+                # Kept out of the task group, which would wrap it in an ExceptionGroup.
+                error = exc
+            finally:
+                watchers.cancel_scope.cancel()
+        if started.infrastructure_pid is None:
+            assert error is not None
+            image = configuration.image or ""
+            if not await run_sync_in_worker_thread(self._image_present, image):
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                raise ImageNotAvailable(image, first_line[:300] or type(error).__name__) from error
+            raise error  # no container: Prefect's worker reports the failed submission
+        _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
+        try:
+            if error is not None:
+                if not _docker_lost(error):
+                    raise error
+                # A daemon restart: wait for the engine, then finish the run from what the
+                # container says. If it does not come back, the reconciliation does it.
+                self._logger.warning(
+                    "Lost the Docker engine while watching flow run %s; waiting up to %d s "
+                    "for it to answer again",
+                    flow_run.id,
+                    DOCKER_WAIT_SECONDS,
+                )
+                await self._wait_for_docker()
+                result = DockerWorkerResult(status_code=-1, identifier=started.infrastructure_pid)
+            await self._finish(
+                flow_run,
+                container_id,
+                meter,
+                timed_out=timed_out.is_set(),
+                engine_lost=error is not None,
+            )
+        finally:
+            self._active.discard(container_id)
         return result
+
+    async def _wait_for_docker(self) -> None:
+        with anyio.fail_after(DOCKER_WAIT_SECONDS):
+            while True:
+                try:
+                    await run_sync_in_worker_thread(self._ping_docker)
+                    return
+                except (RuntimeError, docker.errors.DockerException, requests.RequestException):
+                    await anyio.sleep(2)
 
     async def _sample_stats(self, started: _StartedProxy, meter: Meter) -> None:
         await started.event.wait()
         assert started.infrastructure_pid is not None
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
-        while True:
-            stats = await run_sync_in_worker_thread(self._stats, container_id)
-            if stats is None:
-                return
-            meter.add(stats)
-            await anyio.sleep(STATS_INTERVAL)
+        # Watched here: the reconciliation must not take it over as an orphan.
+        self._active.add(container_id)
+        try:
+            # What the container is, kept in case it is removed before the worker reads it.
+            meter.container = await run_sync_in_worker_thread(self._inspect, container_id)
+            while True:
+                stats = await run_sync_in_worker_thread(self._stats, container_id)
+                if stats is None:
+                    return
+                meter.add(stats)
+                await anyio.sleep(STATS_INTERVAL)
+        except (RuntimeError, docker.errors.DockerException, requests.RequestException) as exc:
+            if not _docker_lost(exc):
+                raise
+            return  # the engine went away: the run's watcher handles it
 
     async def _stop_at_max_run_time(
         self, flow_run: FlowRun, started: _StartedProxy, timed_out: anyio.Event
@@ -317,7 +426,12 @@ class ManagedWorker(DockerWorker):
             pass  # it exited on its own meanwhile
 
     async def _finish(
-        self, flow_run: FlowRun, container_id: str, meter: Meter, timed_out: bool = False
+        self,
+        flow_run: FlowRun,
+        container_id: str,
+        meter: Meter,
+        timed_out: bool = False,
+        engine_lost: bool = False,
     ) -> None:
         """Explain, record and remove a container that has exited.
 
@@ -327,12 +441,12 @@ class ManagedWorker(DockerWorker):
         next reconciliation finds it again.
         """
         attrs = await run_sync_in_worker_thread(self._inspect, container_id)
-        if attrs is None:
-            self._logger.warning(
-                "The container of flow run %s was removed by someone else before its "
-                "usage could be measured",
-                flow_run.id,
-            )
+        if (
+            attrs is None
+            or attrs["State"].get("Dead")
+            or attrs["State"].get("Status") == "removing"
+        ):
+            await self._finish_removed(flow_run, meter)
             return
         state = attrs["State"]
         exit_code = state.get("ExitCode")
@@ -342,11 +456,27 @@ class ManagedWorker(DockerWorker):
         elif oom:
             memory = int(attrs["HostConfig"].get("Memory") or self.policy.tier.memory_bytes)
             await self._crash_with_cause(flow_run, out_of_memory_message(self.policy, memory))
+        elif engine_lost:
+            await self._crash_with_cause(
+                flow_run, DOCKER_ENGINE_LOST_MESSAGE.format(exit_code=exit_code)
+            )
         elif exit_code is not None:
             # Exit code 0 too: after a failed pull step, Prefect's runner reports the run
             # Crashed and its process exits 0.
             await self._report_exit_before_flow_start(flow_run, attrs, exit_code)
         final = await self._ensure_final_state(flow_run, exit_code)
+        pids_limit = int(attrs["HostConfig"].get("PidsLimit") or 0)
+        if (
+            pids_limit > 0
+            and final is not None
+            and (final.is_failed() or final.is_crashed())
+            and (meter.pids_exhausted or _refused_a_process(final))
+        ):
+            # The flow's own error ("Resource temporarily unavailable") does not say why.
+            message = pids_limit_message(self.policy, pids_limit)
+            await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+            self.get_flow_run_logger(flow_run).error("%s", message)
+            final = (await self.client.read_flow_run(flow_run.id)).state
         outcome = outcome_of(final, timed_out=timed_out, out_of_memory=oom)
         try:
             await self._record_usage(flow_run, attrs, meter, outcome, exit_code)
@@ -358,6 +488,29 @@ class ManagedWorker(DockerWorker):
             )
             return
         await run_sync_in_worker_thread(self._remove_container, container_id)
+        self._finished.append(container_id)
+
+    async def _finish_removed(self, flow_run: FlowRun, meter: Meter) -> None:
+        """A container removed by someone else before the worker read it: the run ends
+        Crashed saying so (unless it had finished), and its usage is recorded from what
+        the worker saw while it ran."""
+        self._logger.warning(
+            "The container of flow run %s was removed by someone else before it was read",
+            flow_run.id,
+        )
+        await self._crash_with_cause(flow_run, CONTAINER_REMOVED_MESSAGE)
+        final = (await self.client.read_flow_run(flow_run.id)).state
+        if meter.container is None or meter.last_seen is None:
+            return  # never seen running: no compute to count
+        attrs = {
+            **meter.container,
+            "State": {
+                **meter.container["State"],
+                "FinishedAt": meter.last_seen.isoformat().replace("+00:00", "Z"),
+            },
+        }
+        outcome = outcome_of(final, timed_out=False, out_of_memory=False)
+        await self._record_usage(flow_run, attrs, meter, outcome, None)
 
     async def _ensure_final_state(self, flow_run: FlowRun, exit_code: int | None) -> State | None:
         """The run's state, made Crashed if its container is gone but it is not final."""
@@ -519,7 +672,11 @@ class ManagedWorker(DockerWorker):
         }
         for attrs in containers:
             labels = attrs["Config"].get("Labels") or {}
-            if attrs["Id"] in self._active or labels.get("io.prefect.worker-name") in online:
+            if (
+                attrs["Id"] in self._active
+                or attrs["Id"] in self._finished
+                or labels.get("io.prefect.worker-name") in online
+            ):
                 continue
             flow_run_id = labels.get("io.prefect.flow-run-id")
             if not flow_run_id:
@@ -541,7 +698,7 @@ class ManagedWorker(DockerWorker):
     async def _adopt(self, flow_run: FlowRun, attrs: dict[str, Any]) -> None:
         """Watch an orphaned container to its end (within the run time limit), then finish it."""
         container_id = attrs["Id"]
-        meter = Meter()
+        meter = Meter(container=attrs)
         timed_out = False
         started_at = parse_docker_time(attrs["State"].get("StartedAt", ""))
         try:
@@ -604,9 +761,23 @@ class ManagedWorker(DockerWorker):
         with closing(self._get_client()) as client:
             try:
                 raw: bytes = client.api.logs(container_id, stdout=True, stderr=True, tail=tail)
-            except docker.errors.NotFound:
+            except docker.errors.APIError:  # 404 gone, 409 dead or being removed
                 return ["(the container was removed before its output could be read)"]
         return raw.decode(errors="replace").splitlines()
+
+    def _image_present(self, image: str) -> bool:
+        with closing(self._get_client()) as client:
+            try:
+                client.api.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                return False
+            except docker.errors.APIError:
+                return True  # not the image's fault: report the original error
+        return True
+
+    def _ping_docker(self) -> None:
+        with closing(self._get_client()) as client:
+            client.ping()
 
     def _remove_container(self, container_id: str) -> None:
         with closing(self._get_client()) as client:

@@ -51,8 +51,9 @@ def wait_for_log(flow_run_id: UUID, text: str, timeout: float = 30) -> list[str]
 
 
 def run_containers(docker_client, flow_run_id: UUID) -> list:
+    # ignore_removed: a container the worker removes while it is being listed is gone.
     return docker_client.containers.list(
-        all=True, filters={"label": f"io.prefect.flow-run-id={flow_run_id}"}
+        all=True, filters={"label": f"io.prefect.flow-run-id={flow_run_id}"}, ignore_removed=True
     )
 
 

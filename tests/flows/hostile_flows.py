@@ -1,0 +1,84 @@
+"""Hostile flows: each tries one way out of its container, without catching the error,
+so the run's final state says what the container refused."""
+
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+
+
+def _docker_socket() -> None:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.connect("/var/run/docker.sock")
+
+
+def _host_file() -> None:
+    # The host's files are not mounted; the container's own secrets are root's only.
+    Path("/etc/shadow").read_text()
+
+
+def _setuid() -> None:
+    os.setuid(0)
+
+
+def _setuid_binary() -> None:
+    # `su` is setuid root in the image; no-new-privileges keeps it from gaining root.
+    done = subprocess.run(
+        ["su", "-c", "id -u", "root"], input="", capture_output=True, text=True, timeout=30
+    )
+    raise PermissionError(
+        f"su exited with code {done.returncode}: {(done.stderr or done.stdout).strip()}"
+    )
+
+
+def _capability() -> None:
+    # A raw socket needs CAP_NET_RAW, which the container does not have.
+    socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+
+
+def _write_outside() -> None:
+    Path("/usr/lib/escape.txt").write_text("written by a flow")
+
+
+ATTEMPTS = {
+    "docker_socket": _docker_socket,
+    "host_file": _host_file,
+    "setuid": _setuid,
+    "setuid_binary": _setuid_binary,
+    "capability": _capability,
+    "write_outside": _write_outside,
+}
+
+
+@flow
+def escape(attempt: str) -> str:
+    get_run_logger().info("attempting %s", attempt)
+    ATTEMPTS[attempt]()
+    return f"{attempt} succeeded"
+
+
+@flow
+def writable_dirs() -> dict:
+    """Writes where a flow may: its home, its working directory and /tmp."""
+    written = {}
+    for folder in (Path.home(), Path.cwd(), Path("/tmp")):
+        target = folder / "flow-output.txt"
+        target.write_text("ok")
+        written[str(folder)] = target.read_text()
+    get_run_logger().info("writable: %s", written)
+    return written
+
+
+@flow
+def fork_bomb(hold_seconds: float = 20.0) -> int:
+    """Forks sleeping children until the kernel refuses, and keeps them."""
+    children = 0
+    while True:
+        pid = os.fork()
+        if pid == 0:
+            time.sleep(hold_seconds)
+            os._exit(0)
+        children += 1

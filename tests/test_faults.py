@@ -1,0 +1,215 @@
+"""Faults injected for real while runs are in flight, and what a user checks after each:
+every run in the right final state, no container left, no concurrency slot held, and
+exactly one usage record for each run that had a container.
+
+Each test has a workspace, pool and worker of its own, so its slots and containers are
+its own. The Docker daemon restart kills every container of the engine, other test
+sessions' included: it is marked `docker_restart` so it can be deselected
+(`-m "not docker_restart"`) on a shared machine; CI runs it.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from contextlib import closing
+from pathlib import Path
+
+import docker
+import pytest
+from conftest import OUTPUT, restart_prefect_server, worker_policy
+from faults import wait_for_records, wait_until_settled, workspace_containers
+from helpers import create_pool, run_containers, wait_for_log
+from prefect.deployments import run_deployment
+from services import BIN, start_worker, wait_for
+
+pytestmark = pytest.mark.docker
+
+
+def start_run(deployment_id, **parameters):
+    return run_deployment(deployment_id, parameters=parameters, timeout=0).id
+
+
+@pytest.fixture
+def fault_setup(deploy, runtime_image, package_index, tmp_path):
+    """A pool, a policy (workspace of its own, 3 concurrent runs) and a sleeper deployment."""
+
+    def _setup(name: str) -> tuple[str, dict[str, str], object]:
+        pool = create_pool(f"{name}-pool")
+        policy = worker_policy(
+            tmp_path / f"{name}.toml",
+            runtime_image,
+            package_index.url,
+            name,
+            concurrency_limit=3,
+        )
+        env = {
+            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        }
+        return pool, env, deploy("sleeper", f"sleeper-{name}", pool=pool)
+
+    return _setup
+
+
+def running_containers(docker_client, runs) -> bool:
+    return all(
+        run_containers(docker_client, run)
+        and all(c.status == "running" for c in run_containers(docker_client, run))
+        for run in runs
+    )
+
+
+def test_a_worker_killed_with_sigkill_and_restarted_loses_nothing(docker_client, fault_setup):
+    pool, env, deployment = fault_setup("fault-kill")
+    first = start_worker(pool, OUTPUT, env, name="fault-kill-worker")
+    in_flight = [start_run(deployment, seconds=20) for _ in range(2)]
+    wait_for(lambda: running_containers(docker_client, in_flight), 180, "both containers running")
+    os.kill(first.service.process.pid, signal.SIGKILL)
+    first.service.process.wait()
+    queued = start_run(deployment, seconds=1)  # submitted while no worker runs
+
+    restarted = start_worker(pool, OUTPUT, env, name="fault-kill-worker")
+    try:
+        runs = wait_until_settled(docker_client, "fault-kill", [*in_flight, queued], 300)
+    finally:
+        restarted.service.stop()
+    assert [run.state.type.value for run in runs] == ["COMPLETED"] * 3
+    assert wait_for_records([*in_flight, queued]) == {run: 1 for run in [*in_flight, queued]}
+
+
+def test_a_container_removed_from_outside_crashes_its_run_and_is_recorded_once(
+    docker_client, fault_setup
+):
+    pool, env, deployment = fault_setup("fault-rm")
+    running = start_worker(pool, OUTPUT, env, name="fault-rm-worker")
+    try:
+        victim = start_run(deployment, seconds=120)
+        bystander = start_run(deployment, seconds=15)
+        wait_for(lambda: running_containers(docker_client, [victim]), 180, "the container running")
+        time.sleep(3)
+        subprocess.run(
+            ["docker", "rm", "-f", run_containers(docker_client, victim)[0].id],
+            check=True,
+            capture_output=True,
+        )
+        runs = wait_until_settled(docker_client, "fault-rm", [victim, bystander], 240)
+    finally:
+        running.service.stop()
+    removed, finished = runs
+    assert removed.state.is_crashed(), removed.state
+    assert "container was removed" in removed.state.message
+    assert "docker rm" in removed.state.message
+    assert finished.state.is_completed(), finished.state
+    assert wait_for_records([victim, bystander]) == {victim: 1, bystander: 1}
+
+
+def test_a_cancelled_run_stops_within_30_s_and_ends_cancelled(docker_client, fault_setup):
+    pool, env, deployment = fault_setup("fault-cancel")
+    running = start_worker(pool, OUTPUT, env, name="fault-cancel-worker")
+    try:
+        flow_run_id = start_run(deployment, seconds=300)
+        wait_for(
+            lambda: running_containers(docker_client, [flow_run_id]), 180, "the container running"
+        )
+        wait_for_log(flow_run_id, "Beginning flow run", timeout=120)
+        done = subprocess.run(
+            [str(BIN / "prefect"), "flow-run", "cancel", str(flow_run_id)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        cancelled_at = time.monotonic()
+        wait_for(
+            lambda: (
+                not any(c.status == "running" for c in run_containers(docker_client, flow_run_id))
+            ),
+            30,
+            "the container stopping",
+        )
+        assert time.monotonic() - cancelled_at <= 30
+        (run,) = wait_until_settled(docker_client, "fault-cancel", [flow_run_id], 120)
+    finally:
+        running.service.stop()
+    assert run.state.is_cancelled(), run.state
+    assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
+
+
+def test_the_prefect_server_down_for_30_s_loses_nothing(docker_client, fault_setup):
+    pool, env, deployment = fault_setup("fault-server")
+    running = start_worker(pool, OUTPUT, env, name="fault-server-worker")
+    try:
+        runs = [start_run(deployment, seconds=40) for _ in range(2)]
+        wait_for(lambda: running_containers(docker_client, runs), 180, "both containers running")
+        for run in runs:
+            wait_for_log(run, "Beginning flow run", timeout=120)
+        restart_prefect_server(down_seconds=30)
+        settled = wait_until_settled(docker_client, "fault-server", runs, 300)
+        assert running.service.process.poll() is None, "the worker exited"
+        after = start_run(deployment, seconds=1)  # the worker still serves the pool
+        settled += wait_until_settled(docker_client, "fault-server", [after], 180)
+    finally:
+        running.service.stop()
+    assert [run.state.type.value for run in settled] == ["COMPLETED"] * 3, [
+        (run.state.name, run.state.message) for run in settled
+    ]
+    assert wait_for_records([*runs, after]) == {run: 1 for run in [*runs, after]}
+
+
+# -- the Docker daemon -------------------------------------------------------------------
+
+DOCKERD_LOG = Path("/var/log/prefect-managed-dockerd.log")
+
+
+def restart_docker_daemon() -> None:
+    """Stop the running dockerd (SIGTERM, by its pid) and start it again with the same
+    command line, the way scripts/setup.sh started it."""
+    pid = int(
+        subprocess.run(["pidof", "dockerd"], capture_output=True, text=True).stdout.split()[0]
+    )
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    os.kill(pid, signal.SIGTERM)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, "dockerd exiting", 0.5)
+    with DOCKERD_LOG.open("ab") as log:
+        subprocess.Popen(
+            [part.decode() for part in command],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def answers() -> bool:
+        try:
+            with closing(docker.from_env()) as client:
+                return client.ping()
+        except docker.errors.DockerException:
+            return False
+
+    wait_for(answers, 120, "dockerd answering again", 1)
+
+
+@pytest.mark.docker_restart
+def test_a_docker_daemon_restart_crashes_the_runs_it_killed_and_loses_nothing(fault_setup):
+    pool, env, deployment = fault_setup("fault-dockerd")
+    running = start_worker(pool, OUTPUT, env, name="fault-dockerd-worker")
+    try:
+        with closing(docker.from_env()) as client:
+            runs = [start_run(deployment, seconds=60) for _ in range(2)]
+            wait_for(lambda: running_containers(client, runs), 180, "both containers running")
+        restart_docker_daemon()
+        with closing(docker.from_env()) as client:
+            settled = wait_until_settled(client, "fault-dockerd", runs, 300)
+            assert running.service.process.poll() is None, "the worker exited"
+            after = start_run(deployment, seconds=1)  # the worker still serves the pool
+            (later,) = wait_until_settled(client, "fault-dockerd", [after], 180)
+            assert workspace_containers(client, "fault-dockerd") == []
+    finally:
+        running.service.stop()
+    for run in settled:
+        assert run.state.is_crashed(), run.state
+        assert "Docker engine" in run.state.message, run.state.message
+    assert later.state.is_completed(), later.state
+    assert wait_for_records([*runs, after]) == {run: 1 for run in [*runs, after]}
