@@ -690,6 +690,14 @@ def main(argv: list[str] | None = None) -> int:
         for service in reversed(services):
             service.stop()
         cleanup(workspace)
+    cores = os.cpu_count() or 1
+    if max(results.load_before[0], results.load_after[0]) > cores:
+        results.notes.append(
+            f"The machine was loaded (1-min load average {results.load_before[0]:.1f} before, "
+            f"{results.load_after[0]:.1f} after, on {cores} cores): other work competed for "
+            "the CPU and the Docker engine, so the absolute times and the ratios are noisy; "
+            "compare the phases, and rerun on an idle machine before judging the targets."
+        )
     summary = summarize(results)
     text = table(results, summary)
     print()
