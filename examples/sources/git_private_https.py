@@ -19,7 +19,7 @@ from prefect import flow
 from prefect.blocks.system import Secret
 from prefect.runner.storage import GitRepository
 
-REPOSITORY = os.environ.get("FLOW_REPOSITORY", "https://github.com/my-org/private-flows.git")
+REPOSITORY = os.environ.get("FLOW_REPOSITORY", "https://git.example.com/my-org/private-flows.git")
 
 if __name__ == "__main__":
     if "GIT_TOKEN" in os.environ:
