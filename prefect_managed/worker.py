@@ -402,10 +402,12 @@ class ManagedWorker(DockerWorker):
                     return
                 meter.add(stats)
                 await anyio.sleep(STATS_INTERVAL)
-        except (RuntimeError, docker.errors.DockerException, requests.RequestException) as exc:
-            if not _docker_lost(exc):
-                raise
-            return  # the engine went away: the run's watcher handles it
+        except (RuntimeError, docker.errors.DockerException, requests.RequestException):
+            # Measuring is not worth a run: a container being removed answers stats with
+            # an empty body, an engine going away with no answer. The run's watcher and
+            # `_finish` deal with both.
+            self._logger.debug("Stopped sampling container %s", container_id, exc_info=True)
+            return
 
     async def _stop_at_max_run_time(
         self, flow_run: FlowRun, started: _StartedProxy, timed_out: anyio.Event
@@ -754,8 +756,8 @@ class ManagedWorker(DockerWorker):
         with closing(self._get_client()) as client:
             try:
                 return client.api.stats(container_id, stream=False, one_shot=True)
-            except docker.errors.NotFound:
-                return None
+            except (docker.errors.NotFound, requests.exceptions.JSONDecodeError):
+                return None  # gone, or being removed (an empty answer)
 
     def _container_output(self, container_id: str, tail: int) -> list[str]:
         with closing(self._get_client()) as client:
