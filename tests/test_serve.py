@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 import threading
 import time
+import uuid
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -37,6 +38,13 @@ from prefect_managed.configuration import WORKSPACE_LABEL
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 
 POLL_SECONDS = "2"
+#: Workspace names end with this session's tag: containers are counted by their
+#: workspace label, and another session may run on the same Docker engine.
+SESSION = uuid.uuid4().hex[:6]
+
+
+def workspace(name: str) -> str:
+    return f"{name}-{SESSION}"
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +94,9 @@ def api(postgres_api):
 
 @pytest.fixture
 def policy_for(runtime_image, package_index, tmp_path):
-    def _policy(workspace: str, **tier) -> Path:
+    def _policy(name: str, **tier) -> Path:
         return worker_policy(
-            tmp_path / f"{workspace}.toml", runtime_image, package_index.url, workspace, **tier
+            tmp_path / f"{name}.toml", runtime_image, package_index.url, workspace(name), **tier
         )
 
     return _policy
@@ -171,7 +179,7 @@ def test_serve_runs_flows_of_every_managed_pool_including_one_created_after_it_s
 ):
     early = create_pool("serve-early")
     with (
-        container_creations(docker_client, "serve-all") as creations,
+        container_creations(docker_client, workspace("serve-all")) as creations,
         serving(api, policy_for("serve-all"), "svc") as service,
     ):
         wait_for_log_line(service, "Serving work pool 'serve-early' with worker 'svc-serve-early'")
@@ -189,7 +197,7 @@ def test_serve_runs_flows_of_every_managed_pool_including_one_created_after_it_s
 
 
 def test_serve_serves_only_the_oldest_pools_of_the_tier_and_follows_deletion(
-    api, deploy_to, policy_for
+    api, deploy_to, policy_for, docker_client
 ):
     first, second, third = (create_pool(f"count-{n}") for n in (1, 2, 3))
     deployment = deploy_to(third)
@@ -204,6 +212,7 @@ def test_serve_serves_only_the_oldest_pools_of_the_tier_and_follows_deletion(
         wait_for_log_line(service, "Stopped serving work pool 'count-1': it was deleted")
         wait_for_log_line(service, "Serving work pool 'count-3' with worker 'count-count-3'")
         run = wait_for_final_state(waiting, 600)
+        wait_for(lambda: not run_containers(docker_client, waiting), 300, "container removed")
         time.sleep(2 * float(POLL_SECONDS))
         with get_client(sync_client=True) as client:
             pools = {pool.name for pool in client.read_work_pools()}
@@ -213,7 +222,7 @@ def test_serve_serves_only_the_oldest_pools_of_the_tier_and_follows_deletion(
 
 
 def test_serve_stops_serving_a_paused_pool_and_serves_it_again_when_resumed(
-    api, deploy_to, policy_for
+    api, deploy_to, policy_for, docker_client
 ):
     pool = create_pool("pausable")
     deployment = deploy_to(pool)
@@ -228,6 +237,7 @@ def test_serve_stops_serving_a_paused_pool_and_serves_it_again_when_resumed(
             assert client.read_flow_run(waiting).state.is_scheduled()
             client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
         run = wait_for_final_state(waiting, 600)
+        wait_for(lambda: not run_containers(docker_client, waiting), 300, "container removed")
     assert run.state.is_completed(), run.state
     assert service.log().count("Serving work pool 'pausable'") == 2
 
@@ -273,7 +283,7 @@ def test_sigterm_leaves_running_containers_and_the_next_start_finishes_them(
 
 CAP = 3
 RUNS = 10
-SCALE = "scale"
+SCALE = "scale"  # the policy's workspace is workspace(SCALE)
 
 
 @pytest.mark.timeout(1800)
@@ -284,7 +294,7 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
     pools = [create_pool("scale-a"), create_pool("scale-b")]
     deployments = [deploy_to(pool, "sleeper") for pool in pools]
     # Phase 2's refused runs must create no container either.
-    with container_creations(docker_client, SCALE) as created:
+    with container_creations(docker_client, workspace(SCALE)) as created:
         hosts = {name: start_serve(api, policy, name) for name in ("host-a", "host-b")}
         try:
             for service in hosts.values():
@@ -296,7 +306,10 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
                 deadline = time.monotonic() + 1200
                 while time.monotonic() < deadline:
                     running = docker_client.containers.list(
-                        filters={"label": f"{WORKSPACE_LABEL}={SCALE}", "status": "running"}
+                        filters={
+                            "label": f"{WORKSPACE_LABEL}={workspace(SCALE)}",
+                            "status": "running",
+                        }
                     )
                     most_running = max(most_running, len(running))
                     states = [client.read_flow_run(run).state for run in runs]
@@ -306,6 +319,15 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
             for run in runs:
                 wait_for(lambda run=run: usage_records(run), 180, f"the usage record of {run}")
             records = {run: usage_records(run) for run in runs}
+            wait_for(
+                lambda: (
+                    not docker_client.containers.list(
+                        all=True, filters={"label": f"{WORKSPACE_LABEL}={workspace(SCALE)}"}
+                    )
+                ),
+                300,
+                "every container of the workspace removed",
+            )
             usage = json.loads(usage_json(api, policy))
             for service in hosts.values():
                 service.stop(timeout=60)
@@ -317,7 +339,7 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
                 tmp_path / "used-up.toml",
                 runtime_image,
                 package_index.url,
-                SCALE,
+                workspace(SCALE),
                 concurrency_limit=CAP,
                 compute_hours_per_month=usage["billable_minutes"] / 60,
             )
