@@ -4,7 +4,6 @@ so the run's final state says what the container refused."""
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -74,11 +73,17 @@ def writable_dirs() -> dict:
 
 @flow
 def fork_bomb(hold_seconds: float = 20.0) -> int:
-    """Forks sleeping children until the kernel refuses, and keeps them."""
+    """Forks sleeping children until the kernel refuses, and keeps them.
+
+    Each child becomes `sleep` at once, so the bomb exhausts processes, not memory: a
+    forked copy of the engine process would reach the memory cap first.
+    """
     children = 0
     while True:
         pid = os.fork()
         if pid == 0:
-            time.sleep(hold_seconds)
-            os._exit(0)
+            try:
+                os.execv("/bin/sleep", ["sleep", str(int(hold_seconds))])
+            finally:
+                os._exit(0)
         children += 1
