@@ -73,8 +73,10 @@ def ui_url(prefect_server: str) -> str:
     return root
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Browser:
+    """One browser for this module. Module scope ends Playwright's event loop with the
+    module: while it runs, Prefect's sync calls elsewhere would return coroutines."""
     if shutil.which(CHROMIUM) is None:
         pytest.fail(f"{CHROMIUM} is missing; run scripts/setup.sh, which installs chromium")
     with sync_playwright() as playwright:

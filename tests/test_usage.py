@@ -33,7 +33,7 @@ pytestmark = pytest.mark.docker
 
 
 def start_run(deployment_id, **parameters):
-    return run_deployment(deployment_id, parameters=parameters, timeout=0).id
+    return run_deployment(deployment_id, parameters=parameters, timeout=0, _sync=True).id
 
 
 def this_month() -> str:
