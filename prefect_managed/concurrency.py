@@ -26,7 +26,7 @@ import httpx
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
-from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 
 __all__ = ["LEASE_SECONDS", "WorkspaceSlots"]
 
@@ -65,7 +65,12 @@ class WorkspaceSlots:
 
     async def ensure_limit(self) -> None:
         """Create the workspace's limit, or set it to the tier's number."""
-        await self._client.upsert_global_concurrency_limit_by_name(self.limit_name, self.limit)
+        try:
+            await self._client.upsert_global_concurrency_limit_by_name(self.limit_name, self.limit)
+        except ObjectAlreadyExists:
+            # Another worker made it between our read and create (Prefect's upsert is
+            # not atomic): it exists now, so the second try only sets its number.
+            await self._client.upsert_global_concurrency_limit_by_name(self.limit_name, self.limit)
 
     def holds(self, flow_run_id: UUID) -> bool:
         return flow_run_id in self._leases

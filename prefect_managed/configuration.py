@@ -45,6 +45,9 @@ WORKSPACE_LABEL = "io.prefect-managed.workspace"
 API_LABEL = "io.prefect-managed.api"
 #: Environment variables only the worker sets: where the flow run reports, and as whom.
 WORKER_OWNED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
+#: Settings of the worker's process that Prefect passes on to every run (its home
+#: directory, a path on the worker's host; its polling) and that are not the run's.
+WORKER_ONLY_ENV = ("PREFECT_HOME", "PREFECT_WORKER_", "PREFECT_INTEGRATIONS_MANAGED_")
 
 
 def api_label_value() -> str:
@@ -168,6 +171,9 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
                     f"{key} is set by the worker so that the flow run reports to this "
                     "Prefect server; remove it from the deployment's env",
                 )
+        for key, value in base.items():
+            if key.startswith(WORKER_ONLY_ENV) and self.env.get(key) == value:
+                del self.env[key]
         # The run's identity is the worker's to say, not the deployment's.
         self.env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
         self.labels = {

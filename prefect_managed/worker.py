@@ -393,11 +393,17 @@ class ManagedWorker(DockerWorker):
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
         # Watched here: the reconciliation must not take it over as an orphan.
         self._active.add(container_id)
+        client: docker.DockerClient | None = None
         try:
+            # One Docker client for the whole run: a sample every few seconds per running
+            # container must not pay for building a client each time.
+            client = await run_sync_in_worker_thread(self._get_client)
             # What the container is, kept in case it is removed before the worker reads it.
-            meter.container = await run_sync_in_worker_thread(self._inspect, container_id)
+            meter.container = await run_sync_in_worker_thread(
+                self._inspect_with, client, container_id
+            )
             while True:
-                stats = await run_sync_in_worker_thread(self._stats, container_id)
+                stats = await run_sync_in_worker_thread(self._stats, client, container_id)
                 if stats is None:
                     return
                 meter.add(stats)
@@ -408,6 +414,9 @@ class ManagedWorker(DockerWorker):
             # `_finish` deal with both.
             self._logger.debug("Stopped sampling container %s", container_id, exc_info=True)
             return
+        finally:
+            if client is not None:
+                client.close()
 
     async def _stop_at_max_run_time(
         self, flow_run: FlowRun, started: _StartedProxy, timed_out: anyio.Event
@@ -752,12 +761,12 @@ class ManagedWorker(DockerWorker):
         except docker.errors.NotFound:
             return None
 
-    def _stats(self, container_id: str) -> dict[str, Any] | None:
-        with closing(self._get_client()) as client:
-            try:
-                return client.api.stats(container_id, stream=False, one_shot=True)
-            except (docker.errors.NotFound, requests.exceptions.JSONDecodeError):
-                return None  # gone, or being removed (an empty answer)
+    @staticmethod
+    def _stats(client: docker.DockerClient, container_id: str) -> dict[str, Any] | None:
+        try:
+            return client.api.stats(container_id, stream=False, one_shot=True)
+        except (docker.errors.NotFound, requests.exceptions.JSONDecodeError):
+            return None  # gone, or being removed (an empty answer)
 
     def _container_output(self, container_id: str, tail: int) -> list[str]:
         with closing(self._get_client()) as client:

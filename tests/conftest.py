@@ -8,6 +8,7 @@ server.
 from __future__ import annotations
 
 import os
+import secrets
 import tempfile
 from pathlib import Path
 
@@ -33,6 +34,7 @@ from services import (  # noqa: E402
     start_package_index,
     start_prefect_server,
 )
+from source_services import GitHttpServer, build_image_trusting, make_test_ca  # noqa: E402
 
 RUNTIME_IMAGE = os.environ.get("PREFECT_MANAGED_TEST_IMAGE", "")
 
@@ -234,3 +236,39 @@ def short_run_worker(tight_pool, runtime_image, package_index, tmp_path):
     )
     with worker(tight_pool, policy, "short-run-worker") as running:
         yield running
+
+
+# -- an HTTPS git server and a runtime image that trusts its CA (module-scoped) ----------
+
+
+@pytest.fixture(scope="module")
+def test_ca(tmp_path_factory):
+    return make_test_ca(tmp_path_factory.mktemp("test-ca"))
+
+
+@pytest.fixture(scope="module")
+def ca_image(docker_client, runtime_image, test_ca) -> str:
+    """The runtime image trusting the test CA (allowed by the default policy's
+    ``prefect-managed-runtime:*``)."""
+    tag = build_image_trusting(docker_client, runtime_image, test_ca, f"{runtime_image}-test-ca")
+    yield tag
+    docker_client.images.remove(tag, force=True)
+
+
+@pytest.fixture(scope="module")
+def git_https(tmp_path_factory, test_ca):
+    """The HTTPS git server; this process's git (`flow.from_source` clones here too)
+    trusts the test CA and never prompts."""
+    server = GitHttpServer(
+        tmp_path_factory.mktemp("git-https"), f"tok{secrets.token_hex(16)}", test_ca
+    ).start()
+    saved = {name: os.environ.get(name) for name in ("GIT_SSL_CAINFO", "GIT_TERMINAL_PROMPT")}
+    os.environ["GIT_SSL_CAINFO"] = str(test_ca.ca_cert)
+    os.environ["GIT_TERMINAL_PROMPT"] = "0"
+    yield server
+    for name, value in saved.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    server.stop()

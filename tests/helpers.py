@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID
@@ -13,7 +14,10 @@ from prefect.client.schemas.objects import FlowRun
 from services import start_worker, wait_for
 
 
-def wait_for_final_state(flow_run_id: UUID, timeout: float = 240) -> FlowRun:
+def wait_for_final_state(
+    flow_run_id: UUID, timeout: float = 240, explain: Callable[[], str] | None = None
+) -> FlowRun:
+    """The run once final; else fail with its state and what `explain` adds (a log)."""
     with get_client(sync_client=True) as client:
 
         def final() -> FlowRun | None:
@@ -26,7 +30,7 @@ def wait_for_final_state(flow_run_id: UUID, timeout: float = 240) -> FlowRun:
             run = client.read_flow_run(flow_run_id)
             raise AssertionError(
                 f"flow run {flow_run_id} is still {run.state.name if run.state else None} "
-                f"after {timeout} s"
+                f"after {timeout} s" + (f"\n{explain()}" if explain else "")
             ) from None
 
 

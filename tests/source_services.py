@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import importlib.metadata
 import ipaddress
 import json
 import os
@@ -569,6 +570,23 @@ CONTAINER_PLATFORM = [
     "manylinux1_x86_64",
     "--platform",
     "linux_x86_64",
+]
+
+
+def _pinned(distribution: str, extra: str = "") -> str:
+    """The collection at the version the tests run with on this side."""
+    return f"{distribution}{extra}=={importlib.metadata.version(distribution)}"
+
+
+PREFECT_AWS = _pinned("prefect-aws")
+PREFECT_GCP = _pinned("prefect-gcp", "[cloud_storage]")
+PREFECT_AZURE = _pinned("prefect-azure", "[blob_storage]")
+#: What the storage collections need in a container, Prefect pinned to this side's.
+STORAGE_WHEELS = [
+    f"prefect=={importlib.metadata.version('prefect')}",
+    PREFECT_AWS,
+    PREFECT_GCP,
+    PREFECT_AZURE,
 ]
 
 

@@ -89,6 +89,24 @@ def test_the_run_identity_labels_and_env_cannot_be_forged():
     assert config.labels[MANAGED_LABEL] == "true"
 
 
+def test_the_workers_own_settings_do_not_reach_the_container(tmp_path):
+    from prefect.settings import PREFECT_HOME, PREFECT_WORKER_QUERY_SECONDS, temporary_settings
+
+    with temporary_settings(
+        updates={PREFECT_HOME: str(tmp_path / "worker-home"), PREFECT_WORKER_QUERY_SECONDS: 1}
+    ):
+        config = configuration()
+        # As Prefect's prepare_for_flow_run does: the worker's settings, then the run's env.
+        config.env = {**config._base_environment(), "PREFECT_LOGGING_LEVEL": "DEBUG"}
+        assert config.env["PREFECT_HOME"] == str(tmp_path / "worker-home")
+        apply(config)
+
+    assert "PREFECT_HOME" not in config.env
+    assert "PREFECT_WORKER_QUERY_SECONDS" not in config.env
+    assert config.env["PREFECT_LOGGING_LEVEL"] == "DEBUG"
+    assert "PREFECT_API_URL" in config.env
+
+
 def test_extra_pip_packages_in_env_are_validated_too():
     with pytest.raises(InvalidPipPackage, match="'--index-url=http://127.0.0.1:1/'"):
         apply(configuration(env={"EXTRA_PIP_PACKAGES": "six --index-url=http://127.0.0.1:1/"}))

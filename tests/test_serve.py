@@ -211,7 +211,7 @@ def test_serve_serves_only_the_oldest_pools_of_the_tier_and_follows_deletion(
             client.delete_work_pool(first)
         wait_for_log_line(service, "Stopped serving work pool 'count-1': it was deleted")
         wait_for_log_line(service, "Serving work pool 'count-3' with worker 'count-count-3'")
-        run = wait_for_final_state(waiting, 600)
+        run = wait_for_final_state(waiting, 600, lambda: service.log()[-6000:])
         wait_for(lambda: not run_containers(docker_client, waiting), 300, "container removed")
         time.sleep(2 * float(POLL_SECONDS))
         with get_client(sync_client=True) as client:
@@ -236,7 +236,7 @@ def test_serve_stops_serving_a_paused_pool_and_serves_it_again_when_resumed(
         with get_client(sync_client=True) as client:
             assert client.read_flow_run(waiting).state.is_scheduled()
             client.update_work_pool(pool, WorkPoolUpdate(is_paused=False))
-        run = wait_for_final_state(waiting, 600)
+        run = wait_for_final_state(waiting, 600, lambda: service.log()[-6000:])
         wait_for(lambda: not run_containers(docker_client, waiting), 300, "container removed")
     assert run.state.is_completed(), run.state
     assert service.log().count("Serving work pool 'pausable'") == 2

@@ -12,7 +12,6 @@ as an operator does with `prefect-managed image build --ca-bundle`.
 from __future__ import annotations
 
 import json
-import os
 import secrets
 import subprocess
 import textwrap
@@ -31,10 +30,8 @@ from services import BIN, wait_for
 from source_services import (
     Commit,
     GitHttpServer,
-    build_image_trusting,
     ensure_wheelhouse,
     link_wheels,
-    make_test_ca,
     publish_repository,
     wait_for_crash_message,
 )
@@ -93,39 +90,6 @@ HISTORY = [
     Commit({"flows.py": flow_file("feature")}, branch="feature"),
     Commit({"flows.py": flow_file("main-3")}),
 ]
-
-
-@pytest.fixture(scope="module")
-def test_ca(tmp_path_factory):
-    return make_test_ca(tmp_path_factory.mktemp("test-ca"))
-
-
-@pytest.fixture(scope="module")
-def ca_image(docker_client, runtime_image, test_ca) -> str:
-    """The runtime image trusting the test CA (allowed by the default policy's
-    ``prefect-managed-runtime:*``)."""
-    tag = build_image_trusting(docker_client, runtime_image, test_ca, f"{runtime_image}-test-ca")
-    yield tag
-    docker_client.images.remove(tag, force=True)
-
-
-@pytest.fixture(scope="module")
-def git_https(tmp_path_factory, test_ca):
-    """The HTTPS git server; this process's git (`flow.from_source` clones here too)
-    trusts the test CA and never prompts."""
-    server = GitHttpServer(
-        tmp_path_factory.mktemp("git-https"), f"tok{secrets.token_hex(16)}", test_ca
-    ).start()
-    saved = {name: os.environ.get(name) for name in ("GIT_SSL_CAINFO", "GIT_TERMINAL_PROMPT")}
-    os.environ["GIT_SSL_CAINFO"] = str(test_ca.ca_cert)
-    os.environ["GIT_TERMINAL_PROMPT"] = "0"
-    yield server
-    for name, value in saved.items():
-        if value is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = value
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +200,8 @@ def test_private_https_repository_with_token_credentials_completes_and_hides_the
     assert state.is_completed(), state
     wait_for_log(flow_run_id, "code version: main-3")
     assert not any(token in variable for variable in inspected["Config"]["Env"])
+    # Nor any path of the worker's host: its home directory is not the run's.
+    assert not any(variable.startswith("PREFECT_HOME=") for variable in inspected["Config"]["Env"])
     assert token not in json.dumps(inspected)
     assert_token_hidden(token, flow_run_id, deployment_id, managed_worker)
 

@@ -11,7 +11,6 @@ wheels are downloaded once into test-output/wheelhouse.
 
 from __future__ import annotations
 
-import importlib.metadata
 import secrets
 import subprocess
 import textwrap
@@ -27,6 +26,10 @@ from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from services import BIN
 from source_services import (
+    PREFECT_AWS,
+    PREFECT_AZURE,
+    PREFECT_GCP,
+    STORAGE_WHEELS,
     TokenEndpoint,
     ensure_wheelhouse,
     fake_service_account,
@@ -43,15 +46,6 @@ BUCKET = "flows"
 FOLDER = "project"
 GCP_PROJECT = "flows-project"
 
-
-def _pinned(distribution: str, extra: str = "") -> str:
-    """The collection at the version the tests run with on this side."""
-    return f"{distribution}{extra}=={importlib.metadata.version(distribution)}"
-
-
-PREFECT_AWS = _pinned("prefect-aws")
-PREFECT_GCP = _pinned("prefect-gcp", "[cloud_storage]")
-PREFECT_AZURE = _pinned("prefect-azure", "[blob_storage]")
 
 FLOW_FILE = textwrap.dedent(
     """\
@@ -73,11 +67,7 @@ FLOW_FILE = textwrap.dedent(
 def storage_wheels(package_index, output_dir):
     """prefect-aws, prefect-gcp and prefect-azure with all their dependencies, for the
     containers' Python, offered by the loopback index."""
-    wheels = ensure_wheelhouse(
-        output_dir / "wheelhouse",
-        [f"prefect=={prefect.__version__}", PREFECT_AWS, PREFECT_GCP, PREFECT_AZURE],
-    )
-    link_wheels(wheels, package_index.root)
+    link_wheels(ensure_wheelhouse(output_dir / "wheelhouse", STORAGE_WHEELS), package_index.root)
 
 
 @pytest.fixture(scope="module")

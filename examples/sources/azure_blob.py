@@ -28,5 +28,5 @@ if __name__ == "__main__":
     ).deploy(
         name="from-azure-blob",
         work_pool_name="my-managed-pool",
-        job_variables={"pip_packages": ["prefect-azure[blob_storage]"]},
+        job_variables={"pip_packages": ["prefect-azure[blob_storage]", "cowsay==6.1"]},
     )

@@ -30,5 +30,5 @@ if __name__ == "__main__":
     flow.from_source(source=GcsBucket.load("my-flows"), entrypoint="flow.py:my_flow").deploy(
         name="from-gcs",
         work_pool_name="my-managed-pool",
-        job_variables={"pip_packages": ["prefect-gcp[cloud_storage]"], "env": env},
+        job_variables={"pip_packages": ["prefect-gcp[cloud_storage]", "cowsay==6.1"], "env": env},
     )

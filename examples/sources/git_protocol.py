@@ -17,4 +17,8 @@ if __name__ == "__main__":
             branch=os.environ.get("FLOW_REF", "main"),
         ),
         entrypoint="flow.py:my_flow",
-    ).deploy(name="from-git-daemon", work_pool_name="my-managed-pool")
+    ).deploy(
+        name="from-git-daemon",
+        work_pool_name="my-managed-pool",
+        job_variables={"pip_packages": ["cowsay==6.1"]},
+    )

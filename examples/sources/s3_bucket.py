@@ -32,5 +32,5 @@ if __name__ == "__main__":
     flow.from_source(source=S3Bucket.load("my-flows"), entrypoint="flow.py:my_flow").deploy(
         name="from-s3",
         work_pool_name="my-managed-pool",
-        job_variables={"pip_packages": ["prefect-aws"]},
+        job_variables={"pip_packages": ["prefect-aws", "cowsay==6.1"]},
     )
