@@ -128,18 +128,9 @@ def flows_repo(git_server: GitServer) -> str:
 @pytest.fixture(scope="session")
 def managed_pool(prefect_server) -> str:
     """A `prefect:managed` pool, created with Prefect's own CLI."""
-    import subprocess
+    from helpers import create_pool_with_cli
 
-    from services import BIN
-
-    name = "tests-managed-pool"
-    done = subprocess.run(
-        [str(BIN / "prefect"), "work-pool", "create", name, "--type", "prefect:managed"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    return name
+    return create_pool_with_cli("tests-managed-pool")
 
 
 def worker_policy(path: Path, runtime_image: str, index_url: str, workspace: str, **tier) -> Path:

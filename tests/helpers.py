@@ -135,6 +135,21 @@ def create_pool(name: str, base_job_template: dict | None = None) -> str:
     return name
 
 
+def create_pool_with_cli(name: str) -> str:
+    """`prefect work-pool create NAME --type prefect:managed`, as the quickstart says."""
+    import subprocess
+
+    from services import BIN
+
+    done = subprocess.run(
+        [str(BIN / "prefect"), "work-pool", "create", name, "--type", "prefect:managed"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return name
+
+
 @contextmanager
 def worker(pool: str, policy: Path, name: str):
     """`prefect worker start --type prefect:managed` with a policy file, stopped on exit."""

@@ -6,15 +6,20 @@ a Docker engine, a git daemon and a package index on loopback.
 
 from __future__ import annotations
 
-import subprocess
 import time
 
 import pytest
 from conftest import PROBE_MESSAGE, PROBE_VERSION
-from helpers import containers_created_since, run_containers, wait_for_final_state, wait_for_log
+from helpers import (
+    containers_created_since,
+    create_pool_with_cli,
+    run_containers,
+    wait_for_final_state,
+    wait_for_log,
+)
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
-from services import BIN, wait_for
+from services import wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -27,12 +32,7 @@ def start_run(deployment_id, parameters=None):
 
 def test_pool_created_with_prefect_cli_offers_the_managed_form(prefect_server):
     name = "cli-created-pool"
-    done = subprocess.run(
-        [str(BIN / "prefect"), "work-pool", "create", name, "--type", "prefect:managed"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    create_pool_with_cli(name)
     with get_client(sync_client=True) as client:
         pool = client.read_work_pool(name)
     assert pool.type == "prefect:managed"

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, worker_policy
-from helpers import flow_run_logs, wait_for_final_state, wait_for_log, worker
+from helpers import create_pool_with_cli, flow_run_logs, wait_for_final_state, wait_for_log, worker
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.deployments import run_deployment
@@ -152,12 +152,7 @@ def examples_pool(stores, prefect_server) -> str:
     containers on loopback: boto never asks an instance metadata service, and
     google-cloud-storage talks to the emulator (the prefect.yaml GCS deployment sets no
     env of its own)."""
-    done = subprocess.run(
-        [str(BIN / "prefect"), "work-pool", "create", POOL, "--type", "prefect:managed"],
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    create_pool_with_cli(POOL)
     with get_client(sync_client=True) as client:
         template = client.read_work_pool(POOL).base_job_template
         template["variables"]["properties"]["env"]["default"] = {
