@@ -8,6 +8,7 @@ has a timeout and the whole benchmark a deadline.
 
     python -m benchmarks            # the full benchmark (about 15-25 min on 2 cores)
     python -m benchmarks --quick    # a smoke test (a few minutes)
+    python -m benchmarks --profile  # and py-spy each worker during the throughput phase
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import statistics
@@ -68,6 +70,10 @@ class Results:
     throughput: dict[str, dict[str, float]] = field(default_factory=dict)
     peak_rss_bytes: dict[str, int] = field(default_factory=dict)
     lease_call_seconds: list[float] = field(default_factory=list)
+    #: CPU seconds each worker process used during the throughput phase, and its runs.
+    throughput_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    #: py-spy over the throughput phase: worker -> {"samples": n, "top": [[frame, n]...]}
+    profile: dict[str, dict[str, object]] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     #: Before (c): the throughput phase loads the machine itself, by design.
@@ -211,6 +217,63 @@ def peak_rss(service: Service) -> int:
     status = Path(f"/proc/{service.process.pid}/status").read_text()
     kib = next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))
     return int(kib) * 1024
+
+
+def cpu_seconds(service: Service) -> float:
+    """User + system CPU time the worker process has used so far."""
+    fields = Path(f"/proc/{service.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _short(frame: str) -> str:
+    """A py-spy frame with its file named from the package down (no machine paths)."""
+    return re.sub(
+        r"\((?:[^()]*/)?(?:site-packages|lib/python3\.\d+|" + re.escape(ROOT.name) + r")/",
+        "(",
+        frame,
+    )
+
+
+class Profile:
+    """py-spy sampling a worker process (active samples only), until `stop()`."""
+
+    def __init__(self, service: Service, output: Path) -> None:
+        self.output = output
+        self.process = subprocess.Popen(
+            [str(BIN / "py-spy"), "record", "--pid", str(service.process.pid), "--rate", "50"]
+            + ["--format", "raw", "--nonblocking", "--output", str(output)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def stop(self, top: int = 12) -> dict[str, object]:
+        """The number of samples and the functions most often on top of the stack
+        (counting the innermost frame of this project or Prefect, so that time in the
+        standard library and dependencies is charged to whoever called it)."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            self.process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return {"samples": 0, "top": [], "error": "py-spy did not stop"}
+        if not self.output.exists():
+            return {"samples": 0, "top": [], "error": "py-spy wrote nothing (ptrace allowed?)"}
+        charged: dict[str, int] = {}
+        total = managed = 0
+        for line in self.output.read_text().splitlines():
+            stack, _, count = line.rpartition(" ")
+            if not count.isdigit():
+                continue
+            n = int(count)
+            total += n
+            frames = stack.split(";")
+            if any("prefect_managed/" in frame for frame in frames):
+                managed += n
+            ours = [f for f in frames if "prefect_managed/" in f or "/prefect/" in f]
+            frame = _short((ours or frames)[-1])
+            charged[frame] = charged.get(frame, 0) + n
+        ranked = sorted(charged.items(), key=lambda item: -item[1])[:top]
+        return {"samples": total, "in_prefect_managed": managed, "top": ranked}
 
 
 # -- one flow run --------------------------------------------------------------------
@@ -461,6 +524,42 @@ def table(results: Results, summary: dict[str, object]) -> str:
     return "\n".join(lines)
 
 
+def _worker_cpu(results: Results) -> str:
+    """The workers' own CPU during (c), and where the profile found it going."""
+    cpu = results.throughput_cpu_seconds
+    if not cpu:
+        return ""
+    runs = {key: results.throughput.get(key, {}).get("runs") or 1 for key in cpu}
+    lines = [
+        "## The workers' own CPU during (c)",
+        "| worker | CPU seconds | per run |",
+        "|---|---|---|",
+        *(
+            f"| {name} | {cpu[key]:.2f} s | {cpu[key] / runs[key] * 1000:.0f} ms |"
+            for key, name in (("managed", "ManagedWorker"), ("docker", "DockerWorker"))
+            if key in cpu
+        ),
+    ]
+    for key, found in results.profile.items():
+        samples = found.get("samples") or 0
+        lines += [
+            "",
+            f"py-spy, {key} worker, {samples} active samples at 50 Hz"
+            + (
+                f" ({found.get('in_prefect_managed', 0)} with a prefect_managed frame)"
+                if key == "managed"
+                else ""
+            )
+            + (f"; {found['error']}" if found.get("error") else "")
+            + ": the innermost Prefect or prefect_managed frame, most frequent first",
+            "",
+            "| samples | frame |",
+            "|---|---|",
+            *(f"| {n} | `{frame}` |" for frame, n in found.get("top", [])),
+        ]
+    return "\n".join(lines) + "\n"
+
+
 def write_results(results: Results, summary: dict[str, object], text: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {**asdict(results), "summary": summary}
@@ -490,6 +589,7 @@ after: {_load(results.load_after)}.
 One global concurrency lease (take + release, the API call ManagedWorker adds per run):
 median {lease * 1000 if lease else float("nan"):.1f} ms over {len(results.lease_call_seconds)} calls.
 
+{_worker_cpu(results)}
 ## Where the time goes (medians of the flow run's state timestamps, seconds)
 `scheduled_to_pending`: from creating the run to the worker submitting it (poll
 interval, the worker's checks); `pending_to_running`: container create and start,
@@ -527,6 +627,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--deadline-minutes", type=float, default=75.0)
     parser.add_argument("--no-write", action="store_true", help="print only, write no results")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="sample each worker with py-spy during the throughput phase",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     runs = args.runs or (2 if quick else 10)
@@ -678,7 +783,12 @@ def main(argv: list[str] | None = None) -> int:
         results.load_before_throughput = os.getloadavg()
         print(f"(c) throughput: {tp_runs} runs at a limit of {concurrency}", flush=True)
         for key in ("managed", "docker"):
+            profile = Profile(workers[key], home / f"profile-{key}.txt") if args.profile else None
+            cpu_before = cpu_seconds(workers[key])
             results.throughput[key] = throughput(d[f"{key}_noop"], tp_runs, deadline)
+            results.throughput_cpu_seconds[key] = round(cpu_seconds(workers[key]) - cpu_before, 2)
+            if profile is not None:
+                results.profile[key] = profile.stop()
             print(f"  {key}: {results.throughput[key]}", flush=True)
 
         results.lease_call_seconds = lease_call_seconds(f"prefect-managed-{workspace}", runs)
