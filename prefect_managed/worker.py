@@ -712,12 +712,14 @@ class ManagedWorker(DockerWorker):
         meter = Meter(container=attrs)
         timed_out = False
         started_at = parse_docker_time(attrs["State"].get("StartedAt", ""))
+        client: docker.DockerClient | None = None
         try:
+            client = await run_sync_in_worker_thread(self._get_client)
             while True:
-                current = await run_sync_in_worker_thread(self._inspect, container_id)
+                current = await run_sync_in_worker_thread(self._inspect_with, client, container_id)
                 if current is None or not current["State"].get("Running"):
                     break
-                stats = await run_sync_in_worker_thread(self._stats, container_id)
+                stats = await run_sync_in_worker_thread(self._stats, client, container_id)
                 if stats is not None:
                     meter.add(stats)
                 elapsed = (
@@ -727,8 +729,12 @@ class ManagedWorker(DockerWorker):
                     timed_out = True
                     await self._stop_for_run_time(flow_run, container_id)
                 await anyio.sleep(STATS_INTERVAL)
+            client.close()
+            client = None
             await self._finish(flow_run, container_id, meter, timed_out=timed_out)
         finally:
+            if client is not None:
+                client.close()
             self._active.discard(container_id)
 
     # -- Docker, in worker threads --------------------------------------------------
