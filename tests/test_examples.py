@@ -19,11 +19,18 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, worker_policy
-from helpers import create_pool_with_cli, flow_run_logs, wait_for_final_state, wait_for_log, worker
+from helpers import (
+    create_pool_with_cli,
+    flow_run_logs,
+    run_containers,
+    wait_for_final_state,
+    wait_for_log,
+    worker,
+)
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.deployments import run_deployment
-from services import BIN
+from services import BIN, wait_for
 from source_services import (
     STORAGE_WHEELS,
     Commit,
@@ -208,7 +215,7 @@ def run_example(example: str, env: dict[str, str], tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("example", list(DEPLOYMENTS))
 def test_example_deploys_and_its_runs_complete_in_a_capped_container(
-    example, stores, examples_worker, tmp_path
+    example, stores, examples_worker, tmp_path, docker_client
 ):
     if example == "sources/prefect.yaml":
         # Its pull steps use the blocks the Python examples save.
@@ -223,3 +230,5 @@ def test_example_deploys_and_its_runs_complete_in_a_capped_container(
         assert state.is_completed(), (name, state, flow_run_logs(flow_run_id)[-8:])
         wait_for_log(flow_run_id, "Hello from a Prefect Managed container!")
         wait_for_log(flow_run_id, "This container's memory limit: 2.0 GiB")
+        # What the user does not see: the worker removed the container once it was done.
+        wait_for(lambda run=flow_run_id: not run_containers(docker_client, run), 120, "removal")
