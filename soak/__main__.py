@@ -70,32 +70,50 @@ KINDS = {
 
 
 class Seen:
-    """Flow run ids whose container was seen (polled from Docker every second)."""
+    """Flow run ids whose container Docker created.
+
+    Read live from Docker's event stream, not polled: a container that lives less than
+    a polling interval (a failed install) would be missed. After the daemon restarts
+    (a fault of the soak) the stream is opened again from the last event seen.
+    """
 
     def __init__(self) -> None:
         self.ids: set[str] = set()
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._events = None
+        self._thread = threading.Thread(target=self._watch, daemon=True)
         self._thread.start()
 
-    def _poll(self) -> None:
+    def _watch(self) -> None:
+        since = int(time.time()) - 1
         while not self._stop.is_set():
             try:
                 with closing(docker.from_env()) as client:
-                    for item in client.api.containers(
-                        all=True, filters={"label": f"io.prefect-managed.workspace={WORKSPACE}"}
-                    ):
-                        run_id = item["Labels"].get("io.prefect.flow-run-id")
+                    self._events = client.api.events(
+                        since=since,
+                        filters={
+                            "type": "container",
+                            "event": "create",
+                            "label": f"io.prefect-managed.workspace={WORKSPACE}",
+                        },
+                        decode=True,
+                    )
+                    for event in self._events:
+                        since = max(since, int(event.get("time", since)))
+                        run_id = event["Actor"]["Attributes"].get("io.prefect.flow-run-id")
                         if run_id:
                             self.ids.add(run_id)
-            except Exception:  # the daemon may be restarting
+            except Exception:  # the daemon may be restarting, or `stop` closed the stream
                 pass
             self._stop.wait(1)
 
     def stop(self) -> None:
         self._stop.set()
+        time.sleep(1)  # let the last events arrive
+        if self._events is not None:
+            self._events.close()
         if self._thread.is_alive():
-            self._thread.join()
+            self._thread.join(10)
 
 
 def client_retry(call, attempts: int = 90):
