@@ -393,30 +393,26 @@ class ManagedWorker(DockerWorker):
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
         # Watched here: the reconciliation must not take it over as an orphan.
         self._active.add(container_id)
-        client: docker.DockerClient | None = None
         try:
             # One Docker client for the whole run: a sample every few seconds per running
             # container must not pay for building a client each time.
-            client = await run_sync_in_worker_thread(self._get_client)
-            # What the container is, kept in case it is removed before the worker reads it.
-            meter.container = await run_sync_in_worker_thread(
-                self._inspect_with, client, container_id
-            )
-            while True:
-                stats = await run_sync_in_worker_thread(self._stats, client, container_id)
-                if stats is None:
-                    return
-                meter.add(stats)
-                await anyio.sleep(STATS_INTERVAL)
+            with closing(await run_sync_in_worker_thread(self._get_client)) as client:
+                # What the container is, kept in case it is removed before the worker reads it.
+                meter.container = await run_sync_in_worker_thread(
+                    self._inspect_with, client, container_id
+                )
+                while True:
+                    stats = await run_sync_in_worker_thread(self._stats, client, container_id)
+                    if stats is None:
+                        return
+                    meter.add(stats)
+                    await anyio.sleep(STATS_INTERVAL)
         except (RuntimeError, docker.errors.DockerException, requests.RequestException):
             # Measuring is not worth a run: a container being removed answers stats with
             # an empty body, an engine going away with no answer. The run's watcher and
             # `_finish` deal with both.
             self._logger.debug("Stopped sampling container %s", container_id, exc_info=True)
             return
-        finally:
-            if client is not None:
-                client.close()
 
     async def _stop_at_max_run_time(
         self, flow_run: FlowRun, started: _StartedProxy, timed_out: anyio.Event
@@ -712,29 +708,28 @@ class ManagedWorker(DockerWorker):
         meter = Meter(container=attrs)
         timed_out = False
         started_at = parse_docker_time(attrs["State"].get("StartedAt", ""))
-        client: docker.DockerClient | None = None
         try:
-            client = await run_sync_in_worker_thread(self._get_client)
-            while True:
-                current = await run_sync_in_worker_thread(self._inspect_with, client, container_id)
-                if current is None or not current["State"].get("Running"):
-                    break
-                stats = await run_sync_in_worker_thread(self._stats, client, container_id)
-                if stats is not None:
-                    meter.add(stats)
-                elapsed = (
-                    (datetime.now(timezone.utc) - started_at).total_seconds() if started_at else 0
-                )
-                if not timed_out and elapsed > self.policy.tier.max_run_seconds:
-                    timed_out = True
-                    await self._stop_for_run_time(flow_run, container_id)
-                await anyio.sleep(STATS_INTERVAL)
-            client.close()
-            client = None
+            with closing(await run_sync_in_worker_thread(self._get_client)) as client:
+                while True:
+                    current = await run_sync_in_worker_thread(
+                        self._inspect_with, client, container_id
+                    )
+                    if current is None or not current["State"].get("Running"):
+                        break
+                    stats = await run_sync_in_worker_thread(self._stats, client, container_id)
+                    if stats is not None:
+                        meter.add(stats)
+                    elapsed = (
+                        (datetime.now(timezone.utc) - started_at).total_seconds()
+                        if started_at
+                        else 0
+                    )
+                    if not timed_out and elapsed > self.policy.tier.max_run_seconds:
+                        timed_out = True
+                        await self._stop_for_run_time(flow_run, container_id)
+                    await anyio.sleep(STATS_INTERVAL)
             await self._finish(flow_run, container_id, meter, timed_out=timed_out)
         finally:
-            if client is not None:
-                client.close()
             self._active.discard(container_id)
 
     # -- Docker, in worker threads --------------------------------------------------
