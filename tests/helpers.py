@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,6 +13,15 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
 from services import start_worker, wait_for
+
+#: This test session's tag. Tests that count a workspace's containers by label give their
+#: workspace a name ending with it: another session on the same Docker engine (or one
+#: that ended and left containers behind) must not count as theirs.
+SESSION = uuid.uuid4().hex[:6]
+
+
+def session_workspace(name: str) -> str:
+    return f"{name}-{SESSION}"
 
 
 def wait_for_final_state(

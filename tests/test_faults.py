@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import time
-import uuid
 from contextlib import closing
 from pathlib import Path
 
@@ -22,20 +21,11 @@ import docker
 import pytest
 from conftest import OUTPUT, restart_prefect_server, worker_policy
 from faults import wait_for_records, wait_until_settled, workspace_containers
-from helpers import create_pool, run_containers, wait_for_log
+from helpers import create_pool, run_containers, session_workspace, wait_for_log
 from prefect.deployments import run_deployment
 from services import BIN, start_worker, wait_for
 
 pytestmark = pytest.mark.docker
-
-
-#: Workspace names end with this session's tag: a workspace's containers are counted by
-#: label, and an earlier session on the same Docker engine may have left some behind.
-SESSION = uuid.uuid4().hex[:6]
-
-
-def workspace(name: str) -> str:
-    return f"{name}-{SESSION}"
 
 
 def start_run(deployment_id, **parameters):
@@ -52,7 +42,7 @@ def fault_setup(deploy, runtime_image, package_index, tmp_path):
             tmp_path / f"{name}.toml",
             runtime_image,
             package_index.url,
-            workspace(name),
+            session_workspace(name),
             concurrency_limit=3,
         )
         env = {
@@ -83,7 +73,9 @@ def test_a_worker_killed_with_sigkill_and_restarted_loses_nothing(docker_client,
 
     restarted = start_worker(pool, OUTPUT, env, name="fault-kill-worker")
     try:
-        runs = wait_until_settled(docker_client, workspace("fault-kill"), [*in_flight, queued], 300)
+        runs = wait_until_settled(
+            docker_client, session_workspace("fault-kill"), [*in_flight, queued], 300
+        )
     finally:
         restarted.service.stop()
     assert [run.state.type.value for run in runs] == ["COMPLETED"] * 3
@@ -105,7 +97,9 @@ def test_a_container_removed_from_outside_crashes_its_run_and_is_recorded_once(
             check=True,
             capture_output=True,
         )
-        runs = wait_until_settled(docker_client, workspace("fault-rm"), [victim, bystander], 240)
+        runs = wait_until_settled(
+            docker_client, session_workspace("fault-rm"), [victim, bystander], 240
+        )
     finally:
         running.service.stop()
     removed, finished = runs
@@ -141,7 +135,9 @@ def test_a_cancelled_run_stops_within_30_s_and_ends_cancelled(docker_client, fau
             "the container stopping",
         )
         assert time.monotonic() - cancelled_at <= 30
-        (run,) = wait_until_settled(docker_client, workspace("fault-cancel"), [flow_run_id], 120)
+        (run,) = wait_until_settled(
+            docker_client, session_workspace("fault-cancel"), [flow_run_id], 120
+        )
     finally:
         running.service.stop()
     assert run.state.is_cancelled(), run.state
@@ -157,10 +153,12 @@ def test_the_prefect_server_down_for_30_s_loses_nothing(docker_client, fault_set
         for run in runs:
             wait_for_log(run, "Beginning flow run", timeout=120)
         restart_prefect_server(down_seconds=30)
-        settled = wait_until_settled(docker_client, workspace("fault-server"), runs, 300)
+        settled = wait_until_settled(docker_client, session_workspace("fault-server"), runs, 300)
         assert running.service.process.poll() is None, "the worker exited"
         after = start_run(deployment, seconds=1)  # the worker still serves the pool
-        settled += wait_until_settled(docker_client, workspace("fault-server"), [after], 180)
+        settled += wait_until_settled(
+            docker_client, session_workspace("fault-server"), [after], 180
+        )
     finally:
         running.service.stop()
     assert [run.state.type.value for run in settled] == ["COMPLETED"] * 3, [
@@ -229,11 +227,11 @@ def test_a_docker_daemon_restart_crashes_the_runs_it_killed_and_loses_nothing(fa
             wait_for(lambda: running_containers(client, runs), 180, "both containers running")
         restart_docker_daemon()
         with closing(docker.from_env()) as client:
-            settled = wait_until_settled(client, workspace("fault-dockerd"), runs, 300)
+            settled = wait_until_settled(client, session_workspace("fault-dockerd"), runs, 300)
             assert running.service.process.poll() is None, "the worker exited"
             after = start_run(deployment, seconds=1)  # the worker still serves the pool
-            (later,) = wait_until_settled(client, workspace("fault-dockerd"), [after], 180)
-            assert workspace_containers(client, workspace("fault-dockerd")) == []
+            (later,) = wait_until_settled(client, session_workspace("fault-dockerd"), [after], 180)
+            assert workspace_containers(client, session_workspace("fault-dockerd")) == []
     finally:
         running.service.stop()
     for run in settled:

@@ -15,7 +15,6 @@ import subprocess
 import tempfile
 import threading
 import time
-import uuid
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import OUTPUT, worker_policy
-from helpers import create_pool, run_containers, usage_records, wait_for_final_state
+from helpers import (
+    create_pool,
+    run_containers,
+    session_workspace,
+    usage_records,
+    wait_for_final_state,
+)
 from postgres import start_postgres
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
@@ -38,13 +43,6 @@ from prefect_managed.configuration import WORKSPACE_LABEL
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
 
 POLL_SECONDS = "2"
-#: Workspace names end with this session's tag: containers are counted by their
-#: workspace label, and another session may run on the same Docker engine.
-SESSION = uuid.uuid4().hex[:6]
-
-
-def workspace(name: str) -> str:
-    return f"{name}-{SESSION}"
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +94,11 @@ def api(postgres_api):
 def policy_for(runtime_image, package_index, tmp_path):
     def _policy(name: str, **tier) -> Path:
         return worker_policy(
-            tmp_path / f"{name}.toml", runtime_image, package_index.url, workspace(name), **tier
+            tmp_path / f"{name}.toml",
+            runtime_image,
+            package_index.url,
+            session_workspace(name),
+            **tier,
         )
 
     return _policy
@@ -179,7 +181,7 @@ def test_serve_runs_flows_of_every_managed_pool_including_one_created_after_it_s
 ):
     early = create_pool("serve-early")
     with (
-        container_creations(docker_client, workspace("serve-all")) as creations,
+        container_creations(docker_client, session_workspace("serve-all")) as creations,
         serving(api, policy_for("serve-all"), "svc") as service,
     ):
         wait_for_log_line(service, "Serving work pool 'serve-early' with worker 'svc-serve-early'")
@@ -283,7 +285,7 @@ def test_sigterm_leaves_running_containers_and_the_next_start_finishes_them(
 
 CAP = 3
 RUNS = 10
-SCALE = "scale"  # the policy's workspace is workspace(SCALE)
+SCALE = "scale"  # the policy's workspace is session_workspace(SCALE)
 
 
 @pytest.mark.timeout(1800)
@@ -294,7 +296,7 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
     pools = [create_pool("scale-a"), create_pool("scale-b")]
     deployments = [deploy_to(pool, "sleeper") for pool in pools]
     # Phase 2's refused runs must create no container either.
-    with container_creations(docker_client, workspace(SCALE)) as created:
+    with container_creations(docker_client, session_workspace(SCALE)) as created:
         hosts = {name: start_serve(api, policy, name) for name in ("host-a", "host-b")}
         try:
             for service in hosts.values():
@@ -307,7 +309,7 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
                 while time.monotonic() < deadline:
                     running = docker_client.containers.list(
                         filters={
-                            "label": f"{WORKSPACE_LABEL}={workspace(SCALE)}",
+                            "label": f"{WORKSPACE_LABEL}={session_workspace(SCALE)}",
                             "status": "running",
                         }
                     )
@@ -322,7 +324,7 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
             wait_for(
                 lambda: (
                     not docker_client.containers.list(
-                        all=True, filters={"label": f"{WORKSPACE_LABEL}={workspace(SCALE)}"}
+                        all=True, filters={"label": f"{WORKSPACE_LABEL}={session_workspace(SCALE)}"}
                     )
                 ),
                 300,
@@ -339,7 +341,7 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
                 tmp_path / "used-up.toml",
                 runtime_image,
                 package_index.url,
-                workspace(SCALE),
+                session_workspace(SCALE),
                 concurrency_limit=CAP,
                 compute_hours_per_month=usage["billable_minutes"] / 60,
             )
