@@ -217,14 +217,21 @@ def usage(
     except ManagedError as exc:
         _fail(exc)
     month = month or month_of(datetime.now(timezone.utc))
+    from prefect_managed.settings import ledger_key
+
+    try:
+        key = ledger_key(create=False)  # a key made here would verify nothing
+    except ManagedError as exc:
+        _fail(exc)
 
     async def read():
         async with get_client() as client:
-            return await UsageLedger(client, policy.workspace.name).month_usage(month)
+            ledger = UsageLedger(client, policy.workspace.name, key=key)
+            return await ledger.month_usage(month), ledger.rejected
 
     from prefect.utilities.asyncutils import run_coro_as_sync
 
-    monthly = run_coro_as_sync(read())
+    monthly, rejected = run_coro_as_sync(read())
     quota = policy.tier.compute_hours_per_month
     if as_json:
         typer.echo(
@@ -242,6 +249,7 @@ def usage(
                     "hours_by_pool": monthly.hours_by("pool"),
                     "hours_by_deployment": monthly.hours_by("deployment"),
                     "runs_by_outcome": monthly.runs_by_outcome(),
+                    "skipped_artifacts": {str(id_): why for id_, why in rejected.items()},
                     "records": [
                         record.model_dump(mode="json") for record in monthly.records.values()
                     ],
@@ -280,6 +288,11 @@ def usage(
             f"{record.cpu_seconds:.1f}" if record.cpu_seconds is not None else "-",
         )
     console.print(table)
+    if rejected:
+        console.print(
+            f"{len(rejected)} artifact(s) under the workspace's usage keys were skipped (not "
+            "signed by its workers, or damaged); `--json` lists them."
+        )
 
 
 @app.command("serve")

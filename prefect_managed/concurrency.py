@@ -13,6 +13,11 @@ had in fact expired (the worker could not renew it for a whole lease), the serve
 given the slot back too; the count is then one too low, which lets at most one extra run
 start and heals itself, as the server never counts below zero. Too low for a while is
 better than too high for ever.
+
+A flow run holds a Prefect API credential, and Prefect OSS has no permissions: its code
+could deactivate the limit, raise it or make its slots decay. So before every acquire the
+worker reads the limit and sets back what is not the tier's (`assert_limit`), and makes it
+again if it was deleted.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from uuid import UUID
 
 import httpx
 from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
 from prefect.client.schemas.objects import ConcurrencyLeaseHolder
 from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
@@ -72,11 +78,46 @@ class WorkspaceSlots:
             # not atomic): it exists now, so the second try only sets its number.
             await self._client.upsert_global_concurrency_limit_by_name(self.limit_name, self.limit)
 
+    async def assert_limit(self) -> None:
+        """Set the limit back to the tier's if someone changed it; make it if it is gone."""
+        try:
+            current = await self._client.read_global_concurrency_limit_by_name(self.limit_name)
+        except ObjectNotFound:
+            self._logger.warning(
+                "The workspace's concurrency limit %r was deleted from outside the workers; "
+                "making it again with %d slots",
+                self.limit_name,
+                self.limit,
+            )
+            await self.ensure_limit()
+            return
+        changed: dict[str, object] = {}
+        if not current.active:
+            changed["active"] = True
+        if current.limit != self.limit:
+            changed["limit"] = self.limit
+        if current.slot_decay_per_second:
+            changed["slot_decay_per_second"] = 0.0
+        if changed:
+            self._logger.warning(
+                "The workspace's concurrency limit %r was changed from outside the workers "
+                "(active=%s, limit=%s, slot_decay_per_second=%s); set back to %s",
+                self.limit_name,
+                current.active,
+                current.limit,
+                current.slot_decay_per_second,
+                ", ".join(f"{key}={value}" for key, value in changed.items()),
+            )
+            await self._client.update_global_concurrency_limit(
+                self.limit_name, GlobalConcurrencyLimitUpdate.model_validate(changed)
+            )
+
     def holds(self, flow_run_id: UUID) -> bool:
         return flow_run_id in self._leases
 
     async def try_acquire(self, flow_run_id: UUID) -> bool:
         """Take one slot for the run; False when every slot is taken."""
+        await self.assert_limit()
         lease = await self._increment(flow_run_id)
         if lease is not None and not lease.limits:
             # A lease on no limit at all: the limit was deleted. Make it again, once.

@@ -6,6 +6,7 @@ ManagedError
  ├── ImageNotAllowed         the image is not in the policy's allow-list
  ├── ImageNotAvailable       the image is neither on the Docker host nor pullable
  ├── PolicyError             the policy file is missing, malformed or invalid
+ ├── LedgerKeyMissing        no key to verify usage records with
  └── RuntimeImageError       the local runtime image could not be built
 """
 
@@ -70,6 +71,18 @@ class PolicyError(ManagedError, ValueError):
         self.path = path
         self.problem = problem
         super().__init__(f"Policy file {str(path)!r} is not usable: {problem}.")
+
+
+class LedgerKeyMissing(ManagedError, RuntimeError):
+    """No ledger key is set and none was generated on this host."""
+
+    def __init__(self, path: object) -> None:
+        self.path = path
+        super().__init__(
+            "No ledger key to verify usage records with: PREFECT_INTEGRATIONS_MANAGED_LEDGER_KEY "
+            f"is not set and {str(path)!r} does not exist. Set the same key the workspace's "
+            "workers use, or run this on a worker's host with its PREFECT_HOME."
+        )
 
 
 class RuntimeImageError(ManagedError, RuntimeError):

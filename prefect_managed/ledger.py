@@ -7,6 +7,13 @@ each run counted once, so publishing a record twice never counts it twice. The
 monthly summary (`usage-<workspace>-<yyyymm>-summary`) is a markdown rendering
 of those totals; each update adds a version to the key's history.
 
+Records are signed (HMAC-SHA256) with a key only workers hold (`settings.ledger_key`):
+a flow run holds a Prefect API credential and can write artifacts under any key, so
+only a record whose signature verifies, for this workspace and month and under its own
+run's key, is counted. Anything else under the prefix is skipped and reported once in
+the worker's log, never a crash. Every version of a key is read, so a newer forged
+artifact cannot hide the true record.
+
 A ledger reads a month's records in full once, then only the records created since
 (newest first, down to `OVERLAP` before the newest it had read, so that a record
 committed late by another worker is not skipped); a record is counted once however
@@ -16,27 +23,36 @@ often it is read.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import ArtifactCreate
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.objects import Artifact
 from prefect.client.schemas.sorting import ArtifactSort
 
 from prefect_managed.artifacts import run_table, summary_markdown
 from prefect_managed.usage import (
     MonthlyUsage,
     UsageRecord,
+    check_record,
     run_key,
     run_key_prefix,
+    sign_record,
     summary_key,
 )
 
-__all__ = ["UsageLedger"]
+__all__ = ["UsageLedger", "artifact_record"]
 
 _RECORD = "usage_record"
+_SIGNATURE = "usage_signature"
+#: Prefect truncates each artifact metadata value to 500 characters: a record's JSON is
+#: stored in parts of at most this many, under usage_record, usage_record_1, ...
+_PART = 480
 _PAGE = 200
 #: How far before the newest record already read an incremental read goes on reading.
 OVERLAP = timedelta(minutes=5)
@@ -48,6 +64,22 @@ class _Month:
     newest: datetime | None = None  # when the newest record read was created
 
 
+def artifact_record(
+    key: bytes, workspace: str, month: str, artifact: Artifact
+) -> UsageRecord | str:
+    """The verified record an artifact holds, or why it holds none (`check_record`)."""
+    metadata = artifact.metadata_ or {}
+    parts = []
+    for index in range(len(metadata)):
+        part = metadata.get(_RECORD if index == 0 else f"{_RECORD}_{index}")
+        if part is None:
+            break
+        parts.append(part)
+    return check_record(
+        key, workspace, month, artifact.key or "", "".join(parts) or None, metadata.get(_SIGNATURE)
+    )
+
+
 class UsageLedger:
     """One workspace's usage records in the Prefect server."""
 
@@ -57,19 +89,47 @@ class UsageLedger:
         workspace: str,
         page_size: int = _PAGE,
         overlap: timedelta = OVERLAP,
+        key: bytes | None = None,
+        logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
     ) -> None:
+        from prefect_managed.settings import ledger_key
+
         self._client = client
         self.workspace = workspace
         self._page_size = page_size
         self._overlap = overlap
+        self._key = ledger_key() if key is None else key
+        self._logger = logger or logging.getLogger(__name__)
         self._months: dict[str, _Month] = {}
+        #: Artifacts under the usage prefix that were not counted, by id: why not.
+        self.rejected: dict[UUID, str] = {}
 
     async def is_recorded(self, month: str, flow_run_id: UUID) -> bool:
+        """Whether the run has a valid record (a forged one does not count)."""
         key = run_key(self.workspace, month, flow_run_id)
         found = await self._client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
         )
-        return bool(found)
+        return any(isinstance(self._check(month, artifact), UsageRecord) for artifact in found)
+
+    def _check(self, month: str, artifact: Artifact) -> UsageRecord | str:
+        return artifact_record(self._key, self.workspace, month, artifact)
+
+    def _count(self, month: str, artifact: Artifact, usage: MonthlyUsage) -> None:
+        checked = self._check(month, artifact)
+        if isinstance(checked, UsageRecord):
+            usage.add(checked)
+        elif artifact.id not in self.rejected:
+            self.rejected[artifact.id] = checked
+            self._logger.warning(
+                "Skipped artifact %r (id %s, created %s) under workspace %r's usage records: "
+                "%s. It is not counted; a flow run may have written it.",
+                artifact.key,
+                artifact.id,
+                artifact.created,
+                self.workspace,
+                checked,
+            )
 
     async def month_usage(self, month: str) -> MonthlyUsage:
         """The month's usage: every record of the workspace's runs in that month."""
@@ -92,10 +152,8 @@ class UsageLedger:
                     break
                 if artifact.created and (newest is None or artifact.created > newest):
                     newest = artifact.created
-                if artifact.key and artifact.key.startswith(prefix) and artifact.metadata_:
-                    raw = artifact.metadata_.get(_RECORD)
-                    if raw:
-                        seen.usage.add(UsageRecord.model_validate_json(raw))
+                if artifact.key and artifact.key.startswith(prefix):
+                    self._count(month, artifact, seen.usage)
             if len(page) < self._page_size:
                 break
             offset += self._page_size
@@ -114,16 +172,21 @@ class UsageLedger:
         if await self.is_recorded(record.month, record.flow_run_id):
             return None
         before = await self.month_usage(record.month)
+        key = run_key(self.workspace, record.month, record.flow_run_id)
+        record_json = record.model_dump_json()
+        parts = [record_json[i : i + _PART] for i in range(0, len(record_json), _PART)]
+        metadata = {_RECORD if i == 0 else f"{_RECORD}_{i}": part for i, part in enumerate(parts)}
+        metadata[_SIGNATURE] = sign_record(self._key, key, record_json)
         await self._client.create_artifact(
             ArtifactCreate(
-                key=run_key(self.workspace, record.month, record.flow_run_id),
+                key=key,
                 type="table",
                 data=json.dumps(run_table(record)),
                 description=(
                     f"Compute used by this flow run: {record.billable_minutes} billable "
                     f"minute(s), {record.outcome.value}."
                 ),
-                metadata_={_RECORD: record.model_dump_json()},
+                metadata_=metadata,
                 flow_run_id=record.flow_run_id,
             )
         )

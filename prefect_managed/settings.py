@@ -7,15 +7,20 @@ decides (tiers, images, network, package index) lives in the policy file.
 
 from __future__ import annotations
 
+import os
+import secrets
 from pathlib import Path
 
 from prefect.settings import PREFECT_HOME
 from prefect.settings.base import PrefectBaseSettings, build_settings_config
-from pydantic import Field
+from pydantic import Field, SecretStr
 
+from prefect_managed.exceptions import LedgerKeyMissing
 from prefect_managed.policy import Policy, load_policy
 
 DEFAULT_POLICY_FILE_NAME = "prefect-managed.toml"
+#: Where a worker keeps the ledger key it generated, when the operator set none.
+LEDGER_KEY_FILE_NAME = "prefect-managed-ledger.key"
 
 
 class ManagedSettings(PrefectBaseSettings):
@@ -34,6 +39,17 @@ class ManagedSettings(PrefectBaseSettings):
         description=(
             "How many of the last lines of a container's output are sent to the flow "
             "run's logs when it exits before the flow starts."
+        ),
+    )
+
+    ledger_key: SecretStr | None = Field(
+        default=None,
+        description=(
+            "The secret that signs usage records (HMAC-SHA256); only workers and the "
+            "operator's `prefect-managed usage` hold it, never a flow run's container. "
+            "Every worker of the workspace, on every host, needs the same value. Unset: "
+            "a key generated once into prefect-managed-ledger.key in PREFECT_HOME, which "
+            "suits one host."
         ),
     )
 
@@ -62,3 +78,29 @@ def get_policy() -> Policy:
     if _policy is None:
         _policy = load_policy(get_settings().resolved_policy_file())
     return _policy
+
+
+def ledger_key(create: bool = True) -> bytes:
+    """The key that signs and verifies usage records.
+
+    The setting wins; else the key file in PREFECT_HOME, generated (0600) when `create`
+    is true and it does not exist yet. Raises `LedgerKeyMissing` when there is no key
+    and none may be made (the `usage` command must not invent a key that verifies
+    nothing).
+    """
+    configured = get_settings().ledger_key
+    if configured is not None and configured.get_secret_value():
+        return configured.get_secret_value().encode()
+    path = Path(PREFECT_HOME.value()) / LEDGER_KEY_FILE_NAME
+    if not path.is_file():
+        if not create:
+            raise LedgerKeyMissing(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass  # another worker of this host made it first
+        else:
+            with os.fdopen(fd, "w") as file:
+                file.write(secrets.token_hex(32))
+    return path.read_text().strip().encode()

@@ -10,6 +10,8 @@ timestamps them, dependency installation included.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import math
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,13 +19,14 @@ from datetime import datetime, timezone
 from enum import Enum
 from uuid import UUID
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 __all__ = [
     "MonthlyUsage",
     "Outcome",
     "UsageRecord",
     "billable_minutes",
+    "check_record",
     "crossed_thresholds",
     "month_of",
     "next_reset",
@@ -31,6 +34,7 @@ __all__ = [
     "quota_warning_message",
     "run_key",
     "run_key_prefix",
+    "sign_record",
     "summary_key",
 ]
 
@@ -109,6 +113,47 @@ def run_key(workspace: str, month: str, flow_run_id: UUID) -> str:
 
 def summary_key(workspace: str, month: str) -> str:
     return f"usage-{workspace}-{month.replace('-', '')}-summary"
+
+
+_SIGNED = b"prefect-managed usage record v1\n"
+
+
+def sign_record(key: bytes, artifact_key: str, record_json: str) -> str:
+    """The record's signature: HMAC-SHA256 over its artifact key and its exact JSON, so a
+    signed record cannot be altered, moved to another run's key or another month."""
+    message = _SIGNED + artifact_key.encode() + b"\n" + record_json.encode()
+    return hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def check_record(
+    key: bytes,
+    workspace: str,
+    month: str,
+    artifact_key: str,
+    record_json: str | None,
+    signature: str | None,
+) -> UsageRecord | str:
+    """The record an artifact holds, or why it is not one to count.
+
+    Only a record signed with the workers' key, for this workspace and month, stored
+    under its own run's key, counts: anything else was written by someone else (a flow
+    holds a Prefect API credential) or damaged.
+    """
+    if not record_json:
+        return "it holds no usage record"
+    if not signature or not hmac.compare_digest(
+        sign_record(key, artifact_key, record_json), signature
+    ):
+        return "its signature does not verify (not written by a worker of this workspace)"
+    try:
+        record = UsageRecord.model_validate_json(record_json)
+    except ValidationError as exc:
+        return f"its record is not valid ({exc.error_count()} error(s))"
+    if record.workspace != workspace or record.month != month:
+        return f"it is a record of workspace {record.workspace!r} in {record.month}"
+    if run_key(workspace, month, record.flow_run_id) != artifact_key:
+        return "its record names another flow run than its key"
+    return record
 
 
 @dataclass

@@ -23,6 +23,9 @@ os.environ["PREFECT_HOME"] = str(_HOME / "client-home")
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.5"
+# The workers' usage-record signing key: the test process and every worker it starts
+# share it (as the workers of one workspace do); no flow run's container gets it.
+os.environ["PREFECT_INTEGRATIONS_MANAGED_LEDGER_KEY"] = secrets.token_hex(32)
 
 import docker  # noqa: E402
 import pytest  # noqa: E402

@@ -100,8 +100,9 @@ def wait_for_settled_run(docker_client, flow_run_id: UUID, timeout: float = 240)
 
 
 def usage_records(flow_run_id: UUID) -> list[dict]:
-    """The usage records attached to a flow run (its usage artifacts' metadata)."""
-    import json
+    """The usage records attached to a flow run that verify with the workers' ledger key
+    (what the ledger counts: a record a flow forged is not among them)."""
+    import re
 
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -110,12 +111,25 @@ def usage_records(flow_run_id: UUID) -> list[dict]:
         FlowRunFilterId,
     )
 
+    from prefect_managed.ledger import artifact_record
+    from prefect_managed.settings import ledger_key
+    from prefect_managed.usage import UsageRecord
+
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="-run-")),
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
         )
-    return [json.loads(a.metadata_["usage_record"]) for a in artifacts if a.metadata_]
+    records = []
+    for artifact in artifacts:
+        found = re.fullmatch(r"usage-(.+)-(\d{4})(\d{2})-run-.+", artifact.key or "")
+        if found is None:
+            continue
+        workspace, month = found[1], f"{found[2]}-{found[3]}"
+        record = artifact_record(ledger_key(), workspace, month, artifact)
+        if isinstance(record, UsageRecord):
+            records.append(record.model_dump(mode="json"))
+    return records
 
 
 def wait_for_usage_record(flow_run_id: UUID, timeout: float = 60) -> dict:
