@@ -10,6 +10,8 @@ overwrite whatever the templating produced.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -17,7 +19,7 @@ from docker.errors import DockerException
 from docker.utils import parse_bytes
 from prefect.settings import PREFECT_API_URL, get_current_settings
 from prefect.workers.base import BaseVariables
-from prefect_docker.worker import DockerWorkerJobConfiguration
+from prefect_docker.worker import CONTAINER_LABELS, DockerWorkerJobConfiguration
 from pydantic import Field
 
 from prefect_managed.dependencies import (
@@ -44,10 +46,44 @@ MANAGED_LABEL = "io.prefect-managed.managed"
 WORKSPACE_LABEL = "io.prefect-managed.workspace"
 API_LABEL = "io.prefect-managed.api"
 #: Environment variables only the worker sets: where the flow run reports, and as whom.
+#: Compared without regard to case (Prefect's settings are read that way).
 WORKER_OWNED_ENV = ("PREFECT_API_URL", "PREFECT_API_KEY", "PREFECT_API_AUTH_STRING")
-#: Settings of the worker's process that Prefect passes on to every run (its home
-#: directory, a path on the worker's host; its polling) and that are not the run's.
-WORKER_ONLY_ENV = ("PREFECT_HOME", "PREFECT_WORKER_", "PREFECT_INTEGRATIONS_MANAGED_")
+#: What a run's container gets of the worker's own Prefect settings: how to reach the
+#: API and its logging. Nothing else of the worker's environment reaches it (a worker
+#: started next to the server holds the database URL and the server's auth string).
+RUN_ENV_FROM_WORKER = (
+    *WORKER_OWNED_ENV,
+    "PREFECT_API_SSL_CERT_FILE",
+    "PREFECT_API_TLS_INSECURE_SKIP_VERIFY",
+    "PREFECT_API_REQUEST_TIMEOUT",
+    "PREFECT_API_ENABLE_HTTP2",
+)
+RUN_ENV_FROM_WORKER_PREFIXES = ("PREFECT_LOGGING_", "PREFECT_CLIENT_")
+#: Of those, what is a path or file on the worker's host, not the run's.
+RUN_ENV_NOT_FROM_WORKER = ("PREFECT_LOGGING_SETTINGS_PATH",)
+#: Installer settings that would install from another index than the operator's.
+INDEX_ENV = (
+    "UV_INDEX",
+    "UV_INDEX_URL",
+    "UV_DEFAULT_INDEX",
+    "UV_EXTRA_INDEX_URL",
+    "UV_FIND_LINKS",
+    "UV_NO_INDEX",
+    "UV_INDEX_STRATEGY",
+    "UV_INSECURE_HOST",
+    "UV_CONFIG_FILE",
+    "UV_NO_CONFIG",
+    "PIP_INDEX_URL",
+    "PIP_EXTRA_INDEX_URL",
+    "PIP_FIND_LINKS",
+    "PIP_NO_INDEX",
+    "PIP_TRUSTED_HOST",
+    "PIP_CONFIG_FILE",
+)
+#: Label prefixes that name a container's run, pool, worker and workspace: Prefect's
+#: and ours, set by the worker only (a replacement worker finds its runs by them).
+RESERVED_LABEL_PREFIXES = ("io.prefect.", "io.prefect-managed.", "prefect.io/")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 #: (settings object, network mode, environment): the last `_base_environment` rendered.
 _base_env: tuple[object, str | None, dict[str, str]] | None = None
@@ -147,10 +183,36 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
         super().prepare_for_flow_run(
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
-        self.apply_policy(policy, flow_run)
+        prefect_labels = self._convert_labels_to_docker_format(
+            {
+                **self._base_flow_run_labels(flow_run),
+                **self._base_work_pool_labels(work_pool),
+                **self._base_worker_name_label(worker_name),
+                **self._base_flow_labels(flow),
+                **self._base_deployment_labels(deployment),
+                **CONTAINER_LABELS,
+            }
+        )
+        self.apply_policy(policy, flow_run, prefect_labels)
+        # Prefect's attribution of the run (worker, flow, deployment), as Prefect sets it.
+        self.env.update(
+            self._base_attribution_environment(
+                flow_run=flow_run,
+                deployment=deployment,
+                flow=flow,
+                worker_id=worker_id,
+                worker_name=worker_name,
+            )
+        )
 
-    def apply_policy(self, policy: Policy, flow_run: FlowRun) -> None:
+    def apply_policy(
+        self, policy: Policy, flow_run: FlowRun, prefect_labels: Mapping[str, str] = {}
+    ) -> None:
         """Overwrite every field a deployment could use to lift a cap or loosen hardening.
+
+        `prefect_labels` are the labels Prefect gives the run's container (its run, flow,
+        deployment, pool and worker, in Docker's form); they replace any label under a
+        reserved prefix that the job variables set.
 
         Raises `InvalidPipPackage`, `InvalidJobVariable` or `ImageNotAllowed` for a value
         the policy does not accept, so that no container is created for the run.
@@ -159,6 +221,8 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
         if not runtime.image_allowed(self.image or ""):
             raise ImageNotAllowed(str(self.image), runtime.allowed_images)
 
+        base = self._base_environment()
+        self.env = run_environment(self.env, base)
         requested = [
             *self.pip_packages,
             *split_extra_pip_packages(self.env.get("EXTRA_PIP_PACKAGES")),
@@ -174,24 +238,15 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             # (`pip_install_requirements`): both use the operator's index only.
             self.env["UV_DEFAULT_INDEX"] = runtime.package_index_url
             self.env["PIP_INDEX_URL"] = runtime.package_index_url
-        # Where the run reports is the worker's to say: a run sent to another Prefect API
-        # would never report its states to this one.
-        base = self._base_environment()
-        for key in WORKER_OWNED_ENV:
-            if key in self.env and self.env[key] != base.get(key):
-                raise InvalidJobVariable(
-                    "env",
-                    {key: "***" if "KEY" in key or "AUTH" in key else self.env[key]},
-                    f"{key} is set by the worker so that the flow run reports to this "
-                    "Prefect server; remove it from the deployment's env",
-                )
-        for key, value in base.items():
-            if key.startswith(WORKER_ONLY_ENV) and self.env.get(key) == value:
-                del self.env[key]
         # The run's identity is the worker's to say, not the deployment's.
         self.env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
         self.labels = {
-            **self.labels,
+            **{
+                key: value
+                for key, value in self.labels.items()
+                if not key.lower().startswith(RESERVED_LABEL_PREFIXES)
+            },
+            **prefect_labels,
             "io.prefect.flow-run-id": str(flow_run.id),
             MANAGED_LABEL: "true",
             WORKSPACE_LABEL: policy.workspace.name,
@@ -222,7 +277,87 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             "security_opt": ["no-new-privileges"],
             "pids_limit": runtime.pids_limit,
             "nano_cpus": int(tier.cpus * 1e9),
+            # The container's output on the host's disk: Docker's json-file log, rotated.
+            "log_config": {
+                "type": "json-file",
+                "config": {
+                    "max-size": str(runtime.log_max_bytes),
+                    "max-file": str(runtime.log_max_files),
+                },
+            },
         }
+        if runtime.container_disk is not None:
+            # The writable layer's size; the worker checks at start that the engine's
+            # storage driver can enforce it (`disk_limit_unsupported`).
+            self.container_create_kwargs["storage_opt"] = {
+                "size": str(runtime.container_disk_bytes)
+            }
+
+
+def run_environment(requested: Mapping[str, str], worker: Mapping[str, str]) -> dict[str, str]:
+    """A run container's environment: the allow-listed part of the worker's settings,
+    then what the deployment asked for, checked.
+
+    `requested` is the environment after Prefect's templating (the worker's settings with
+    the job variables' `env` over them); `worker` is the worker's settings alone. An entry
+    of `requested` equal to the worker's own value came from the worker and is kept only
+    when it is allow-listed. Raises `InvalidJobVariable` for a key that is not a plain
+    variable name, a worker-owned name in any case, or an installer index setting.
+    """
+    env = {
+        key: value
+        for key, value in worker.items()
+        if (key in RUN_ENV_FROM_WORKER or key.startswith(RUN_ENV_FROM_WORKER_PREFIXES))
+        and key not in RUN_ENV_NOT_FROM_WORKER
+    }
+    for key, value in requested.items():
+        if worker.get(key) == value:
+            continue  # the worker's own setting: allow-listed above or left out
+        if not isinstance(key, str) or not _ENV_KEY.fullmatch(key):
+            raise InvalidJobVariable(
+                "env",
+                {key: "..."},
+                f"{key!r} is not an environment variable name; use letters, digits and "
+                "underscores, not starting with a digit",
+            )
+        upper = key.upper()
+        if upper in WORKER_OWNED_ENV:
+            raise InvalidJobVariable(
+                "env",
+                {key: "***" if "KEY" in upper or "AUTH" in upper else value},
+                f"{key} is set by the worker so that the flow run reports to this Prefect "
+                "server as itself; remove it from the deployment's env",
+            )
+        if upper in INDEX_ENV:
+            raise InvalidJobVariable(
+                "env",
+                {key: value},
+                f"{key} would install packages from another index than the operator's; "
+                "pip_packages come from the workspace's package index only. Remove it, "
+                "and ask the operator if a package is missing from the index",
+            )
+        if upper.startswith("PREFECT__"):
+            continue  # the run's identity and attribution: set by the worker
+        env[key] = value
+    return env
+
+
+def disk_limit_unsupported(driver: str, driver_status: list[list[str]]) -> str | None:
+    """Why the Docker engine cannot limit a container's writable layer, or None when it
+    can: Docker's `--storage-opt size` works with overlay2 on xfs mounted with project
+    quotas (pquota), and with the btrfs, zfs and devicemapper drivers."""
+    if driver in ("btrfs", "zfs", "devicemapper", "windowsfilter"):
+        return None
+    backing = dict((item[0], item[1]) for item in driver_status if len(item) == 2).get(
+        "Backing Filesystem", "unknown"
+    )
+    if driver == "overlay2" and backing == "xfs":
+        return None  # Docker itself refuses at container creation when pquota is off
+    return (
+        f"the Docker engine's storage driver {driver!r} on a {backing!r} file system cannot "
+        "limit a container's writable layer (it needs overlay2 on xfs mounted with pquota, "
+        "or btrfs, zfs or devicemapper)"
+    )
 
 
 def memory_limit_bytes(requested: str | int | None, cap: int) -> int:

@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from packaging.requirements import InvalidRequirement, Requirement
 
 from prefect_managed.exceptions import InvalidPipPackage
+from prefect_managed.redact import redact_url_credentials
 
 __all__ = [
     "CACHE_MOUNT",
@@ -106,7 +107,8 @@ def describe_early_exit(exit_code: int, pip_packages: list[str], output: list[st
             ]
             detail = ": " + " ".join(quoted)
         return (
-            f"Installing pip_packages {' '.join(pip_packages)} failed before the flow started "
+            f"Installing pip_packages {redact_url_credentials(' '.join(pip_packages))} failed "
+            "before the flow started "
             f"(the container exited with code {exit_code}){detail}. The installer's output is "
             "in this flow run's logs; check the package names and versions in pip_packages."
         )

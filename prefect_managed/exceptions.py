@@ -12,6 +12,8 @@ ManagedError
 
 from __future__ import annotations
 
+from prefect_managed.redact import redact_url_credentials
+
 
 class ManagedError(Exception):
     """Base class of every error raised by prefect-managed."""
@@ -24,7 +26,7 @@ class InvalidPipPackage(ManagedError, ValueError):
         self.entry = entry
         self.reason = reason
         super().__init__(
-            f"pip_packages entry {entry!r} was rejected: {reason}. Give each package as a "
+            f"pip_packages entry {redact_url_credentials(repr(entry))} was rejected: {reason}. Give each package as a "
             "PEP 508 requirement such as 'pandas' or 'pandas>=2.2,<3', one per entry."
         )
 
@@ -36,7 +38,8 @@ class InvalidJobVariable(ManagedError, ValueError):
         self.name = name
         self.value = value
         super().__init__(
-            f"Job variable {name!r} has the value {value!r}, which is not usable: {hint}."
+            f"Job variable {name!r} has the value {redact_url_credentials(repr(value))}, which "
+            f"is not usable: {redact_url_credentials(hint)}."
         )
 
 

@@ -34,10 +34,9 @@ from docker.utils import parse_bytes
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
-    PositiveFloat,
-    PositiveInt,
     ValidationError,
     model_validator,
 )
@@ -67,17 +66,45 @@ __all__ = [
 ]
 
 
-def _memory(value: str | int) -> str | int:
-    try:
-        size = parse_bytes(value)
-    except DockerException as exc:
-        raise ValueError(f"{value!r} is not a size; use Docker's units such as 512m or 2g") from exc
-    if size <= 0:
-        raise ValueError(f"{value!r} must be more than zero")
+def _size_between(low: int, high: int) -> AfterValidator:
+    def check(value: str | int) -> str | int:
+        try:
+            size = parse_bytes(value)
+        except DockerException as exc:
+            raise ValueError(
+                f"{value!r} is not a size; use Docker's units such as 512m or 2g"
+            ) from exc
+        if size <= 0:
+            raise ValueError(f"{value!r} must be more than zero")
+        if not low <= size <= high:
+            raise ValueError(
+                f"{value!r} is outside the sane range {format_bytes(low)} to {format_bytes(high)}"
+            )
+        return value
+
+    return AfterValidator(check)
+
+
+def _size_value(value: Any) -> Any:
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise ValueError(f"{value!r} is not a size; use Docker's units such as 512m or 2g")
     return value
 
 
-MemorySize = Annotated[str | int, AfterValidator(_memory)]
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"{str(value).lower()} is not a number; give a number")
+    return value
+
+
+#: A size in Docker's units (a string such as "2g", or a number of bytes), in a range.
+MemorySize = Annotated[str | int, BeforeValidator(_size_value), _size_between(6 * 2**20, 2**40)]
+CacheSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(64 * 2**20, 2**42)]
+LogSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(2**20, 2**30)]
+DiskSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(2**30, 2**44)]
+#: Numbers: never a bool (TOML's `true` is not 1), never infinite or NaN.
+Count = Annotated[int, BeforeValidator(_not_bool), Field(strict=True)]
+Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
 
 
 def format_bytes(size: int) -> str:
@@ -96,21 +123,36 @@ class _Strict(BaseModel):
 class Tier(_Strict):
     """The limits of one tier. Unset numbers take the free tier's values."""
 
-    concurrency_limit: PositiveInt = Field(
-        default=1, description="Concurrent flow runs per workspace, across all managed pools."
+    concurrency_limit: Count = Field(
+        default=1,
+        ge=1,
+        le=10_000,
+        description="Concurrent flow runs per workspace, across all managed pools.",
     )
-    pool_limit: PositiveInt = Field(default=1, description="Managed work pools per workspace.")
+    pool_limit: Count = Field(
+        default=1, ge=1, le=10_000, description="Managed work pools per workspace."
+    )
     memory: MemorySize = Field(
         default="2g",
         description="Memory per flow run, dependency installation included, with no swap.",
     )
-    cpus: PositiveFloat = Field(default=1.0, description="CPUs per flow run.")
-    max_run_seconds: PositiveInt = Field(
+    cpus: Number = Field(
+        default=1.0,
+        ge=0.01,
+        le=1024,
+        description="CPUs per flow run (0.01 to 1024; Docker's smallest CPU quota is 0.01).",
+    )
+    max_run_seconds: Count = Field(
         default=24 * 3600,
+        ge=1,
+        le=366 * 24 * 3600,
         description="Maximum run time of a flow run, from container start, in seconds.",
     )
-    compute_hours_per_month: PositiveFloat = Field(
-        default=10, description="Compute hours per workspace per calendar month (UTC)."
+    compute_hours_per_month: Number = Field(
+        default=10,
+        gt=0,
+        le=10_000_000,
+        description="Compute hours per workspace per calendar month (UTC).",
     )
 
     @property
@@ -154,7 +196,9 @@ class Runtime(_Strict):
         pattern=r"^[1-9][0-9]*(:[1-9][0-9]*)?$",
         description="The non-root uid[:gid] flow run containers run as.",
     )
-    pids_limit: PositiveInt = Field(default=1024, description="Processes per container.")
+    pids_limit: Count = Field(
+        default=1024, ge=16, le=4_194_304, description="Processes per container (16 or more)."
+    )
     extra_ca_bundle: Path | None = Field(
         default=None,
         description="A PEM bundle of extra certificate authorities for the runtime image.",
@@ -174,7 +218,7 @@ class Runtime(_Strict):
             "a second run with the same packages installs them without downloading."
         ),
     )
-    dependency_cache_max_size: MemorySize = Field(
+    dependency_cache_max_size: CacheSize = Field(
         default="5g",
         description=(
             "The most the workspace's dependency cache may hold, in Docker's units. A run "
@@ -183,9 +227,40 @@ class Runtime(_Strict):
         ),
     )
 
+    log_max_size: LogSize = Field(
+        default="10m",
+        description=(
+            "The most of a container's output Docker keeps on the host per log file "
+            "(json-file `max-size`), in Docker's units."
+        ),
+    )
+    log_max_files: Count = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="How many rotated log files Docker keeps per container (`max-file`).",
+    )
+    container_disk: DiskSize | None = Field(
+        default=None,
+        description=(
+            "The size of each container's writable layer (`--storage-opt size`), in "
+            "Docker's units. Only storage drivers that can enforce it accept it (overlay2 "
+            "on xfs with pquota, btrfs, zfs, devicemapper): a worker on another engine "
+            "refuses to start with this set. Unset: not limited by Docker."
+        ),
+    )
+
     @property
     def dependency_cache_max_bytes(self) -> int:
         return parse_bytes(self.dependency_cache_max_size)
+
+    @property
+    def log_max_bytes(self) -> int:
+        return parse_bytes(self.log_max_size)
+
+    @property
+    def container_disk_bytes(self) -> int | None:
+        return None if self.container_disk is None else parse_bytes(self.container_disk)
 
     @model_validator(mode="after")
     def _default_image_is_allowed(self) -> Runtime:
@@ -256,7 +331,11 @@ def load_policy(path: Path | None) -> Policy:
     if path is None:
         return Policy()
     try:
-        data = tomllib.loads(path.read_text())
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise PolicyError(
+            path, f"it is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from exc
     except FileNotFoundError as exc:
         raise PolicyError(path, "the file does not exist") from exc
     except OSError as exc:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+
+from prefect_managed.redact import redact_url_credentials
 
 __all__ = ["describe_pull_step_failure", "describe_source", "redact_url_credentials"]
 
@@ -24,7 +25,6 @@ _STEPS_DONE = "All deployment steps completed successfully"
 _HOOK_NOISE = "Runner failed to retrieve flow to execute on_crashed hooks"
 # "RuntimeError: Failed to clone ...", "botocore.errorfactory.NoSuchBucket: An error ..."
 _EXCEPTION_LINE = re.compile(r"^(?P<type>[A-Za-z_][\w.]*): (?P<message>\S.*)$")
-_URL_USERINFO = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@'\"]+@")
 
 _HINTS = {
     "git_clone": (
@@ -43,20 +43,8 @@ _HINTS = {
 }
 
 
-def redact_url_credentials(text: str) -> str:
-    """Replace the user and password of every URL in `text` with ``***``."""
-    return _URL_USERINFO.sub(r"\g<scheme>***@", text)
-
-
 def _short_name(fqn: str) -> str:
     return fqn.rsplit(".", 1)[-1]
-
-
-def _redacted_url(url: str) -> str:
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
 
 
 def describe_source(step: Mapping[str, Any]) -> str:
@@ -66,7 +54,7 @@ def describe_source(step: Mapping[str, Any]) -> str:
     name = _short_name(fqn)
     folder = str(inputs.get("folder") or "").strip("/")
     if name == "git_clone":
-        text = f"repository {_redacted_url(str(inputs.get('repository', '?')))}"
+        text = f"repository {redact_url_credentials(str(inputs.get('repository', '?')))}"
         if inputs.get("commit_sha"):
             text += f" at commit {inputs['commit_sha']}"
         elif inputs.get("branch"):

@@ -51,6 +51,7 @@ from prefect_managed.configuration import (
     ManagedJobConfiguration,
     ManagedVariables,
     api_label_value,
+    disk_limit_unsupported,
 )
 from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
 from prefect_managed.exceptions import ImageNotAvailable, PolicyError
@@ -178,6 +179,15 @@ class ManagedWorker(DockerWorker):
 
     async def setup(self) -> None:
         await super().setup()
+        if self.policy.runtime.container_disk is not None:
+            info = await run_sync_in_worker_thread(self._docker_info)
+            why = disk_limit_unsupported(info.get("Driver", ""), info.get("DriverStatus") or [])
+            if why is not None:
+                raise PolicyError(
+                    get_settings().resolved_policy_file(),
+                    f"runtime.container_disk is set but {why}; remove runtime.container_disk "
+                    "or move the Docker engine's data to such a file system",
+                )
         self._slots = WorkspaceSlots(
             self.client,
             self.policy.concurrency_limit_name,
@@ -786,6 +796,10 @@ class ManagedWorker(DockerWorker):
             except docker.errors.APIError:
                 return True  # not the image's fault: report the original error
         return True
+
+    def _docker_info(self) -> dict[str, Any]:
+        with closing(self._get_client()) as client:
+            return client.info()
 
     def _ping_docker(self) -> None:
         with closing(self._get_client()) as client:

@@ -63,6 +63,10 @@ def test_hostile_job_variables_are_overwritten():
         "security_opt": ["no-new-privileges"],
         "pids_limit": 256,
         "nano_cpus": 1_000_000_000,
+        "log_config": {
+            "type": "json-file",
+            "config": {"max-size": str(10 * 1024**2), "max-file": "3"},
+        },
     }
 
 
@@ -121,3 +125,114 @@ def test_pip_packages_reach_the_image_as_extra_pip_packages():
 def test_an_image_outside_the_allow_list_is_refused():
     with pytest.raises(ImageNotAllowed, match="Image 'python:3.12' is not allowed"):
         apply(configuration(image="python:3.12"))
+
+
+def test_the_workers_server_secrets_and_other_settings_stay_out_of_the_container():
+    from prefect.settings import (
+        PREFECT_API_AUTH_STRING,
+        PREFECT_SERVER_API_AUTH_STRING,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
+
+    secret_url = "postgresql+asyncpg://prefect:hunter2@127.0.0.1:5432/prefect"
+    with temporary_settings(
+        updates={
+            PREFECT_SERVER_DATABASE_CONNECTION_URL: secret_url,
+            PREFECT_SERVER_API_AUTH_STRING: "admin:server-secret",
+            PREFECT_API_AUTH_STRING: "admin:server-secret",
+        }
+    ):
+        config = configuration()
+        config.env = {**config._base_environment(), "MY_SETTING": "1"}
+        assert config.env["PREFECT_SERVER_DATABASE_CONNECTION_URL"] == secret_url
+        apply(config)
+
+    assert not [key for key in config.env if key.startswith("PREFECT_SERVER_")]
+    assert "hunter2" not in repr(config.env)
+    assert config.env["MY_SETTING"] == "1"
+    # The run's own credential to reach the API is the one thing it gets.
+    assert config.env["PREFECT_API_AUTH_STRING"] == "admin:server-secret"
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"prefect_api_url": "http://127.0.0.1:1/api"},
+        {"Prefect_Api_Key": "stolen"},
+        {"PREFECT_API_AUTH_STRING": "admin:guess"},
+    ],
+)
+def test_worker_owned_names_are_refused_in_any_case(env):
+    with pytest.raises(InvalidJobVariable, match="is set by the worker"):
+        apply(configuration(env=env))
+
+
+@pytest.mark.parametrize(
+    "key", ["A=B", "EXTRA_PIP_PACKAGES=evil\nX", "1ABC", "WITH SPACE", "", "X-Y"]
+)
+def test_env_keys_that_are_not_plain_names_are_refused(key):
+    with pytest.raises(InvalidJobVariable, match="is not an environment variable name"):
+        apply(configuration(env={key: "x"}))
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "UV_INDEX",
+        "UV_EXTRA_INDEX_URL",
+        "UV_FIND_LINKS",
+        "uv_index_url",
+        "PIP_EXTRA_INDEX_URL",
+        "PIP_INDEX_URL",
+        "PIP_FIND_LINKS",
+        "UV_DEFAULT_INDEX",
+    ],
+)
+def test_installer_index_settings_are_refused(key):
+    with pytest.raises(InvalidJobVariable, match="another index than the operator's"):
+        apply(configuration(env={key: "http://127.0.0.1:1/simple"}))
+
+
+def test_prefect_and_managed_labels_are_pinned_after_templating():
+    config = configuration(
+        labels={
+            "io.prefect.work-pool-name": "someone-elses-pool",
+            "io.prefect.worker-name": "ghost",
+            "IO.PREFECT.flow-run-id": "x",
+            "io.prefect-managed.workspace": "other",
+            "prefect.io/flow-run-id": "x",
+            "team": "analytics",
+        }
+    )
+    flow_run = FlowRun(id=uuid4(), flow_id=uuid4(), name="hostile")
+    prefect_labels = {
+        "io.prefect.work-pool-name": "managed-pool",
+        "io.prefect.worker-name": "worker-1",
+    }
+    config.apply_policy(POLICY, flow_run, prefect_labels)
+    assert config.labels["io.prefect.work-pool-name"] == "managed-pool"
+    assert config.labels["io.prefect.worker-name"] == "worker-1"
+    assert config.labels["io.prefect.flow-run-id"] == str(flow_run.id)
+    assert config.labels["io.prefect-managed.workspace"] == "default"
+    assert config.labels["team"] == "analytics"
+    assert "IO.PREFECT.flow-run-id" not in config.labels
+    assert "prefect.io/flow-run-id" not in config.labels
+
+
+def test_the_writable_layer_is_limited_when_the_policy_says_so():
+    policy = Policy.model_validate(
+        {"runtime": {"default_image": "prefect-managed-runtime:3.9.1", "container_disk": "20g"}}
+    )
+    config = configuration(container_create_kwargs={"storage_opt": {"size": "1t"}})
+    config.apply_policy(policy, FlowRun(id=uuid4(), flow_id=uuid4(), name="disk"))
+    assert config.container_create_kwargs["storage_opt"] == {"size": str(20 * 1024**3)}
+
+
+def test_which_storage_drivers_can_limit_the_writable_layer():
+    from prefect_managed.configuration import disk_limit_unsupported
+
+    assert disk_limit_unsupported("overlay2", [["Backing Filesystem", "xfs"]]) is None
+    assert disk_limit_unsupported("btrfs", []) is None
+    why = disk_limit_unsupported("overlay2", [["Backing Filesystem", "extfs"]])
+    assert why is not None and "'overlay2' on a 'extfs' file system" in why

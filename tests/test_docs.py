@@ -288,8 +288,17 @@ def test_the_hardening_the_limits_page_lists_is_what_the_worker_applies():
     assert kwargs["cap_drop"] == ["ALL"] and "(`cap_drop: [ALL]`)" in text
     assert kwargs["security_opt"] == ["no-new-privileges"] and "with `no-new-privileges`" in text
     assert kwargs["pids_limit"] == 1024 and "`runtime.pids_limit` processes (default 1024)" in text
-    assert set(kwargs) == {"user", "cap_drop", "security_opt", "pids_limit", "nano_cpus"}
-    assert "with `user`, `cap_drop`, `security_opt`, `pids_limit` and `nano_cpus`" in text
+    assert set(kwargs) == {
+        "user",
+        "cap_drop",
+        "security_opt",
+        "pids_limit",
+        "nano_cpus",
+        "log_config",
+    }
+    assert "with `user`, `cap_drop`, `security_opt`, `pids_limit`, `nano_cpus` and `log_config`" in text
+    assert kwargs["log_config"]["config"] == {"max-size": str(10 * 2**20), "max-file": "3"}
+    assert "`runtime.log_max_size` each (json-file, default 3 × 10 MiB)" in text
     volume = f"{cache_volume_name('default', api_label_value())}:{CACHE_MOUNT}:rw"
     assert config.privileged is False and config.volumes == [volume]
     assert volume.startswith("prefect-managed-cache-default-")

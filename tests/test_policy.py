@@ -65,11 +65,44 @@ def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
         ),
         (
             "[tiers.pro]\nconcurrency_limit = 0\n",
-            "key 'tiers.pro.concurrency_limit': Input should be greater than 0",
+            "key 'tiers.pro.concurrency_limit': Input should be greater than or equal to 1",
         ),
         (
             "[tiers.free]\nmax_run_seconds = -5\n",
-            "key 'tiers.free.max_run_seconds': Input should be greater than 0",
+            "key 'tiers.free.max_run_seconds': Input should be greater than or equal to 1",
+        ),
+        (
+            "[tiers.free]\ncpus = 1e-10\n",
+            "key 'tiers.free.cpus': Input should be greater than or equal to 0.01",
+        ),
+        (
+            "[tiers.free]\ncpus = inf\n",
+            "key 'tiers.free.cpus': Input should be less than or equal to 1024",
+        ),
+        (
+            "[tiers.free]\ncompute_hours_per_month = nan\n",
+            "key 'tiers.free.compute_hours_per_month': Input should be",
+        ),
+        ("[tiers.free]\nmemory = true\n", "key 'tiers.free.memory'"),
+        (
+            "[tiers.free]\nconcurrency_limit = true\n",
+            "key 'tiers.free.concurrency_limit': true is not a number",
+        ),
+        (
+            '[tiers.free]\nmemory = "1k"\n',
+            "key 'tiers.free.memory': '1k' is outside the sane range 6 MiB to 1024 GiB",
+        ),
+        (
+            "[tiers.free]\nmax_run_seconds = 99999999999\n",
+            "key 'tiers.free.max_run_seconds': Input should be less than or equal to 31622400",
+        ),
+        (
+            "[runtime]\npids_limit = 1\n",
+            "key 'runtime.pids_limit': Input should be greater than or equal to 16",
+        ),
+        (
+            '[runtime]\nlog_max_size = "10g"\n',
+            "key 'runtime.log_max_size': '10g' is outside the sane range",
         ),
         ('[tiers.free]\nmemory = "lots"\n', "key 'tiers.free.memory': 'lots' is not a size"),
         ('[tiers.free]\nmemory = "0"\n', "key 'tiers.free.memory': '0' must be more than zero"),
@@ -94,6 +127,13 @@ def test_a_bad_policy_file_is_named_with_its_key_and_problem(tmp_path, text, exp
     assert message.startswith(f"Policy file {str(path)!r} is not usable: ")
     assert expected in message
     assert "\n" not in message
+
+
+def test_a_policy_file_that_is_not_utf8_is_one_line(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_bytes(b'[workspace]\nname = "caf\xe9"\n')
+    with pytest.raises(PolicyError, match="it is not UTF-8 text \\(byte 0xe9 at offset 23\\)"):
+        load_policy(path)
 
 
 def test_a_missing_policy_file_is_an_error(tmp_path):

@@ -119,6 +119,15 @@ def test_credentials_in_a_repository_url_are_redacted_everywhere():
         ("'https://tok123@127.0.0.1/r.git'", "'https://***@127.0.0.1/r.git'"),
         ("no url here, mail tests@127.0.0.1", "no url here, mail tests@127.0.0.1"),
         ("https://127.0.0.1:8443/r.git", "https://127.0.0.1:8443/r.git"),
+        # a password holding '/' and '@', written raw
+        ("https://bot:pa/ss@w0rd@127.0.0.1/r.git", "https://***@127.0.0.1/r.git"),
+        ("git+https://u:t@k/en@git.example/r.git@v1", "git+https://***@git.example/r.git@v1"),
+        # a revision after the path is not a user
+        ("git+https://git.example/org/r.git@v1.2", "git+https://git.example/org/r.git@v1.2"),
+        ("https://tok@git.example", "https://***@git.example"),
+        # scp-like git addresses: a password is redacted, a plain user is not
+        ("clone bot:tok3n@git.example:org/r.git", "clone ***@git.example:org/r.git"),
+        ("git@git.example:org/r.git", "git@git.example:org/r.git"),
     ],
 )
 def test_redact_url_credentials(text, expected):
@@ -209,3 +218,15 @@ def test_the_cause_is_the_exception_line_not_a_line_of_its_body():
     assert message is not None
     assert "ResourceNotFoundError: The specified container does not exist" in message
     assert "<?xml" not in message
+
+
+def test_a_requirement_with_a_token_is_redacted_in_every_message():
+    from prefect_managed.dependencies import describe_early_exit, normalize_pip_packages
+    from prefect_managed.exceptions import InvalidPipPackage
+
+    entry = "probe @ git+https://bot:s3cr/et@git.example/probe.git"
+    with pytest.raises(InvalidPipPackage) as refused:
+        normalize_pip_packages([entry])  # URL requirements are not allowed by default
+    assert "s3cr" not in str(refused.value) and "***@git.example" in str(refused.value)
+    message = describe_early_exit(1, [entry], ["+uv pip install x", "error: failed"])
+    assert "s3cr" not in message and "git+https://***@git.example/probe.git" in message
