@@ -204,7 +204,7 @@ class ManagedWorker(DockerWorker):
                 "reachable?); it is set when the first flow run takes a slot",
                 self.policy.concurrency_limit_name,
             )
-        self._ledger = UsageLedger(self.client, self.policy.workspace.name)
+        self._ledger = UsageLedger(self.client, self.policy.workspace.name, logger=self._logger)
         self._background = anyio.create_task_group()
         await self._exit_stack.enter_async_context(self._background)
         self._exit_stack.callback(self._background.cancel_scope.cancel)

@@ -132,6 +132,28 @@ def usage_records(flow_run_id: UUID) -> list[dict]:
     return records
 
 
+def usage_report(policy: Path, api: str | None = None) -> dict:
+    """`prefect-managed usage --json` as the operator runs it (with the workers' key)."""
+    import json
+    import os
+    import subprocess
+
+    from services import BIN
+
+    env = {**os.environ, "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy)}
+    if api is not None:
+        env["PREFECT_API_URL"] = api
+    done = subprocess.run(
+        [str(BIN / "prefect-managed"), "usage", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
 def wait_for_usage_record(flow_run_id: UUID, timeout: float = 60) -> dict:
     records = wait_for(
         lambda: usage_records(flow_run_id), timeout, f"a usage record of {flow_run_id}"

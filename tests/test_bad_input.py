@@ -145,6 +145,19 @@ CASES: list[Case] = [
          policy_message('[runtime]\nnetwork_mode = "container:db"\n'), where=WORKER),
     Case("policy file", "no processes allowed", "`[runtime]` `pids_limit = 0`",
          policy_message("[runtime]\npids_limit = 0\n"), where=WORKER),
+    Case("policy file", "CPUs too small to limit", "`[tiers.free]` `cpus = 1e-10`",
+         policy_message("[tiers.free]\ncpus = 1e-10\n"), where=WORKER),
+    Case("policy file", "infinite CPUs", "`[tiers.free]` `cpus = inf`",
+         policy_message("[tiers.free]\ncpus = inf\n"), where=WORKER),
+    Case("policy file", "memory as a boolean", "`[tiers.free]` `memory = true`",
+         policy_message("[tiers.free]\nmemory = true\n"), where=WORKER),
+    Case("policy file", "concurrency as a boolean", "`[tiers.free]` `concurrency_limit = true`",
+         policy_message("[tiers.free]\nconcurrency_limit = true\n"), where=WORKER),
+    Case("policy file", "not UTF-8", "a file with the byte 0xe9 (Latin-1 `é`)",
+         policy_path_message(
+             lambda d: (d / POLICY_NAME).write_bytes(b'[workspace]\nname = "caf\xe9"\n')
+             and d / POLICY_NAME),
+         where=WORKER),
     Case("policy file", "default image outside the allow-list",
          "`default_image = \"python:3.12\"`",
          policy_message('[runtime]\ndefault_image = "python:3.12"\n'), where=WORKER),
@@ -174,6 +187,9 @@ CASES: list[Case] = [
          "`[\"x @ file:///etc/passwd\"]`", pip_message("x @ file:///etc/passwd"), where=RUN),
     Case("pip_packages", "environment marker", "`['pandas; python_version < \"3.8\"']`",
          pip_message('pandas; python_version < "3.8"'), where=RUN),
+    Case("pip_packages", "direct URL with a token (not allowed by the policy)",
+         "`[\"probe @ git+https://bot:TOKEN@127.0.0.1/probe.git\"]`",
+         pip_message("probe @ git+https://bot:TOKEN@127.0.0.1/probe.git"), where=RUN),
     Case("pip_packages", "package not on the index", "`[\"no-such-package-xyz\"]`",
          expected="Installing pip_packages no-such-package-xyz failed before the flow started",
          where=RUN_LOGS),
@@ -208,6 +224,14 @@ CASES: list[Case] = [
     Case("env", "installer option through EXTRA_PIP_PACKAGES",
          "`env: {\"EXTRA_PIP_PACKAGES\": \"--pre pandas\"}`",
          job_message(env={"EXTRA_PIP_PACKAGES": "--pre pandas"}), where=RUN),
+    Case("env", "a worker-owned name in lower case", "`env: {\"prefect_api_url\": \"...\"}`",
+         job_message(env={"prefect_api_url": "http://127.0.0.1:1/api"}), where=RUN),
+    Case("env", "a key holding `=`", "`env: {\"A=1 EXTRA_PIP_PACKAGES\": \"evil\"}`",
+         job_message(env={"A=1 EXTRA_PIP_PACKAGES": "evil"}), where=RUN),
+    Case("env", "another package index", "`env: {\"UV_INDEX\": \"http://127.0.0.1:1/simple\"}`",
+         job_message(env={"UV_INDEX": "http://127.0.0.1:1/simple"}), where=RUN),
+    Case("env", "an extra index for pip", "`env: {\"PIP_EXTRA_INDEX_URL\": \"...\"}`",
+         job_message(env={"PIP_EXTRA_INDEX_URL": "http://127.0.0.1:1/simple"}), where=RUN),
 ]
 
 UNIT_CASES = [case for case in CASES if case.message_of is not None]
@@ -357,6 +381,10 @@ def test_a_repository_that_does_not_exist_ends_the_run_naming_it(
         ("env-points-the-run-at-another-prefect-api",
          {"env": {"PREFECT_API_URL": "http://127.0.0.1:1/api"}}),
         ("image-not-in-the-allow-list", {"image": "python:3.12"}),
+        ("env-a-worker-owned-name-in-lower-case",
+         {"env": {"prefect_api_url": "http://127.0.0.1:1/api"}}),
+        ("env-a-key-holding", {"env": {"A=1 EXTRA_PIP_PACKAGES": "evil"}}),
+        ("env-another-package-index", {"env": {"UV_INDEX": "http://127.0.0.1:1/simple"}}),
     ],
 )
 def test_a_run_refused_by_the_policy_ends_crashed_with_the_documented_message(

@@ -8,10 +8,7 @@ creates are the only managed pools the services see.
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import subprocess
 import tempfile
 import threading
 import time
@@ -27,6 +24,7 @@ from helpers import (
     run_containers,
     session_workspace,
     usage_records,
+    usage_report,
     wait_for_final_state,
 )
 from postgres import start_postgres
@@ -330,7 +328,7 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
                 300,
                 "every container of the workspace removed",
             )
-            usage = json.loads(usage_json(api, policy))
+            usage = usage_report(policy, api)
             for service in hosts.values():
                 service.stop(timeout=60)
 
@@ -369,18 +367,3 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
     for host, state in refused.items():
         assert state.is_failed() and state.name == "QuotaExhausted", (host, state)
 
-
-def usage_json(api: str, policy: Path) -> str:
-    done = subprocess.run(
-        [str(BIN / "prefect-managed"), "usage", "--json"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env={
-            **os.environ,
-            "PREFECT_API_URL": api,
-            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
-        },
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
