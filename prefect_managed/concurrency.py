@@ -98,14 +98,21 @@ class WorkspaceSlots:
             changed["limit"] = self.limit
         if current.slot_decay_per_second:
             changed["slot_decay_per_second"] = 0.0
+        if current.active_slots < len(self._leases):
+            # Slots that decayed or were released by someone else: at least this
+            # worker's own running flow runs hold one each.
+            changed["active_slots"] = len(self._leases)
         if changed:
             self._logger.warning(
                 "The workspace's concurrency limit %r was changed from outside the workers "
-                "(active=%s, limit=%s, slot_decay_per_second=%s); set back to %s",
+                "(active=%s, limit=%s, slot_decay_per_second=%s, active_slots=%d with %d "
+                "held by this worker); set back to %s",
                 self.limit_name,
                 current.active,
                 current.limit,
                 current.slot_decay_per_second,
+                current.active_slots,
+                len(self._leases),
                 ", ".join(f"{key}={value}" for key, value in changed.items()),
             )
             await self._client.update_global_concurrency_limit(
@@ -153,6 +160,9 @@ class WorkspaceSlots:
         # Releasing a lease the server does not have is a silent no-op, which would leave
         # a forgotten lease's slot counted: ask first (renewing is how to ask).
         try:
+            # A slot released while its limit is inactive stays counted for good: set the
+            # limit back first (a flow run may have switched it off).
+            await self.assert_limit()
             if not await self._renew(lease):
                 await self._release_lost_slot(flow_run_id, lease)
                 return
