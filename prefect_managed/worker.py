@@ -1,130 +1,75 @@
 """`ManagedWorker`: prefect-docker's worker with the managed pool's contract.
 
-prefect-docker creates, watches and stops the containers. This worker adds what
-managed execution needs on top, and delegates the policy questions to `policy`:
+prefect-docker creates, watches and stops the containers. This worker keeps Prefect's
+hooks (setup, admission, `run`, kill) and hands each job to a module of its own:
 
-- the policy is read once, when the worker is made; a bad file stops it there;
-- the pool is served only while it is one of the workspace's oldest `pool_limit` pools;
-- a run starts only with a slot of the workspace's concurrency limit (`concurrency`),
-  otherwise it stays Scheduled as `AwaitingConcurrencySlot`;
-- a container that runs out of memory, outlives the tier's maximum run time, or exits
-  before its flow started ends its run Crashed with a message saying why (the output of
-  an early exit goes to the flow run's logs);
-- every container is removed once it has been read.
+- `policy`: the limits and messages, read once when the worker is made;
+- `concurrency`: a run starts only with a slot of the workspace's limit, otherwise it
+  stays Scheduled as `AwaitingConcurrencySlot`; a container taken over from a dead
+  worker holds a slot too;
+- `accounting`: the month's usage, the quota, and one usage record per run;
+- `containers`: Docker calls and the one watch loop (stats, the run-time clock);
+- `outcome`: how a container ended, decided from its inspect data;
+- `run_states`: the states and log entries that say so.
+
+Every background task is guarded: an error is logged, the container is still finished
+and removed (now or at the next reconciliation), and its slot given back.
 """
 
 from __future__ import annotations
 
-import logging
 import sys
-import time
 from collections import deque
-from contextlib import closing
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import anyio
 import anyio.abc
-import docker.errors
 import httpx
-import requests.exceptions
-from prefect.client.schemas.actions import LogCreate
-from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
-from prefect.client.schemas.objects import FlowRun, State, WorkerStatus
-from prefect.events import emit_event
-from prefect.exceptions import (
-    Abort,
-    InfrastructureNotFound,
-    ObjectNotFound,
-    PrefectHTTPStatusError,
-)
-from prefect.states import Crashed, Failed, Scheduled
+from prefect.client.schemas.objects import FlowRun, WorkerStatus
+from prefect.exceptions import InfrastructureNotFound, ObjectNotFound, PrefectHTTPStatusError
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
+from prefect_managed.accounting import Accounting
 from prefect_managed.concurrency import WorkspaceSlots
 from prefect_managed.configuration import (
-    API_LABEL,
-    MANAGED_LABEL,
-    WORKSPACE_LABEL,
     ManagedJobConfiguration,
     ManagedVariables,
     api_label_value,
     disk_limit_unsupported,
 )
-from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
+from prefect_managed.containers import Containers, Watch, orphans, pool_labels
 from prefect_managed.exceptions import ImageNotAvailable, PolicyError
 from prefect_managed.ledger import UsageLedger
-from prefect_managed.metering import Meter, parse_docker_time
+from prefect_managed.outcome import (
+    CONTAINER_REMOVED_MESSAGE,
+    DOCKER_ENGINE_LOST_MESSAGE,
+    Ending,
+    docker_lost,
+    ending,
+    outcome_of,
+    refused_a_process,
+)
 from prefect_managed.policy import (
     Policy,
     awaiting_slot_message,
     out_of_memory_message,
     pids_limit_message,
-    pool_not_served_message,
     run_time_exceeded_message,
-    served_pool_names,
 )
+from prefect_managed.pools import PoolGate
+from prefect_managed.run_states import QUOTA_EXHAUSTED, RunStates
 from prefect_managed.settings import get_policy, get_settings
-from prefect_managed.sources import describe_pull_step_failure, redact_url_credentials
-from prefect_managed.usage import (
-    MonthlyUsage,
-    Outcome,
-    UsageRecord,
-    crossed_thresholds,
-    month_of,
-    quota_exhausted_message,
-    quota_warning_message,
-)
 
 if TYPE_CHECKING:
     from prefect.client.schemas.responses import WorkerFlowRunResponse
 
 __all__ = ["ManagedWorker"]
 
-CONTAINER_OUTPUT_LOGGER = "prefect_managed.container"
-AWAITING_SLOT = "AwaitingConcurrencySlot"
-POOL_CHECK_SECONDS = 10.0
-QUOTA_CHECK_SECONDS = 10.0
-STATS_INTERVAL = 2.0
 RECONCILE_SECONDS = 60.0
-QUOTA_EXHAUSTED = "QuotaExhausted"
 DOCKER_WAIT_SECONDS = 600.0
-
-CONTAINER_REMOVED_MESSAGE = (
-    "The flow run's container was removed from outside the worker (for example with "
-    "`docker rm -f`) before the flow run finished, so the flow run was stopped with it. "
-    "Its usage is counted until the worker last saw the container running. Run it again, "
-    "and ask whoever manages the Docker host not to remove running flow run containers."
-)
-DOCKER_ENGINE_LOST_MESSAGE = (
-    "The Docker engine stopped while the flow run was running (a restart of the Docker "
-    "daemon stops its containers unless live-restore is on); its container exited with "
-    "code {exit_code}. Run it again once the engine is back."
-)
-
-
-def _refused_a_process(state: State) -> bool:
-    """Whether the run ended on the kernel refusing a new process or thread (EAGAIN from
-    fork or clone), which in a container with a process limit means it reached it."""
-    message = state.message or ""
-    return "[Errno 11] Resource temporarily unavailable" in message or (
-        "can't start new thread" in message
-    )
-
-
-def _docker_lost(exc: BaseException) -> bool:
-    """Whether `exc` says the Docker engine could not be reached (not a 404 or 409)."""
-    while exc is not None:
-        if isinstance(exc, requests.exceptions.ConnectionError):
-            return True
-        if isinstance(exc, docker.errors.DockerException) and not isinstance(
-            exc, docker.errors.APIError
-        ):
-            return True
-        exc = exc.__cause__  # type: ignore[assignment]
-    return False
 
 
 class _StartedProxy:
@@ -139,7 +84,7 @@ class _StartedProxy:
         self.infrastructure_pid = value
         self.event.set()
         if self._inner is not None:
-            self._inner.started(value)
+            self._inner.started(value)  # type: ignore[arg-type]
 
 
 class ManagedWorker(DockerWorker):
@@ -161,26 +106,29 @@ class ManagedWorker(DockerWorker):
             self.policy: Policy = get_policy()
         except PolicyError as exc:
             # One clear line and a non-zero exit, not a traceback: the operator fixes
-            # the file and starts the worker again.
+            # the file and starts the worker again. (Prefect's CLI makes the worker
+            # outside any error handling of ours.)
             print(f"Error: {exc}", file=sys.stderr)
             raise SystemExit(1) from exc
         super().__init__(*args, **kwargs)
+        self._containers = Containers(self._get_client, self._logger)
         self._slots: WorkspaceSlots | None = None
-        self._ledger: UsageLedger | None = None
+        self._accounting: Accounting | None = None
+        self._states: RunStates | None = None
         self._background: anyio.abc.TaskGroup | None = None
         self._active: set[str] = set()  # containers being watched (runs and orphans)
         # Containers this worker finished lately: a reconciliation that listed one just
         # before it was removed must not take it over.
         self._finished: deque[str] = deque(maxlen=1000)
-        self._pool_served = True
-        self._pool_checked_at = -POOL_CHECK_SECONDS
-        self._month_usage: MonthlyUsage | None = None
-        self._usage_checked_at = -QUOTA_CHECK_SECONDS
+        # Runs taken over from a dead worker that still wait for a slot: no new run is
+        # admitted while one waits, so the cap holds while the dead worker's leases expire.
+        self._unslotted: set[UUID] = set()
+        self._pool_gate: PoolGate | None = None
 
     async def setup(self) -> None:
         await super().setup()
         if self.policy.runtime.container_disk is not None:
-            info = await run_sync_in_worker_thread(self._docker_info)
+            info = await self._containers.info()
             why = disk_limit_unsupported(info.get("Driver", ""), info.get("DriverStatus") or [])
             if why is not None:
                 raise PolicyError(
@@ -188,11 +136,12 @@ class ManagedWorker(DockerWorker):
                     f"runtime.container_disk is set but {why}; remove runtime.container_disk "
                     "or move the Docker engine's data to such a file system",
                 )
+        tier = self.policy.tier
+        self._pool_gate = PoolGate(
+            self.client, self.policy, self._work_pool_name, self.type, self._logger
+        )
         self._slots = WorkspaceSlots(
-            self.client,
-            self.policy.concurrency_limit_name,
-            self.policy.tier.concurrency_limit,
-            self._logger,
+            self.client, self.policy.concurrency_limit_name, tier.concurrency_limit, self._logger
         )
         try:
             await self._slots.ensure_limit()
@@ -204,13 +153,22 @@ class ManagedWorker(DockerWorker):
                 "reachable?); it is set when the first flow run takes a slot",
                 self.policy.concurrency_limit_name,
             )
-        self._ledger = UsageLedger(self.client, self.policy.workspace.name, logger=self._logger)
+        ledger = UsageLedger(self.client, self.policy.workspace.name, logger=self._logger)
+        self._accounting = Accounting(ledger, self.policy, self.get_flow_run_logger)
+        self._states = RunStates(
+            self.client,
+            self.get_flow_run_logger,
+            self._propose_crashed_state,  # private: Prefect's Abort-aware Crashed proposal
+            lambda: self.backend_id,
+        )
         self._background = anyio.create_task_group()
         await self._exit_stack.enter_async_context(self._background)
         self._exit_stack.callback(self._background.cancel_scope.cancel)
         self._background.start_soon(self._renew_leases_forever)
+        # Before the first admission: containers a dead predecessor left take their
+        # slots first.
+        await self._reconcile_guarded()
         self._background.start_soon(self._reconcile_forever)
-        tier = self.policy.tier
         self._logger.info(
             "Workspace %r, %s tier: %d concurrent flow runs, %d managed pools, "
             "%s memory and %g CPUs per run, %d s maximum run time",
@@ -235,30 +193,10 @@ class ManagedWorker(DockerWorker):
     # -- which pools and runs are served ---------------------------------------------
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
-        if not await self._is_pool_served():
+        assert self._pool_gate is not None
+        if not await self._pool_gate.is_served():
             return []
         return await super().get_and_submit_flow_runs()
-
-    async def _is_pool_served(self) -> bool:
-        if time.monotonic() - self._pool_checked_at < POOL_CHECK_SECONDS:
-            return self._pool_served
-        pools = await self.client.read_work_pools(
-            work_pool_filter=WorkPoolFilter(type=WorkPoolFilterType(any_=[self.type]))
-        )
-        served = served_pool_names(
-            [(pool.name, pool.created) for pool in pools], self.policy.tier.pool_limit
-        )
-        is_served = self._work_pool_name in served
-        if is_served != self._pool_served or (not is_served and self._pool_checked_at < 0):
-            if is_served:
-                self._logger.info("Work pool %r is served again", self._work_pool_name)
-            else:
-                self._logger.error(
-                    "%s", pool_not_served_message(self.policy, self._work_pool_name, served)
-                )
-        self._pool_served = is_served
-        self._pool_checked_at = time.monotonic()
-        return is_served
 
     async def _submit_scheduled_flow_runs(
         self, flow_run_response: list[WorkerFlowRunResponse]
@@ -268,65 +206,34 @@ class ManagedWorker(DockerWorker):
         Once the workspace's monthly compute quota is used up, new runs end Failed
         (`QuotaExhausted`) instead; runs already running finish.
         """
-        assert self._slots is not None
-        if flow_run_response and await self._quota_exhausted():
+        assert self._slots is not None and self._accounting is not None
+        assert self._states is not None
+        if flow_run_response and await self._accounting.quota_exhausted():
+            message = self._accounting.exhausted_message()
             for entry in flow_run_response:
                 if entry.flow_run.id not in self._submitting_flow_run_ids:
-                    await self._refuse_over_quota(entry.flow_run)
+                    await self._states.refuse(entry.flow_run, QUOTA_EXHAUSTED, message)
             return []
+        for flow_run_id in list(self._unslotted):  # taken-over runs come first
+            if await self._slots.try_acquire(flow_run_id):
+                self._unslotted.discard(flow_run_id)
         admitted: list[WorkerFlowRunResponse] = []
         for entry in sorted(flow_run_response, key=lambda e: _scheduled_time(e.flow_run)):
             flow_run = entry.flow_run
             if flow_run.id in self._submitting_flow_run_ids or self._slots.holds(flow_run.id):
                 admitted.append(entry)
-            elif await self._slots.try_acquire(flow_run.id):
+            elif not self._unslotted and await self._slots.try_acquire(flow_run.id):
                 admitted.append(entry)
             else:
-                await self._mark_awaiting_slot(flow_run)
+                await self._states.mark_awaiting_slot(
+                    flow_run, _scheduled_time(flow_run), awaiting_slot_message(self.policy)
+                )
         submitted = await super()._submit_scheduled_flow_runs(admitted)
         submitted_ids = {flow_run.id for flow_run in submitted}
         for entry in admitted:
             if entry.flow_run.id not in submitted_ids:
                 await self._slots.release(entry.flow_run.id)
         return submitted
-
-    async def _quota_exhausted(self) -> bool:
-        assert self._ledger is not None
-        month = month_of(datetime.now(timezone.utc))
-        stale = time.monotonic() - self._usage_checked_at >= QUOTA_CHECK_SECONDS
-        if stale or self._month_usage is None or self._month_usage.month != month:
-            self._month_usage = await self._ledger.month_usage(month)
-            self._usage_checked_at = time.monotonic()
-        return self._month_usage.hours >= self.policy.tier.compute_hours_per_month
-
-    async def _refuse_over_quota(self, flow_run: FlowRun) -> None:
-        assert self._month_usage is not None
-        message = quota_exhausted_message(
-            self._month_usage, self.policy.tier.compute_hours_per_month, self.policy.workspace.tier
-        )
-        try:
-            await self.client.set_flow_run_state(
-                flow_run.id, Failed(name=QUOTA_EXHAUSTED, message=message)
-            )
-        except Abort:
-            return
-        self.get_flow_run_logger(flow_run).error("%s", message)
-
-    async def _mark_awaiting_slot(self, flow_run: FlowRun) -> None:
-        if flow_run.state is None or flow_run.state.name == AWAITING_SLOT:
-            return
-        try:
-            await self.client.set_flow_run_state(
-                flow_run.id,
-                Scheduled(
-                    name=AWAITING_SLOT,
-                    scheduled_time=_scheduled_time(flow_run),
-                    message=awaiting_slot_message(self.policy),
-                ),
-            )
-        except Abort:
-            return
-        self.get_flow_run_logger(flow_run).info("%s", awaiting_slot_message(self.policy))
 
     def _release_limit_slot(self, flow_run_id: Any) -> None:
         super()._release_limit_slot(flow_run_id)
@@ -342,12 +249,10 @@ class ManagedWorker(DockerWorker):
         task_status: anyio.abc.TaskStatus[str] | None = None,
     ) -> DockerWorkerResult:
         started = _StartedProxy(task_status)
-        timed_out = anyio.Event()
-        meter = Meter()
+        watches: list[Watch] = []
         error: Exception | None = None
         async with anyio.create_task_group() as watchers:
-            watchers.start_soon(self._stop_at_max_run_time, flow_run, started, timed_out)
-            watchers.start_soon(self._sample_stats, started, meter)
+            watchers.start_soon(self._watch_started, flow_run, started, watches)
             try:
                 result = await super().run(flow_run, configuration, started)  # type: ignore[arg-type]
             except Exception as exc:
@@ -358,14 +263,15 @@ class ManagedWorker(DockerWorker):
         if started.infrastructure_pid is None:
             assert error is not None
             image = configuration.image or ""
-            if not await run_sync_in_worker_thread(self._image_present, image):
+            if not await self._containers.image_present(image):
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
                 raise ImageNotAvailable(image, first_line[:300] or type(error).__name__) from error
             raise error  # no container: Prefect's worker reports the failed submission
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
+        watch = watches[0] if watches else Watch(container_id)
         try:
             if error is not None:
-                if not _docker_lost(error):
+                if not docker_lost(error):
                     raise error
                 # A daemon restart: wait for the engine, then finish the run from what the
                 # container says. If it does not come back, the reconciliation does it.
@@ -375,128 +281,106 @@ class ManagedWorker(DockerWorker):
                     flow_run.id,
                     DOCKER_WAIT_SECONDS,
                 )
-                await self._wait_for_docker()
+                await self._containers.wait_for_engine(DOCKER_WAIT_SECONDS)
                 result = DockerWorkerResult(status_code=-1, identifier=started.infrastructure_pid)
-            await self._finish(
-                flow_run,
-                container_id,
-                meter,
-                timed_out=timed_out.is_set(),
-                engine_lost=error is not None,
-            )
+            await self._finish(flow_run, watch, engine_lost=error is not None)
         finally:
             self._active.discard(container_id)
         return result
 
-    async def _wait_for_docker(self) -> None:
-        with anyio.fail_after(DOCKER_WAIT_SECONDS):
-            while True:
-                try:
-                    await run_sync_in_worker_thread(self._ping_docker)
-                    return
-                except (RuntimeError, docker.errors.DockerException, requests.RequestException):
-                    await anyio.sleep(2)
-
-    async def _sample_stats(self, started: _StartedProxy, meter: Meter) -> None:
+    async def _watch_started(
+        self, flow_run: FlowRun, started: _StartedProxy, watches: list[Watch]
+    ) -> None:
         await started.event.wait()
         assert started.infrastructure_pid is not None
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
         # Watched here: the reconciliation must not take it over as an orphan.
         self._active.add(container_id)
-        try:
-            # One Docker client for the whole run: a sample every few seconds per running
-            # container must not pay for building a client each time.
-            with closing(await run_sync_in_worker_thread(self._get_client)) as client:
-                # What the container is, kept in case it is removed before the worker reads it.
-                meter.container = await run_sync_in_worker_thread(
-                    self._inspect_with, client, container_id
-                )
-                while True:
-                    stats = await run_sync_in_worker_thread(self._stats, client, container_id)
-                    if stats is None:
-                        return
-                    meter.add(stats)
-                    await anyio.sleep(STATS_INTERVAL)
-        except (RuntimeError, docker.errors.DockerException, requests.RequestException):
-            # Measuring is not worth a run: a container being removed answers stats with
-            # an empty body, an engine going away with no answer. The run's watcher and
-            # `_finish` deal with both.
-            self._logger.debug("Stopped sampling container %s", container_id, exc_info=True)
-            return
+        watch = Watch(container_id)
+        watches.append(watch)
+        await self._watch(flow_run, watch)
 
-    async def _stop_at_max_run_time(
-        self, flow_run: FlowRun, started: _StartedProxy, timed_out: anyio.Event
-    ) -> None:
-        await started.event.wait()
-        await anyio.sleep(self.policy.tier.max_run_seconds)
-        assert started.infrastructure_pid is not None
-        timed_out.set()
-        _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
-        await self._stop_for_run_time(flow_run, container_id)
+    async def _watch(self, flow_run: FlowRun, watch: Watch) -> None:
+        async def stop() -> None:
+            await self._stop_for_run_time(flow_run, watch.container_id)
+
+        await self._containers.watch(watch, self.policy.tier.max_run_seconds, stop)
 
     async def _stop_for_run_time(self, flow_run: FlowRun, container_id: str) -> None:
-        # The state first, so the engine's own report of the stop cannot replace it.
-        await self._crash_with_cause(flow_run, run_time_exceeded_message(self.policy))
+        assert self._states is not None
+        try:
+            # The state first, so the engine's own report of the stop cannot replace it.
+            await self._states.crash_with_cause(flow_run, run_time_exceeded_message(self.policy))
+        except Exception:
+            # The API may be down: stop the container anyway; `_finish` says why later.
+            self._logger.warning(
+                "Could not set flow run %s Crashed at its maximum run time; stopping its "
+                "container first",
+                flow_run.id,
+                exc_info=True,
+            )
         try:
             await run_sync_in_worker_thread(self._stop_container, container_id, 10)
         except InfrastructureNotFound:
             pass  # it exited on its own meanwhile
 
-    async def _finish(
-        self,
-        flow_run: FlowRun,
-        container_id: str,
-        meter: Meter,
-        timed_out: bool = False,
-        engine_lost: bool = False,
-    ) -> None:
+    async def _finish(self, flow_run: FlowRun, watch: Watch, engine_lost: bool = False) -> None:
         """Explain, record and remove a container that has exited.
 
         Uses only what the container itself says (labels, environment, state), so it
-        serves runs this worker watched and containers it found orphaned alike. The
-        container is removed only once its usage is recorded: if recording fails, the
-        next reconciliation finds it again.
+        serves runs this worker watched and containers it took over alike. The container
+        is removed only once its usage is recorded: if recording fails, the next
+        reconciliation finds it again.
         """
-        attrs = await run_sync_in_worker_thread(self._inspect, container_id)
-        if (
-            attrs is None
-            or attrs["State"].get("Dead")
-            or attrs["State"].get("Status") == "removing"
-        ):
-            await self._finish_removed(flow_run, meter)
-            return
-        state = attrs["State"]
-        exit_code = state.get("ExitCode")
-        oom = bool(state.get("OOMKilled"))
-        if timed_out:
-            pass  # reported when the container was stopped
-        elif oom:
-            memory = int(attrs["HostConfig"].get("Memory") or self.policy.tier.memory_bytes)
-            await self._crash_with_cause(flow_run, out_of_memory_message(self.policy, memory))
-        elif engine_lost:
-            await self._crash_with_cause(
-                flow_run, DOCKER_ENGINE_LOST_MESSAGE.format(exit_code=exit_code)
+        assert self._states is not None and self._accounting is not None
+        states, policy = self._states, self.policy
+        report = await self._containers.inspect(watch.container_id)
+        how = ending(report, timed_out=watch.timed_out, engine_lost=engine_lost)
+        if report is None or how is Ending.REMOVED:
+            self._logger.warning(
+                "The container of flow run %s was removed by someone else before it was read",
+                flow_run.id,
             )
-        elif exit_code is not None:
+            await states.crash_with_cause(flow_run, CONTAINER_REMOVED_MESSAGE)
+            seen, last_seen = watch.report, watch.meter.last_seen
+            if seen is not None and last_seen is not None:  # else it never ran: no compute
+                final = await states.state(flow_run.id)
+                outcome = outcome_of(final, timed_out=False, out_of_memory=False)
+                await self._accounting.record(
+                    flow_run, seen.removed(last_seen), watch.meter, outcome, self._work_pool_name
+                )
+            return
+        if how is Ending.RUN_TIME:  # said when it was stopped; again if that failed
+            await states.crash_with_cause(flow_run, run_time_exceeded_message(policy))
+        elif how is Ending.OUT_OF_MEMORY:
+            memory = report.memory_limit or policy.tier.memory_bytes
+            await states.crash_with_cause(flow_run, out_of_memory_message(policy, memory))
+        elif how is Ending.ENGINE_LOST:
+            message = DOCKER_ENGINE_LOST_MESSAGE.format(exit_code=report.exit_code)
+            await states.crash_with_cause(flow_run, message)
+        elif report.exit_code is not None:
             # Exit code 0 too: after a failed pull step, Prefect's runner reports the run
             # Crashed and its process exits 0.
-            await self._report_exit_before_flow_start(flow_run, attrs, exit_code)
-        final = await self._ensure_final_state(flow_run, exit_code)
-        pids_limit = int(attrs["HostConfig"].get("PidsLimit") or 0)
+            output = await self._containers.output(report.id, get_settings().install_log_lines)
+            await states.report_exit_before_flow_start(flow_run, report, output)
+        final = await states.ensure_final(flow_run, report.exit_code)
         if (
-            pids_limit > 0
+            report.pids_limit > 0
             and final is not None
             and (final.is_failed() or final.is_crashed())
-            and (meter.pids_exhausted or _refused_a_process(final))
+            and (watch.meter.pids_exhausted or refused_a_process(final))
         ):
             # The flow's own error ("Resource temporarily unavailable") does not say why.
-            message = pids_limit_message(self.policy, pids_limit)
-            await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
-            self.get_flow_run_logger(flow_run).error("%s", message)
-            final = (await self.client.read_flow_run(flow_run.id)).state
-        outcome = outcome_of(final, timed_out=timed_out, out_of_memory=oom)
+            final = await states.force_crashed(
+                flow_run, pids_limit_message(policy, report.pids_limit)
+            )
+        outcome = outcome_of(
+            final, timed_out=how is Ending.RUN_TIME, out_of_memory=report.oom_killed
+        )
         try:
-            await self._record_usage(flow_run, attrs, meter, outcome, exit_code)
+            await self._accounting.record(
+                flow_run, report, watch.meter, outcome, self._work_pool_name
+            )
         except Exception:
             self._logger.exception(
                 "Could not record the usage of flow run %s; its container is kept and "
@@ -504,330 +388,84 @@ class ManagedWorker(DockerWorker):
                 flow_run.id,
             )
             return
-        await run_sync_in_worker_thread(self._remove_container, container_id)
-        self._finished.append(container_id)
-
-    async def _finish_removed(self, flow_run: FlowRun, meter: Meter) -> None:
-        """A container removed by someone else before the worker read it: the run ends
-        Crashed saying so (unless it had finished), and its usage is recorded from what
-        the worker saw while it ran."""
-        self._logger.warning(
-            "The container of flow run %s was removed by someone else before it was read",
-            flow_run.id,
-        )
-        await self._crash_with_cause(flow_run, CONTAINER_REMOVED_MESSAGE)
-        final = (await self.client.read_flow_run(flow_run.id)).state
-        if meter.container is None or meter.last_seen is None:
-            return  # never seen running: no compute to count
-        attrs = {
-            **meter.container,
-            "State": {
-                **meter.container["State"],
-                "FinishedAt": meter.last_seen.isoformat().replace("+00:00", "Z"),
-            },
-        }
-        outcome = outcome_of(final, timed_out=False, out_of_memory=False)
-        await self._record_usage(flow_run, attrs, meter, outcome, None)
-
-    async def _ensure_final_state(self, flow_run: FlowRun, exit_code: int | None) -> State | None:
-        """The run's state, made Crashed if its container is gone but it is not final."""
-        current = (await self.client.read_flow_run(flow_run.id)).state
-        if current is not None and (current.is_final() or current.is_cancelling()):
-            return current
-        await self._propose_crashed_state(
-            flow_run,
-            f"The flow run's container exited with code {exit_code} without the flow run "
-            "reporting a final state.",
-        )
-        return (await self.client.read_flow_run(flow_run.id)).state
-
-    async def _record_usage(
-        self,
-        flow_run: FlowRun,
-        attrs: dict[str, Any],
-        meter: Meter,
-        outcome: Outcome,
-        exit_code: int | None,
-    ) -> None:
-        assert self._ledger is not None
-        labels = attrs["Config"].get("Labels") or {}
-        started_at = parse_docker_time(attrs["State"].get("StartedAt", ""))
-        finished_at = parse_docker_time(attrs["State"].get("FinishedAt", ""))
-        if started_at is None or finished_at is None:
-            return  # the container never ran: no compute to count
-        tier = self.policy.tier
-        record = UsageRecord.from_timestamps(
-            started_at,
-            finished_at,
-            flow_run_id=flow_run.id,
-            flow_run_name=flow_run.name,
-            workspace=self.policy.workspace.name,
-            tier=self.policy.workspace.tier,
-            pool=labels.get("io.prefect.work-pool-name", self._work_pool_name),
-            deployment=labels.get("io.prefect.deployment-name"),
-            image=attrs["Config"].get("Image", ""),
-            peak_memory_bytes=meter.peak_memory_bytes,
-            cpu_seconds=meter.cpu_seconds,
-            outcome=outcome,
-            exit_code=exit_code,
-        )
-        published = await self._ledger.publish(
-            record, tier.compute_hours_per_month, self.policy.workspace.tier
-        )
-        if published is None:
-            return
-        before, after = published
-        self._month_usage = after
-        for threshold in crossed_thresholds(
-            before.hours, after.hours, tier.compute_hours_per_month
-        ):
-            message = quota_warning_message(
-                after, tier.compute_hours_per_month, self.policy.workspace.tier, threshold
-            )
-            self.get_flow_run_logger(flow_run).warning("%s", message)
-            emit_event(
-                event="prefect-managed.quota.warning",
-                resource={
-                    "prefect.resource.id": f"prefect-managed.workspace.{after.workspace}",
-                    "prefect.resource.name": after.workspace,
-                },
-                payload={
-                    "threshold_percent": threshold,
-                    "hours_used": round(after.hours, 4),
-                    "quota_hours": tier.compute_hours_per_month,
-                    "month": after.month,
-                    "message": message,
-                },
-            )
-
-    async def _crash_with_cause(self, flow_run: FlowRun, message: str) -> None:
-        """End the run Crashed with `message`, replacing a Crashed state without a cause.
-
-        The engine in the container may have reported its own Crashed state already
-        (its flow process was killed); the worker knows why, so its message wins.
-        """
-        current = (await self.client.read_flow_run(flow_run.id)).state
-        if current is not None and current.is_crashed():
-            await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
-            self.get_flow_run_logger(flow_run).error("%s", message)
-        elif current is None or not current.is_final():
-            await self._propose_crashed_state(flow_run, message)
-
-    async def _report_exit_before_flow_start(
-        self, flow_run: FlowRun, attrs: dict[str, Any], exit_code: int
-    ) -> None:
-        """A container that exits before its flow started: its output goes to the flow
-        run's logs from here (URL credentials redacted), and the run ends Crashed with a
-        message saying why.
-
-        A failed install leaves the run Pending (the engine never ran). A failed pull
-        step leaves it Crashed with only "Process exited with status code: 1" from
-        Prefect's runner, never having run (run count 0); that message is replaced with
-        the step, its source and its error.
-        """
-        current = await self.client.read_flow_run(flow_run.id)
-        crashed_before_start = (
-            current.state is not None and current.state.is_crashed() and current.run_count == 0
-        )
-        if current.state is None or not (current.state.is_pending() or crashed_before_start):
-            return
-        lines = await run_sync_in_worker_thread(
-            self._container_output, attrs["Id"], get_settings().install_log_lines
-        )
-        lines = [redact_url_credentials(line) for line in lines]
-        env = dict(item.split("=", 1) for item in attrs["Config"].get("Env") or [] if "=" in item)
-        pip_packages = split_extra_pip_packages(env.get("EXTRA_PIP_PACKAGES"))
-        message = describe_pull_step_failure(
-            exit_code, lines, await self._pull_steps(current)
-        ) or describe_early_exit(exit_code, pip_packages, lines)
-        await self.client.create_logs(
-            [
-                LogCreate(
-                    name=CONTAINER_OUTPUT_LOGGER,
-                    level=logging.ERROR,
-                    message=f"{message}\nContainer output:\n" + "\n".join(lines),
-                    timestamp=datetime.now(timezone.utc),
-                    flow_run_id=flow_run.id,
-                    worker_id=self.backend_id,
-                )
-            ]
-        )
-        if crashed_before_start:
-            await self.client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
-        else:
-            await self._propose_crashed_state(flow_run, message)
-
-    async def _pull_steps(self, flow_run: FlowRun) -> list[dict[str, Any]]:
-        """The pull steps of the run's deployment, to name the source that failed."""
-        if flow_run.deployment_id is None:
-            return []
-        try:
-            deployment = await self.client.read_deployment(flow_run.deployment_id)
-        except ObjectNotFound:
-            return []
-        return list(deployment.pull_steps or [])
+        await self._containers.remove(report.id)
+        self._finished.append(report.id)
 
     # -- containers a previous worker left behind ----------------------------------
 
     async def _reconcile_forever(self) -> None:
         while True:
-            try:
-                await self._reconcile_orphans()
-            except Exception:
-                self._logger.warning("Could not reconcile orphaned containers", exc_info=True)
             await anyio.sleep(RECONCILE_SECONDS)
+            await self._reconcile_guarded()
+
+    async def _reconcile_guarded(self) -> None:
+        try:
+            await self._reconcile_orphans()
+        except Exception:
+            self._logger.warning("Could not reconcile orphaned containers", exc_info=True)
 
     async def _reconcile_orphans(self) -> None:
         """Find this pool's containers that no live worker watches, and finish them."""
-        containers = await run_sync_in_worker_thread(self._pool_containers)
-        if not containers:
+        found = await self._containers.find(
+            pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
+        )
+        if not found:
             return
         online = {
             worker.name
             for worker in await self.client.read_workers_for_work_pool(self._work_pool_name)
             if worker.status == WorkerStatus.ONLINE and worker.name != self.name
         }
-        for attrs in containers:
-            labels = attrs["Config"].get("Labels") or {}
-            if (
-                attrs["Id"] in self._active
-                or attrs["Id"] in self._finished
-                or labels.get("io.prefect.worker-name") in online
-            ):
-                continue
-            flow_run_id = labels.get("io.prefect.flow-run-id")
-            if not flow_run_id:
-                continue
+        watched = {*self._active, *self._finished}
+        for report in orphans(found, watched, online):
             try:
-                flow_run = await self.client.read_flow_run(UUID(flow_run_id))
+                flow_run = await self.client.read_flow_run(UUID(str(report.flow_run_id)))
             except ObjectNotFound:
                 continue  # not a run of this Prefect server: not ours to touch
-            self._active.add(attrs["Id"])
+            self._active.add(report.id)
             self._logger.info(
                 "Taking over container %s of flow run %s, left by worker %r",
-                attrs["Name"],
-                flow_run_id,
-                labels.get("io.prefect.worker-name"),
+                report.name,
+                report.flow_run_id,
+                report.labels.get("io.prefect.worker-name"),
             )
+            if report.running:
+                await self._hold_slot(flow_run.id)
             assert self._background is not None
-            self._background.start_soon(self._adopt, flow_run, attrs)
+            self._background.start_soon(self._adopt, flow_run, Watch(report.id))
 
-    async def _adopt(self, flow_run: FlowRun, attrs: dict[str, Any]) -> None:
-        """Watch an orphaned container to its end (within the run time limit), then finish it."""
-        container_id = attrs["Id"]
-        meter = Meter(container=attrs)
-        timed_out = False
-        started_at = parse_docker_time(attrs["State"].get("StartedAt", ""))
+    async def _hold_slot(self, flow_run_id: UUID) -> None:
+        """A taken-over run counts against the cap: it takes a slot, or waits for one
+        before any new run is admitted."""
+        assert self._slots is not None
+        if self._slots.holds(flow_run_id):
+            return
         try:
-            with closing(await run_sync_in_worker_thread(self._get_client)) as client:
-                while True:
-                    current = await run_sync_in_worker_thread(
-                        self._inspect_with, client, container_id
-                    )
-                    if current is None or not current["State"].get("Running"):
-                        break
-                    stats = await run_sync_in_worker_thread(self._stats, client, container_id)
-                    if stats is not None:
-                        meter.add(stats)
-                    elapsed = (
-                        (datetime.now(timezone.utc) - started_at).total_seconds()
-                        if started_at
-                        else 0
-                    )
-                    if not timed_out and elapsed > self.policy.tier.max_run_seconds:
-                        timed_out = True
-                        await self._stop_for_run_time(flow_run, container_id)
-                    await anyio.sleep(STATS_INTERVAL)
-            await self._finish(flow_run, container_id, meter, timed_out=timed_out)
-        finally:
-            self._active.discard(container_id)
-
-    # -- Docker, in worker threads --------------------------------------------------
-
-    def _pool_containers(self) -> list[dict[str, Any]]:
-        filters = {
-            "label": [
-                f"{MANAGED_LABEL}=true",
-                f"{WORKSPACE_LABEL}={self.policy.workspace.name}",
-                f"{API_LABEL}={api_label_value()}",
-                f"io.prefect.work-pool-name={self._work_pool_name}",
-            ]
-        }
-        with closing(self._get_client()) as client:
-            found = client.api.containers(all=True, filters=filters)
-            return [
-                attrs
-                for attrs in (self._inspect_with(client, item["Id"]) for item in found)
-                if attrs is not None
-            ]
-
-    def _inspect(self, container_id: str) -> dict[str, Any] | None:
-        with closing(self._get_client()) as client:
-            return self._inspect_with(client, container_id)
-
-    @staticmethod
-    def _inspect_with(client: docker.DockerClient, container_id: str) -> dict[str, Any] | None:
-        try:
-            return client.api.inspect_container(container_id)
-        except docker.errors.NotFound:
-            return None
-
-    @staticmethod
-    def _stats(client: docker.DockerClient, container_id: str) -> dict[str, Any] | None:
-        try:
-            return client.api.stats(container_id, stream=False, one_shot=True)
-        except (docker.errors.NotFound, requests.exceptions.JSONDecodeError):
-            return None  # gone, or being removed (an empty answer)
-
-    def _container_output(self, container_id: str, tail: int) -> list[str]:
-        with closing(self._get_client()) as client:
-            try:
-                raw: bytes = client.api.logs(container_id, stdout=True, stderr=True, tail=tail)
-            except docker.errors.APIError:  # 404 gone, 409 dead or being removed
-                return ["(the container was removed before its output could be read)"]
-        return raw.decode(errors="replace").splitlines()
-
-    def _image_present(self, image: str) -> bool:
-        with closing(self._get_client()) as client:
-            try:
-                client.api.inspect_image(image)
-            except docker.errors.ImageNotFound:
-                return False
-            except docker.errors.APIError:
-                return True  # not the image's fault: report the original error
-        return True
-
-    def _docker_info(self) -> dict[str, Any]:
-        with closing(self._get_client()) as client:
-            return client.info()
-
-    def _ping_docker(self) -> None:
-        with closing(self._get_client()) as client:
-            client.ping()
-
-    def _remove_container(self, container_id: str) -> None:
-        with closing(self._get_client()) as client:
-            try:
-                client.api.remove_container(container_id, force=True)
-            except docker.errors.NotFound:
+            if await self._slots.try_acquire(flow_run_id):
                 return
-        self._logger.debug("Removed Docker container %r", container_id)
+        except (httpx.HTTPError, PrefectHTTPStatusError):
+            self._logger.warning("Could not take a slot for flow run %s", flow_run_id)
+        self._unslotted.add(flow_run_id)
 
-
-def outcome_of(state: State | None, *, timed_out: bool, out_of_memory: bool) -> Outcome:
-    if timed_out:
-        return Outcome.TIMED_OUT
-    if out_of_memory:
-        return Outcome.OUT_OF_MEMORY
-    if state is None:
-        return Outcome.CRASHED
-    if state.is_completed():
-        return Outcome.COMPLETED
-    if state.is_failed():
-        return Outcome.FAILED
-    if state.is_cancelled() or state.is_cancelling():
-        return Outcome.CANCELLED
-    return Outcome.CRASHED
+    async def _adopt(self, flow_run: FlowRun, watch: Watch) -> None:
+        """Watch a taken-over container to its end (within the run time), then finish it.
+        Any error is logged: the next reconciliation takes the container over again."""
+        assert self._slots is not None
+        try:
+            await self._watch(flow_run, watch)
+            await self._finish(flow_run, watch)
+        except Exception:
+            self._logger.exception(
+                "Could not finish container %s of flow run %s; the next reconciliation "
+                "takes it over again",
+                watch.container_id,
+                flow_run.id,
+            )
+        finally:
+            self._active.discard(watch.container_id)
+            self._unslotted.discard(flow_run.id)
+            with anyio.CancelScope(shield=True):
+                await self._slots.release(flow_run.id)
 
 
 def _scheduled_time(flow_run: FlowRun) -> datetime:

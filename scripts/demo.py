@@ -7,6 +7,7 @@ on each run, so the demo can be run again and again.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -47,6 +48,37 @@ def prefect(*args: str, env: dict[str, str]) -> str:
     if done.returncode != 0:
         raise SystemExit(f"prefect {' '.join(args)} failed:\n{done.stdout}{done.stderr}")
     return done.stdout
+
+
+def print_usage_artifact(flow_run_id: str) -> None:
+    """The usage record's table artifact on the run (the worker stores it once it has
+    read the container, just after the run's final state)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    deadline = time.monotonic() + 60
+    with get_client(sync_client=True) as client:
+        while True:
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_="usage-")),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])),
+            )
+            if found or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+    if not found:
+        raise SystemExit("the worker stored no usage record for the run within 60 s")
+    artifact = found[0]
+    print(f"    artifact {artifact.key} ({artifact.type}): {artifact.description}")
+    rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
+    width = max(len(str(row.get("metric", ""))) for row in rows) if rows else 0
+    for row in rows:
+        print(f"    {str(row.get('metric', '')).ljust(width)}  {row.get('value', '')}")
 
 
 def main() -> int:
@@ -148,7 +180,12 @@ def main() -> int:
         if run.state.message:
             print(f"    message:                          {run.state.message}")
         print(f"    prefect deployment run -> final:  {run_seconds:.1f} s")
-        print(f"    demo wall time so far:            {time.monotonic() - started:.1f} s")
+
+        say("The run's usage, as the flow run's Artifacts tab shows it")
+        print_usage_artifact(flow_run_id)
+        say("prefect-managed usage")
+        subprocess.run([str(BIN / "prefect-managed"), "usage"], check=True)
+        print(f"    demo wall time:                   {time.monotonic() - started:.1f} s")
         return 0 if run.state.is_completed() else 1
     finally:
         for service in reversed(services):

@@ -13,8 +13,10 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import threading
 import time
 from contextlib import closing
+from datetime import datetime, timezone
 from pathlib import Path
 
 import docker
@@ -165,6 +167,97 @@ def test_the_prefect_server_down_for_30_s_loses_nothing(docker_client, fault_set
         (run.state.name, run.state.message) for run in settled
     ]
     assert wait_for_records([*runs, after]) == {run: 1 for run in [*runs, after]}
+
+
+def test_the_prefect_server_down_at_the_maximum_run_time_leaves_nothing_behind(
+    docker_client, deploy, runtime_image, package_index, tmp_path
+):
+    """The run-time stop meets an unreachable API: the container is stopped anyway, and
+    once the server is back the run ends Crashed saying why, with one usage record, no
+    container and no slot left."""
+    pool = create_pool("fault-runtime-pool")
+    workspace = session_workspace("fault-runtime")
+    policy = worker_policy(
+        tmp_path / "runtime.toml",
+        runtime_image,
+        package_index.url,
+        workspace,
+        concurrency_limit=2,
+        max_run_seconds=20,
+    )
+    env = {
+        "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    }
+    deployment = deploy("sleeper", "sleeper-fault-runtime", pool=pool)
+    running = start_worker(pool, OUTPUT, env, name="fault-runtime-worker")
+    try:
+        flow_run_id = start_run(deployment, seconds=120)
+        wait_for(lambda: running_containers(docker_client, [flow_run_id]), 180, "running")
+        wait_for_log(flow_run_id, "Beginning flow run", timeout=120)
+        started = run_containers(docker_client, flow_run_id)[0].attrs["State"]["StartedAt"]
+        # Down from before the 20 s limit until well after it.
+        from prefect_managed.metering import parse_docker_time
+
+        from_start = (datetime.now(timezone.utc) - parse_docker_time(started)).total_seconds()
+        time.sleep(max(0.0, 14 - from_start))
+        restart_prefect_server(down_seconds=25)
+        (run,) = wait_until_settled(docker_client, workspace, [flow_run_id], 300)
+        assert running.service.process.poll() is None, "the worker exited"
+    finally:
+        running.service.stop()
+    assert run.state.is_crashed(), run.state
+    assert "maximum run time of 20 s" in run.state.message, run.state.message
+    assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
+
+
+def test_after_a_sigkill_the_cap_holds_while_the_restarted_worker_takes_over(
+    docker_client, deploy, runtime_image, package_index, tmp_path
+):
+    """Two runs in flight at a cap of 2, the worker killed, three more queued: the
+    restarted worker takes the two containers over with a slot each, so the running
+    count never goes over 2 (sampled all along), and every run completes once."""
+    pool = create_pool("fault-cap-pool")
+    workspace = session_workspace("fault-cap")
+    policy = worker_policy(
+        tmp_path / "cap.toml", runtime_image, package_index.url, workspace, concurrency_limit=2
+    )
+    env = {
+        "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+        "PREFECT_WORKER_QUERY_SECONDS": "1",
+    }
+    deployment = deploy("sleeper", "sleeper-fault-cap", pool=pool)
+    most, stop = 0, threading.Event()
+
+    def sample() -> None:
+        nonlocal most
+        while not stop.is_set():
+            running = [
+                c for c in workspace_containers(docker_client, workspace) if c.status == "running"
+            ]
+            most = max(most, len(running))
+            time.sleep(0.25)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    first = start_worker(pool, OUTPUT, env, name="fault-cap-worker")
+    restarted = None
+    try:
+        in_flight = [start_run(deployment, seconds=75) for _ in range(2)]
+        wait_for(lambda: running_containers(docker_client, in_flight), 180, "both running")
+        os.kill(first.service.process.pid, signal.SIGKILL)
+        first.service.process.wait()
+        queued = [start_run(deployment, seconds=3) for _ in range(3)]
+        restarted = start_worker(pool, OUTPUT, env, name="fault-cap-worker")
+        runs = wait_until_settled(docker_client, workspace, [*in_flight, *queued], 420)
+    finally:
+        stop.set()
+        sampler.join()
+        if restarted is not None:
+            restarted.service.stop()
+    assert most == 2
+    assert [run.state.type.value for run in runs] == ["COMPLETED"] * 5
+    assert wait_for_records([*in_flight, *queued]) == {run: 1 for run in [*in_flight, *queued]}
 
 
 # -- the Docker daemon -------------------------------------------------------------------

@@ -1,0 +1,135 @@
+"""The workspace's compute accounting, as the worker uses it: the month's usage (cached
+for the quota check), a run's record built from its container report and stored once,
+and the warnings when a record takes the month across a quota threshold.
+
+The arithmetic is in `usage`, the storage in `ledger`; this module joins them for one
+worker. `usage_record_of` is pure.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from prefect.client.schemas.objects import FlowRun
+from prefect.events import emit_event
+
+from prefect_managed.ledger import UsageLedger
+from prefect_managed.metering import Meter
+from prefect_managed.outcome import ContainerReport
+from prefect_managed.policy import Policy
+from prefect_managed.usage import (
+    MonthlyUsage,
+    Outcome,
+    UsageRecord,
+    crossed_thresholds,
+    month_of,
+    quota_exhausted_message,
+    quota_warning_message,
+)
+
+__all__ = ["QUOTA_CHECK_SECONDS", "Accounting", "usage_record_of"]
+
+#: How long the worker trusts the month's usage it read before reading it again.
+QUOTA_CHECK_SECONDS = 10.0
+
+
+def usage_record_of(
+    report: ContainerReport,
+    flow_run: FlowRun,
+    policy: Policy,
+    meter: Meter,
+    outcome: Outcome,
+    default_pool: str,
+) -> UsageRecord | None:
+    """The run's record from its container's own timestamps; None when it never ran."""
+    if report.started_at is None or report.finished_at is None:
+        return None
+    return UsageRecord.from_timestamps(
+        report.started_at,
+        report.finished_at,
+        flow_run_id=flow_run.id,
+        flow_run_name=flow_run.name,
+        workspace=policy.workspace.name,
+        tier=policy.workspace.tier,
+        pool=report.labels.get("io.prefect.work-pool-name", default_pool),
+        deployment=report.labels.get("io.prefect.deployment-name"),
+        image=report.image,
+        peak_memory_bytes=meter.peak_memory_bytes,
+        cpu_seconds=meter.cpu_seconds,
+        outcome=outcome,
+        exit_code=report.exit_code,
+    )
+
+
+class Accounting:
+    """One worker's view of its workspace's usage."""
+
+    def __init__(
+        self,
+        ledger: UsageLedger,
+        policy: Policy,
+        run_logger: Callable[[FlowRun], logging.Logger | logging.LoggerAdapter[Any]],
+    ) -> None:
+        self._ledger = ledger
+        self._policy = policy
+        self._run_logger = run_logger
+        self._month: MonthlyUsage | None = None
+        self._checked_at = -QUOTA_CHECK_SECONDS
+
+    async def quota_exhausted(self) -> bool:
+        """Whether the month's compute quota is used up (read at most every few seconds)."""
+        month = month_of(datetime.now(timezone.utc))
+        stale = time.monotonic() - self._checked_at >= QUOTA_CHECK_SECONDS
+        if stale or self._month is None or self._month.month != month:
+            self._month = await self._ledger.month_usage(month)
+            self._checked_at = time.monotonic()
+        return self._month.hours >= self._policy.tier.compute_hours_per_month
+
+    def exhausted_message(self) -> str:
+        assert self._month is not None, "quota_exhausted() first"
+        return quota_exhausted_message(
+            self._month,
+            self._policy.tier.compute_hours_per_month,
+            self._policy.workspace.tier,
+        )
+
+    async def record(
+        self,
+        flow_run: FlowRun,
+        report: ContainerReport,
+        meter: Meter,
+        outcome: Outcome,
+        default_pool: str,
+    ) -> None:
+        """Store the run's record once; warn when it crosses a quota threshold."""
+        record = usage_record_of(report, flow_run, self._policy, meter, outcome, default_pool)
+        if record is None:
+            return  # the container never ran: no compute to count
+        quota = self._policy.tier.compute_hours_per_month
+        tier = self._policy.workspace.tier
+        published = await self._ledger.publish(record, quota, tier)
+        if published is None:
+            return
+        before, after = published
+        self._month = after
+        for threshold in crossed_thresholds(before.hours, after.hours, quota):
+            message = quota_warning_message(after, quota, tier, threshold)
+            self._run_logger(flow_run).warning("%s", message)
+            emit_event(
+                event="prefect-managed.quota.warning",
+                resource={
+                    "prefect.resource.id": f"prefect-managed.workspace.{after.workspace}",
+                    "prefect.resource.name": after.workspace,
+                },
+                payload={
+                    "threshold_percent": threshold,
+                    "hours_used": round(after.hours, 4),
+                    "quota_hours": quota,
+                    "month": after.month,
+                    "message": message,
+                },
+            )

@@ -1,0 +1,221 @@
+"""The worker's side of Docker: small calls in worker threads, and one watch loop.
+
+`Containers.watch` serves the runs the worker started and the containers it took over
+from a dead worker alike: it samples the container's stats into a `Meter`, keeps one
+run-time clock (from the container's own `StartedAt`), calls back once when the tier's
+maximum run time is reached, and returns when the container is no longer running. A
+failing callback is logged and never ends the watch; a Docker error ends only the
+sampling, never the run (the caller finishes the container from what Docker says).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import closing
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import anyio
+import docker
+import docker.errors
+import requests.exceptions
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
+
+from prefect_managed.configuration import API_LABEL, MANAGED_LABEL, WORKSPACE_LABEL
+from prefect_managed.metering import Meter
+from prefect_managed.outcome import ContainerReport
+
+__all__ = ["STATS_INTERVAL", "Containers", "Watch", "orphans", "pool_labels"]
+
+#: Seconds between two stats samples (and run-time checks) of a running container.
+STATS_INTERVAL = 2.0
+_DOCKER_ERRORS = (RuntimeError, docker.errors.DockerException, requests.RequestException)
+
+
+@dataclass
+class Watch:
+    """One container under watch: what it was when first seen, and what was measured."""
+
+    container_id: str
+    meter: Meter = field(default_factory=Meter)
+    report: ContainerReport | None = None
+    #: reached the maximum run time (the run's message says so)
+    timed_out: bool = False
+    #: the container was stopped for it (a failed stop is tried again at the next sample)
+    stopped: bool = False
+
+
+class Containers:
+    """Docker calls for the worker, each with a client it closes."""
+
+    def __init__(
+        self,
+        get_client: Callable[[], docker.DockerClient],
+        logger: logging.Logger | logging.LoggerAdapter[Any],
+    ) -> None:
+        self._get_client = get_client
+        self._logger = logger
+
+    # -- the watch loop -------------------------------------------------------------
+
+    async def watch(
+        self,
+        watch: Watch,
+        max_run_seconds: float,
+        on_run_time: Callable[[], Awaitable[None]],
+    ) -> None:
+        """Sample and clock the container until it stops running (or the caller cancels)."""
+        try:
+            # One Docker client for the whole watch: a sample every few seconds per
+            # running container must not pay for building a client each time.
+            with closing(await run_sync_in_worker_thread(self._get_client)) as client:
+                attrs = await run_sync_in_worker_thread(_inspect, client, watch.container_id)
+                if attrs is None:
+                    return
+                watch.report = report = ContainerReport.from_inspect(attrs)
+                if report.started_at and report.finished_at and not report.running:
+                    # Found already exited (taken over after a crash): it ran past its
+                    # limit if its own timestamps say so; it was stopped for it.
+                    length = (report.finished_at - report.started_at).total_seconds()
+                    watch.timed_out = watch.stopped = length >= max_run_seconds
+                while True:
+                    stats = await run_sync_in_worker_thread(_stats, client, watch.container_id)
+                    if stats is None:
+                        return  # gone, or stopped
+                    watch.meter.add(stats)
+                    await self._check_run_time(watch, max_run_seconds, on_run_time)
+                    await anyio.sleep(STATS_INTERVAL)
+        except _DOCKER_ERRORS:
+            # Measuring is not worth a run: a container being removed answers stats with
+            # an empty body, an engine going away with no answer. The caller finishes
+            # the container from what Docker says.
+            self._logger.debug("Stopped watching container %s", watch.container_id, exc_info=True)
+
+    async def _check_run_time(
+        self, watch: Watch, max_run_seconds: float, on_run_time: Callable[[], Awaitable[None]]
+    ) -> None:
+        started = watch.report.started_at if watch.report else None
+        if watch.stopped or started is None:
+            return
+        if (datetime.now(timezone.utc) - started).total_seconds() < max_run_seconds:
+            return
+        watch.timed_out = True
+        try:
+            await on_run_time()
+        except Exception:
+            # Logged and tried again at the next sample; the container is finished and
+            # removed when it exits, and its run made final then.
+            self._logger.exception(
+                "Could not stop container %s at the maximum run time", watch.container_id
+            )
+        else:
+            watch.stopped = True
+
+    # -- single calls, in worker threads --------------------------------------------
+
+    async def inspect(self, container_id: str) -> ContainerReport | None:
+        attrs = await run_sync_in_worker_thread(self._with_client, _inspect, container_id)
+        return None if attrs is None else ContainerReport.from_inspect(attrs)
+
+    async def find(self, labels: list[str]) -> list[ContainerReport]:
+        """Every container (running or not) carrying all of `labels` ("key=value")."""
+
+        def _find(client: docker.DockerClient) -> list[dict[str, Any]]:
+            found = client.api.containers(all=True, filters={"label": labels})
+            return [a for a in (_inspect(client, item["Id"]) for item in found) if a]
+
+        found: list[dict[str, Any]] = await run_sync_in_worker_thread(self._with_client, _find)
+        return [ContainerReport.from_inspect(attrs) for attrs in found]
+
+    async def output(self, container_id: str, tail: int) -> list[str]:
+        def _output(client: docker.DockerClient) -> list[str]:
+            try:
+                raw: bytes = client.api.logs(container_id, stdout=True, stderr=True, tail=tail)
+            except docker.errors.APIError:  # 404 gone, 409 dead or being removed
+                return ["(the container was removed before its output could be read)"]
+            return raw.decode(errors="replace").splitlines()
+
+        return await run_sync_in_worker_thread(self._with_client, _output)
+
+    async def image_present(self, image: str) -> bool:
+        def _present(client: docker.DockerClient) -> bool:
+            try:
+                client.api.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                return False
+            except docker.errors.APIError:
+                return True  # not the image's fault: report the original error
+            return True
+
+        return await run_sync_in_worker_thread(self._with_client, _present)
+
+    async def remove(self, container_id: str) -> None:
+        def _remove(client: docker.DockerClient) -> None:
+            try:
+                client.api.remove_container(container_id, force=True)
+            except docker.errors.NotFound:
+                return
+
+        await run_sync_in_worker_thread(self._with_client, _remove)
+        self._logger.debug("Removed Docker container %r", container_id)
+
+    async def info(self) -> dict[str, Any]:
+        return await run_sync_in_worker_thread(self._with_client, lambda c: c.info())
+
+    async def wait_for_engine(self, seconds: float) -> None:
+        """Return once the Docker engine answers; `TimeoutError` after `seconds`."""
+        with anyio.fail_after(seconds):
+            while True:
+                try:
+                    await run_sync_in_worker_thread(self._with_client, lambda c: c.ping())
+                    return
+                except _DOCKER_ERRORS:
+                    await anyio.sleep(2)
+
+    def _with_client(self, call: Callable[..., Any], *args: Any) -> Any:
+        with closing(self._get_client()) as client:
+            return call(client, *args)
+
+
+def pool_labels(workspace: str, api: str, pool: str) -> list[str]:
+    """The labels every container of a pool carries (Docker's `label=` filters)."""
+    return [
+        f"{MANAGED_LABEL}=true",
+        f"{WORKSPACE_LABEL}={workspace}",
+        f"{API_LABEL}={api}",
+        f"io.prefect.work-pool-name={pool}",
+    ]
+
+
+def orphans(
+    found: list[ContainerReport], watched: set[str], online_workers: set[str]
+) -> list[ContainerReport]:
+    """The containers of a pool a worker takes over: of a flow run, not watched by this
+    worker (or just finished by it), and left by no worker that Prefect shows online."""
+    return [
+        report
+        for report in found
+        if report.flow_run_id
+        and report.id not in watched
+        and report.labels.get("io.prefect.worker-name") not in online_workers
+    ]
+
+
+def _inspect(client: docker.DockerClient, container_id: str) -> dict[str, Any] | None:
+    try:
+        return client.api.inspect_container(container_id)
+    except docker.errors.NotFound:
+        return None
+
+
+def _stats(client: docker.DockerClient, container_id: str) -> dict[str, Any] | None:
+    """One stats sample; None when the container is gone, being removed or stopped."""
+    try:
+        stats = client.api.stats(container_id, stream=False, one_shot=True)
+    except (docker.errors.NotFound, requests.exceptions.JSONDecodeError):
+        return None  # gone, or being removed (an empty answer)
+    if str(stats.get("read", "")).startswith("0001-"):
+        return None  # a stopped container's stats carry Docker's zero time
+    return stats

@@ -1,0 +1,157 @@
+"""The states and log entries the worker gives a flow run, through Prefect's client.
+
+Every message says what happened and what to do (they come from `policy`, `outcome`,
+`sources` and `dependencies`); this module only knows how to set them so that the
+worker's explanation wins over the engine's own report, and never replaces a final
+state the run reached by itself.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas.actions import LogCreate
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.exceptions import Abort, ObjectNotFound
+from prefect.states import Crashed, Failed, Scheduled
+
+from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
+from prefect_managed.outcome import ContainerReport
+from prefect_managed.sources import describe_pull_step_failure, redact_url_credentials
+
+__all__ = ["AWAITING_SLOT", "CONTAINER_OUTPUT_LOGGER", "QUOTA_EXHAUSTED", "RunStates"]
+
+CONTAINER_OUTPUT_LOGGER = "prefect_managed.container"
+AWAITING_SLOT = "AwaitingConcurrencySlot"
+QUOTA_EXHAUSTED = "QuotaExhausted"
+
+RunLogger = Callable[[FlowRun], "logging.Logger | logging.LoggerAdapter[Any]"]
+
+
+class RunStates:
+    """Sets a flow run's states for the worker."""
+
+    def __init__(
+        self,
+        client: PrefectClient,
+        run_logger: RunLogger,
+        propose_crashed: Callable[[FlowRun, str], Any],
+        worker_id: Callable[[], UUID | None],
+    ) -> None:
+        self._client = client
+        self._run_logger = run_logger
+        # Prefect's `BaseWorker._propose_crashed_state` (it handles Abort and logs).
+        self._propose_crashed = propose_crashed
+        self._worker_id = worker_id
+
+    async def state(self, flow_run_id: UUID) -> State | None:
+        return (await self._client.read_flow_run(flow_run_id)).state
+
+    async def crash_with_cause(self, flow_run: FlowRun, message: str) -> None:
+        """End the run Crashed with `message`, replacing a Crashed state without a cause.
+
+        The engine in the container may have reported its own Crashed state already
+        (its flow process was killed); the worker knows why, so its message wins.
+        """
+        current = await self.state(flow_run.id)
+        if current is not None and current.is_crashed():
+            if current.message == message:
+                return  # said already
+            await self._client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+            self._run_logger(flow_run).error("%s", message)
+        elif current is None or not current.is_final():
+            await self._propose_crashed(flow_run, message)
+
+    async def ensure_final(self, flow_run: FlowRun, exit_code: int | None) -> State | None:
+        """The run's state, made Crashed if its container is gone but it is not final."""
+        current = await self.state(flow_run.id)
+        if current is not None and (current.is_final() or current.is_cancelling()):
+            return current
+        await self._propose_crashed(
+            flow_run,
+            f"The flow run's container exited with code {exit_code} without the flow run "
+            "reporting a final state.",
+        )
+        return await self.state(flow_run.id)
+
+    async def force_crashed(self, flow_run: FlowRun, message: str) -> State | None:
+        await self._client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+        self._run_logger(flow_run).error("%s", message)
+        return await self.state(flow_run.id)
+
+    async def report_exit_before_flow_start(
+        self, flow_run: FlowRun, report: ContainerReport, output: list[str]
+    ) -> None:
+        """A container that exits before its flow started: its output goes to the flow
+        run's logs (URL credentials redacted), and the run ends Crashed saying why.
+
+        A failed install leaves the run Pending (the engine never ran). A failed pull
+        step leaves it Crashed with only "Process exited with status code: 1" from
+        Prefect's runner, never having run (run count 0); that message is replaced with
+        the step, its source and its error.
+        """
+        current = await self._client.read_flow_run(flow_run.id)
+        crashed_before_start = (
+            current.state is not None and current.state.is_crashed() and current.run_count == 0
+        )
+        if current.state is None or not (current.state.is_pending() or crashed_before_start):
+            return
+        lines = [redact_url_credentials(line) for line in output]
+        pip_packages = split_extra_pip_packages(report.env.get("EXTRA_PIP_PACKAGES"))
+        exit_code = report.exit_code if report.exit_code is not None else -1
+        message = describe_pull_step_failure(
+            exit_code, lines, await self._pull_steps(current)
+        ) or describe_early_exit(exit_code, pip_packages, lines)
+        await self._client.create_logs(
+            [
+                LogCreate(
+                    name=CONTAINER_OUTPUT_LOGGER,
+                    level=logging.ERROR,
+                    message=f"{message}\nContainer output:\n" + "\n".join(lines),
+                    timestamp=datetime.now(timezone.utc),  # type: ignore[arg-type]
+                    flow_run_id=flow_run.id,
+                    worker_id=self._worker_id(),
+                )
+            ]
+        )
+        if crashed_before_start:
+            await self._client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
+        else:
+            await self._propose_crashed(flow_run, message)
+
+    async def _pull_steps(self, flow_run: FlowRun) -> list[dict[str, Any]]:
+        """The pull steps of the run's deployment, to name the source that failed."""
+        if flow_run.deployment_id is None:
+            return []
+        try:
+            deployment = await self._client.read_deployment(flow_run.deployment_id)
+        except ObjectNotFound:
+            return []
+        return list(deployment.pull_steps or [])
+
+    async def refuse(self, flow_run: FlowRun, name: str, message: str) -> None:
+        """End a run that will not start Failed, with `message` (e.g. QuotaExhausted)."""
+        try:
+            await self._client.set_flow_run_state(flow_run.id, Failed(name=name, message=message))
+        except Abort:
+            return
+        self._run_logger(flow_run).error("%s", message)
+
+    async def mark_awaiting_slot(
+        self, flow_run: FlowRun, scheduled_time: datetime, message: str
+    ) -> None:
+        if flow_run.state is None or flow_run.state.name == AWAITING_SLOT:
+            return
+        try:
+            await self._client.set_flow_run_state(
+                flow_run.id,
+                Scheduled(name=AWAITING_SLOT, scheduled_time=scheduled_time, message=message),
+            )
+        except Abort:
+            return
+        self._run_logger(flow_run).info("%s", message)
