@@ -184,7 +184,11 @@ def main() -> int:
         say("The run's usage, as the flow run's Artifacts tab shows it")
         print_usage_artifact(flow_run_id)
         say("prefect-managed usage")
-        subprocess.run([str(BIN / "prefect-managed"), "usage"], check=True)
+        subprocess.run(
+            [str(BIN / "prefect-managed"), "usage"],
+            env={**os.environ, "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy)},
+            check=True,
+        )
         print(f"    demo wall time:                   {time.monotonic() - started:.1f} s")
         return 0 if run.state.is_completed() else 1
     finally:
