@@ -159,6 +159,8 @@ def policy_check(
         "CPUs / run",
         "max run time",
         "compute h / month",
+        "disk / run",
+        "GPUs / run",
     ):
         table.add_column(column)
     for name, tier in sorted(policy.tiers.items()):
@@ -171,6 +173,8 @@ def policy_check(
             f"{tier.cpus:g}",
             format_seconds(tier.max_run_seconds),
             f"{tier.compute_hours_per_month:g}",
+            format_bytes(tier.disk_bytes) if tier.disk_bytes else "-",
+            str(tier.gpus) if tier.gpus else "-",
         )
     console = Console()
     console.print(table)

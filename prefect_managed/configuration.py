@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 from docker.errors import DockerException
+from docker.types import DeviceRequest
 from docker.utils import parse_bytes
 from prefect.settings import PREFECT_API_URL, get_current_settings
 from prefect.workers.base import BaseVariables
@@ -286,12 +287,14 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
                 },
             },
         }
-        if runtime.container_disk is not None:
+        if tier.disk_bytes is not None:
             # The writable layer's size; the worker checks at start that the engine's
             # storage driver can enforce it (`disk_limit_unsupported`).
-            self.container_create_kwargs["storage_opt"] = {
-                "size": str(runtime.container_disk_bytes)
-            }
+            self.container_create_kwargs["storage_opt"] = {"size": str(tier.disk_bytes)}
+        if tier.gpus:
+            self.container_create_kwargs["device_requests"] = [
+                DeviceRequest(count=tier.gpus, capabilities=[["gpu"]])
+            ]
 
 
 def run_environment(requested: Mapping[str, str], worker: Mapping[str, str]) -> dict[str, str]:

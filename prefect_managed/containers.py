@@ -139,6 +139,19 @@ class Containers:
 
         return await run_sync_in_worker_thread(self._with_client, _output)
 
+    async def remove_unstarted(self, flow_run_id: str) -> None:
+        """Remove the containers of a flow run that were created but never started."""
+
+        def _remove(client: docker.DockerClient) -> None:
+            filters = {"label": [f"io.prefect.flow-run-id={flow_run_id}"], "status": "created"}
+            for item in client.api.containers(all=True, filters=filters):
+                try:
+                    client.api.remove_container(item["Id"], force=True)
+                except docker.errors.NotFound:
+                    continue
+
+        await run_sync_in_worker_thread(self._with_client, _remove)
+
     async def image_present(self, image: str) -> bool:
         def _present(client: docker.DockerClient) -> bool:
             try:

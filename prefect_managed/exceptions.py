@@ -5,6 +5,7 @@ ManagedError
  ├── InvalidJobVariable      another job variable has a value the worker cannot use
  ├── ImageNotAllowed         the image is not in the policy's allow-list
  ├── ImageNotAvailable       the image is neither on the Docker host nor pullable
+ ├── GpuNotAvailable         the tier gives GPUs but the Docker host cannot
  ├── PolicyError             the policy file is missing, malformed or invalid
  ├── LedgerKeyMissing        no key to verify usage records with
  └── RuntimeImageError       the local runtime image could not be built
@@ -64,6 +65,19 @@ class ImageNotAvailable(ManagedError, RuntimeError):
             f"Image {image!r} is not on this Docker host and could not be pulled ({reason}). "
             "Check the image name and tag, remove 'image' from the deployment's job "
             "variables to use the default, or ask the operator to provide the image."
+        )
+
+
+class GpuNotAvailable(ManagedError, RuntimeError):
+    """The tier gives each run GPUs, but Docker could not start a container with them."""
+
+    def __init__(self, tier: str, gpus: int, reason: str) -> None:
+        first_line = reason.strip().splitlines()[0][:300] if reason.strip() else reason
+        super().__init__(
+            f"The {tier} tier gives each flow run {gpus} GPU(s), but this Docker host could "
+            f"not start a container with them ({first_line}). No container was left "
+            "behind. Run this tier's worker on a host with NVIDIA GPUs and the NVIDIA "
+            "container runtime, or ask the operator for a tier without GPUs."
         )
 
 

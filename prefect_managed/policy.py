@@ -154,15 +154,47 @@ class Tier(_Strict):
         le=10_000_000,
         description="Compute hours per workspace per calendar month (UTC).",
     )
+    disk: DiskSize | None = Field(
+        default=None,
+        description=(
+            "The size of each flow run container's writable layer (Docker's `--storage-opt "
+            "size`), in Docker's units. Only storage drivers that can enforce it accept it "
+            "(overlay2 on xfs with pquota, btrfs, zfs, devicemapper): a worker on another "
+            "engine refuses to start on a tier that sets it. Unset: not limited by Docker."
+        ),
+    )
+    gpus: Count = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description=(
+            "GPUs per flow run, given to the container as a Docker device request "
+            "(`--gpus N`; the host needs the NVIDIA container runtime). 0: none."
+        ),
+    )
 
     @property
     def memory_bytes(self) -> int:
         return parse_bytes(self.memory)
 
+    @property
+    def disk_bytes(self) -> int | None:
+        return None if self.disk is None else parse_bytes(self.disk)
+
 
 BUILTIN_TIERS: dict[str, dict[str, Any]] = {
     "free": {},
     "pro": {"concurrency_limit": 10, "pool_limit": 5, "cpus": 2.0, "compute_hours_per_month": 250},
+    # The sizes of Prefect Cloud's managed runs since 2025: 4 vCPU, 16 GB of memory and
+    # 128 GB of ephemeral storage (the storage only where the engine can enforce it).
+    "pro-2025": {
+        "concurrency_limit": 10,
+        "pool_limit": 5,
+        "cpus": 4.0,
+        "memory": "16g",
+        "disk": "128g",
+        "compute_hours_per_month": 250,
+    },
 }
 
 OFFICIAL_IMAGES = ("prefecthq/prefect:3*", "docker.io/prefecthq/prefect:3*")
@@ -240,15 +272,6 @@ class Runtime(_Strict):
         le=100,
         description="How many rotated log files Docker keeps per container (`max-file`).",
     )
-    container_disk: DiskSize | None = Field(
-        default=None,
-        description=(
-            "The size of each container's writable layer (`--storage-opt size`), in "
-            "Docker's units. Only storage drivers that can enforce it accept it (overlay2 "
-            "on xfs with pquota, btrfs, zfs, devicemapper): a worker on another engine "
-            "refuses to start with this set. Unset: not limited by Docker."
-        ),
-    )
 
     @property
     def dependency_cache_max_bytes(self) -> int:
@@ -257,10 +280,6 @@ class Runtime(_Strict):
     @property
     def log_max_bytes(self) -> int:
         return parse_bytes(self.log_max_size)
-
-    @property
-    def container_disk_bytes(self) -> int | None:
-        return None if self.container_disk is None else parse_bytes(self.container_disk)
 
     @model_validator(mode="after")
     def _default_image_is_allowed(self) -> Runtime:

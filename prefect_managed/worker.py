@@ -41,7 +41,7 @@ from prefect_managed.configuration import (
     disk_limit_unsupported,
 )
 from prefect_managed.containers import Containers, Watch, orphans, pool_labels
-from prefect_managed.exceptions import ImageNotAvailable, PolicyError
+from prefect_managed.exceptions import GpuNotAvailable, ImageNotAvailable, PolicyError
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.outcome import (
     CONTAINER_REMOVED_MESSAGE,
@@ -127,14 +127,14 @@ class ManagedWorker(DockerWorker):
 
     async def setup(self) -> None:
         await super().setup()
-        if self.policy.runtime.container_disk is not None:
+        if self.policy.tier.disk is not None:
             info = await self._containers.info()
             why = disk_limit_unsupported(info.get("Driver", ""), info.get("DriverStatus") or [])
             if why is not None:
                 raise PolicyError(
                     get_settings().resolved_policy_file(),
-                    f"runtime.container_disk is set but {why}; remove runtime.container_disk "
-                    "or move the Docker engine's data to such a file system",
+                    f"the {self.policy.workspace.tier} tier sets disk but {why}; remove the "
+                    "tier's disk or move the Docker engine's data to such a file system",
                 )
         tier = self.policy.tier
         self._pool_gate = PoolGate(
@@ -262,6 +262,13 @@ class ManagedWorker(DockerWorker):
                 watchers.cancel_scope.cancel()
         if started.infrastructure_pid is None:
             assert error is not None
+            # A container made but not started (Docker refused to start it) is the
+            # run's: never left behind.
+            await self._containers.remove_unstarted(str(flow_run.id))
+            if self.policy.tier.gpus and "could not select device driver" in str(error):
+                raise GpuNotAvailable(
+                    self.policy.workspace.tier, self.policy.tier.gpus, str(error)
+                ) from error
             image = configuration.image or ""
             if not await self._containers.image_present(image):
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""

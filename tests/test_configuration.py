@@ -222,7 +222,10 @@ def test_prefect_and_managed_labels_are_pinned_after_templating():
 
 def test_the_writable_layer_is_limited_when_the_policy_says_so():
     policy = Policy.model_validate(
-        {"runtime": {"default_image": "prefect-managed-runtime:3.9.1", "container_disk": "20g"}}
+        {
+            "runtime": {"default_image": "prefect-managed-runtime:3.9.1"},
+            "tiers": {"free": {"disk": "20g"}},
+        }
     )
     config = configuration(container_create_kwargs={"storage_opt": {"size": "1t"}})
     config.apply_policy(policy, FlowRun(id=uuid4(), flow_id=uuid4(), name="disk"))

@@ -97,6 +97,20 @@ def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
             "key 'tiers.free.max_run_seconds': Input should be less than or equal to 31622400",
         ),
         (
+            "[tiers.free]\ngpus = -1\n",
+            "key 'tiers.free.gpus': Input should be greater than or equal to 0",
+        ),
+        ("[tiers.free]\ngpus = 1.5\n", "key 'tiers.free.gpus': Input should be a valid integer"),
+        ("[tiers.free]\ngpus = true\n", "key 'tiers.free.gpus': true is not a number"),
+        (
+            "[tiers.free]\ngpus = 1000\n",
+            "key 'tiers.free.gpus': Input should be less than or equal to 64",
+        ),
+        (
+            '[tiers.free]\ndisk = "1m"\n',
+            "key 'tiers.free.disk': '1m' is outside the sane range 1 GiB to 16384 GiB",
+        ),
+        (
             "[runtime]\npids_limit = 1\n",
             "key 'runtime.pids_limit': Input should be greater than or equal to 16",
         ),
@@ -167,3 +181,10 @@ def test_messages_name_the_limit_the_tier_and_what_to_do():
     not_served = pool_not_served_message(policy, "late-pool", ["first-pool"])
     assert "'late-pool' is not served" in not_served
     assert "free tier, which allows 1 managed work pool (the oldest: 'first-pool')" in not_served
+
+
+def test_the_pro_2025_tier_has_todays_managed_sizes():
+    tier = Policy().tiers["pro-2025"]
+    assert (tier.cpus, tier.memory_bytes, tier.disk_bytes) == (4.0, 16 * 2**30, 128 * 2**30)
+    assert (tier.concurrency_limit, tier.pool_limit, tier.gpus) == (10, 5, 0)
+    assert Policy().tiers["free"].memory_bytes == 2 * 2**30  # the seed's tiers unchanged
