@@ -36,16 +36,17 @@ def start_run(deployment_id, **parameters):
 
 @pytest.fixture
 def fault_setup(deploy, runtime_image, package_index, tmp_path):
-    """A pool, a policy (workspace of its own, 3 concurrent runs) and a sleeper deployment."""
+    """A pool, a policy (workspace of its own, 3 concurrent runs unless `tier` says
+    otherwise) and a sleeper deployment."""
 
-    def _setup(name: str) -> tuple[str, dict[str, str], object]:
+    def _setup(name: str, **tier) -> tuple[str, dict[str, str], object]:
         pool = create_pool(f"{name}-pool")
         policy = worker_policy(
             tmp_path / f"{name}.toml",
             runtime_image,
             package_index.url,
             session_workspace(name),
-            concurrency_limit=3,
+            **{"concurrency_limit": 3, **tier},
         )
         env = {
             "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
@@ -170,26 +171,13 @@ def test_the_prefect_server_down_for_30_s_loses_nothing(docker_client, fault_set
 
 
 def test_the_prefect_server_down_at_the_maximum_run_time_leaves_nothing_behind(
-    docker_client, deploy, runtime_image, package_index, tmp_path
+    docker_client, fault_setup
 ):
     """The run-time stop meets an unreachable API: the container is stopped anyway, and
     once the server is back the run ends Crashed saying why, with one usage record, no
     container and no slot left."""
-    pool = create_pool("fault-runtime-pool")
+    pool, env, deployment = fault_setup("fault-runtime", concurrency_limit=2, max_run_seconds=20)
     workspace = session_workspace("fault-runtime")
-    policy = worker_policy(
-        tmp_path / "runtime.toml",
-        runtime_image,
-        package_index.url,
-        workspace,
-        concurrency_limit=2,
-        max_run_seconds=20,
-    )
-    env = {
-        "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-    }
-    deployment = deploy("sleeper", "sleeper-fault-runtime", pool=pool)
     running = start_worker(pool, OUTPUT, env, name="fault-runtime-worker")
     try:
         flow_run_id = start_run(deployment, seconds=120)
@@ -212,21 +200,13 @@ def test_the_prefect_server_down_at_the_maximum_run_time_leaves_nothing_behind(
 
 
 def test_after_a_sigkill_the_cap_holds_while_the_restarted_worker_takes_over(
-    docker_client, deploy, runtime_image, package_index, tmp_path
+    docker_client, fault_setup
 ):
     """Two runs in flight at a cap of 2, the worker killed, three more queued: the
     restarted worker takes the two containers over with a slot each, so the running
     count never goes over 2 (sampled all along), and every run completes once."""
-    pool = create_pool("fault-cap-pool")
+    pool, env, deployment = fault_setup("fault-cap", concurrency_limit=2)
     workspace = session_workspace("fault-cap")
-    policy = worker_policy(
-        tmp_path / "cap.toml", runtime_image, package_index.url, workspace, concurrency_limit=2
-    )
-    env = {
-        "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
-        "PREFECT_WORKER_QUERY_SECONDS": "1",
-    }
-    deployment = deploy("sleeper", "sleeper-fault-cap", pool=pool)
     most, stop = 0, threading.Event()
 
     def sample() -> None:
