@@ -276,6 +276,7 @@ class ManagedWorker(DockerWorker):
             raise error  # no container: Prefect's worker reports the failed submission
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
         watch = watches[0] if watches else Watch(container_id)
+        self._active.add(container_id)  # until finished: not the reconciliation's to take
         try:
             if error is not None:
                 if not docker_lost(error):
