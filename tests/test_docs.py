@@ -186,18 +186,20 @@ def limits_page_messages() -> list[str]:
         + str(ImageNotAllowed("python:3.12", ["prefecthq/prefect:3*", "prefect-managed-runtime:*"])),
         submit
         + "InvalidJobVariable: "
-        + str(
-            InvalidJobVariable(
-                "env",
-                {"PREFECT_API_KEY": "***"},
-                "PREFECT_API_KEY is set by the worker so that the flow run reports to this "
-                "Prefect server; remove it from the deployment's env",
-            )
-        ),
+        + _refusal_of_env({"PREFECT_API_KEY": "stolen"}),
         quota_exhausted_message(_month_of_usage([8, 2]), 10, "free"),
         quota_warning_message(_month_of_usage([8]), 10, "free", 80),
         quota_warning_message(_month_of_usage([8, 2]), 10, "free", 100),
     ]
+
+
+def _refusal_of_env(env: dict[str, str]) -> str:
+    """What the worker says of a deployment's env, as the code writes it."""
+    from prefect_managed.configuration import run_environment
+
+    with pytest.raises(InvalidJobVariable) as refused:
+        run_environment(env, {})
+    return str(refused.value)
 
 
 @pytest.mark.parametrize("message", limits_page_messages())
