@@ -177,3 +177,28 @@ def test_forged_records_are_skipped_reported_once_and_never_hide_a_true_one(pref
     skipped = [r for r in caplog.records if r.getMessage().startswith("Skipped artifact")]
     # Six forged artifacts, each reported once by each of the two ledgers that read them.
     assert len(skipped) == 12
+
+
+def test_a_flood_of_forged_versions_does_not_hide_a_runs_true_record(prefect_server):
+    async def scenario() -> tuple[bool, bool, object]:
+        from prefect_managed.usage import run_key
+
+        workspace = f"ledger-{uuid.uuid4().hex[:6]}"
+        month = month_of(datetime.now(timezone.utc))
+        async with get_client() as client:
+            run = (await client.create_flow_run(ledger_probe)).id
+            ledger = UsageLedger(client, workspace)
+            await ledger.publish(_record(workspace, run, 61), 10, "test")
+            # Newer forged versions, more than the server's default page of 200.
+            body = _record(workspace, run, 0).model_dump_json()
+            key = run_key(workspace, month, run)
+            for _ in range(11):
+                await asyncio.gather(*(_forge(client, key, body, "0" * 64, run) for _ in range(20)))
+            again = await ledger.publish(_record(workspace, run, 61), 10, "test")
+            return (
+                await ledger.is_recorded(month, run),
+                again is None,
+                (await UsageLedger(client, workspace).month_usage(month)).minutes,
+            )
+
+    assert asyncio.run(scenario()) == (True, True, 2)
