@@ -107,10 +107,19 @@ class UsageLedger:
     async def is_recorded(self, month: str, flow_run_id: UUID) -> bool:
         """Whether the run has a valid record (a forged one does not count)."""
         key = run_key(self.workspace, month, flow_run_id)
-        found = await self._client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
-        )
-        return any(isinstance(self._check(month, artifact), UsageRecord) for artifact in found)
+        offset = 0
+        while True:  # every version: a flood of forged ones must not hide the true one
+            page = await self._client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=self._page_size,
+                offset=offset,
+            )
+            if any(isinstance(self._check(month, artifact), UsageRecord) for artifact in page):
+                return True
+            if len(page) < self._page_size:
+                return False
+            offset += self._page_size
 
     def _check(self, month: str, artifact: Artifact) -> UsageRecord | str:
         return artifact_record(self._key, self.workspace, month, artifact)

@@ -104,3 +104,101 @@ def test_a_new_month_starts_empty(prefect_server, records):
             return (await ledger.month_usage("1999-01")).minutes
 
     assert asyncio.run(scenario()) == 0
+
+
+async def _forge(client, artifact_key: str, body: str, signature: str | None, run=None) -> None:
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    metadata = {"usage_record": body}
+    if signature is not None:
+        metadata["usage_signature"] = signature
+    await client.create_artifact(
+        ArtifactCreate(
+            key=artifact_key, type="table", data="[]", metadata_=metadata, flow_run_id=run
+        )
+    )
+
+
+async def _forged_scenario(workspace: str) -> dict[str, object]:
+    from prefect_managed.settings import ledger_key
+    from prefect_managed.usage import run_key, sign_record
+
+    month = month_of(datetime.now(timezone.utc))
+    async with get_client() as client:
+        earlier, later, precreated = [
+            (await client.create_flow_run(ledger_probe)).id for _ in range(3)
+        ]
+        ledger = UsageLedger(client, workspace)
+        await ledger.publish(_record(workspace, earlier, 61), 10, "test")
+        # Erase: a newer, unsigned version of the earlier run's key with 0 minutes.
+        zero = _record(workspace, earlier, 0)
+        await _forge(client, run_key(workspace, month, earlier), zero.model_dump_json(), None)
+        # Inflate: records for made-up runs, signed with a guessed key.
+        for _ in range(2):
+            made_up = uuid.uuid4()
+            key = run_key(workspace, month, made_up)
+            body = _record(workspace, made_up, 3600).model_dump_json()
+            await _forge(client, key, body, sign_record(b"guess", key, body))
+        # Another workspace's record under this workspace's key (signed correctly for it).
+        other = _record("elsewhere", later, 3600).model_dump_json()
+        key = run_key(workspace, month, later)
+        await _forge(client, key, other, sign_record(ledger_key(), key, other))
+        # Corrupt: an invalid body; pre-create: a run's own key before its worker records it.
+        await _forge(client, run_key(workspace, month, uuid.uuid4()), "{not json", "x")
+        fake = _record(workspace, precreated, 0).model_dump_json()
+        await _forge(client, run_key(workspace, month, precreated), fake, None, precreated)
+        seen: dict[str, object] = {
+            "minutes": (await ledger.month_usage(month)).minutes,
+            "precreated_recorded": await ledger.is_recorded(month, precreated),
+        }
+        seen["published"] = await ledger.publish(_record(workspace, precreated, 30), 10, "test")
+        seen["again"] = await ledger.publish(_record(workspace, precreated, 30), 10, "test")
+        fresh = UsageLedger(client, workspace)
+        usage = await fresh.month_usage(month)
+        seen["fresh_minutes"] = usage.minutes
+        seen["runs"] = sorted(str(run) for run in usage.records)
+        seen["expected_runs"] = sorted(str(run) for run in (earlier, precreated))
+        seen["rejected"] = sorted(fresh.rejected.values())
+    return seen
+
+
+def test_forged_records_are_skipped_reported_once_and_never_hide_a_true_one(prefect_server, caplog):
+    caplog.set_level("WARNING", logger="prefect_managed.ledger")
+    seen = asyncio.run(_forged_scenario(f"ledger-{uuid.uuid4().hex[:6]}"))
+
+    assert seen["minutes"] == 2  # the earlier run's 61 s; no forged record counts
+    assert seen["precreated_recorded"] is False  # a forged record is not "already recorded"
+    assert seen["published"] is not None and seen["again"] is None
+    assert seen["fresh_minutes"] == 3  # and the pre-created run's true 30 s
+    assert seen["runs"] == seen["expected_runs"]
+    assert len(seen["rejected"]) == 6
+    assert sum("signature does not verify" in reason for reason in seen["rejected"]) == 5
+    assert "it is a record of workspace 'elsewhere'" in " ".join(seen["rejected"])
+    skipped = [r for r in caplog.records if r.getMessage().startswith("Skipped artifact")]
+    # Six forged artifacts, each reported once by each of the two ledgers that read them.
+    assert len(skipped) == 12
+
+
+def test_a_flood_of_forged_versions_does_not_hide_a_runs_true_record(prefect_server):
+    async def scenario() -> tuple[bool, bool, object]:
+        from prefect_managed.usage import run_key
+
+        workspace = f"ledger-{uuid.uuid4().hex[:6]}"
+        month = month_of(datetime.now(timezone.utc))
+        async with get_client() as client:
+            run = (await client.create_flow_run(ledger_probe)).id
+            ledger = UsageLedger(client, workspace)
+            await ledger.publish(_record(workspace, run, 61), 10, "test")
+            # Newer forged versions, more than the server's default page of 200.
+            body = _record(workspace, run, 0).model_dump_json()
+            key = run_key(workspace, month, run)
+            for _ in range(11):
+                await asyncio.gather(*(_forge(client, key, body, "0" * 64, run) for _ in range(20)))
+            again = await ledger.publish(_record(workspace, run, 61), 10, "test")
+            return (
+                await ledger.is_recorded(month, run),
+                again is None,
+                (await UsageLedger(client, workspace).month_usage(month)).minutes,
+            )
+
+    assert asyncio.run(scenario()) == (True, True, 2)
