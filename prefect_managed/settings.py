@@ -105,10 +105,3 @@ def ledger_key(create: bool = True) -> bytes:
                 file.write(secrets.token_hex(32))
     return path.read_text().strip().encode()
 
-
-def worker_secret() -> bytes:
-    """The workers' shared secret (the ledger key), for anything else workers sign.
-
-    The same bytes as `ledger_key()`: one secret for an operator to set and share.
-    """
-    return ledger_key()

@@ -113,7 +113,7 @@ def no_configured_key(monkeypatch, tmp_path):
 
 def test_the_configured_key_wins(monkeypatch):
     monkeypatch.setattr(settings, "_settings", settings.ManagedSettings(ledger_key="shared-key"))
-    assert settings.ledger_key() == settings.worker_secret() == b"shared-key"
+    assert settings.ledger_key() == b"shared-key"
 
 
 def test_without_a_configured_key_one_is_generated_once_and_kept_private(no_configured_key):
