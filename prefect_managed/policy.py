@@ -99,7 +99,7 @@ def _not_bool(value: Any) -> Any:
 
 #: A size in Docker's units (a string such as "2g", or a number of bytes), in a range.
 MemorySize = Annotated[str | int, BeforeValidator(_size_value), _size_between(6 * 2**20, 2**40)]
-CacheSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(64 * 2**20, 2**42)]
+CacheSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(256 * 2**10, 2**42)]
 LogSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(2**20, 2**30)]
 DiskSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(2**30, 2**44)]
 #: Numbers: never a bool (TOML's `true` is not 1), never infinite or NaN.
