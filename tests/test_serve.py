@@ -274,7 +274,7 @@ def test_sigterm_leaves_running_containers_and_the_next_start_finishes_them(
         wait_for(lambda: not run_containers(docker_client, flow_run_id), 300, "container removed")
         records = wait_for(lambda: usage_records(flow_run_id), 300, "the usage record")
     assert run.state.is_completed(), run.state
-    assert f"Taking over container /{container.name} of flow run {flow_run_id}" in second.log()
+    assert f"Taking over container {container.name} of flow run {flow_run_id}" in second.log()
     assert len(records) == 1, records
 
 
