@@ -23,14 +23,12 @@ def parse_docker_time(value: str) -> datetime | None:
 
 @dataclass
 class Meter:
-    """The highest memory and the CPU time seen in a container's stats samples, when
-    the last sample was taken, and the container's inspection when it started (what is
-    left to go on if the container is removed before the worker reads it)."""
+    """The highest memory and the CPU time seen in a container's stats samples, and when
+    the last sample was taken (how long a container removed from outside is counted)."""
 
     peak_memory_bytes: int | None = None
     cpu_seconds: float | None = None
     last_seen: datetime | None = None
-    container: dict[str, Any] | None = None
     peak_pids: int = 0
     pids_limit: int | None = None
 
