@@ -6,7 +6,6 @@ code: 1 when the work failed, 2 for a wrong command or option (see `main`).
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
@@ -360,13 +359,9 @@ def serve(
             await service.run()
             group.cancel_scope.cancel()
 
+    # Returns normally, so Prefect flushes its logs and events at exit. The containers
+    # left running are taken over by the next `prefect-managed serve --name <name>`.
     anyio.run(serve_until_signalled)
-    # The threads that watched the running containers were abandoned, not stopped (a
-    # thread cannot be stopped), and Python waits for every thread before it exits: that
-    # is, for the containers to end. They are left running on purpose, so exit now.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
 
 
 def main() -> None:

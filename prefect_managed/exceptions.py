@@ -7,6 +7,7 @@ ManagedError
  ├── ImageNotAvailable       the image is neither on the Docker host nor pullable
  ├── GpuNotAvailable         the tier gives GPUs but the Docker host cannot
  ├── PolicyError             the policy file is missing, malformed or invalid
+ ├── WorkerNotStarted        a worker refused to start (also a SystemExit: one line)
  ├── LedgerKeyMissing        no key to verify usage records with
  └── RuntimeImageError       the local runtime image could not be built
 """
@@ -104,3 +105,17 @@ class LedgerKeyMissing(ManagedError, RuntimeError):
 
 class RuntimeImageError(ManagedError, RuntimeError):
     """Building the local runtime image failed."""
+
+
+class WorkerNotStarted(ManagedError, SystemExit):
+    """A worker cannot start as configured (a policy error): one line, exit status 1.
+
+    Also a `SystemExit`: `prefect worker start` reports any other error with a
+    traceback and "An exception occurred.", and a `SystemExit` carrying a message is
+    printed by Python as that one line, with exit status 1.
+    """
+
+    def __init__(self, cause: ManagedError) -> None:
+        self.cause = cause
+        super().__init__(f"Error: {cause}")
+        self.code = f"Error: {cause}"  # SystemExit's own __init__ is not the one called

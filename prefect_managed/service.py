@@ -1,8 +1,7 @@
 """`prefect-managed serve`: one process serving every managed pool of the workspace.
 
-The service composes one `ManagedWorker` per pool, each running Prefect's own worker
-loops (as `BaseWorker.start` does, see `_run_worker`) in one task group, and adds only
-the supervision:
+The service composes one `ManagedWorker` per pool, each running Prefect's own
+`BaseWorker.start` (see `_run_worker`) in one task group, and adds only the supervision:
 
 - every `poll_seconds` it reads the workspace's `prefect:managed` pools, keeps the
   oldest `pool_limit` of them (the rule `ManagedWorker` itself applies, paused pools
@@ -31,8 +30,6 @@ from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
 from prefect.client.schemas.objects import WorkPool
 from prefect.logging import get_logger
-from prefect.settings import PREFECT_WORKER_QUERY_SECONDS
-from prefect.utilities.services import critical_service_loop
 
 from prefect_managed.policy import Policy, served_pool_names
 from prefect_managed.worker import ManagedWorker
@@ -197,38 +194,16 @@ class ManagedService:
 
 
 async def _run_worker(worker: ManagedWorker, stop: anyio.Event) -> None:
-    """Prefect's worker loops (as `BaseWorker.start` runs them) until `stop` is set.
+    """Prefect's `BaseWorker.start` (its loops, worker events, metrics) until `stop` is set.
 
-    Not `worker.start()` under a cancelled scope: cancelling it cancels the worker's
-    own teardown half-way, which leaves its task groups open. Here the loops stop
-    first, then the runs the worker watches are abandoned (their containers keep
-    running), then the worker tears down uncancelled.
+    Cancelling `start` stops its loops; `ManagedWorker.__aexit__` shields the worker's
+    teardown from that cancel, so it closes its task groups and clients and emits the
+    worker's stopped event. The runs it watches are abandoned first: their containers
+    keep running for the next worker of this name to take over.
     """
-    async with worker:
-        async with anyio.create_task_group() as loops:
-            loops.start_soon(
-                partial(
-                    critical_service_loop,
-                    workload=worker.get_and_submit_flow_runs,
-                    interval=PREFECT_WORKER_QUERY_SECONDS.value(),
-                    jitter_range=0.3,
-                    backoff=4,
-                )
-            )
-            loops.start_soon(
-                partial(
-                    critical_service_loop,
-                    workload=worker.sync_with_backend,
-                    interval=worker.heartbeat_interval_seconds,
-                    jitter_range=0.3,
-                    backoff=4,
-                )
-            )
-            logger.info("Worker %r started", worker.name)
-            await stop.wait()
-            loops.cancel_scope.cancel()
-        # Stop watching running containers rather than wait for them: the next worker
-        # with this name takes them over. Prefect has no public handle for this group.
-        if worker._runs_task_group is not None:
-            worker._runs_task_group.cancel_scope.cancel()
+    async with anyio.create_task_group() as group:
+        group.start_soon(partial(worker.start, printer=logger.info))
+        await stop.wait()
+        worker.abandon_runs()
+        group.cancel_scope.cancel()
     logger.info("Worker %r stopped", worker.name)

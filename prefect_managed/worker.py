@@ -18,7 +18,7 @@ and removed (now or at the next reconciliation), and its slot given back.
 
 from __future__ import annotations
 
-import sys
+import threading
 from collections import deque
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
@@ -41,7 +41,12 @@ from prefect_managed.configuration import (
     disk_limit_unsupported,
 )
 from prefect_managed.containers import Containers, Watch, orphans, pool_labels
-from prefect_managed.exceptions import GpuNotAvailable, ImageNotAvailable, PolicyError
+from prefect_managed.exceptions import (
+    GpuNotAvailable,
+    ImageNotAvailable,
+    PolicyError,
+    WorkerNotStarted,
+)
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.outcome import (
     CONTAINER_REMOVED_MESSAGE,
@@ -70,6 +75,8 @@ __all__ = ["ManagedWorker"]
 
 RECONCILE_SECONDS = 60.0
 DOCKER_WAIT_SECONDS = 600.0
+#: How long a stopped worker's teardown may take (it closes clients, sends its event).
+TEARDOWN_SECONDS = 30.0
 
 
 class _StartedProxy:
@@ -106,10 +113,8 @@ class ManagedWorker(DockerWorker):
             self.policy: Policy = get_policy()
         except PolicyError as exc:
             # One clear line and a non-zero exit, not a traceback: the operator fixes
-            # the file and starts the worker again. (Prefect's CLI makes the worker
-            # outside any error handling of ours.)
-            print(f"Error: {exc}", file=sys.stderr)
-            raise SystemExit(1) from exc
+            # the file and starts the worker again.
+            raise WorkerNotStarted(exc) from exc
         super().__init__(*args, **kwargs)
         self._containers = Containers(self._get_client, self._logger)
         self._slots: WorkspaceSlots | None = None
@@ -124,6 +129,27 @@ class ManagedWorker(DockerWorker):
         # admitted while one waits, so the cap holds while the dead worker's leases expire.
         self._unslotted: set[UUID] = set()
         self._pool_gate: PoolGate | None = None
+        # Set when the runs are abandoned: the threads that wait on their containers end.
+        self._abandoned = threading.Event()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        if exc_info[0] is None:
+            await super().__aexit__(*exc_info)
+            return
+        # Stopped (cancelled) or failed: leave the running containers to the next
+        # worker of this name, and tear down uncancelled so that task groups and clients
+        # close and the worker's stopped event is sent.
+        self.abandon_runs()
+        with anyio.move_on_after(TEARDOWN_SECONDS, shield=True):
+            await super().__aexit__(*exc_info)
+
+    def abandon_runs(self) -> None:
+        """Stop watching the runs in flight; their containers keep running and are taken
+        over by the next worker of this pool (see `_reconcile_orphans`)."""
+        self._abandoned.set()
+        # Prefect has no public handle on the task group that runs `run` per flow run.
+        if self._runs_task_group is not None:
+            self._runs_task_group.cancel_scope.cancel()
 
     async def setup(self) -> None:
         await super().setup()
@@ -295,6 +321,34 @@ class ManagedWorker(DockerWorker):
         finally:
             self._active.discard(container_id)
         return result
+
+    def _watch_container_safe(self, container: Any, configuration: Any, created_event: Any) -> Any:
+        """prefect-docker's watch, in a daemon thread that an abandoned run leaves behind.
+
+        The watch blocks on the container's output and exit; in the worker thread it would
+        keep the process alive until every abandoned container ended.
+        """
+        outcome: list[Any] = []
+
+        def watch() -> None:
+            try:
+                outcome.append(
+                    DockerWorker._watch_container_safe(
+                        self, container, configuration, created_event
+                    )
+                )
+            except BaseException as exc:
+                outcome.append(exc)
+
+        thread = threading.Thread(target=watch, name=f"watch {container.name}", daemon=True)
+        thread.start()
+        while thread.is_alive() and not self._abandoned.is_set():
+            thread.join(1.0)
+        if not outcome:  # abandoned: nobody waits for this result any more
+            return container
+        if isinstance(outcome[0], BaseException):
+            raise outcome[0]
+        return outcome[0]
 
     async def _watch_started(
         self, flow_run: FlowRun, started: _StartedProxy, watches: list[Watch]
