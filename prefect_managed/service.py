@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import anyio
 import anyio.abc
@@ -32,7 +31,7 @@ from prefect.client.schemas.objects import WorkPool
 from prefect.logging import get_logger
 
 from prefect_managed.policy import Policy, served_pool_names
-from prefect_managed.worker import ManagedWorker
+from prefect_managed.worker import ManagedWorker, stopped_on_request
 
 __all__ = ["ManagedService", "PoolPlan", "plan_pools", "worker_name"]
 
@@ -196,14 +195,22 @@ class ManagedService:
 async def _run_worker(worker: ManagedWorker, stop: anyio.Event) -> None:
     """Prefect's `BaseWorker.start` (its loops, worker events, metrics) until `stop` is set.
 
-    Cancelling `start` stops its loops; `ManagedWorker.__aexit__` shields the worker's
-    teardown from that cancel, so it closes its task groups and clients and emits the
-    worker's stopped event. The runs it watches are abandoned first: their containers
-    keep running for the next worker of this name to take over.
+    Not cancelled: cancelling `start` would cancel the worker's teardown half-way and
+    leave its task groups open. `stop_soon` makes the worker's next poll abandon the runs
+    in flight (their containers keep running for the next worker of this name) and end
+    Prefect's loops, and Prefect tears the worker down.
     """
-    async with anyio.create_task_group() as group:
-        group.start_soon(partial(worker.start, printer=logger.info))
+
+    async def stop_when_asked() -> None:
         await stop.wait()
-        worker.abandon_runs()
+        worker.stop_soon()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(stop_when_asked)
+        try:
+            await worker.start(printer=logger.info)
+        except BaseException as error:
+            if not stopped_on_request(error):
+                raise
         group.cancel_scope.cancel()
     logger.info("Worker %r stopped", worker.name)

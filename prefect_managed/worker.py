@@ -71,12 +71,22 @@ from prefect_managed.settings import get_policy, get_settings
 if TYPE_CHECKING:
     from prefect.client.schemas.responses import WorkerFlowRunResponse
 
-__all__ = ["ManagedWorker"]
+__all__ = ["ManagedWorker", "WorkerStopped", "stopped_on_request"]
 
 RECONCILE_SECONDS = 60.0
 DOCKER_WAIT_SECONDS = 600.0
-#: How long a stopped worker's teardown may take (it closes clients, sends its event).
-TEARDOWN_SECONDS = 30.0
+
+
+class WorkerStopped(Exception):
+    """Raised in Prefect's polling loop to end `BaseWorker.start` after `stop_soon`."""
+
+
+def stopped_on_request(error: BaseException) -> bool:
+    """True when `error` (or every error of its group) is `WorkerStopped`."""
+    inner = getattr(error, "exceptions", None)
+    if inner is not None:
+        return all(stopped_on_request(each) for each in inner)
+    return isinstance(error, WorkerStopped)
 
 
 class _StartedProxy:
@@ -131,17 +141,13 @@ class ManagedWorker(DockerWorker):
         self._pool_gate: PoolGate | None = None
         # Set when the runs are abandoned: the threads that wait on their containers end.
         self._abandoned = threading.Event()
+        self._stop_requested = False
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        if exc_info[0] is None:
-            await super().__aexit__(*exc_info)
-            return
-        # Stopped (cancelled) or failed: leave the running containers to the next
-        # worker of this name, and tear down uncancelled so that task groups and clients
-        # close and the worker's stopped event is sent.
-        self.abandon_runs()
-        with anyio.move_on_after(TEARDOWN_SECONDS, shield=True):
-            await super().__aexit__(*exc_info)
+    def stop_soon(self) -> None:
+        """Make `BaseWorker.start` return: its next poll abandons the runs in flight and
+        raises `WorkerStopped`, which ends Prefect's loops, and Prefect tears the worker
+        down uncancelled (task groups and clients closed, the stopped event sent)."""
+        self._stop_requested = True
 
     def abandon_runs(self) -> None:
         """Stop watching the runs in flight; their containers keep running and are taken
@@ -219,6 +225,9 @@ class ManagedWorker(DockerWorker):
     # -- which pools and runs are served ---------------------------------------------
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
+        if self._stop_requested:
+            self.abandon_runs()
+            raise WorkerStopped(self.name)
         assert self._pool_gate is not None
         if not await self._pool_gate.is_served():
             return []
@@ -527,7 +536,12 @@ class ManagedWorker(DockerWorker):
             self._active.discard(watch.container_id)
             self._unslotted.discard(flow_run.id)
             with anyio.CancelScope(shield=True):
-                await self._slots.release(flow_run.id)
+                try:
+                    await self._slots.release(flow_run.id)
+                except Exception:  # its lease expires on the server
+                    self._logger.warning(
+                        "Could not release the slot of flow run %s", flow_run.id, exc_info=True
+                    )
 
 
 def _scheduled_time(flow_run: FlowRun) -> datetime:

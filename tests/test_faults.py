@@ -240,6 +240,41 @@ def test_after_a_sigkill_the_cap_holds_while_the_restarted_worker_takes_over(
     assert wait_for_records([*in_flight, *queued]) == {run: 1 for run in [*in_flight, *queued]}
 
 
+def test_the_prefect_server_down_while_a_taken_over_container_ends_leaves_nothing_behind(
+    docker_client, fault_setup
+):
+    """A worker killed, its successor takes the run's container over, then the Prefect
+    server goes down until after the container has exited: finishing it fails (logged,
+    the worker keeps serving), and the next reconciliation finishes it: the run final,
+    one usage record, no container and no slot left."""
+    pool, env, deployment = fault_setup("fault-adopt")
+    workspace = session_workspace("fault-adopt")
+    first = start_worker(pool, OUTPUT, env, name="fault-adopt-worker")
+    restarted = None
+    try:
+        flow_run_id = start_run(deployment, seconds=30)
+        wait_for(lambda: running_containers(docker_client, [flow_run_id]), 180, "running")
+        wait_for_log(flow_run_id, "Beginning flow run", timeout=120)
+        os.kill(first.service.process.pid, signal.SIGKILL)
+        first.service.process.wait()
+        restarted = start_worker(pool, OUTPUT, env, name="fault-adopt-worker")
+        wait_for(
+            lambda: f"of flow run {flow_run_id}, left by worker" in restarted.service.log(),
+            180,
+            "the container taken over",
+        )
+        restart_prefect_server(down_seconds=45)  # the flow's 30 s end within it
+        (run,) = wait_until_settled(docker_client, workspace, [flow_run_id], 300)
+        assert restarted.service.process.poll() is None, "the worker exited"
+        log = restarted.service.log()
+    finally:
+        if restarted is not None:
+            restarted.service.stop()
+    assert "Could not finish container" in log, log[-3000:]
+    assert run.state.is_final(), run.state
+    assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
+
+
 # -- the Docker daemon -------------------------------------------------------------------
 
 DOCKERD_LOG = Path("/var/log/prefect-managed-dockerd.log")
