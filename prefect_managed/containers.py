@@ -11,6 +11,7 @@ sampling, never the run (the caller finishes the container from what Docker says
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Awaitable, Callable
 from contextlib import closing
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from prefect_managed.configuration import API_LABEL, MANAGED_LABEL, WORKSPACE_LA
 from prefect_managed.metering import Meter
 from prefect_managed.outcome import ContainerReport
 
-__all__ = ["STATS_INTERVAL", "Containers", "Watch", "orphans", "pool_labels"]
+__all__ = ["STATS_INTERVAL", "Containers", "Watch", "in_daemon_thread", "orphans", "pool_labels"]
 
 #: Seconds between two stats samples (and run-time checks) of a running container.
 STATS_INTERVAL = 2.0
@@ -214,6 +215,34 @@ def orphans(
         and report.id not in watched
         and report.labels.get("io.prefect.worker-name") not in online_workers
     ]
+
+
+def in_daemon_thread(
+    call: Callable[[], Any], abandoned: threading.Event, name: str, abandoned_result: Any
+) -> Any:
+    """`call()` in a daemon thread, waited for until `abandoned` is set.
+
+    For a blocking wait on a container (prefect-docker's): in a worker thread it would
+    keep the process from exiting until the container ended; abandoned, the daemon
+    thread is left behind and `abandoned_result` returned.
+    """
+    outcome: list[Any] = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    while thread.is_alive() and not abandoned.is_set():
+        thread.join(1.0)
+    if not outcome:
+        return abandoned_result
+    if isinstance(outcome[0], BaseException):
+        raise outcome[0]
+    return outcome[0]
 
 
 def _inspect(client: docker.DockerClient, container_id: str) -> dict[str, Any] | None:

@@ -21,14 +21,15 @@ from __future__ import annotations
 import threading
 from collections import deque
 from datetime import datetime, timezone
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 import anyio
 import anyio.abc
 import httpx
-from prefect.client.schemas.objects import FlowRun, WorkerStatus
-from prefect.exceptions import InfrastructureNotFound, ObjectNotFound, PrefectHTTPStatusError
+from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
@@ -37,10 +38,9 @@ from prefect_managed.concurrency import WorkspaceSlots
 from prefect_managed.configuration import (
     ManagedJobConfiguration,
     ManagedVariables,
-    api_label_value,
     disk_limit_unsupported,
 )
-from prefect_managed.containers import Containers, Watch, orphans, pool_labels
+from prefect_managed.containers import Containers, Watch, in_daemon_thread
 from prefect_managed.exceptions import (
     GpuNotAvailable,
     ImageNotAvailable,
@@ -67,13 +67,13 @@ from prefect_managed.policy import (
 from prefect_managed.pools import PoolGate
 from prefect_managed.run_states import QUOTA_EXHAUSTED, RunStates
 from prefect_managed.settings import get_policy, get_settings
+from prefect_managed.takeover import TakeOver
 
 if TYPE_CHECKING:
     from prefect.client.schemas.responses import WorkerFlowRunResponse
 
 __all__ = ["ManagedWorker", "WorkerStopped", "stopped_on_request"]
 
-RECONCILE_SECONDS = 60.0
 DOCKER_WAIT_SECONDS = 600.0
 
 
@@ -104,7 +104,7 @@ class _StartedProxy:
             self._inner.started(value)  # type: ignore[arg-type]
 
 
-class ManagedWorker(DockerWorker):
+class ManagedWorker(DockerWorker, TakeOver):
     """Runs each flow run of a `prefect:managed` pool in a capped, hardened container."""
 
     type = "prefect:managed"
@@ -337,27 +337,14 @@ class ManagedWorker(DockerWorker):
         The watch blocks on the container's output and exit; in the worker thread it would
         keep the process alive until every abandoned container ended.
         """
-        outcome: list[Any] = []
-
-        def watch() -> None:
-            try:
-                outcome.append(
-                    DockerWorker._watch_container_safe(
-                        self, container, configuration, created_event
-                    )
-                )
-            except BaseException as exc:
-                outcome.append(exc)
-
-        thread = threading.Thread(target=watch, name=f"watch {container.name}", daemon=True)
-        thread.start()
-        while thread.is_alive() and not self._abandoned.is_set():
-            thread.join(1.0)
-        if not outcome:  # abandoned: nobody waits for this result any more
-            return container
-        if isinstance(outcome[0], BaseException):
-            raise outcome[0]
-        return outcome[0]
+        return in_daemon_thread(
+            partial(
+                DockerWorker._watch_container_safe, self, container, configuration, created_event
+            ),
+            self._abandoned,
+            f"watch {container.name}",
+            abandoned_result=container,  # nobody waits for it any more
+        )
 
     async def _watch_started(
         self, flow_run: FlowRun, started: _StartedProxy, watches: list[Watch]
@@ -461,87 +448,6 @@ class ManagedWorker(DockerWorker):
             return
         await self._containers.remove(report.id)
         self._finished.append(report.id)
-
-    # -- containers a previous worker left behind ----------------------------------
-
-    async def _reconcile_forever(self) -> None:
-        while True:
-            await anyio.sleep(RECONCILE_SECONDS)
-            await self._reconcile_guarded()
-
-    async def _reconcile_guarded(self) -> None:
-        try:
-            await self._reconcile_orphans()
-        except Exception:
-            self._logger.warning("Could not reconcile orphaned containers", exc_info=True)
-
-    async def _reconcile_orphans(self) -> None:
-        """Find this pool's containers that no live worker watches, and finish them."""
-        found = await self._containers.find(
-            pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
-        )
-        if not found:
-            return
-        online = {
-            worker.name
-            for worker in await self.client.read_workers_for_work_pool(self._work_pool_name)
-            if worker.status == WorkerStatus.ONLINE and worker.name != self.name
-        }
-        watched = {*self._active, *self._finished}
-        for report in orphans(found, watched, online):
-            try:
-                flow_run = await self.client.read_flow_run(UUID(str(report.flow_run_id)))
-            except ObjectNotFound:
-                continue  # not a run of this Prefect server: not ours to touch
-            self._active.add(report.id)
-            self._logger.info(
-                "Taking over container %s of flow run %s, left by worker %r",
-                report.name,
-                report.flow_run_id,
-                report.labels.get("io.prefect.worker-name"),
-            )
-            if report.running:
-                await self._hold_slot(flow_run.id)
-            assert self._background is not None
-            self._background.start_soon(self._adopt, flow_run, Watch(report.id))
-
-    async def _hold_slot(self, flow_run_id: UUID) -> None:
-        """A taken-over run counts against the cap: it takes a slot, or waits for one
-        before any new run is admitted."""
-        assert self._slots is not None
-        if self._slots.holds(flow_run_id):
-            return
-        try:
-            if await self._slots.try_acquire(flow_run_id):
-                return
-        except (httpx.HTTPError, PrefectHTTPStatusError):
-            self._logger.warning("Could not take a slot for flow run %s", flow_run_id)
-        self._unslotted.add(flow_run_id)
-
-    async def _adopt(self, flow_run: FlowRun, watch: Watch) -> None:
-        """Watch a taken-over container to its end (within the run time), then finish it.
-        Any error is logged: the next reconciliation takes the container over again."""
-        assert self._slots is not None
-        try:
-            await self._watch(flow_run, watch)
-            await self._finish(flow_run, watch)
-        except Exception:
-            self._logger.exception(
-                "Could not finish container %s of flow run %s; the next reconciliation "
-                "takes it over again",
-                watch.container_id,
-                flow_run.id,
-            )
-        finally:
-            self._active.discard(watch.container_id)
-            self._unslotted.discard(flow_run.id)
-            with anyio.CancelScope(shield=True):
-                try:
-                    await self._slots.release(flow_run.id)
-                except Exception:  # its lease expires on the server
-                    self._logger.warning(
-                        "Could not release the slot of flow run %s", flow_run.id, exc_info=True
-                    )
 
 
 def _scheduled_time(flow_run: FlowRun) -> datetime:
