@@ -240,6 +240,7 @@ def test_after_a_sigkill_the_cap_holds_while_the_restarted_worker_takes_over(
     assert wait_for_records([*in_flight, *queued]) == {run: 1 for run in [*in_flight, *queued]}
 
 
+@pytest.mark.timeout(1200)  # two reconciliations and a lease expiry, after the setup
 def test_the_prefect_server_down_while_a_taken_over_container_ends_leaves_nothing_behind(
     docker_client, fault_setup
 ):
