@@ -5,14 +5,17 @@ limit before it starts a run and gives it back when the run's container is gone.
 are held through leases the worker renews; a worker that dies stops renewing, and the
 Prefect server takes the slot back when the lease expires.
 
-A lease can also vanish before it expires: the Prefect server keeps leases in memory by
+A lease can also vanish before it expires: Prefect's server keeps leases in memory by
 default, so a server restart forgets them while the slots they held stay counted, and the
-workspace's limit would shrink for good. So a worker that finds one of its leases missing
-gives the slot back itself (and takes a new lease for a run still going). When the lease
-had in fact expired (the worker could not renew it for a whole lease), the server has
-given the slot back too; the count is then one too low, which lets at most one extra run
-start and heals itself, as the server never counts below zero. Too low for a while is
-better than too high for ever.
+workspace's limit would shrink for good. A worker that finds one of its leases missing
+less than a lease after it last asked to renew it knows the lease cannot have expired: it
+gives the slot back itself (and takes a new lease for a run still going). A lease missing
+later than that may have expired, and then the server has given its slot back already:
+giving it back again would count one run too few and let the workspace run one flow run
+over its limit, so the worker does not (a slot stays counted only where a server with
+in-memory leases restarted and the worker could not renew for a whole lease; with
+Prefect's file lease storage, `PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=
+prefect.server.concurrency.lease_storage.filesystem`, a restart forgets no lease).
 
 A flow run holds a Prefect API credential, and Prefect OSS has no permissions: its code
 could deactivate the limit, raise it or make its slots decay. So before every acquire the
@@ -39,6 +42,10 @@ __all__ = ["LEASE_SECONDS", "WorkspaceSlots"]
 #: The shortest lease Prefect's server grants; renewed every third of it.
 LEASE_SECONDS = 60.0
 
+#: A lease found gone this close to a lease after its last renewal was asked for may have
+#: expired (the server's clock and its repossessor's delay are not ours to know exactly).
+EXPIRY_MARGIN_SECONDS = 5.0
+
 _LOCKED = 423
 _GONE = 410  # what the server answers when renewing a lease it does not have
 
@@ -46,7 +53,7 @@ _GONE = 410  # what the server answers when renewing a lease it does not have
 @dataclass
 class _Lease:
     id: UUID
-    renewed_at: float
+    renewed_at: float  # when the lease was last asked for or renewed (before the request)
 
 
 class WorkspaceSlots:
@@ -125,6 +132,7 @@ class WorkspaceSlots:
     async def try_acquire(self, flow_run_id: UUID) -> bool:
         """Take one slot for the run; False when every slot is taken."""
         await self.assert_limit()
+        asked = time.monotonic()
         lease = await self._increment(flow_run_id)
         if lease is not None and not lease.limits:
             # A lease on no limit at all: the limit was deleted. Make it again, once.
@@ -133,7 +141,7 @@ class WorkspaceSlots:
             lease = await self._increment(flow_run_id)
         if lease is None or not lease.limits:
             return False
-        self._leases[flow_run_id] = _Lease(lease.lease_id, time.monotonic())
+        self._leases[flow_run_id] = _Lease(lease.lease_id, asked)
         return True
 
     async def _increment(self, flow_run_id: UUID) -> ConcurrencyLimitWithLeaseResponse | None:
@@ -177,6 +185,7 @@ class WorkspaceSlots:
 
     async def _renew(self, lease: _Lease) -> bool:
         """Renew the lease; False when the server no longer has it."""
+        asked = time.monotonic()
         try:
             await self._client.renew_concurrency_lease(lease.id, self._lease_seconds)
         except ObjectNotFound:
@@ -185,18 +194,34 @@ class WorkspaceSlots:
             if exc.response.status_code == _GONE:
                 return False
             raise
-        lease.renewed_at = time.monotonic()
+        lease.renewed_at = asked
         return True
 
+    def may_have_expired(self, lease: _Lease) -> bool:
+        """Whether a lease the server no longer has may have run out (and its slot been
+        given back by the server) rather than been forgotten by a restarted server."""
+        unrenewed = time.monotonic() - lease.renewed_at
+        return unrenewed >= self._lease_seconds - EXPIRY_MARGIN_SECONDS
+
     async def _release_lost_slot(self, flow_run_id: UUID, lease: _Lease) -> None:
+        if self.may_have_expired(lease):
+            self._logger.warning(
+                "The concurrency lease of flow run %s ran out before this worker could "
+                "renew it; the Prefect server gave its slot back. (If the server restarted "
+                "meanwhile and keeps leases in memory, that slot stays counted: run it with "
+                "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE="
+                "prefect.server.concurrency.lease_storage.filesystem.)",
+                flow_run_id,
+            )
+            return
         await self._client.release_concurrency_slots(
             names=[self.limit_name],
             slots=1,
             occupancy_seconds=time.monotonic() - lease.renewed_at,
         )
         self._logger.warning(
-            "The concurrency lease of flow run %s was gone (expired, or forgotten by a "
-            "restarted Prefect server); its slot was given back",
+            "The concurrency lease of flow run %s was forgotten by a restarted Prefect "
+            "server; its slot was given back",
             flow_run_id,
         )
 

@@ -19,6 +19,10 @@ import httpx
 
 BIN = Path(sys.executable).parent
 
+#: Prefect's file lease storage: concurrency leases survive a server restart (the default
+#: keeps them in memory; see docs/scale-out.md).
+FILE_LEASES = "prefect.server.concurrency.lease_storage.filesystem"
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -70,6 +74,8 @@ def start_prefect_server(port: int, home: Path, log_dir: Path) -> Service:
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
+        # As the operator guide asks: leases that survive a server restart.
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILE_LEASES,
     }
     service = start(
         "prefect-server",

@@ -32,7 +32,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
-from services import BIN, Service, free_port, start, wait_for
+from services import BIN, FILE_LEASES, Service, free_port, start, wait_for
 
 from prefect_managed import ManagedWorker
 from prefect_managed.configuration import WORKSPACE_LABEL
@@ -57,6 +57,7 @@ def postgres_api():
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_DATABASE_CONNECTION_URL": database.create_database("prefect"),
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILE_LEASES,
         },
     )
 

@@ -1,0 +1,158 @@
+"""What a worker does with a concurrency lease the Prefect server no longer has, without
+a server: a lease forgotten by a restarted server (gone well within its duration) gives
+its slot back; a lease that ran out (the server gave its slot back already) does not give
+it back twice, which would let the workspace run one flow run over its limit. The same is
+proven for real by the fault tests and the two-hosts serve test."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from types import SimpleNamespace
+from typing import Any
+from uuid import UUID, uuid4
+
+import httpx
+import pytest
+from prefect.exceptions import PrefectHTTPStatusError
+
+from prefect_managed.concurrency import EXPIRY_MARGIN_SECONDS, WorkspaceSlots
+
+LEASE = 60.0
+
+
+class FakeLimitsApi:
+    """The server's side of one global concurrency limit with leases: `active` slots,
+    leases it knows, and every slot given back without a lease."""
+
+    def __init__(self) -> None:
+        self.active = 0
+        self.leases: set[UUID] = set()
+        self.decrements: list[int] = []
+
+    async def read_global_concurrency_limit_by_name(self, name: str) -> Any:
+        return SimpleNamespace(
+            active=True, limit=1, slot_decay_per_second=0.0, active_slots=self.active
+        )
+
+    async def increment_concurrency_slots_with_lease(self, **_: Any) -> httpx.Response:
+        lease_id = uuid4()
+        self.leases.add(lease_id)
+        self.active += 1
+        body = {
+            "lease_id": str(lease_id),
+            "limits": [{"id": str(uuid4()), "name": "l", "limit": 1}],
+        }
+        return httpx.Response(200, json=body, request=httpx.Request("POST", "http://x"))
+
+    async def renew_concurrency_lease(self, lease_id: UUID, lease_duration: float) -> None:
+        if lease_id not in self.leases:
+            request = httpx.Request("POST", "http://x")
+            response = httpx.Response(410, request=request)
+            raise PrefectHTTPStatusError.from_httpx_error(
+                httpx.HTTPStatusError("gone", request=request, response=response)
+            )
+
+    async def release_concurrency_slots_with_lease(self, lease_id: UUID) -> None:
+        if lease_id in self.leases:
+            self.leases.discard(lease_id)
+            self.active -= 1
+
+    async def release_concurrency_slots(self, names: list[str], slots: int, **_: Any) -> None:
+        self.decrements.append(slots)
+        self.active = max(0, self.active - slots)
+
+    def forget_all(self) -> None:
+        """A server restart with in-memory leases: the leases go, the count stays."""
+        self.leases.clear()
+
+    def expire_all(self) -> None:
+        """The server's repossessor revoking leases that ran out: both go."""
+        self.active -= len(self.leases)
+        self.leases.clear()
+
+
+@pytest.fixture
+def api() -> FakeLimitsApi:
+    return FakeLimitsApi()
+
+
+@pytest.fixture
+def slots(api: FakeLimitsApi) -> WorkspaceSlots:
+    return WorkspaceSlots(api, "prefect-managed-ws", 1, logging.getLogger("test"), LEASE)  # type: ignore[arg-type]
+
+
+def sync(test):
+    """Run an async test body on a fresh event loop (no async test plugin is used)."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(test(*args, **kwargs))
+
+    return run
+
+
+def age_leases(slots: WorkspaceSlots, seconds: float) -> None:
+    for lease in slots._leases.values():
+        lease.renewed_at = time.monotonic() - seconds
+
+
+@sync
+async def test_a_lease_forgotten_by_a_restarted_server_gives_its_slot_back(api, slots):
+    run = uuid4()
+    assert await slots.try_acquire(run)
+    api.forget_all()
+    age_leases(slots, 10)
+    await slots.release(run)
+    assert api.decrements == [1]
+    assert api.active == 0
+
+
+@sync
+async def test_a_lease_that_ran_out_is_not_given_back_twice(api, slots, caplog):
+    run = uuid4()
+    assert await slots.try_acquire(run)
+    age_leases(slots, LEASE + 1)
+    api.expire_all()  # the server gave the slot back itself
+    await slots.release(run)
+    assert api.decrements == []
+    assert api.active == 0
+    assert "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE" in caplog.text
+
+
+@sync
+async def test_a_lease_near_its_end_counts_as_possibly_run_out(api, slots):
+    run = uuid4()
+    assert await slots.try_acquire(run)
+    age_leases(slots, LEASE - EXPIRY_MARGIN_SECONDS / 2)
+    api.expire_all()
+    await slots.release(run)
+    assert api.decrements == []
+
+
+@sync
+async def test_a_running_flow_run_whose_lease_ran_out_is_counted_again_once(api, slots):
+    """Renewal finds the lease gone after it ran out: the run still holds one slot, the
+    server's count is one (never two, never zero)."""
+    run = uuid4()
+    assert await slots.try_acquire(run)
+    age_leases(slots, LEASE + 1)
+    api.expire_all()
+    await slots.renew_due()
+    assert slots.holds(run)
+    assert api.active == 1 and api.decrements == []
+    await slots.release(run)
+    assert api.active == 0
+
+
+@sync
+async def test_a_running_flow_run_whose_lease_was_forgotten_is_counted_again_once(api, slots):
+    run = uuid4()
+    assert await slots.try_acquire(run)
+    age_leases(slots, LEASE / 2)
+    api.forget_all()
+    await slots.renew_due()
+    assert slots.holds(run)
+    assert api.active == 1 and api.decrements == [1]
