@@ -160,6 +160,7 @@ def policy_check(
         "compute h / month",
         "disk / run",
         "GPUs / run",
+        "infra retries",
     ):
         table.add_column(column)
     for name, tier in sorted(policy.tiers.items()):
@@ -174,6 +175,7 @@ def policy_check(
             f"{tier.compute_hours_per_month:g}",
             format_bytes(tier.disk_bytes) if tier.disk_bytes else "-",
             str(tier.gpus) if tier.gpus else "-",
+            str(tier.infrastructure_retries),
         )
     console = Console()
     console.print(table)
