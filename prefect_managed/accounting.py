@@ -21,6 +21,7 @@ from prefect_managed.ledger import UsageLedger
 from prefect_managed.metering import Meter
 from prefect_managed.outcome import ContainerReport
 from prefect_managed.policy import Policy
+from prefect_managed.retries import attempt_of
 from prefect_managed.usage import (
     MonthlyUsage,
     Outcome,
@@ -45,7 +46,8 @@ def usage_record_of(
     outcome: Outcome,
     default_pool: str,
 ) -> UsageRecord | None:
-    """The run's record from its container's own timestamps; None when it never ran."""
+    """The run's record from its container's own timestamps and labels (which attempt
+    it ran); None when it never ran."""
     if report.started_at is None or report.finished_at is None:
         return None
     return UsageRecord.from_timestamps(
@@ -62,6 +64,7 @@ def usage_record_of(
         cpu_seconds=meter.cpu_seconds,
         outcome=outcome,
         exit_code=report.exit_code,
+        attempt=attempt_of(report.labels),
     )
 
 
@@ -105,7 +108,8 @@ class Accounting:
         outcome: Outcome,
         default_pool: str,
     ) -> None:
-        """Store the run's record once; warn when it crosses a quota threshold."""
+        """Store the record of the run's attempt once; warn when it crosses a quota
+        threshold."""
         record = usage_record_of(report, flow_run, self._policy, meter, outcome, default_pool)
         if record is None:
             return  # the container never ran: no compute to count

@@ -20,6 +20,7 @@ def run_table(record: UsageRecord) -> list[dict[str, Any]]:
     cpu = f"{record.cpu_seconds:.1f}" if record.cpu_seconds is not None else "not sampled"
     rows = [
         ("outcome", record.outcome.value),
+        ("attempt", str(record.attempt)),
         ("wall time (s)", f"{record.wall_seconds:.1f}"),
         ("billable minutes", str(record.billable_minutes)),
         ("peak memory", peak),
@@ -48,7 +49,7 @@ def summary_markdown(usage: MonthlyUsage, quota_hours: float, tier: str) -> str:
         "",
         "| used (h) | quota (h) | used | runs | resets (UTC) |",
         "|---:|---:|---:|---:|---|",
-        f"| {usage.hours:.2f} | {quota_hours:g} | {percent:.1f} % | {len(usage.records)} "
+        f"| {usage.hours:.2f} | {quota_hours:g} | {percent:.1f} % | {usage.runs} "
         f"| {next_reset(usage.month).date().isoformat()} |",
         "",
         f"Tier: **{tier}**. Each run counts from container start to finish, rounded up to "

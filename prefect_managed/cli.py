@@ -160,6 +160,7 @@ def policy_check(
         "compute h / month",
         "disk / run",
         "GPUs / run",
+        "infra retries",
     ):
         table.add_column(column)
     for name, tier in sorted(policy.tiers.items()):
@@ -174,6 +175,7 @@ def policy_check(
             f"{tier.compute_hours_per_month:g}",
             format_bytes(tier.disk_bytes) if tier.disk_bytes else "-",
             str(tier.gpus) if tier.gpus else "-",
+            str(tier.infrastructure_retries),
         )
     console = Console()
     console.print(table)
@@ -248,7 +250,8 @@ def usage(
                     "quota_hours": quota,
                     "percent_used": round(monthly.percent_of(quota), 2),
                     "resets": next_reset(monthly.month).isoformat(),
-                    "runs": len(monthly.records),
+                    "runs": monthly.runs,
+                    "attempts": len(monthly.records),
                     "hours_by_pool": monthly.hours_by("pool"),
                     "hours_by_deployment": monthly.hours_by("deployment"),
                     "runs_by_outcome": monthly.runs_by_outcome(),
@@ -265,7 +268,7 @@ def usage(
     console.print(
         f"Workspace {monthly.workspace!r} ({policy.workspace.tier} tier), {monthly.month}: "
         f"{monthly.hours:.2f} h of {quota:g} h used ({monthly.percent_of(quota):.1f} %), "
-        f"{len(monthly.records)} runs; resets {next_reset(monthly.month).date().isoformat()} (UTC)"
+        f"{monthly.runs} runs; resets {next_reset(monthly.month).date().isoformat()} (UTC)"
     )
     table = Table()
     for column in (
@@ -281,7 +284,7 @@ def usage(
         table.add_column(column)
     for record in sorted(monthly.records.values(), key=lambda r: r.started_at):
         table.add_row(
-            record.flow_run_name,
+            record.flow_run_name + (f" (attempt {record.attempt})" if record.attempt > 1 else ""),
             record.deployment or "",
             record.pool,
             record.outcome.value,

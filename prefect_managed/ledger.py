@@ -1,9 +1,10 @@
 """Usage records stored in the Prefect server, as artifacts.
 
 Each run's record is a table artifact on the run's page, under a key of its own
-(`usage-<workspace>-<yyyymm>-run-<flow run id>`), with the record itself in the
-artifact's metadata. The month's totals are always computed from those records,
-each run counted once, so publishing a record twice never counts it twice. The
+(`usage-<workspace>-<yyyymm>-run-<flow run id>`; an attempt after an infrastructure
+retry adds `-attempt-<n>`), with the record itself in the artifact's metadata. The
+month's totals are always computed from those records, each attempt of each run
+counted once, so publishing a record twice never counts it twice. The
 monthly summary (`usage-<workspace>-<yyyymm>-summary`) is a markdown rendering
 of those totals; each update adds a version to the key's history.
 
@@ -104,9 +105,9 @@ class UsageLedger:
         #: Artifacts under the usage prefix that were not counted, by id: why not.
         self.rejected: dict[UUID, str] = {}
 
-    async def is_recorded(self, month: str, flow_run_id: UUID) -> bool:
-        """Whether the run has a valid record (a forged one does not count)."""
-        key = run_key(self.workspace, month, flow_run_id)
+    async def is_recorded(self, month: str, flow_run_id: UUID, attempt: int = 1) -> bool:
+        """Whether the run's attempt has a valid record (a forged one does not count)."""
+        key = run_key(self.workspace, month, flow_run_id, attempt)
         offset = 0
         while True:  # every version: a flood of forged ones must not hide the true one
             page = await self._client.read_artifacts(
@@ -173,15 +174,15 @@ class UsageLedger:
     async def publish(
         self, record: UsageRecord, quota_hours: float, tier: str
     ) -> tuple[MonthlyUsage, MonthlyUsage] | None:
-        """Store a run's record once and update the month's summary.
+        """Store a run attempt's record once and update the month's summary.
 
-        Returns the month's usage before and after the record, or None when the run
-        was already recorded.
+        Returns the month's usage before and after the record, or None when the
+        attempt was already recorded.
         """
-        if await self.is_recorded(record.month, record.flow_run_id):
+        if await self.is_recorded(record.month, record.flow_run_id, record.attempt):
             return None
         before = await self.month_usage(record.month)
-        key = run_key(self.workspace, record.month, record.flow_run_id)
+        key = run_key(self.workspace, record.month, record.flow_run_id, record.attempt)
         record_json = record.model_dump_json()
         parts = [record_json[i : i + _PART] for i in range(0, len(record_json), _PART)]
         metadata = {_RECORD if i == 0 else f"{_RECORD}_{i}": part for i, part in enumerate(parts)}

@@ -172,6 +172,19 @@ class Tier(_Strict):
             "(`--gpus N`; the host needs the NVIDIA container runtime). 0: none."
         ),
     )
+    infrastructure_retries: Count = Field(
+        default=0,
+        ge=0,
+        le=5,
+        description=(
+            "How many times a flow run that crashed for an infrastructure reason (its "
+            "container removed from outside, the Docker engine lost under it, its image "
+            "not available) is scheduled again as a new attempt (0 to 5). Never for the "
+            "flow's own failure, running out of memory, the maximum run time, the process "
+            "limit, the quota, refused job variables, GPUs or a failed pull step or "
+            "install. 0: never."
+        ),
+    )
 
     @property
     def memory_bytes(self) -> int:

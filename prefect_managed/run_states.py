@@ -15,6 +15,7 @@ from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
+from prefect.client.schemas import OrchestrationResult, SetStateStatus
 from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import Abort, ObjectNotFound
@@ -22,6 +23,13 @@ from prefect.states import Crashed, Failed, Scheduled
 
 from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
 from prefect_managed.outcome import ContainerReport
+from prefect_managed.retries import (
+    INFRASTRUCTURE_RETRY,
+    InfrastructureCause,
+    infrastructure_retry_message,
+    last_attempt_message,
+    retries_done,
+)
 from prefect_managed.sources import describe_pull_step_failure, redact_url_credentials
 
 __all__ = ["AWAITING_SLOT", "CONTAINER_OUTPUT_LOGGER", "QUOTA_EXHAUSTED", "RunStates"]
@@ -155,3 +163,47 @@ class RunStates:
         except Abort:
             return
         self._run_logger(flow_run).info("%s", message)
+
+    async def retry_for_infrastructure(
+        self, flow_run: FlowRun, cause: InfrastructureCause, retries: int, tier: str
+    ) -> int | None:
+        """Schedule a run that crashed for an infrastructure reason again, as a new
+        attempt, unless it has had its `retries` already; returns the attempt scheduled.
+
+        Attempts are counted from the run's state history in the server (its states named
+        `AwaitingInfrastructureRetry`), so every worker counts the same. Only a run that
+        is still Crashed is scheduled again. The Scheduled state goes through Prefect's
+        orchestration (a Crashed run of a deployment may be rescheduled), so any worker
+        of the pool picks it up and admits it like a new run.
+        """
+        current = await self.state(flow_run.id)
+        if current is None or not current.is_crashed():
+            return None
+        done = retries_done(await self._client.read_flow_run_states(flow_run.id))
+        if done >= retries:
+            if retries:
+                self._run_logger(flow_run).error(
+                    "%s", last_attempt_message(cause, done + 1, retries, tier)
+                )
+            return None
+        attempt = done + 2
+        message = infrastructure_retry_message(cause, attempt, retries, tier)
+        result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
+            flow_run.id,
+            Scheduled(
+                name=INFRASTRUCTURE_RETRY,
+                message=message,
+                scheduled_time=datetime.now(timezone.utc),
+            ),
+        )
+        if result.status != SetStateStatus.ACCEPT:
+            details = getattr(result.details, "reason", None)
+            self._run_logger(flow_run).error(
+                "Flow run crashed for an infrastructure reason (%s), but could not be "
+                "scheduled again: %s",
+                cause.value,
+                details or result.status.value,
+            )
+            return None
+        self._run_logger(flow_run).warning("%s", message)
+        return attempt

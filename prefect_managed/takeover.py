@@ -5,9 +5,10 @@
 those no live worker watches (`containers.orphans`), gives each running one a slot of
 the workspace's limit (or records that it waits for one, and admission then admits no
 new run), and watches it to its end in the worker's background group, where
-`ManagedWorker._finish` explains, records and removes it. Every step is guarded: an error
-is logged, the container and slot are given back, and the next reconciliation tries
-again; the worker's other background tasks go on.
+`ManagedWorker._finish` explains, records and removes it; once its slot is given back, a
+run that crashed for an infrastructure reason is scheduled again (`retries`). Every step
+is guarded: an error is logged, the container and slot are given back, and the next
+reconciliation tries again; the worker's other background tasks go on.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class TakeOver:
         async def _finish(
             self, flow_run: FlowRun, watch: Watch, engine_lost: bool = False
         ) -> None: ...
+
+        async def _retry_infrastructure_crash(self, flow_run: FlowRun) -> None: ...
 
     async def _reconcile_forever(self) -> None:
         while True:
@@ -141,3 +144,6 @@ class TakeOver:
                     self._logger.warning(
                         "Could not release the slot of flow run %s", flow_run.id, exc_info=True
                     )
+        # Its slot given back: a run whose attempt crashed for an infrastructure reason
+        # (its container removed, the engine lost) is scheduled again like a new run.
+        await self._retry_infrastructure_crash(flow_run)

@@ -1,4 +1,4 @@
-"""Compute usage: one record per flow run, the month's totals and the quota.
+"""Compute usage: one record per flow run attempt, the month's totals and the quota.
 
 Pure values and arithmetic. Measuring lives in `metering`, storage in `ledger`,
 rendering in `artifacts`.
@@ -73,6 +73,12 @@ class UsageRecord(BaseModel):
     cpu_seconds: float | None = Field(default=None, description="None when not sampled")
     outcome: Outcome
     exit_code: int | None = None
+    attempt: int = Field(
+        default=1,
+        ge=1,
+        description="Which attempt of the flow run this was: 1, then 2, 3... for each "
+        "infrastructure retry (records written before retries existed are attempt 1)",
+    )
 
     @classmethod
     def from_timestamps(cls, started_at: datetime, finished_at: datetime, **values) -> UsageRecord:
@@ -106,9 +112,14 @@ def run_key_prefix(workspace: str, month: str) -> str:
     return f"usage-{workspace}-{month.replace('-', '')}-run-"
 
 
-def run_key(workspace: str, month: str, flow_run_id: UUID) -> str:
-    """The artifact key of one run's record: lowercase letters, digits and dashes."""
-    return f"{run_key_prefix(workspace, month)}{flow_run_id}"
+def run_key(workspace: str, month: str, flow_run_id: UUID, attempt: int = 1) -> str:
+    """The artifact key of one attempt's record: lowercase letters, digits and dashes.
+
+    The first attempt's key is the run's (`...-run-<flow run id>`), as before retries
+    existed; a retried attempt's adds `-attempt-<n>`.
+    """
+    suffix = "" if attempt == 1 else f"-attempt-{attempt}"
+    return f"{run_key_prefix(workspace, month)}{flow_run_id}{suffix}"
 
 
 def summary_key(workspace: str, month: str) -> str:
@@ -151,25 +162,34 @@ def check_record(
         return f"its record is not valid ({exc.error_count()} error(s))"
     if record.workspace != workspace or record.month != month:
         return f"it is a record of workspace {record.workspace!r} in {record.month}"
-    if run_key(workspace, month, record.flow_run_id) != artifact_key:
+    if run_key(workspace, month, record.flow_run_id, record.attempt) != artifact_key:
+        if artifact_key.startswith(run_key(workspace, month, record.flow_run_id)):
+            return f"its record is of attempt {record.attempt}, another than its key's"
         return "its record names another flow run than its key"
     return record
 
 
 @dataclass
 class MonthlyUsage:
-    """A workspace's usage in one month, from its run records (each run counted once)."""
+    """A workspace's usage in one month, from its run records (each attempt of each run
+    counted once)."""
 
     workspace: str
     month: str
-    records: dict[UUID, UsageRecord] = field(default_factory=dict)
+    #: by (flow run id, attempt)
+    records: dict[tuple[UUID, int], UsageRecord] = field(default_factory=dict)
 
     def add(self, record: UsageRecord) -> bool:
-        """Count a record; False when this run was already counted."""
-        if record.flow_run_id in self.records:
+        """Count a record; False when this attempt of this run was already counted."""
+        if (record.flow_run_id, record.attempt) in self.records:
             return False
-        self.records[record.flow_run_id] = record
+        self.records[(record.flow_run_id, record.attempt)] = record
         return True
+
+    @property
+    def runs(self) -> int:
+        """How many flow runs used compute (a run retried counts once here)."""
+        return len({flow_run_id for flow_run_id, _ in self.records})
 
     @property
     def minutes(self) -> int:

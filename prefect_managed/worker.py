@@ -10,7 +10,8 @@ hooks (setup, admission, `run`, kill) and hands each job to a module of its own:
 - `accounting`: the month's usage, the quota, and one usage record per run;
 - `containers`: Docker calls and the one watch loop (stats, the run-time clock);
 - `outcome`: how a container ended, decided from its inspect data;
-- `run_states`: the states and log entries that say so.
+- `run_states`: the states and log entries that say so;
+- `retries`: whether a run that crashed for an infrastructure reason is scheduled again.
 
 Every background task is guarded: an error is logged, the container is still finished
 and removed (now or at the next reconciliation), and its slot given back.
@@ -28,7 +29,7 @@ from uuid import UUID
 import anyio
 import anyio.abc
 import httpx
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
@@ -51,6 +52,7 @@ from prefect_managed.ledger import UsageLedger
 from prefect_managed.outcome import (
     CONTAINER_REMOVED_MESSAGE,
     DOCKER_ENGINE_LOST_MESSAGE,
+    ContainerReport,
     Ending,
     docker_lost,
     ending,
@@ -65,6 +67,14 @@ from prefect_managed.policy import (
     run_time_exceeded_message,
 )
 from prefect_managed.pools import PoolGate
+from prefect_managed.retries import (
+    ATTEMPT_LABEL,
+    InfrastructureCause,
+    attempt_of,
+    cause_of_ending,
+    cause_of_start_failure,
+    retries_done,
+)
 from prefect_managed.run_states import QUOTA_EXHAUSTED, RunStates
 from prefect_managed.settings import get_policy, get_settings
 from prefect_managed.takeover import TakeOver
@@ -142,6 +152,9 @@ class ManagedWorker(DockerWorker, TakeOver):
         # Set when the runs are abandoned: the threads that wait on their containers end.
         self._abandoned = threading.Event()
         self._stop_requested = False
+        # Runs whose attempt crashed for an infrastructure reason, until their slot is
+        # released and they are scheduled again (or not: `_retry_infrastructure_crash`).
+        self._infrastructure_crashes: dict[UUID, InfrastructureCause] = {}
 
     def stop_soon(self) -> None:
         """Make `BaseWorker.start` return: its next poll abandons the runs in flight and
@@ -277,6 +290,54 @@ class ManagedWorker(DockerWorker, TakeOver):
 
     # -- one run ------------------------------------------------------------------
 
+    async def _submit_run_and_capture_errors(  # type: ignore[override]
+        self, flow_run: FlowRun, task_status: anyio.abc.TaskStatus[Any] | None = None
+    ) -> Any:
+        """Prefect's submission of one run; then, once Prefect has set its final state and
+        released its slot, a run that crashed for an infrastructure reason is scheduled
+        again (not when the worker abandons its runs: that cancels this)."""
+        result = await super()._submit_run_and_capture_errors(flow_run, task_status)
+        await self._retry_infrastructure_crash(flow_run)
+        return result
+
+    async def _retry_infrastructure_crash(self, flow_run: FlowRun) -> None:
+        """Schedule the run again when its attempt crashed for an infrastructure reason
+        (`_infrastructure_crashes`) and the tier's `infrastructure_retries` allow it. The
+        attempt's slot is released first: the next attempt is admitted like a new run."""
+        cause = self._infrastructure_crashes.pop(flow_run.id, None)
+        if cause is None:
+            return
+        assert self._states is not None
+        try:
+            if self._slots is not None:
+                await self._slots.release(flow_run.id)
+            await self._states.retry_for_infrastructure(
+                flow_run,
+                cause,
+                self.policy.tier.infrastructure_retries,
+                self.policy.workspace.tier,
+            )
+        except Exception:
+            self._logger.exception(
+                "Could not schedule flow run %s again after it crashed for an "
+                "infrastructure reason (%s)",
+                flow_run.id,
+                cause.value,
+            )
+
+    async def _attempt(self, flow_run: FlowRun) -> int:
+        """Which attempt of the run this is, from its state history in the server."""
+        try:
+            return retries_done(await self.client.read_flow_run_states(flow_run.id)) + 1
+        except (httpx.HTTPError, PrefectHTTPStatusError):
+            self._logger.warning(
+                "Could not read the state history of flow run %s; its container is "
+                "labelled attempt 1",
+                flow_run.id,
+                exc_info=True,
+            )
+            return 1
+
     async def run(  # type: ignore[override]
         self,
         flow_run: FlowRun,
@@ -285,6 +346,9 @@ class ManagedWorker(DockerWorker, TakeOver):
     ) -> DockerWorkerResult:
         started = _StartedProxy(task_status)
         watches: list[Watch] = []
+        # The attempt rides on the container, so that whoever finishes it (this worker
+        # or one that takes it over) records the attempt it ran.
+        configuration.labels[ATTEMPT_LABEL] = str(await self._attempt(flow_run))
         error: Exception | None = None
         async with anyio.create_task_group() as watchers:
             watchers.start_soon(self._watch_started, flow_run, started, watches)
@@ -297,6 +361,11 @@ class ManagedWorker(DockerWorker, TakeOver):
                 watchers.cancel_scope.cancel()
         if started.infrastructure_pid is None:
             assert error is not None
+            # An engine that cannot be reached is the infrastructure's fault (said before
+            # the calls below, which fail with it).
+            cause = cause_of_start_failure(error)
+            if cause is not None:
+                self._infrastructure_crashes[flow_run.id] = cause
             # A container made but not started (Docker refused to start it) is the
             # run's: never left behind.
             await self._containers.remove_unstarted(str(flow_run.id))
@@ -307,7 +376,9 @@ class ManagedWorker(DockerWorker, TakeOver):
             image = configuration.image or ""
             if not await self._containers.image_present(image):
                 first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                raise ImageNotAvailable(image, first_line[:300] or type(error).__name__) from error
+                missing = ImageNotAvailable(image, first_line[:300] or type(error).__name__)
+                self._infrastructure_crashes[flow_run.id] = InfrastructureCause.IMAGE_NOT_AVAILABLE
+                raise missing from error
             raise error  # no container: Prefect's worker reports the failed submission
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
         watch = watches[0] if watches else Watch(container_id)
@@ -394,6 +465,9 @@ class ManagedWorker(DockerWorker, TakeOver):
         states, policy = self._states, self.policy
         report = await self._containers.inspect(watch.container_id)
         how = ending(report, timed_out=watch.timed_out, engine_lost=engine_lost)
+        if await self._of_earlier_attempt(flow_run, report or watch.report):
+            await self._finish_earlier_attempt(flow_run, watch, report, how)
+            return
         if report is None or how is Ending.REMOVED:
             self._logger.warning(
                 "The container of flow run %s was removed by someone else before it was read",
@@ -407,6 +481,7 @@ class ManagedWorker(DockerWorker, TakeOver):
                 await self._accounting.record(
                     flow_run, seen.removed(last_seen), watch.meter, outcome, self._work_pool_name
                 )
+            self._note_infrastructure_crash(flow_run, how, await states.state(flow_run.id))
             return
         if how is Ending.RUN_TIME:  # said when it was stopped; again if that failed
             await states.crash_with_cause(flow_run, run_time_exceeded_message(policy))
@@ -422,6 +497,7 @@ class ManagedWorker(DockerWorker, TakeOver):
             output = await self._containers.output(report.id, get_settings().install_log_lines)
             await states.report_exit_before_flow_start(flow_run, report, output)
         final = await states.ensure_final(flow_run, report.exit_code)
+        crashed_by = how
         if (
             report.pids_limit > 0
             and final is not None
@@ -432,6 +508,7 @@ class ManagedWorker(DockerWorker, TakeOver):
             final = await states.force_crashed(
                 flow_run, pids_limit_message(policy, report.pids_limit)
             )
+            crashed_by = Ending.EXITED  # the process limit: never retried
         outcome = outcome_of(
             final, timed_out=how is Ending.RUN_TIME, out_of_memory=report.oom_killed
         )
@@ -446,6 +523,51 @@ class ManagedWorker(DockerWorker, TakeOver):
                 flow_run.id,
             )
             return
+        await self._containers.remove(report.id)
+        self._finished.append(report.id)
+        self._note_infrastructure_crash(flow_run, crashed_by, final)
+
+    def _note_infrastructure_crash(
+        self, flow_run: FlowRun, how: Ending, final: State | None
+    ) -> None:
+        """Remember a run whose attempt crashed for an infrastructure reason: it is
+        scheduled again once its slot is released (`_retry_infrastructure_crash`). Said
+        only once the attempt is recorded and its container gone, so that nothing of the
+        attempt is left to finish."""
+        cause = cause_of_ending(how, final)
+        if cause is not None:
+            self._infrastructure_crashes[flow_run.id] = cause
+
+    async def _of_earlier_attempt(self, flow_run: FlowRun, report: ContainerReport | None) -> bool:
+        """Whether the container ran an earlier attempt of a run scheduled again since
+        (one kept because its record failed, say): its run's state is not its to set."""
+        if report is None or ATTEMPT_LABEL not in report.labels:
+            return False
+        return attempt_of(report.labels) < await self._attempt(flow_run)
+
+    async def _finish_earlier_attempt(
+        self, flow_run: FlowRun, watch: Watch, report: ContainerReport | None, how: Ending
+    ) -> None:
+        """Record and remove a container of an earlier attempt, leaving the run's state
+        (that of a later attempt) alone."""
+        assert self._accounting is not None
+        self._logger.info(
+            "Container %s ran an earlier attempt of flow run %s, which was scheduled again "
+            "since; recording its usage and removing it without changing the run's state",
+            watch.container_id,
+            flow_run.id,
+        )
+        outcome = outcome_of(
+            None, timed_out=how is Ending.RUN_TIME, out_of_memory=how is Ending.OUT_OF_MEMORY
+        )
+        if report is None or how is Ending.REMOVED:
+            seen, last_seen = watch.report, watch.meter.last_seen
+            if seen is not None and last_seen is not None:
+                await self._accounting.record(
+                    flow_run, seen.removed(last_seen), watch.meter, outcome, self._work_pool_name
+                )
+            return
+        await self._accounting.record(flow_run, report, watch.meter, outcome, self._work_pool_name)
         await self._containers.remove(report.id)
         self._finished.append(report.id)
 

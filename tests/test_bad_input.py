@@ -153,6 +153,9 @@ CASES: list[Case] = [
          policy_message("[tiers.free]\nmemory = true\n"), where=WORKER),
     Case("policy file", "concurrency as a boolean", "`[tiers.free]` `concurrency_limit = true`",
          policy_message("[tiers.free]\nconcurrency_limit = true\n"), where=WORKER),
+    Case("policy file", "too many infrastructure retries",
+         "`[tiers.free]` `infrastructure_retries = 10`",
+         policy_message("[tiers.free]\ninfrastructure_retries = 10\n"), where=WORKER),
     Case("policy file", "not UTF-8", "a file with the byte 0xe9 (Latin-1 `é`)",
          policy_path_message(
              lambda d: (d / POLICY_NAME).write_bytes(b'[workspace]\nname = "caf\xe9"\n')

@@ -22,10 +22,20 @@ from pathlib import Path
 import docker
 import pytest
 from conftest import OUTPUT, restart_prefect_server, worker_policy
-from faults import wait_for_records, wait_until_settled, workspace_containers
-from helpers import create_pool, run_containers, session_workspace, wait_for_log
+from faults import read_runs, wait_for_records, wait_until_settled, workspace_containers
+from helpers import (
+    create_pool,
+    run_containers,
+    session_workspace,
+    usage_records,
+    usage_report,
+    wait_for_log,
+)
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from services import BIN, start_worker, wait_for
+
+from prefect_managed.retries import INFRASTRUCTURE_RETRY
 
 pytestmark = pytest.mark.docker
 
@@ -111,6 +121,66 @@ def test_a_container_removed_from_outside_crashes_its_run_and_is_recorded_once(
     assert "docker rm" in removed.state.message
     assert finished.state.is_completed(), finished.state
     assert wait_for_records([victim, bystander]) == {victim: 1, bystander: 1}
+    # infrastructure_retries is 0 (the default): it stays Crashed, never scheduled again.
+    assert INFRASTRUCTURE_RETRY not in state_names(victim)
+    assert read_runs([victim])[0].state.is_crashed()
+
+
+def state_names(flow_run_id) -> list[str]:
+    with get_client(sync_client=True) as client:
+        return [state.name for state in client.read_flow_run_states(flow_run_id)]
+
+
+def test_a_removed_container_is_retried_once_and_completes_but_a_flows_failure_never(
+    docker_client, fault_setup, deploy
+):
+    """With infrastructure_retries = 1: the run whose container is removed from outside is
+    scheduled again once (a log line says why and which attempt), its second attempt
+    completes, and each attempt has its own usage record; a flow that raises stays Failed."""
+    pool, env, _ = fault_setup("retry-rm", infrastructure_retries=1)
+    workspace = session_workspace("retry-rm")
+    slow = deploy("slow_first_attempt", "slow-first-retry-rm", pool=pool)
+    failing = deploy("fails", "fails-retry-rm", pool=pool)
+    running = start_worker(pool, OUTPUT, env, name="retry-rm-worker")
+    try:
+        victim = start_run(slow, seconds=300)
+        failed = start_run(failing)
+        wait_for(lambda: running_containers(docker_client, [victim]), 180, "the container running")
+        wait_for_log(victim, "slow_first_attempt: run count 1", timeout=120)
+        subprocess.run(
+            ["docker", "rm", "-f", run_containers(docker_client, victim)[0].id],
+            check=True,
+            capture_output=True,
+        )
+        wait_for(
+            lambda: INFRASTRUCTURE_RETRY in state_names(victim), 120, "the run scheduled again"
+        )
+        runs = wait_until_settled(docker_client, workspace, [victim, failed], 300)
+    finally:
+        running.service.stop()
+    retried, raised = runs
+    assert retried.state.is_completed(), (retried.state.name, retried.state.message)
+    assert retried.run_count == 2
+    assert state_names(victim).count(INFRASTRUCTURE_RETRY) == 1
+    logs = wait_for_log(victim, "slow_first_attempt: run count 2", timeout=60)
+    said = [line for line in logs if "infrastructure reason" in line]
+    assert said and "its container was removed from outside the worker" in said[0], logs
+    assert "attempt 2 of at most 2" in said[0]
+    assert raised.state.is_failed(), raised.state
+    assert INFRASTRUCTURE_RETRY not in state_names(failed)
+    assert wait_for_records([victim, failed], timeout=120)[failed] == 1
+    records = wait_for(
+        lambda: len(usage_records(victim)) == 2 and usage_records(victim),
+        60,
+        "a usage record of each attempt",
+    )
+    assert sorted((r["attempt"], r["outcome"]) for r in records) == [
+        (1, "crashed"),
+        (2, "completed"),
+    ]
+    report = usage_report(Path(env["PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE"]))
+    assert (report["runs"], report["attempts"]) == (2, 3)
+    assert report["billable_minutes"] == sum(r["billable_minutes"] for r in report["records"])
 
 
 def test_a_cancelled_run_stops_within_30_s_and_ends_cancelled(docker_client, fault_setup):

@@ -156,7 +156,7 @@ async def _forged_scenario(workspace: str) -> dict[str, object]:
         fresh = UsageLedger(client, workspace)
         usage = await fresh.month_usage(month)
         seen["fresh_minutes"] = usage.minutes
-        seen["runs"] = sorted(str(run) for run in usage.records)
+        seen["runs"] = sorted(str(run) for run, _ in usage.records)
         seen["expected_runs"] = sorted(str(run) for run in (earlier, precreated))
         seen["rejected"] = sorted(fresh.rejected.values())
     return seen

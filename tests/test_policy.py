@@ -107,6 +107,26 @@ def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
             "key 'tiers.free.gpus': Input should be less than or equal to 64",
         ),
         (
+            "[tiers.free]\ninfrastructure_retries = -1\n",
+            "key 'tiers.free.infrastructure_retries': Input should be greater than or equal to 0",
+        ),
+        (
+            "[tiers.free]\ninfrastructure_retries = 6\n",
+            "key 'tiers.free.infrastructure_retries': Input should be less than or equal to 5",
+        ),
+        (
+            "[tiers.free]\ninfrastructure_retries = true\n",
+            "key 'tiers.free.infrastructure_retries': true is not a number",
+        ),
+        (
+            '[tiers.free]\ninfrastructure_retries = "2"\n',
+            "key 'tiers.free.infrastructure_retries': Input should be a valid integer",
+        ),
+        (
+            "[tiers.free]\ninfrastructure_retries = 1.0\n",
+            "key 'tiers.free.infrastructure_retries': Input should be a valid integer",
+        ),
+        (
             '[tiers.free]\ndisk = "1m"\n',
             "key 'tiers.free.disk': '1m' is outside the sane range 1 GiB to 16384 GiB",
         ),
@@ -188,3 +208,9 @@ def test_the_pro_2025_tier_has_todays_managed_sizes():
     assert (tier.cpus, tier.memory_bytes, tier.disk_bytes) == (4.0, 16 * 2**30, 128 * 2**30)
     assert (tier.concurrency_limit, tier.pool_limit, tier.gpus) == (10, 5, 0)
     assert Policy().tiers["free"].memory_bytes == 2 * 2**30  # the seed's tiers unchanged
+
+
+def test_infrastructure_retries_are_off_unless_a_tier_sets_them(tmp_path):
+    assert all(tier.infrastructure_retries == 0 for tier in Policy().tiers.values())
+    path = write(tmp_path, "[tiers.free]\ninfrastructure_retries = 2\n")
+    assert load_policy(path).tier.infrastructure_retries == 2

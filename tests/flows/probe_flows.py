@@ -66,3 +66,22 @@ def inspect_self(sleep_seconds: float = 0.0) -> dict:
     get_run_logger().info("inspect_self: %s", seen)
     time.sleep(sleep_seconds)
     return seen
+
+
+@flow
+def slow_first_attempt(seconds: float = 120.0) -> int:
+    """Sleeps `seconds` on its first run only (Prefect's run count), then returns the count:
+    a test removes the first attempt's container while it sleeps."""
+    from prefect.runtime import flow_run
+
+    count = flow_run.run_count
+    get_run_logger().info("slow_first_attempt: run count %s", count)
+    if count <= 1:
+        time.sleep(seconds)
+    return count
+
+
+@flow
+def fails() -> None:
+    """The flow's own failure: it raises."""
+    raise ValueError("the flow failed by itself")

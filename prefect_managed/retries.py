@@ -1,0 +1,121 @@
+"""Infrastructure retries, decided from what happened: pure values.
+
+A flow run that crashed for an infrastructure reason (its container removed from
+outside, the Docker engine lost under it, its image not available, the engine not
+reachable to start it) is scheduled again as a new attempt, up to the tier's
+`infrastructure_retries`. Nothing the flow or its user caused is retried: a Failed run,
+a nonzero exit of the flow, out of memory, the maximum run time, the process limit, the
+quota, refused job variables, GPUs not available, a failed pull step or install.
+
+Attempts are counted from the run's state history in the Prefect server (the states
+named `AwaitingInfrastructureRetry`), never in a worker's memory, so a restarted worker
+or another worker of the pool counts the same. Each container carries its attempt in the
+label `io.prefect-managed.attempt`, so a taken-over container is recorded as the attempt
+it ran.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from enum import Enum
+
+from prefect.client.schemas.objects import State
+
+from prefect_managed.exceptions import GpuNotAvailable, ImageNotAvailable
+from prefect_managed.outcome import Ending, docker_lost
+
+__all__ = [
+    "ATTEMPT_LABEL",
+    "INFRASTRUCTURE_RETRY",
+    "InfrastructureCause",
+    "attempt_of",
+    "cause_of_ending",
+    "cause_of_start_failure",
+    "infrastructure_retry_message",
+    "last_attempt_message",
+    "retries_done",
+]
+
+#: The name of the Scheduled state of a run scheduled again for an infrastructure reason.
+INFRASTRUCTURE_RETRY = "AwaitingInfrastructureRetry"
+#: The container label holding which attempt of its flow run it is (1, 2, ...).
+ATTEMPT_LABEL = "io.prefect-managed.attempt"
+
+
+class InfrastructureCause(str, Enum):
+    """Why a run crashed, when the infrastructure is to blame (the text ends a sentence)."""
+
+    REMOVED = "its container was removed from outside the worker"
+    ENGINE_LOST = "the Docker engine stopped while it ran"
+    IMAGE_NOT_AVAILABLE = "its image was not on the Docker host and could not be pulled"
+    ENGINE_UNREACHABLE = "the Docker engine could not be reached to start its container"
+
+
+def cause_of_ending(how: Ending, final: State | None) -> InfrastructureCause | None:
+    """The infrastructure cause of a container's ending, if the run ended Crashed by it.
+
+    Only a removed container and a lost engine are the infrastructure's; a run that
+    reached another final state (Completed, Failed, Cancelled) before is not retried.
+    """
+    if final is None or not final.is_crashed():
+        return None
+    if how is Ending.REMOVED:
+        return InfrastructureCause.REMOVED
+    if how is Ending.ENGINE_LOST:
+        return InfrastructureCause.ENGINE_LOST
+    return None
+
+
+def cause_of_start_failure(error: BaseException) -> InfrastructureCause | None:
+    """The infrastructure cause of a container that could not be made or started.
+
+    A missing image that could not be pulled, or an engine that could not be reached.
+    A GPU tier on a host without GPUs is the operator's to fix, never retried; any other
+    refusal (a job variable, an image not allowed, Docker refusing the container's
+    settings) is not the infrastructure's.
+    """
+    if isinstance(error, GpuNotAvailable):
+        return None
+    if isinstance(error, ImageNotAvailable):
+        return InfrastructureCause.IMAGE_NOT_AVAILABLE
+    if docker_lost(error):
+        return InfrastructureCause.ENGINE_UNREACHABLE
+    return None
+
+
+def retries_done(history: Iterable[State]) -> int:
+    """How many times the run was scheduled again for an infrastructure reason."""
+    return sum(1 for state in history if state.name == INFRASTRUCTURE_RETRY)
+
+
+def attempt_of(labels: Mapping[str, str]) -> int:
+    """The attempt a container ran (its label), 1 for a container without one."""
+    try:
+        attempt = int(labels.get(ATTEMPT_LABEL, "1"))
+    except ValueError:
+        return 1
+    return max(1, attempt)
+
+
+def infrastructure_retry_message(
+    cause: InfrastructureCause, attempt: int, retries: int, tier: str
+) -> str:
+    """The message of the Scheduled state (and the run's log line) of a retry.
+
+    `attempt` is the attempt now scheduled (2 for the first retry).
+    """
+    return (
+        f"Flow run crashed for an infrastructure reason: {cause.value}. It is scheduled "
+        f"again as attempt {attempt} of at most {retries + 1} (the {tier} tier's "
+        f"infrastructure_retries is {retries}); a worker of the pool starts it like a new "
+        "flow run once a concurrency slot is free."
+    )
+
+
+def last_attempt_message(cause: InfrastructureCause, attempt: int, retries: int, tier: str) -> str:
+    """The log line of a run that crashed for an infrastructure reason on its last attempt."""
+    return (
+        f"Flow run crashed for an infrastructure reason: {cause.value}. Attempt {attempt} "
+        f"was its last (the {tier} tier's infrastructure_retries is {retries}), so it is "
+        "not scheduled again; run it again yourself."
+    )
