@@ -17,6 +17,7 @@ from typing import Any
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
 
+from prefect_managed.environments import BUILD_SECONDS_LABEL
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.metering import Meter
 from prefect_managed.outcome import ContainerReport
@@ -53,6 +54,7 @@ def usage_record_of(
     return UsageRecord.from_timestamps(
         report.started_at,
         report.finished_at,
+        build_seconds=build_seconds_of(report.labels),
         flow_run_id=flow_run.id,
         flow_run_name=flow_run.name,
         workspace=policy.workspace.name,
@@ -66,6 +68,16 @@ def usage_record_of(
         exit_code=report.exit_code,
         attempt=attempt_of(report.labels),
     )
+
+
+def build_seconds_of(labels: dict[str, str]) -> float:
+    """The environment build seconds a run's container carries (set by its worker; the
+    reserved label cannot come from job variables)."""
+    try:
+        seconds = float(labels.get(BUILD_SECONDS_LABEL, "0"))
+    except ValueError:
+        return 0.0
+    return seconds if 0 <= seconds < 366 * 86400 else 0.0
 
 
 class Accounting:

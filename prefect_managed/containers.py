@@ -165,6 +165,17 @@ class Containers:
 
         return await run_sync_in_worker_thread(self._with_client, _present)
 
+    async def image_id(self, image: str) -> str | None:
+        """The id of an image on the Docker host; None when it is not there."""
+
+        def _image_id(client: docker.DockerClient) -> str | None:
+            try:
+                return str(client.api.inspect_image(image)["Id"])
+            except docker.errors.ImageNotFound:
+                return None
+
+        return await run_sync_in_worker_thread(self._with_client, _image_id)
+
     async def remove(self, container_id: str) -> None:
         def _remove(client: docker.DockerClient) -> None:
             try:

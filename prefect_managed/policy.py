@@ -271,6 +271,36 @@ class Runtime(_Strict):
             "starts, until it holds at most 80 % of this."
         ),
     )
+    prebuilt_environments: bool = Field(
+        default=False,
+        description=(
+            "Whether a run's pip_packages are installed once per (image, packages, index, "
+            "workspace) into an environment image that later runs start from with nothing "
+            "to install, instead of in every run's container."
+        ),
+    )
+    environments_max_size: CacheSize = Field(
+        default="20g",
+        description=(
+            "The most a workspace's environment images may hold on the Docker host (their "
+            "own layers), in Docker's units; the least recently used go first."
+        ),
+    )
+    environments_max_age_days: Count = Field(
+        default=30,
+        ge=1,
+        le=3660,
+        description="Days an environment image is kept after its last use.",
+    )
+    environment_build_seconds: Count = Field(
+        default=1800,
+        ge=10,
+        le=86400,
+        description=(
+            "The longest an environment build may take (it never takes longer than the "
+            "tier's maximum run time either); a build that does not end in time fails the run."
+        ),
+    )
 
     log_max_size: LogSize = Field(
         default="10m",
@@ -289,6 +319,10 @@ class Runtime(_Strict):
     @property
     def dependency_cache_max_bytes(self) -> int:
         return parse_bytes(self.dependency_cache_max_size)
+
+    @property
+    def environments_max_bytes(self) -> int:
+        return parse_bytes(self.environments_max_size)
 
     @property
     def log_max_bytes(self) -> int:

@@ -68,6 +68,8 @@ class UsageRecord(BaseModel):
     started_at: datetime
     finished_at: datetime
     wall_seconds: float = Field(ge=0)
+    #: seconds this run spent building its environment before its container started
+    build_seconds: float = Field(default=0.0, ge=0)
     billable_minutes: int = Field(ge=0)
     peak_memory_bytes: int | None = Field(default=None, description="None when not sampled")
     cpu_seconds: float | None = Field(default=None, description="None when not sampled")
@@ -81,13 +83,16 @@ class UsageRecord(BaseModel):
     )
 
     @classmethod
-    def from_timestamps(cls, started_at: datetime, finished_at: datetime, **values) -> UsageRecord:
+    def from_timestamps(
+        cls, started_at: datetime, finished_at: datetime, build_seconds: float = 0.0, **values
+    ) -> UsageRecord:
         wall = max(0.0, (finished_at - started_at).total_seconds())
         return cls(
             started_at=started_at,
             finished_at=finished_at,
             wall_seconds=round(wall, 3),
-            billable_minutes=billable_minutes(wall),
+            build_seconds=round(build_seconds, 3),
+            billable_minutes=billable_minutes(wall + build_seconds),
             **values,
         )
 

@@ -42,6 +42,8 @@ from prefect_managed.configuration import (
     disk_limit_unsupported,
 )
 from prefect_managed.containers import Containers, Watch, in_daemon_thread
+from prefect_managed.environment_step import EnvironmentStep
+from prefect_managed.environments import Environments
 from prefect_managed.exceptions import (
     GpuNotAvailable,
     ImageNotAvailable,
@@ -149,6 +151,7 @@ class ManagedWorker(DockerWorker, TakeOver):
         # admitted while one waits, so the cap holds while the dead worker's leases expire.
         self._unslotted: set[UUID] = set()
         self._pool_gate: PoolGate | None = None
+        self._environment_step: EnvironmentStep | None = None
         # Set when the runs are abandoned: the threads that wait on their containers end.
         self._abandoned = threading.Event()
         self._stop_requested = False
@@ -205,6 +208,16 @@ class ManagedWorker(DockerWorker, TakeOver):
             self.get_flow_run_logger,
             self._propose_crashed_state,  # private: Prefect's Abort-aware Crashed proposal
             lambda: self.backend_id,
+        )
+        self._environment_step = EnvironmentStep(
+            Environments(self._get_client, self._logger),
+            self.policy,
+            self.client,
+            self._states,
+            self._accounting,
+            self.get_flow_run_logger,
+            self._containers.image_id,
+            self._work_pool_name,
         )
         self._background = anyio.create_task_group()
         await self._exit_stack.enter_async_context(self._background)
@@ -344,6 +357,11 @@ class ManagedWorker(DockerWorker, TakeOver):
         configuration: ManagedJobConfiguration,
         task_status: anyio.abc.TaskStatus[str] | None = None,
     ) -> DockerWorkerResult:
+        step = self._environment_step
+        if step is not None and step.wanted(configuration):
+            if not await step.prepare(flow_run, configuration):
+                # The build failed: the run is Crashed and recorded, no container made.
+                return DockerWorkerResult(status_code=1, identifier="")
         started = _StartedProxy(task_status)
         watches: list[Watch] = []
         # The attempt rides on the container, so that whoever finishes it (this worker
