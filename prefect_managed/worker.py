@@ -357,6 +357,9 @@ class ManagedWorker(DockerWorker, TakeOver):
         configuration: ManagedJobConfiguration,
         task_status: anyio.abc.TaskStatus[str] | None = None,
     ) -> DockerWorkerResult:
+        # The attempt rides on the container, so that whoever finishes it (this worker
+        # or one that takes it over) records the attempt it ran.
+        configuration.labels[ATTEMPT_LABEL] = str(await self._attempt(flow_run))
         step = self._environment_step
         if step is not None and step.wanted(configuration):
             if not await step.prepare(flow_run, configuration):
@@ -364,9 +367,6 @@ class ManagedWorker(DockerWorker, TakeOver):
                 return DockerWorkerResult(status_code=1, identifier="")
         started = _StartedProxy(task_status)
         watches: list[Watch] = []
-        # The attempt rides on the container, so that whoever finishes it (this worker
-        # or one that takes it over) records the attempt it ran.
-        configuration.labels[ATTEMPT_LABEL] = str(await self._attempt(flow_run))
         error: Exception | None = None
         async with anyio.create_task_group() as watchers:
             watchers.start_soon(self._watch_started, flow_run, started, watches)
