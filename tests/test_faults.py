@@ -311,18 +311,16 @@ def test_after_a_sigkill_the_cap_holds_while_the_restarted_worker_takes_over(
 
 
 @pytest.mark.timeout(1200)  # two reconciliations and a lease expiry, after the setup
-@pytest.mark.xfail(
-    reason="open: one slot stays counted after the Prefect server restart (the lost lease "
-    "is given back, the run is final and its container removed, yet active_slots stays 1)",
-    strict=False,
-)
 def test_the_prefect_server_down_while_a_taken_over_container_ends_leaves_nothing_behind(
     docker_client, fault_setup
 ):
     """A worker killed, its successor takes the run's container over, then the Prefect
-    server goes down until after the container has exited: finishing it fails (logged,
-    the worker keeps serving), and the next reconciliation finishes it: the run final,
-    one usage record, no container and no slot left."""
+    server goes down until after the container has exited. Finishing it meets the
+    unreachable API: Prefect's client retries, and when those run out the failure is
+    logged and the next reconciliation finishes it (which of the two happens depends on
+    timing). Either way the worker keeps serving and the books end intact: the run final,
+    one usage record, no container and no slot left (the lease the server may have let
+    run out meanwhile is not given back twice)."""
     pool, env, deployment = fault_setup("fault-adopt")
     workspace = session_workspace("fault-adopt")
     first = start_worker(pool, OUTPUT, env, name="fault-adopt-worker")
@@ -346,8 +344,7 @@ def test_the_prefect_server_down_while_a_taken_over_container_ends_leaves_nothin
     finally:
         if restarted is not None:
             restarted.service.stop()
-    assert "Could not finish container" in log, log[-3000:]
-    assert run.state.is_final(), run.state
+    assert run.state.is_final(), (run.state, log[-3000:])
     assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
 
 
