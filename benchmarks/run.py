@@ -299,7 +299,63 @@ def timed_run(deployment_id, deadline: float) -> Sample:
                 return Sample(None, state=current.state.name if current.state else "")
             time.sleep(0.2)
         states = client.read_flow_run_states(run.id)
-    return sample_from_states(t0, states)
+    sample = sample_from_states(t0, states)
+    sample.phases.update(start_path(run.id, states, t0))
+    return sample
+
+
+def start_path(flow_run_id, states, t0: datetime) -> dict[str, float]:
+    """Where the start goes, from Pending to Running: Docker's own create and start
+    events for the run's container, and the run's log lines (written in the container)
+    for the pull steps. Phases missing from a run are left out."""
+    import docker
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    first: dict[str, datetime] = {}
+    for state in states:
+        first.setdefault(state.type.value, state.timestamp)
+    marks: dict[str, datetime] = {}
+    if "PENDING" in first:
+        marks["pending"] = first["PENDING"]
+    client = docker.from_env()
+    try:
+        events = client.api.events(
+            since=int(t0.timestamp()) - 1,
+            until=int(time.time()) + 1,
+            filters={"type": "container", "label": f"io.prefect.flow-run-id={flow_run_id}"},
+            decode=True,
+        )
+        for event in events:
+            action = event.get("Action") or event.get("status")
+            if action in ("create", "start"):
+                at = datetime.fromtimestamp(event["timeNano"] / 1e9, timezone.utc)
+                marks.setdefault(f"container_{action}", at)
+    finally:
+        client.close()
+    with get_client(sync_client=True) as prefect:
+        logs = prefect.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    for log in sorted(logs, key=lambda entry: entry.timestamp):
+        if log.message.startswith("Executing deployment step"):
+            marks.setdefault("first_pull_step", log.timestamp)
+        elif log.message.startswith("All deployment steps completed"):
+            marks.setdefault("pull_steps_done", log.timestamp)
+    if "RUNNING" in first:
+        marks["running"] = first["RUNNING"]
+    order = [
+        ("pending", "container_create", "pending_to_container_create"),
+        ("container_create", "container_start", "container_create_to_start"),
+        ("container_start", "first_pull_step", "container_start_to_first_pull_step"),
+        ("first_pull_step", "pull_steps_done", "pull_steps"),
+        ("pull_steps_done", "running", "pull_steps_to_running"),
+    ]
+    return {
+        name: round((marks[end] - marks[begin]).total_seconds(), 3)
+        for begin, end, name in order
+        if begin in marks and end in marks
+    }
 
 
 def sample_from_states(t0: datetime, states) -> Sample:
@@ -426,6 +482,21 @@ def summarize(results: Results) -> dict[str, object]:
             ">=",
             3.0,
         ),
+        "b_env_warm_over_managed_trivial": (
+            ratio(m.get("managed_env_warm"), m.get("managed_noop")),
+            "<=",
+            1.05,
+        ),
+        "b_docker_deps_over_env_warm": (
+            ratio(m.get("docker_pandas"), m.get("managed_env_warm")),
+            ">=",
+            3.0,
+        ),
+        "b_registry_docker_deps_over_env_warm": (
+            ratio(m.get("docker_pandas_registry"), m.get("managed_env_warm")),
+            ">=",
+            3.0,
+        ),
         "b_cold_over_docker_deps": (
             ratio(m.get("managed_pandas_cold"), m.get("docker_pandas")),
             "",
@@ -500,6 +571,26 @@ def table(results: Results, summary: dict[str, object]) -> str:
         fmt(m.get("docker_pandas")),
         "b_docker_deps_over_warm",
     )
+    row(
+        "(b) pandas, warm prebuilt environment vs our trivial run",
+        fmt(m.get("managed_env_warm")),
+        f"ours trivial {fmt(m.get('managed_noop'))}",
+        "b_env_warm_over_managed_trivial",
+    )
+    row(
+        "(b) DockerWorker + EXTRA_PIP_PACKAGES (loopback index) vs our prebuilt environment",
+        fmt(m.get("managed_env_warm")),
+        fmt(m.get("docker_pandas")),
+        "b_docker_deps_over_env_warm",
+    )
+    if m.get("docker_pandas_registry") is not None:
+        row(
+            "(b) DockerWorker + EXTRA_PIP_PACKAGES from the real registry (network-bound) "
+            "vs our prebuilt environment",
+            fmt(m.get("managed_env_warm")),
+            fmt(m.get("docker_pandas_registry")),
+            "b_registry_docker_deps_over_env_warm",
+        )
     row(
         "(b) our cold run vs DockerWorker + EXTRA_PIP_PACKAGES",
         fmt(m.get("managed_pandas_cold")),
@@ -626,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
         "--concurrency", type=int, default=None, help="worker limit (default 10; quick 3)"
     )
     parser.add_argument("--deadline-minutes", type=float, default=75.0)
+    parser.add_argument(
+        "--registry",
+        action="store_true",
+        help="also time DockerWorker installing pandas from the real package registry "
+        "(network-bound: the registry's speed, not the worker's)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only, write no results")
     parser.add_argument(
         "--profile",
@@ -669,12 +766,14 @@ def main(argv: list[str] | None = None) -> int:
             "throughput_runs": tp_runs,
             "concurrency": concurrency,
             "dependencies": PANDAS,
+            "registry": args.registry,
             "quick": quick,
         },
         load_before=os.getloadavg(),
     )
     services: list[Service] = []
     workspace = f"bench-{uuid.uuid4().hex[:6]}"
+    env_workspace = f"{workspace}-env"
     try:
         server = start_prefect_server(port, home / "server-home", logs)
         services.append(server)
@@ -697,6 +796,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, worker_cls in (
                 ("bench-managed", ManagedWorker),
                 ("bench-docker", DockerWorker),
+                ("bench-managed-env", ManagedWorker),
             ):
                 client.create_work_pool(
                     WorkPoolCreate(
@@ -719,8 +819,46 @@ def main(argv: list[str] | None = None) -> int:
             },
             runtime={"default_image": image, "package_index_url": index.url},
         )
+        env_policy = write_policy(
+            home / "env-policy.toml",
+            workspace={"name": env_workspace, "tier": "bench"},
+            tiers={
+                "bench": {
+                    "concurrency_limit": concurrency,
+                    "pool_limit": 100,
+                    "cpus": 2.0,
+                    "compute_hours_per_month": 100000,
+                }
+            },
+            runtime={
+                "default_image": image,
+                "package_index_url": index.url,
+                "prebuilt_environments": True,
+            },
+        )
         workers = start_workers(logs, "bench-managed", "bench-docker", policy, concurrency)
         services.extend(workers.values())
+        services.append(
+            start(
+                "bench-managed-env-worker",
+                [
+                    str(BIN / "prefect"),
+                    "worker",
+                    "start",
+                    "--pool",
+                    "bench-managed-env",
+                    "--type",
+                    "prefect:managed",
+                    "--name",
+                    "bench-managed-env",
+                ],
+                logs,
+                {
+                    "PREFECT_WORKER_QUERY_SECONDS": QUERY_SECONDS,
+                    "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(env_policy),
+                },
+            )
+        )
 
         docker_vars = {
             "image": image,
@@ -744,6 +882,18 @@ def main(argv: list[str] | None = None) -> int:
             "docker_noop": deploy("noop", "docker-noop", "bench-docker", docker_vars),
             "managed_pandas": deploy(
                 "uses_pandas", "managed-pandas", "bench-managed", {"pip_packages": [PANDAS]}
+            ),
+            "managed_pandas_env": deploy(
+                "uses_pandas",
+                "managed-pandas-env",
+                "bench-managed-env",
+                {"pip_packages": [PANDAS]},
+            ),
+            "docker_pandas_registry": deploy(
+                "uses_pandas",
+                "docker-pandas-registry",
+                "bench-docker",
+                {**docker_vars, "env": {"EXTRA_PIP_PACKAGES": PANDAS}},
             ),
             "docker_pandas": deploy(
                 "uses_pandas", "docker-pandas", "bench-docker", {**docker_vars, "env": deps_env}
@@ -780,6 +930,16 @@ def main(argv: list[str] | None = None) -> int:
             sample("managed_pandas_warm", "managed_pandas")
             sample("docker_pandas", "docker_pandas")
 
+        print(f"(b) {PANDAS}, prebuilt environment: 1 build, {runs} warm", flush=True)
+        sample("managed_env_build", "managed_pandas_env")
+        for _ in range(runs):
+            sample("managed_env_warm", "managed_pandas_env")
+
+        if args.registry:
+            print(f"(b) DockerWorker, {PANDAS} from the real registry: {runs}", flush=True)
+            for _ in range(runs):
+                sample("docker_pandas_registry", "docker_pandas_registry")
+
         results.load_before_throughput = os.getloadavg()
         print(f"(c) throughput: {tp_runs} runs at a limit of {concurrency}", flush=True)
         for key in ("managed", "docker"):
@@ -804,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
         results.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for service in reversed(services):
             service.stop()
-        cleanup(workspace)
+        cleanup(workspace, env_workspace)
     cores = os.cpu_count() or 1
     # Judged before the throughput phase: (c) runs `concurrency` containers at once on
     # purpose, so the load after it says nothing about other work on the machine.
@@ -836,8 +996,8 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def cleanup(workspace: str) -> None:
-    """Remove the benchmark's containers and its workspace's cache volume."""
+def cleanup(workspace: str, env_workspace: str) -> None:
+    """Remove the benchmark's containers, its workspaces' cache volumes and environments."""
     import docker
 
     client = docker.from_env()
@@ -845,10 +1005,16 @@ def cleanup(workspace: str) -> None:
         for filters in (
             {"label": "io.prefect.work-pool-name=bench-managed"},
             {"label": "io.prefect.work-pool-name=bench-docker"},
+            {"label": "io.prefect.work-pool-name=bench-managed-env"},
         ):
             for container in client.containers.list(all=True, filters=filters):
                 container.remove(force=True)
-        for volume in client.volumes.list(filters={"name": f"prefect-managed-cache-{workspace}-"}):
-            volume.remove(force=True)
+        for name in (workspace, env_workspace):
+            for volume in client.volumes.list(filters={"name": f"prefect-managed-cache-{name}-"}):
+                volume.remove(force=True)
+        for image in client.images.list(
+            filters={"label": f"io.prefect-managed.environment-workspace={env_workspace}"}
+        ):
+            client.images.remove(image.id, force=True)
     finally:
         client.close()

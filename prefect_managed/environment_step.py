@@ -86,6 +86,8 @@ class EnvironmentStep:
             configuration.labels.get(API_LABEL, api_label_value()),
         )
         build_env = {k: configuration.env[k] for k in _BUILD_ENV_KEYS if configuration.env.get(k)}
+        # Compiled once into the environment, rather than by every run that imports them.
+        build_env["UV_COMPILE_BYTECODE"] = "1"
         create = configuration.container_create_kwargs or {}
         host_config: dict[str, Any] = {
             "binds": list(configuration.volumes or []),
