@@ -88,7 +88,8 @@ class EnvironmentStep:
         build_env = {k: configuration.env[k] for k in _BUILD_ENV_KEYS if configuration.env.get(k)}
         # Compiled once into the environment, rather than by every run that imports them.
         build_env["UV_COMPILE_BYTECODE"] = "1"
-        create = configuration.container_create_kwargs or {}
+        create: dict[str, Any] = dict(configuration.container_create_kwargs or {})
+        log_config: dict[str, Any] | None = create.get("log_config")
         host_config: dict[str, Any] = {
             "binds": list(configuration.volumes or []),
             "mem_limit": configuration.mem_limit,
@@ -99,9 +100,9 @@ class EnvironmentStep:
             "security_opt": create.get("security_opt"),
             "network_mode": configuration.network_mode,
             "log_config": docker.types.LogConfig(
-                type=create["log_config"]["type"], config=create["log_config"]["config"]
+                type=log_config["type"], config=log_config["config"]
             )
-            if create.get("log_config")
+            if log_config
             else None,
             "storage_opt": create.get("storage_opt"),
         }

@@ -104,4 +104,3 @@ def ledger_key(create: bool = True) -> bytes:
             with os.fdopen(fd, "w") as file:
                 file.write(secrets.token_hex(32))
     return path.read_text().strip().encode()
-

@@ -1,0 +1,250 @@
+"""How a run's container ends: the run-time stop, then explaining, recording and
+removing the container, and scheduling again a run that crashed for an infrastructure
+reason.
+
+`Finishing` is mixed into `ManagedWorker`. `_finish` uses only what the container itself
+says (labels, environment, state), so it serves the runs this worker watched and the
+containers it took over from a dead worker alike; the decisions are `outcome`'s and
+`retries`' (pure), the states `run_states`', the record `accounting`'s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+import httpx
+from prefect.client.schemas.objects import FlowRun, State
+from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
+
+from prefect_managed.containers import Watch
+from prefect_managed.outcome import (
+    CONTAINER_REMOVED_MESSAGE,
+    DOCKER_ENGINE_LOST_MESSAGE,
+    ContainerReport,
+    Ending,
+    ending,
+    outcome_of,
+    refused_a_process,
+)
+from prefect_managed.policy import (
+    out_of_memory_message,
+    pids_limit_message,
+    run_time_exceeded_message,
+)
+from prefect_managed.retries import (
+    ATTEMPT_LABEL,
+    InfrastructureCause,
+    attempt_of,
+    cause_of_ending,
+    retries_done,
+)
+from prefect_managed.settings import get_settings
+
+if TYPE_CHECKING:
+    from collections import deque
+
+    from prefect.client.orchestration import PrefectClient
+
+    from prefect_managed.accounting import Accounting
+    from prefect_managed.concurrency import WorkspaceSlots
+    from prefect_managed.containers import Containers
+    from prefect_managed.policy import Policy
+    from prefect_managed.run_states import RunStates
+
+__all__ = ["Finishing"]
+
+
+class Finishing:
+    """Mixed into `ManagedWorker`: the end of a run's container."""
+
+    if TYPE_CHECKING:  # what it uses of the worker
+        policy: Policy
+        _work_pool_name: str
+        _logger: Any
+        _containers: Containers
+        _slots: WorkspaceSlots | None
+        _states: RunStates | None
+        _accounting: Accounting | None
+        _finished: deque[str]
+        _infrastructure_crashes: dict[UUID, InfrastructureCause]
+
+        @property
+        def client(self) -> PrefectClient: ...
+
+        def _stop_container(self, container_id: str, timeout: int) -> None: ...
+
+    async def _retry_infrastructure_crash(self, flow_run: FlowRun) -> None:
+        """Schedule the run again when its attempt crashed for an infrastructure reason
+        (`_infrastructure_crashes`) and the tier's `infrastructure_retries` allow it. The
+        attempt's slot is released first: the next attempt is admitted like a new run."""
+        cause = self._infrastructure_crashes.pop(flow_run.id, None)
+        if cause is None:
+            return
+        assert self._states is not None
+        try:
+            if self._slots is not None:
+                await self._slots.release(flow_run.id)
+            await self._states.retry_for_infrastructure(
+                flow_run,
+                cause,
+                self.policy.tier.infrastructure_retries,
+                self.policy.workspace.tier,
+            )
+        except Exception:
+            self._logger.exception(
+                "Could not schedule flow run %s again after it crashed for an "
+                "infrastructure reason (%s)",
+                flow_run.id,
+                cause.value,
+            )
+
+    async def _attempt(self, flow_run: FlowRun) -> int:
+        """Which attempt of the run this is, from its state history in the server."""
+        try:
+            return retries_done(await self.client.read_flow_run_states(flow_run.id)) + 1
+        except (httpx.HTTPError, PrefectHTTPStatusError):
+            self._logger.warning(
+                "Could not read the state history of flow run %s; its container is "
+                "labelled attempt 1",
+                flow_run.id,
+                exc_info=True,
+            )
+            return 1
+
+    async def _stop_for_run_time(self, flow_run: FlowRun, container_id: str) -> None:
+        assert self._states is not None
+        try:
+            # The state first, so the engine's own report of the stop cannot replace it.
+            await self._states.crash_with_cause(flow_run, run_time_exceeded_message(self.policy))
+        except Exception:
+            # The API may be down: stop the container anyway; `_finish` says why later.
+            self._logger.warning(
+                "Could not set flow run %s Crashed at its maximum run time; stopping its "
+                "container first",
+                flow_run.id,
+                exc_info=True,
+            )
+        try:
+            await run_sync_in_worker_thread(self._stop_container, container_id, 10)
+        except InfrastructureNotFound:
+            pass  # it exited on its own meanwhile
+
+    async def _finish(self, flow_run: FlowRun, watch: Watch, engine_lost: bool = False) -> None:
+        """Explain, record and remove a container that has exited.
+
+        Uses only what the container itself says (labels, environment, state), so it
+        serves runs this worker watched and containers it took over alike. The container
+        is removed only once its usage is recorded: if recording fails, the next
+        reconciliation finds it again.
+        """
+        assert self._states is not None and self._accounting is not None
+        states, policy = self._states, self.policy
+        report = await self._containers.inspect(watch.container_id)
+        how = ending(report, timed_out=watch.timed_out, engine_lost=engine_lost)
+        if await self._of_earlier_attempt(flow_run, report or watch.report):
+            await self._finish_earlier_attempt(flow_run, watch, report, how)
+            return
+        if report is None or how is Ending.REMOVED:
+            self._logger.warning(
+                "The container of flow run %s was removed by someone else before it was read",
+                flow_run.id,
+            )
+            await states.crash_with_cause(flow_run, CONTAINER_REMOVED_MESSAGE)
+            seen, last_seen = watch.report, watch.meter.last_seen
+            if seen is not None and last_seen is not None:  # else it never ran: no compute
+                final = await states.state(flow_run.id)
+                outcome = outcome_of(final, timed_out=False, out_of_memory=False)
+                await self._accounting.record(
+                    flow_run, seen.removed(last_seen), watch.meter, outcome, self._work_pool_name
+                )
+            self._note_infrastructure_crash(flow_run, how, await states.state(flow_run.id))
+            return
+        if how is Ending.RUN_TIME:  # said when it was stopped; again if that failed
+            await states.crash_with_cause(flow_run, run_time_exceeded_message(policy))
+        elif how is Ending.OUT_OF_MEMORY:
+            memory = report.memory_limit or policy.tier.memory_bytes
+            await states.crash_with_cause(flow_run, out_of_memory_message(policy, memory))
+        elif how is Ending.ENGINE_LOST:
+            message = DOCKER_ENGINE_LOST_MESSAGE.format(exit_code=report.exit_code)
+            await states.crash_with_cause(flow_run, message)
+        elif report.exit_code is not None:
+            # Exit code 0 too: after a failed pull step, Prefect's runner reports the run
+            # Crashed and its process exits 0.
+            output = await self._containers.output(report.id, get_settings().install_log_lines)
+            await states.report_exit_before_flow_start(flow_run, report, output)
+        final = await states.ensure_final(flow_run, report.exit_code)
+        crashed_by = how
+        if (
+            report.pids_limit > 0
+            and final is not None
+            and (final.is_failed() or final.is_crashed())
+            and (watch.meter.pids_exhausted or refused_a_process(final))
+        ):
+            # The flow's own error ("Resource temporarily unavailable") does not say why.
+            final = await states.force_crashed(
+                flow_run, pids_limit_message(policy, report.pids_limit)
+            )
+            crashed_by = Ending.EXITED  # the process limit: never retried
+        outcome = outcome_of(
+            final, timed_out=how is Ending.RUN_TIME, out_of_memory=report.oom_killed
+        )
+        try:
+            await self._accounting.record(
+                flow_run, report, watch.meter, outcome, self._work_pool_name
+            )
+        except Exception:
+            self._logger.exception(
+                "Could not record the usage of flow run %s; its container is kept and "
+                "recorded at the next reconciliation",
+                flow_run.id,
+            )
+            return
+        await self._containers.remove(report.id)
+        self._finished.append(report.id)
+        self._note_infrastructure_crash(flow_run, crashed_by, final)
+
+    def _note_infrastructure_crash(
+        self, flow_run: FlowRun, how: Ending, final: State | None
+    ) -> None:
+        """Remember a run whose attempt crashed for an infrastructure reason: it is
+        scheduled again once its slot is released (`_retry_infrastructure_crash`). Said
+        only once the attempt is recorded and its container gone, so that nothing of the
+        attempt is left to finish."""
+        cause = cause_of_ending(how, final)
+        if cause is not None:
+            self._infrastructure_crashes[flow_run.id] = cause
+
+    async def _of_earlier_attempt(self, flow_run: FlowRun, report: ContainerReport | None) -> bool:
+        """Whether the container ran an earlier attempt of a run scheduled again since
+        (one kept because its record failed, say): its run's state is not its to set."""
+        if report is None or ATTEMPT_LABEL not in report.labels:
+            return False
+        return attempt_of(report.labels) < await self._attempt(flow_run)
+
+    async def _finish_earlier_attempt(
+        self, flow_run: FlowRun, watch: Watch, report: ContainerReport | None, how: Ending
+    ) -> None:
+        """Record and remove a container of an earlier attempt, leaving the run's state
+        (that of a later attempt) alone."""
+        assert self._accounting is not None
+        self._logger.info(
+            "Container %s ran an earlier attempt of flow run %s, which was scheduled again "
+            "since; recording its usage and removing it without changing the run's state",
+            watch.container_id,
+            flow_run.id,
+        )
+        outcome = outcome_of(
+            None, timed_out=how is Ending.RUN_TIME, out_of_memory=how is Ending.OUT_OF_MEMORY
+        )
+        if report is None or how is Ending.REMOVED:
+            seen, last_seen = watch.report, watch.meter.last_seen
+            if seen is not None and last_seen is not None:
+                await self._accounting.record(
+                    flow_run, seen.removed(last_seen), watch.meter, outcome, self._work_pool_name
+                )
+            return
+        await self._accounting.record(flow_run, report, watch.meter, outcome, self._work_pool_name)
+        await self._containers.remove(report.id)
+        self._finished.append(report.id)
