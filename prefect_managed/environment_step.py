@@ -146,6 +146,7 @@ class EnvironmentStep:
                 self._policy.workspace.name,
                 runtime.environments_max_bytes,
                 runtime.environments_max_age_days,
+                result.image,
             )
         return True
 

@@ -234,9 +234,12 @@ class Environments:
             time.sleep(_POLL_SECONDS)
         raise TimeoutError(f"another worker's build of {image} did not finish in time")
 
-    def evict(self, workspace: str, max_bytes: int, max_age_days: float) -> list[str]:
+    def evict(self, workspace: str, max_bytes: int, max_age_days: float, keep: str) -> list[str]:
         """Remove the workspace's environments over the size bound (least recently used
-        first) or unused for longer than the age bound; returns the removed images."""
+        first) or unused for longer than the age bound; returns the removed images.
+
+        `keep` (the environment a run is about to start from) stays whatever its size.
+        """
         removed: list[str] = []
         with closing(self._get_client()) as client:
             found = client.api.images(
@@ -255,6 +258,8 @@ class Environments:
             total = sum(size for _, _, size, _ in entries)
             now = datetime.now(timezone.utc)
             for used, image_id, size, tags in entries:
+                if keep in tags:
+                    continue
                 too_old = used is not None and (now - used).total_seconds() > max_age_days * 86400
                 if total <= max_bytes and not too_old:
                     continue
