@@ -40,6 +40,7 @@ from prefect_managed.configuration import (
     ManagedVariables,
     disk_limit_unsupported,
 )
+from prefect_managed.container_output import log_entries
 from prefect_managed.containers import Containers, Watch, in_daemon_thread
 from prefect_managed.exceptions import (
     GpuNotAvailable,
@@ -60,6 +61,7 @@ from prefect_managed.outcome import (
 from prefect_managed.policy import (
     Policy,
     awaiting_slot_message,
+    container_output_dropped_message,
     out_of_memory_message,
     pids_limit_message,
     run_time_exceeded_message,
@@ -421,6 +423,7 @@ class ManagedWorker(DockerWorker, TakeOver):
             # Crashed and its process exits 0.
             output = await self._containers.output(report.id, get_settings().install_log_lines)
             await states.report_exit_before_flow_start(flow_run, report, output)
+        await self._forward_output(flow_run, report.id)
         final = await states.ensure_final(flow_run, report.exit_code)
         if (
             report.pids_limit > 0
@@ -448,6 +451,35 @@ class ManagedWorker(DockerWorker, TakeOver):
             return
         await self._containers.remove(report.id)
         self._finished.append(report.id)
+
+    async def _forward_output(self, flow_run: FlowRun, container_id: str) -> None:
+        """The container's own output to the run's logs, once per run, at most the tier's
+        `container_output_max_size` (its last part). Guarded: a failure is logged and
+        the container is finished anyway."""
+        assert self._states is not None
+        limit = self.policy.tier.container_output_max_bytes
+        if not limit:
+            return
+        try:
+            if await self._states.container_output_sent(flow_run.id):
+                return  # an earlier finish of this container, or the early-exit report
+            output = await self._containers.output_tail(container_id, limit)
+            if output is None or not output.lines:
+                return
+            dropped = container_output_dropped_message(
+                self.policy, output.dropped_bytes, output.dropped_lines
+            )
+            # Redacting and splitting up to the cap's size: off the event loop too.
+            entries = await run_sync_in_worker_thread(
+                log_entries, output, flow_run.id, self.backend_id, dropped
+            )
+            await self._states.send_logs(entries)
+        except Exception:
+            self._logger.warning(
+                "Could not send the output of the container of flow run %s to its logs",
+                flow_run.id,
+                exc_info=True,
+            )
 
 
 def _scheduled_time(flow_run: FlowRun) -> datetime:

@@ -66,3 +66,23 @@ def inspect_self(sleep_seconds: float = 0.0) -> dict:
     get_run_logger().info("inspect_self: %s", seen)
     time.sleep(sleep_seconds)
     return seen
+
+
+@flow
+def output_then_segfault() -> None:
+    """Writes from a subprocess to stdout and stderr, logs through Prefect, then crashes
+    its own process with a segmentation fault."""
+    import ctypes
+    import subprocess
+
+    get_run_logger().info("engine-log-marker from get_run_logger")
+    subprocess.run(["sh", "-c", "echo out-marker; echo err-marker >&2"], check=True)
+    ctypes.string_at(0)
+
+
+@flow
+def numbered_lines(count: int = 2000) -> int:
+    """Prints `count` numbered lines to stdout."""
+    for number in range(count):
+        print(f"numbered-line-{number:05d}", flush=True)
+    return count
