@@ -28,6 +28,7 @@ shows everything, and the early-exit diagnosis reads it whole).
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import logging
 import re
@@ -51,6 +52,7 @@ __all__ = [
     "batches",
     "log_entries",
     "merge",
+    "record_message",
 ]
 
 #: The logger name of every log entry that holds the container's own output.
@@ -61,6 +63,8 @@ ENTRY_MAX_CHARS = 20_000
 #: Characters of messages per `create_logs` call (Prefect's own batches are at most
 #: `PREFECT_LOGGING_TO_API_BATCH_SIZE`, 4,000,000 by default).
 BATCH_MAX_CHARS = 1_000_000
+#: Bytes of Prefect's last records kept per stream, to put back those the API never got.
+RECENT_RECORDS_MAX_BYTES = 64 * 2**10
 #: How a line of stderr is marked in the run's logs (stdout lines are not marked).
 STDERR_PREFIX = "[stderr] "
 
@@ -86,10 +90,13 @@ class PrefectRecords:
 
     def __init__(self) -> None:
         self._state = "none"  # "header", "trace" or "after_exception" inside a record
+        #: the last line was the first of a record
+        self.started = False
 
     def is_prefect(self, line: str) -> bool:
         text = _ANSI.sub("", line).rstrip("\r")
         state = self._state
+        self.started = False
         if state == "header" and text == _TRACEBACK:
             self._state = "trace"
             return True
@@ -106,6 +113,7 @@ class PrefectRecords:
                 return True
         if _PREFECT_RECORD.match(text):
             self._state = "trace" if text.endswith(_TRACEBACK) else "header"
+            self.started = True
             return True
         self._state = "none"
         return False
@@ -121,10 +129,22 @@ class OutputLine:
     size: int
 
 
-def _order(line: OutputLine) -> tuple[str, str]:
+def record_message(line: OutputLine) -> str:
+    """The message of a record of Prefect's console handler: its first line's text after
+    the time, level and logger (the first line of the message the API holds)."""
+    text = _ANSI.sub("", line.text).rstrip("\r")
+    match = _PREFECT_RECORD.match(text)
+    return text[match.end() :] if match else text
+
+
+def _order_key(timestamp: str) -> tuple[str, str]:
     """Docker's timestamps in time order (their fractions may have fewer digits)."""
-    head, _, fraction = line.timestamp.rstrip("Z").partition(".")
+    head, _, fraction = timestamp.rstrip("Z").partition(".")
     return head, fraction.ljust(9, "0")
+
+
+def _order(line: OutputLine) -> tuple[str, str]:
+    return _order_key(line.timestamp)
 
 
 @dataclass
@@ -139,6 +159,10 @@ class StreamTail:
     dropped_bytes: int = 0
     dropped_lines: int = 0
     prefect_lines: int = 0
+    #: the last of Prefect's records (at most `RECENT_RECORDS_MAX_BYTES`): those logged
+    #: just before a hard crash never reached the API, and are put back
+    records: deque[list[OutputLine]] = field(default_factory=deque)
+    records_size: int = 0
     _pending: bytearray = field(default_factory=bytearray)
     _pending_timestamp: str = ""
     _records: PrefectRecords = field(default_factory=PrefectRecords)
@@ -168,10 +192,21 @@ class StreamTail:
 
     def _add(self, raw: bytes) -> None:
         text = raw.decode(errors="replace")
+        line = OutputLine(self._pending_timestamp, self.stream, text, len(raw) + 1)
         if self._records.is_prefect(text):
             self.prefect_lines += 1
+            if self._records.started or not self.records:
+                self.records.append([])
+            self.records[-1].append(line)
+            self.records_size += line.size
+            limit = min(self.max_bytes, RECENT_RECORDS_MAX_BYTES)
+            while self.records_size > limit and len(self.records) > 1:
+                self.records_size -= sum(gone.size for gone in self.records.popleft())
+            if self.records_size > limit:  # one record alone over the bound: no more of it
+                self.records_size -= self.records[-1].pop().size
+                if not self.records[-1]:
+                    self.records.pop()
             return
-        line = OutputLine(self._pending_timestamp, self.stream, text, len(raw) + 1)
         self.lines.append(line)
         self.size += line.size
         while self.size > self.max_bytes and len(self.lines) > 1:
@@ -190,27 +225,62 @@ class CappedOutput:
     dropped_bytes: int = 0
     dropped_lines: int = 0
     prefect_lines: int = 0
+    #: the last of Prefect's records, each a list of lines (see `StreamTail.records`)
+    prefect_records: list[list[OutputLine]] = field(default_factory=list)
+
+    @property
+    def earliest_record(self) -> datetime | None:
+        """When the first of `prefect_records` was written."""
+        stamps = [record[0].timestamp for record in self.prefect_records]
+        return (
+            parse_docker_time(min(stamps, key=lambda stamp: _order_key(stamp))) if stamps else None
+        )
+
+    def with_records_not_in(self, sent: set[str]) -> CappedOutput:
+        """This output with the records of `prefect_records` whose message is not among
+        `sent` (the first lines of the run's logs) put back in time order, capped again:
+        what Prefect logged just before a hard crash, which its API handler never sent."""
+        missing = [
+            line
+            for record in self.prefect_records
+            if record_message(record[0]) not in sent
+            for line in record
+        ]
+        if not missing:
+            return dataclasses.replace(self, prefect_records=[])
+        kept, dropped_bytes, dropped_lines = _keep_last(
+            sorted([*self.lines, *missing], key=_order), self.max_bytes
+        )
+        return CappedOutput(
+            kept,
+            self.max_bytes,
+            self.dropped_bytes + dropped_bytes,
+            self.dropped_lines + dropped_lines,
+            self.prefect_lines - len(missing),
+        )
+
+
+def _keep_last(lines: list[OutputLine], max_bytes: int) -> tuple[list[OutputLine], int, int]:
+    """The last lines that fit in `max_bytes`, and the bytes and lines left out."""
+    size, start = 0, len(lines)
+    while start > 0 and size + lines[start - 1].size <= max_bytes:
+        start -= 1
+        size += lines[start].size
+    return lines[start:], sum(line.size for line in lines[:start]), start
 
 
 def merge(tails: Iterable[StreamTail], max_bytes: int) -> CappedOutput:
     """Both streams in time order, keeping the last `max_bytes` of them."""
     tails = list(tails)
     merged = list(heapq.merge(*(tail.lines for tail in tails), key=_order))
-    dropped_bytes = sum(tail.dropped_bytes for tail in tails)
-    dropped_lines = sum(tail.dropped_lines for tail in tails)
-    size, start = 0, len(merged)
-    while start > 0 and size + merged[start - 1].size <= max_bytes:
-        start -= 1
-        size += merged[start].size
-    for line in merged[:start]:
-        dropped_bytes += line.size
-        dropped_lines += 1
+    kept, dropped_bytes, dropped_lines = _keep_last(merged, max_bytes)
     return CappedOutput(
-        merged[start:],
+        kept,
         max_bytes,
-        dropped_bytes,
-        dropped_lines,
+        dropped_bytes + sum(tail.dropped_bytes for tail in tails),
+        dropped_lines + sum(tail.dropped_lines for tail in tails),
         sum(tail.prefect_lines for tail in tails),
+        [record for tail in tails for record in tail.records],
     )
 
 

@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.actions import LogCreate
-from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTextSearch
+from prefect.client.schemas.filters import (
+    LogFilter,
+    LogFilterFlowRunId,
+    LogFilterTextSearch,
+    LogFilterTimestamp,
+)
 from prefect.client.schemas.objects import FlowRun, State
+from prefect.client.schemas.sorting import LogSort
 from prefect.exceptions import Abort, ObjectNotFound, PrefectHTTPStatusError
 from prefect.states import Crashed, Failed, Scheduled
 
@@ -153,6 +159,26 @@ class RunStates:
             if len(logs) < _LOG_PAGE:
                 return False
         return False
+
+    async def messages_since(self, flow_run_id: UUID, since: datetime) -> set[str]:
+        """The first line of every log message of the run from `since` (less a minute,
+        for the clocks of the container and the server) on, at most `_LOG_PAGES` pages."""
+        log_filter = LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+            timestamp=LogFilterTimestamp(after_=since - timedelta(minutes=1)),  # type: ignore[arg-type]
+        )
+        messages: set[str] = set()
+        for page in range(_LOG_PAGES):
+            logs = await self._client.read_logs(
+                log_filter=log_filter,
+                limit=_LOG_PAGE,
+                offset=page * _LOG_PAGE,
+                sort=LogSort.TIMESTAMP_DESC,  # the newest first: those a crash may lose
+            )
+            messages.update(log.message.split("\n", 1)[0] for log in logs)
+            if len(logs) < _LOG_PAGE:
+                break
+        return messages
 
     async def send_logs(self, entries: list[LogCreate]) -> None:
         """Log entries to the API, in batches of bounded size."""

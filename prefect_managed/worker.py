@@ -464,7 +464,16 @@ class ManagedWorker(DockerWorker, TakeOver):
             if await self._states.container_output_sent(flow_run.id):
                 return  # an earlier finish of this container, or the early-exit report
             output = await self._containers.output_tail(container_id, limit)
-            if output is None or not output.lines:
+            if output is None:
+                return
+            since = output.earliest_record
+            if since is not None:
+                # Prefect's records that never reached the API (logged just before a
+                # hard crash, when its API handler had no time to send them) are kept.
+                output = output.with_records_not_in(
+                    await self._states.messages_since(flow_run.id, since)
+                )
+            if not output.lines:
                 return
             dropped = container_output_dropped_message(
                 self.policy, output.dropped_bytes, output.dropped_lines

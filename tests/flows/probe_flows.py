@@ -75,8 +75,11 @@ def output_then_segfault() -> None:
     import ctypes
     import subprocess
 
-    get_run_logger().info("engine-log-marker from get_run_logger")
+    logger = get_run_logger()
+    logger.info("sent-marker from get_run_logger")
+    time.sleep(3)  # Prefect's API handler sends it meanwhile
     subprocess.run(["sh", "-c", "echo out-marker; echo err-marker >&2"], check=True)
+    logger.info("last-words-marker from get_run_logger")  # the crash comes before it is sent
     ctypes.string_at(0)
 
 
