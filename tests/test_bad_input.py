@@ -153,6 +153,12 @@ CASES: list[Case] = [
          policy_message("[tiers.free]\nmemory = true\n"), where=WORKER),
     Case("policy file", "concurrency as a boolean", "`[tiers.free]` `concurrency_limit = true`",
          policy_message("[tiers.free]\nconcurrency_limit = true\n"), where=WORKER),
+    Case("policy file", "container output cap negative",
+         "`[tiers.free]` `container_output_max_size = \"-1m\"`",
+         policy_message('[tiers.free]\ncontainer_output_max_size = "-1m"\n'), where=WORKER),
+    Case("policy file", "container output cap not a size",
+         "`[tiers.free]` `container_output_max_size = \"all\"`",
+         policy_message('[tiers.free]\ncontainer_output_max_size = "all"\n'), where=WORKER),
     Case("policy file", "not UTF-8", "a file with the byte 0xe9 (Latin-1 `é`)",
          policy_path_message(
              lambda d: (d / POLICY_NAME).write_bytes(b'[workspace]\nname = "caf\xe9"\n')
