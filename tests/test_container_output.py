@@ -337,6 +337,24 @@ def test_output_over_the_cap_keeps_its_last_part_and_says_what_was_dropped(
     assert "container_output_max_size" in dropped[0].message
 
 
+@pytest.mark.docker
+def test_an_early_exits_output_is_sent_once_by_its_report(deploy, docker_client):
+    from helpers import wait_for_settled_run
+
+    deployment_id = deploy(
+        "hello", "hello-missing-package-output", {"pip_packages": ["managed-probe-missing==9.9.9"]}
+    )
+    flow_run_id = start_run(deployment_id)
+
+    run = wait_for_settled_run(docker_client, flow_run_id)
+
+    assert run.state.is_crashed(), run.state
+    entries = [log for log in run_logs(flow_run_id) if log.name == CONTAINER_OUTPUT_LOGGER]
+    assert len(entries) == 1, entries
+    assert "Container output:" in entries[0].message
+    assert "+uv pip install managed-probe-missing==9.9.9" in entries[0].message
+
+
 def test_the_output_counts_as_sent_once_the_runs_logs_hold_an_entry(prefect_server):
     """What keeps a second `_finish` of one container from sending its output again."""
     import anyio
