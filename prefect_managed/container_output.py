@@ -195,8 +195,10 @@ class StreamTail:
         line = OutputLine(self._pending_timestamp, self.stream, text, len(raw) + 1)
         if self._records.is_prefect(text):
             self.prefect_lines += 1
-            if self._records.started or not self.records:
+            if self._records.started:
                 self.records.append([])
+            elif not self.records:
+                return  # the rest of a record that is not kept
             self.records[-1].append(line)
             self.records_size += line.size
             limit = min(self.max_bytes, RECENT_RECORDS_MAX_BYTES)
