@@ -25,6 +25,7 @@ import requests.exceptions
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from prefect_managed.configuration import API_LABEL, MANAGED_LABEL, WORKSPACE_LABEL
+from prefect_managed.container_output import CappedOutput, StreamTail, merge
 from prefect_managed.metering import Meter
 from prefect_managed.outcome import ContainerReport
 
@@ -139,6 +140,37 @@ class Containers:
             return raw.decode(errors="replace").splitlines()
 
         return await run_sync_in_worker_thread(self._with_client, _output)
+
+    async def output_tail(self, container_id: str, max_bytes: int) -> CappedOutput | None:
+        """The last `max_bytes` of the container's stdout and stderr in time order,
+        Prefect's own log records left out; None when the container is gone.
+
+        Each stream is read as a stream (Docker's frames, timestamps on) into a bounded
+        `StreamTail`, so a flood never holds more than about `max_bytes` per stream in
+        the worker's memory; in a worker thread, off the event loop."""
+
+        def _read(client: docker.DockerClient) -> CappedOutput | None:
+            tails = []
+            for stream in ("stdout", "stderr"):
+                tail = StreamTail(stream, max_bytes)
+                try:
+                    frames = client.api.logs(
+                        container_id,
+                        stdout=stream == "stdout",
+                        stderr=stream == "stderr",
+                        stream=True,
+                        follow=False,
+                        timestamps=True,
+                    )
+                    for frame in frames:
+                        tail.feed(frame)
+                except docker.errors.APIError:  # 404 gone, 409 dead or being removed
+                    return None
+                tail.close()
+                tails.append(tail)
+            return merge(tails, max_bytes)
+
+        return await run_sync_in_worker_thread(self._with_client, _read)
 
     async def remove_unstarted(self, flow_run_id: str) -> None:
         """Remove the containers of a flow run that were created but never started."""

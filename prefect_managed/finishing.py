@@ -18,6 +18,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
+from prefect_managed.container_output import log_entries
 from prefect_managed.containers import Watch
 from prefect_managed.outcome import (
     CONTAINER_REMOVED_MESSAGE,
@@ -29,6 +30,7 @@ from prefect_managed.outcome import (
     refused_a_process,
 )
 from prefect_managed.policy import (
+    container_output_dropped_message,
     out_of_memory_message,
     pids_limit_message,
     run_time_exceeded_message,
@@ -72,6 +74,9 @@ class Finishing:
 
         @property
         def client(self) -> PrefectClient: ...
+
+        @property
+        def backend_id(self) -> UUID | None: ...
 
         def _stop_container(self, container_id: str, timeout: int) -> None: ...
 
@@ -174,6 +179,7 @@ class Finishing:
             # Crashed and its process exits 0.
             output = await self._containers.output(report.id, get_settings().install_log_lines)
             await states.report_exit_before_flow_start(flow_run, report, output)
+        await self._forward_output(flow_run, report.id)
         final = await states.ensure_final(flow_run, report.exit_code)
         crashed_by = how
         if (
@@ -248,3 +254,41 @@ class Finishing:
         await self._accounting.record(flow_run, report, watch.meter, outcome, self._work_pool_name)
         await self._containers.remove(report.id)
         self._finished.append(report.id)
+
+    async def _forward_output(self, flow_run: FlowRun, container_id: str) -> None:
+        """The container's own output to the run's logs, once per run, at most the tier's
+        `container_output_max_size` (its last part). Guarded: a failure is logged and
+        the container is finished anyway."""
+        assert self._states is not None
+        limit = self.policy.tier.container_output_max_bytes
+        if not limit:
+            return
+        try:
+            if await self._states.container_output_sent(flow_run.id):
+                return  # an earlier finish of this container, or the early-exit report
+            output = await self._containers.output_tail(container_id, limit)
+            if output is None:
+                return
+            since = output.earliest_record
+            if since is not None:
+                # Prefect's records that never reached the API (logged just before a
+                # hard crash, when its API handler had no time to send them) are kept.
+                output = output.with_records_not_in(
+                    await self._states.messages_since(flow_run.id, since)
+                )
+            if not output.lines:
+                return
+            dropped = container_output_dropped_message(
+                self.policy, output.dropped_bytes, output.dropped_lines
+            )
+            # Redacting and splitting up to the cap's size: off the event loop too.
+            entries = await run_sync_in_worker_thread(
+                log_entries, output, flow_run.id, self.backend_id, dropped
+            )
+            await self._states.send_logs(entries)
+        except Exception:
+            self._logger.warning(
+                "Could not send the output of the container of flow run %s to its logs",
+                flow_run.id,
+                exc_info=True,
+            )

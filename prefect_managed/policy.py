@@ -55,6 +55,7 @@ __all__ = [
     "Tier",
     "Workspace",
     "awaiting_slot_message",
+    "container_output_dropped_message",
     "format_bytes",
     "format_seconds",
     "load_policy",
@@ -66,7 +67,7 @@ __all__ = [
 ]
 
 
-def _size_between(low: int, high: int) -> AfterValidator:
+def _size_between(low: int, high: int, zero_is_off: bool = False) -> AfterValidator:
     def check(value: str | int) -> str | int:
         try:
             size = parse_bytes(value)
@@ -74,8 +75,14 @@ def _size_between(low: int, high: int) -> AfterValidator:
             raise ValueError(
                 f"{value!r} is not a size; use Docker's units such as 512m or 2g"
             ) from exc
+        if zero_is_off and size == 0:
+            return value
         if size <= 0:
-            raise ValueError(f"{value!r} must be more than zero")
+            raise ValueError(
+                f"{value!r} must be 0 (off) or more"
+                if zero_is_off
+                else f"{value!r} must be more than zero"
+            )
         if not low <= size <= high:
             raise ValueError(
                 f"{value!r} is outside the sane range {format_bytes(low)} to {format_bytes(high)}"
@@ -102,6 +109,10 @@ MemorySize = Annotated[str | int, BeforeValidator(_size_value), _size_between(6 
 CacheSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(256 * 2**10, 2**42)]
 LogSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(2**20, 2**30)]
 DiskSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(2**30, 2**44)]
+#: The same, or 0 for off.
+OutputSize = Annotated[
+    str | int, BeforeValidator(_size_value), _size_between(2**10, 2**26, zero_is_off=True)
+]
 #: Numbers: never a bool (TOML's `true` is not 1), never infinite or NaN.
 Count = Annotated[int, BeforeValidator(_not_bool), Field(strict=True)]
 Number = Annotated[float, BeforeValidator(_not_bool), Field(allow_inf_nan=False)]
@@ -185,6 +196,15 @@ class Tier(_Strict):
             "install. 0: never."
         ),
     )
+    container_output_max_size: OutputSize = Field(
+        default="1m",
+        description=(
+            "The most of a flow run container's own output (stdout and stderr, Prefect's "
+            "log lines left out) the worker sends to the flow run's logs when the container "
+            "ends, in Docker's units (1k to 64m). Over it, the last part is kept and a log "
+            "line says how much was dropped. 0: none is sent."
+        ),
+    )
 
     @property
     def memory_bytes(self) -> int:
@@ -193,6 +213,10 @@ class Tier(_Strict):
     @property
     def disk_bytes(self) -> int | None:
         return None if self.disk is None else parse_bytes(self.disk)
+
+    @property
+    def container_output_max_bytes(self) -> int:
+        return parse_bytes(self.container_output_max_size)
 
 
 BUILTIN_TIERS: dict[str, dict[str, Any]] = {
@@ -448,6 +472,17 @@ def pids_limit_message(policy: Policy, limit: int) -> str:
         "(a fork bomb or a runaway pool of workers), so the kernel refused to start more "
         "and the flow could not go on. Start fewer processes or threads at once; the "
         "limit is the operator's (runtime.pids_limit)."
+    )
+
+
+def container_output_dropped_message(policy: Policy, dropped_bytes: int, dropped_lines: int) -> str:
+    lines = f" ({dropped_lines} lines)" if dropped_lines else ""
+    return (
+        f"The first {format_bytes(dropped_bytes)}{lines} of the container's output are not in "
+        f"these logs: the {policy.workspace.tier} tier keeps the last "
+        f"{format_bytes(policy.tier.container_output_max_bytes)} of a flow run's output. "
+        "Write less to stdout and stderr, or ask the operator to raise the tier's "
+        "container_output_max_size."
     )
 
 

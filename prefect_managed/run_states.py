@@ -10,17 +10,25 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas import OrchestrationResult, SetStateStatus
 from prefect.client.schemas.actions import LogCreate
+from prefect.client.schemas.filters import (
+    LogFilter,
+    LogFilterFlowRunId,
+    LogFilterTextSearch,
+    LogFilterTimestamp,
+)
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.exceptions import Abort, ObjectNotFound
+from prefect.client.schemas.sorting import LogSort
+from prefect.exceptions import Abort, ObjectNotFound, PrefectHTTPStatusError
 from prefect.states import Crashed, Failed, Scheduled
 
+from prefect_managed.container_output import CONTAINER_OUTPUT_LOGGER, batches
 from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
 from prefect_managed.outcome import ContainerReport
 from prefect_managed.retries import (
@@ -34,9 +42,12 @@ from prefect_managed.sources import describe_pull_step_failure, redact_url_crede
 
 __all__ = ["AWAITING_SLOT", "CONTAINER_OUTPUT_LOGGER", "QUOTA_EXHAUSTED", "RunStates"]
 
-CONTAINER_OUTPUT_LOGGER = "prefect_managed.container"
 AWAITING_SLOT = "AwaitingConcurrencySlot"
 QUOTA_EXHAUSTED = "QuotaExhausted"
+
+#: Logs read per page, and pages at most, when looking for the container's output.
+_LOG_PAGE = 200
+_LOG_PAGES = 50
 
 RunLogger = Callable[[FlowRun], "logging.Logger | logging.LoggerAdapter[Any]"]
 
@@ -131,6 +142,56 @@ class RunStates:
             await self._client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
         else:
             await self._propose_crashed(flow_run, message)
+
+    async def container_output_sent(self, flow_run_id: UUID) -> bool:
+        """Whether the run's logs hold an entry of the container's output already (sent
+        by an earlier `_finish` of the same container, or by the early-exit report)."""
+        by_run = LogFilterFlowRunId(any_=[flow_run_id])
+        log_filter = LogFilter(
+            flow_run_id=by_run, text=LogFilterTextSearch(query=CONTAINER_OUTPUT_LOGGER)
+        )
+        for page in range(_LOG_PAGES):
+            try:
+                logs = await self._client.read_logs(
+                    log_filter=log_filter, limit=_LOG_PAGE, offset=page * _LOG_PAGE
+                )
+            except PrefectHTTPStatusError as exc:
+                if exc.response.status_code != 422 or log_filter.text is None:
+                    raise
+                log_filter = LogFilter(flow_run_id=by_run)  # a server without text search
+                logs = await self._client.read_logs(
+                    log_filter=log_filter, limit=_LOG_PAGE, offset=page * _LOG_PAGE
+                )
+            if any(log.name == CONTAINER_OUTPUT_LOGGER for log in logs):
+                return True
+            if len(logs) < _LOG_PAGE:
+                return False
+        return False
+
+    async def messages_since(self, flow_run_id: UUID, since: datetime) -> set[str]:
+        """The first line of every log message of the run from `since` (less a minute,
+        for the clocks of the container and the server) on, at most `_LOG_PAGES` pages."""
+        log_filter = LogFilter(
+            flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
+            timestamp=LogFilterTimestamp(after_=since - timedelta(minutes=1)),  # type: ignore[arg-type]
+        )
+        messages: set[str] = set()
+        for page in range(_LOG_PAGES):
+            logs = await self._client.read_logs(
+                log_filter=log_filter,
+                limit=_LOG_PAGE,
+                offset=page * _LOG_PAGE,
+                sort=LogSort.TIMESTAMP_DESC,  # the newest first: those a crash may lose
+            )
+            messages.update(log.message.split("\n", 1)[0] for log in logs)
+            if len(logs) < _LOG_PAGE:
+                break
+        return messages
+
+    async def send_logs(self, entries: list[LogCreate]) -> None:
+        """Log entries to the API, in batches of bounded size."""
+        for batch in batches(entries):
+            await self._client.create_logs(batch)
 
     async def _pull_steps(self, flow_run: FlowRun) -> list[dict[str, Any]]:
         """The pull steps of the run's deployment, to name the source that failed."""

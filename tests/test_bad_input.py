@@ -156,6 +156,12 @@ CASES: list[Case] = [
     Case("policy file", "too many infrastructure retries",
          "`[tiers.free]` `infrastructure_retries = 10`",
          policy_message("[tiers.free]\ninfrastructure_retries = 10\n"), where=WORKER),
+    Case("policy file", "container output cap negative",
+         "`[tiers.free]` `container_output_max_size = \"-1m\"`",
+         policy_message('[tiers.free]\ncontainer_output_max_size = "-1m"\n'), where=WORKER),
+    Case("policy file", "container output cap not a size",
+         "`[tiers.free]` `container_output_max_size = \"all\"`",
+         policy_message('[tiers.free]\ncontainer_output_max_size = "all"\n'), where=WORKER),
     Case("policy file", "not UTF-8", "a file with the byte 0xe9 (Latin-1 `é`)",
          policy_path_message(
              lambda d: (d / POLICY_NAME).write_bytes(b'[workspace]\nname = "caf\xe9"\n')

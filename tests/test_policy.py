@@ -9,6 +9,7 @@ import pytest
 from prefect_managed.exceptions import PolicyError
 from prefect_managed.policy import (
     Policy,
+    Tier,
     load_policy,
     out_of_memory_message,
     pool_not_served_message,
@@ -138,6 +139,23 @@ def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
             '[runtime]\nlog_max_size = "10g"\n',
             "key 'runtime.log_max_size': '10g' is outside the sane range",
         ),
+        (
+            '[tiers.free]\ncontainer_output_max_size = "lots"\n',
+            "key 'tiers.free.container_output_max_size': 'lots' is not a size",
+        ),
+        (
+            "[tiers.free]\ncontainer_output_max_size = -1\n",
+            "key 'tiers.free.container_output_max_size': -1 must be 0 (off) or more",
+        ),
+        (
+            '[tiers.free]\ncontainer_output_max_size = "1g"\n',
+            "key 'tiers.free.container_output_max_size': '1g' is outside the sane range 1 KiB "
+            "to 64 MiB",
+        ),
+        (
+            "[tiers.free]\ncontainer_output_max_size = true\n",
+            "key 'tiers.free.container_output_max_size': True is not a size",
+        ),
         ('[tiers.free]\nmemory = "lots"\n', "key 'tiers.free.memory': 'lots' is not a size"),
         ('[tiers.free]\nmemory = "0"\n', "key 'tiers.free.memory': '0' must be more than zero"),
         ("[runtime]\nprivileged = true\n", "key 'runtime.privileged' is not a known setting"),
@@ -214,3 +232,12 @@ def test_infrastructure_retries_are_off_unless_a_tier_sets_them(tmp_path):
     assert all(tier.infrastructure_retries == 0 for tier in Policy().tiers.values())
     path = write(tmp_path, "[tiers.free]\ninfrastructure_retries = 2\n")
     assert load_policy(path).tier.infrastructure_retries == 2
+
+
+def test_container_output_max_size_defaults_to_one_mib_and_zero_is_off(tmp_path):
+    assert Tier().container_output_max_bytes == 2**20
+    path = tmp_path / "policy.toml"
+    path.write_text("[tiers.free]\ncontainer_output_max_size = 0\n")
+    assert load_policy(path).tier.container_output_max_bytes == 0
+    path.write_text('[tiers.free]\ncontainer_output_max_size = "64k"\n')
+    assert load_policy(path).tier.container_output_max_bytes == 64 * 2**10

@@ -85,3 +85,26 @@ def slow_first_attempt(seconds: float = 120.0) -> int:
 def fails() -> None:
     """The flow's own failure: it raises."""
     raise ValueError("the flow failed by itself")
+
+
+@flow
+def output_then_segfault() -> None:
+    """Writes from a subprocess to stdout and stderr, logs through Prefect, then crashes
+    its own process with a segmentation fault."""
+    import ctypes
+    import subprocess
+
+    logger = get_run_logger()
+    logger.info("sent-marker from get_run_logger")
+    time.sleep(3)  # Prefect's API handler sends it meanwhile
+    subprocess.run(["sh", "-c", "echo out-marker; echo err-marker >&2"], check=True)
+    logger.info("last-words-marker from get_run_logger")  # the crash comes before it is sent
+    ctypes.string_at(0)
+
+
+@flow
+def numbered_lines(count: int = 2000) -> int:
+    """Prints `count` numbered lines to stdout."""
+    for number in range(count):
+        print(f"numbered-line-{number:05d}", flush=True)
+    return count
