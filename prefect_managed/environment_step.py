@@ -27,9 +27,10 @@ from prefect_managed.environments import (
     Environments,
     environment_key,
 )
+from prefect_managed.messages import out_of_memory_message
 from prefect_managed.metering import Meter
 from prefect_managed.outcome import ContainerReport, outcome_of
-from prefect_managed.policy import Policy, out_of_memory_message
+from prefect_managed.policy import Policy
 from prefect_managed.redact import redact_url_credentials
 from prefect_managed.run_states import CONTAINER_OUTPUT_LOGGER
 

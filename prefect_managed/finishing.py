@@ -20,6 +20,12 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from prefect_managed.container_output import log_entries
 from prefect_managed.containers import Watch
+from prefect_managed.messages import (
+    container_output_dropped_message,
+    out_of_memory_message,
+    pids_limit_message,
+    run_time_exceeded_message,
+)
 from prefect_managed.outcome import (
     CONTAINER_REMOVED_MESSAGE,
     DOCKER_ENGINE_LOST_MESSAGE,
@@ -28,12 +34,6 @@ from prefect_managed.outcome import (
     ending,
     outcome_of,
     refused_a_process,
-)
-from prefect_managed.policy import (
-    container_output_dropped_message,
-    out_of_memory_message,
-    pids_limit_message,
-    run_time_exceeded_message,
 )
 from prefect_managed.retries import (
     ATTEMPT_LABEL,

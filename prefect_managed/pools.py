@@ -11,7 +11,8 @@ from typing import Any
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
 
-from prefect_managed.policy import Policy, pool_not_served_message, served_pool_names
+from prefect_managed.messages import pool_not_served_message, served_pool_names
+from prefect_managed.policy import Policy
 
 __all__ = ["POOL_CHECK_SECONDS", "PoolGate"]
 

@@ -30,7 +30,8 @@ from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterType
 from prefect.client.schemas.objects import WorkPool
 from prefect.logging import get_logger
 
-from prefect_managed.policy import Policy, served_pool_names
+from prefect_managed.messages import served_pool_names
+from prefect_managed.policy import Policy
 from prefect_managed.worker import ManagedWorker, stopped_on_request
 
 __all__ = ["ManagedService", "PoolPlan", "plan_pools", "worker_name"]

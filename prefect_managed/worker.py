@@ -51,13 +51,11 @@ from prefect_managed.exceptions import (
 )
 from prefect_managed.finishing import Finishing
 from prefect_managed.ledger import UsageLedger
+from prefect_managed.messages import awaiting_slot_message
 from prefect_managed.outcome import (
     docker_lost,
 )
-from prefect_managed.policy import (
-    Policy,
-    awaiting_slot_message,
-)
+from prefect_managed.policy import Policy
 from prefect_managed.pools import PoolGate
 from prefect_managed.retries import (
     ATTEMPT_LABEL,

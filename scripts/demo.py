@@ -96,6 +96,7 @@ def main() -> int:
     }
     os.environ.update(env)
     from prefect.client.orchestration import get_client
+
     from prefect_managed.runtime.builder import default_runtime_tag
 
     services = []

@@ -24,7 +24,8 @@ from prefect_managed.container_output import (
     log_entries,
     merge,
 )
-from prefect_managed.policy import Policy, container_output_dropped_message
+from prefect_managed.messages import container_output_dropped_message
+from prefect_managed.policy import Policy
 
 # -- unit: Prefect's own records ------------------------------------------------------
 

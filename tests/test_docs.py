@@ -18,18 +18,13 @@ import pytest
 from services import BIN
 
 from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable
-from prefect_managed.policy import (
-    BUILTIN_TIERS,
-    Policy,
-    Runtime,
-    Tier,
-    Workspace,
+from prefect_managed.messages import (
     awaiting_slot_message,
-    load_policy,
     out_of_memory_message,
     pool_not_served_message,
     run_time_exceeded_message,
 )
+from prefect_managed.policy import BUILTIN_TIERS, Policy, Runtime, Tier, Workspace, load_policy
 from prefect_managed.usage import (
     MonthlyUsage,
     Outcome,

@@ -7,15 +7,13 @@ from pathlib import Path
 import pytest
 
 from prefect_managed.exceptions import PolicyError
-from prefect_managed.policy import (
-    Policy,
-    Tier,
-    load_policy,
+from prefect_managed.messages import (
     out_of_memory_message,
     pool_not_served_message,
     run_time_exceeded_message,
     served_pool_names,
 )
+from prefect_managed.policy import Policy, Tier, load_policy
 
 
 def write(tmp_path: Path, text: str) -> Path:
