@@ -137,6 +137,10 @@ def record_message(line: OutputLine) -> str:
     return text[match.end() :] if match else text
 
 
+def _plain(text: str) -> str:
+    return _ANSI.sub("", text).rstrip("\r")
+
+
 def _order_key(timestamp: str) -> tuple[str, str]:
     """Docker's timestamps in time order (their fractions may have fewer digits)."""
     head, _, fraction = timestamp.rstrip("Z").partition(".")
@@ -237,6 +241,21 @@ class CappedOutput:
         return (
             parse_docker_time(min(stamps, key=lambda stamp: _order_key(stamp))) if stamps else None
         )
+
+    @property
+    def earliest(self) -> datetime | None:
+        """When the first of the lines or records kept was written."""
+        stamps = [line.timestamp for line in self.lines]
+        stamps += [record[0].timestamp for record in self.prefect_records]
+        return parse_docker_time(min(stamps, key=_order_key)) if stamps else None
+
+    def without_lines_in(self, logged: set[str]) -> CappedOutput:
+        """This output without the lines the run's logs already hold as a later line of
+        a multi-line message: what Prefect's console handler printed of a message after
+        its first line (a block printed with `log_prints`, say), which is not in its
+        console format and so was not recognised as Prefect's."""
+        kept = [line for line in self.lines if _plain(line.text) not in logged]
+        return dataclasses.replace(self, lines=kept)
 
     def with_records_not_in(self, sent: set[str]) -> CappedOutput:
         """This output with the records of `prefect_records` whose message is not among

@@ -269,13 +269,13 @@ class Finishing:
             output = await self._containers.output_tail(container_id, limit)
             if output is None:
                 return
-            since = output.earliest_record
+            since = output.earliest
             if since is not None:
+                first_lines, later_lines = await self._states.messages_since(flow_run.id, since)
+                # The later lines of messages the run's logs hold are not sent again;
                 # Prefect's records that never reached the API (logged just before a
                 # hard crash, when its API handler had no time to send them) are kept.
-                output = output.with_records_not_in(
-                    await self._states.messages_since(flow_run.id, since)
-                )
+                output = output.without_lines_in(later_lines).with_records_not_in(first_lines)
             if not output.lines:
                 return
             dropped = container_output_dropped_message(

@@ -168,14 +168,16 @@ class RunStates:
                 return False
         return False
 
-    async def messages_since(self, flow_run_id: UUID, since: datetime) -> set[str]:
-        """The first line of every log message of the run from `since` (less a minute,
-        for the clocks of the container and the server) on, at most `_LOG_PAGES` pages."""
+    async def messages_since(self, flow_run_id: UUID, since: datetime) -> tuple[set[str], set[str]]:
+        """The first lines, and the later lines, of every log message of the run from
+        `since` (less a minute, for the clocks of the container and the server) on, at
+        most `_LOG_PAGES` pages."""
         log_filter = LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
             timestamp=LogFilterTimestamp(after_=since - timedelta(minutes=1)),  # type: ignore[arg-type]
         )
         messages: set[str] = set()
+        later: set[str] = set()
         for page in range(_LOG_PAGES):
             logs = await self._client.read_logs(
                 log_filter=log_filter,
@@ -183,10 +185,13 @@ class RunStates:
                 offset=page * _LOG_PAGE,
                 sort=LogSort.TIMESTAMP_DESC,  # the newest first: those a crash may lose
             )
-            messages.update(log.message.split("\n", 1)[0] for log in logs)
+            for log in logs:
+                first, *rest = log.message.split("\n")
+                messages.add(first)
+                later.update(line.rstrip("\r") for line in rest if line.strip())
             if len(logs) < _LOG_PAGE:
                 break
-        return messages
+        return messages, later
 
     async def send_logs(self, entries: list[LogCreate]) -> None:
         """Log entries to the API, in batches of bounded size."""

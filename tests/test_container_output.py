@@ -187,6 +187,25 @@ def test_prefects_last_records_that_the_api_never_got_are_put_back_in_order():
     assert output.with_records_not_in({"sent", "lost"}).lines == output.lines
 
 
+def test_the_later_lines_of_a_message_the_run_logs_hold_are_not_sent_again():
+    """A block printed with log_prints: Prefect's console shows its first line in its own
+    format (left out) and the rest as plain lines, which the run's logs already hold."""
+    err = tail_of(
+        "stderr",
+        [
+            ("2026-12-03T10:00:01Z", "10:00:01.000 | INFO    | Flow run 'a' - | Hello |"),
+            ("2026-12-03T10:00:01Z", "  ======="),
+            ("2026-12-03T10:00:01Z", "     \\ ^__^"),
+            ("2026-12-03T10:00:02Z", "a line of the flow's own"),
+        ],
+        1000,
+    )
+    output = merge([err], 1000)
+    assert output.earliest is not None and output.earliest.second == 1
+    kept = output.without_lines_in({"  =======", "     \\ ^__^"})
+    assert [line.text for line in kept.lines] == ["a line of the flow's own"]
+
+
 TRACEBACK = b"Traceback (most recent call last):"
 
 
