@@ -187,6 +187,8 @@ def policy_check(
         f"Network mode: {runtime.network_mode}; user: {runtime.user}; pids limit: {runtime.pids_limit}"
     )
     console.print(f"Package index: {runtime.package_index_url or 'uv default'}")
+    if runtime.api_gateway_port:
+        console.print(f"Run gateway: http://127.0.0.1:{runtime.api_gateway_port}/api")
 
 
 @app.command("usage")

@@ -18,7 +18,7 @@ from uuid import UUID
 from docker.errors import DockerException
 from docker.types import DeviceRequest
 from docker.utils import parse_bytes
-from prefect.settings import PREFECT_API_URL, get_current_settings
+from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL, get_current_settings
 from prefect.workers.base import BaseVariables
 from prefect_docker.worker import CONTAINER_LABELS, DockerWorkerJobConfiguration
 from pydantic import Field
@@ -32,8 +32,9 @@ from prefect_managed.dependencies import (
     split_extra_pip_packages,
 )
 from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable
+from prefect_managed.gateway_rules import run_token
 from prefect_managed.policy import Policy
-from prefect_managed.settings import get_policy
+from prefect_managed.settings import get_policy, ledger_key
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -239,6 +240,15 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             # (`pip_install_requirements`): both use the operator's index only.
             self.env["UV_DEFAULT_INDEX"] = runtime.package_index_url
             self.env["PIP_INDEX_URL"] = runtime.package_index_url
+        if runtime.api_gateway_port:
+            # The run reaches the API through the run gateway, as itself: a token valid
+            # for its own run only, never the worker's credential (docs/security.md).
+            for key in [key for key in self.env if key.upper() in WORKER_OWNED_ENV]:
+                del self.env[key]
+            self.env["PREFECT_API_URL"] = f"http://127.0.0.1:{runtime.api_gateway_port}/api"
+            self.env["PREFECT_API_AUTH_STRING"] = run_token(ledger_key(), flow_run.id)
+            if PREFECT_UI_URL.value():  # links in the run's logs: the UI, not the gateway
+                self.env.setdefault("PREFECT_UI_URL", PREFECT_UI_URL.value())
         # The run's identity is the worker's to say, not the deployment's.
         self.env["PREFECT__FLOW_RUN_ID"] = str(flow_run.id)
         self.labels = {

@@ -319,6 +319,18 @@ class Runtime(_Strict):
         ),
     )
 
+    api_gateway_port: Count = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description=(
+            "The port on the worker host's 127.0.0.1 of the run gateway, 0 for none. With "
+            "a port, a run's container holds a token valid only for its own run instead of "
+            "the worker's Prefect credential, and reaches the API through the gateway (see "
+            "the security page). Needs network_mode 'host'."
+        ),
+    )
+
     log_max_size: LogSize = Field(
         default="10m",
         description=(
@@ -350,6 +362,20 @@ class Runtime(_Strict):
         if not self.image_allowed(self.default_image):
             raise ValueError(
                 f"default_image {self.default_image!r} is not in allowed_images {self.allowed_images}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_is_reachable(self) -> Runtime:
+        if self.api_gateway_port and self.api_gateway_port < 1024:
+            raise ValueError(
+                f"api_gateway_port {self.api_gateway_port} is a privileged port; choose one "
+                "from 1024 to 65535, or 0 for no gateway"
+            )
+        if self.api_gateway_port and self.network_mode != "host":
+            raise ValueError(
+                f"api_gateway_port needs network_mode 'host' (the gateway listens on the "
+                f"worker host's 127.0.0.1), not {self.network_mode!r}"
             )
         return self
 

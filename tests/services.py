@@ -69,16 +69,20 @@ def start(name: str, command: list[str], log_dir: Path, env: dict[str, str] | No
     return Service(name, process, log_path)
 
 
-def start_prefect_server(port: int, home: Path, log_dir: Path) -> Service:
+def start_prefect_server(
+    port: int, home: Path, log_dir: Path, extra_env: dict[str, str] | None = None,
+    name: str = "prefect-server",
+) -> Service:
     env = {
         "PREFECT_HOME": str(home),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db",
         # As the operator guide asks: leases that survive a server restart.
         "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILE_LEASES,
+        **(extra_env or {}),
     }
     service = start(
-        "prefect-server",
+        name,
         [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
         log_dir,
         env,
