@@ -132,8 +132,6 @@ def decide(method: str, path: str, body: Any = None) -> Decision:
     head, last = segments[0], segments[-1]
     reads_events = head == "events" and segments[1:2] in (["filter"], ["count-by"])
     if method == "POST" and (last in _READ_SUFFIXES or head == "ui" or reads_events):
-        if head == "work_pools" and last == "get_scheduled_flow_runs":
-            return _refuse("only workers poll a work pool")
         return ALLOW
     where = f"{method} /{'/'.join(segments)}"
 

@@ -59,8 +59,13 @@ class Service:
         return self.log_path.read_text(errors="replace")
 
 
-def start(name: str, command: list[str], log_dir: Path, env: dict[str, str] | None = None,
-          cwd: Path | None = None) -> Service:
+def start(
+    name: str,
+    command: list[str],
+    log_dir: Path,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> Service:
     log_path = log_dir / f"{name}.log"
     log = log_path.open("ab")
     process = subprocess.Popen(
@@ -70,7 +75,10 @@ def start(name: str, command: list[str], log_dir: Path, env: dict[str, str] | No
 
 
 def start_prefect_server(
-    port: int, home: Path, log_dir: Path, extra_env: dict[str, str] | None = None,
+    port: int,
+    home: Path,
+    log_dir: Path,
+    extra_env: dict[str, str] | None = None,
     name: str = "prefect-server",
 ) -> Service:
     env = {
@@ -135,8 +143,16 @@ def start_git_server(root: Path, log_dir: Path) -> GitServer:
     server = GitServer(root, port)
     server.service = start(
         "git-daemon",
-        ["git", "daemon", "--reuseaddr", "--export-all", f"--base-path={root}",
-         "--listen=127.0.0.1", f"--port={port}", str(root)],
+        [
+            "git",
+            "daemon",
+            "--reuseaddr",
+            "--export-all",
+            f"--base-path={root}",
+            "--listen=127.0.0.1",
+            f"--port={port}",
+            str(root),
+        ],
         log_dir,
     )
 
@@ -190,8 +206,20 @@ def start_package_index(root: Path, log_dir: Path) -> PackageIndex:
     index = PackageIndex(root, free_port())
     index.service = start(
         "pypiserver",
-        [str(BIN / "pypi-server"), "run", "-i", "127.0.0.1", "-p", str(index.port),
-         "-a", ".", "-P", ".", "--disable-fallback", str(root)],
+        [
+            str(BIN / "pypi-server"),
+            "run",
+            "-i",
+            "127.0.0.1",
+            "-p",
+            str(index.port),
+            "-a",
+            ".",
+            "-P",
+            ".",
+            "--disable-fallback",
+            str(root),
+        ],
         log_dir,
     )
 
@@ -215,8 +243,17 @@ class Worker:
 def start_worker(pool: str, log_dir: Path, env: dict[str, str], name: str = "worker") -> Worker:
     service = start(
         name,
-        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "prefect:managed",
-         "--name", name],
+        [
+            str(BIN / "prefect"),
+            "worker",
+            "start",
+            "--pool",
+            pool,
+            "--type",
+            "prefect:managed",
+            "--name",
+            name,
+        ],
         log_dir,
         env,
     )

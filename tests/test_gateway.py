@@ -7,12 +7,14 @@ attempt is refused while the run itself completes and is recorded once."""
 from __future__ import annotations
 
 import json
+import os
 import secrets
+import signal
 from pathlib import Path
 
 import pytest
 from conftest import OUTPUT
-from faults import wait_for_records
+from faults import wait_for_records, wait_until_settled
 from helpers import (
     create_pool,
     flow_run_logs,
@@ -29,7 +31,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
-from services import free_port, start_prefect_server, start_worker, write_policy
+from services import free_port, start_prefect_server, start_worker, wait_for, write_policy
 
 pytestmark = pytest.mark.docker
 
@@ -70,10 +72,10 @@ def gated(git_server, runtime_image, package_index, tmp_path_factory):
         pool = create_pool("gateway-pool")
         worker = start_worker(pool, OUTPUT, env, name="gateway-worker")
 
-        def deploy(flow_name: str, name: str):
+        def deploy(flow_name: str, name: str, work_pool: str = pool):
             return flow.from_source(
                 source=repo, entrypoint=f"gateway_flows.py:{flow_name}", _sync=True
-            ).deploy(name=name, work_pool_name=pool, print_next_steps=False, _sync=True)
+            ).deploy(name=name, work_pool_name=work_pool, print_next_steps=False, _sync=True)
 
         yield {
             "api": api,
@@ -81,6 +83,9 @@ def gated(git_server, runtime_image, package_index, tmp_path_factory):
             "deploy": deploy,
             "worker": worker,
             "gateway": f"http://127.0.0.1:{gateway_port}/api",
+            "env": env,
+            "runtime_image": runtime_image,
+            "index": package_index.url,
         }
         worker.service.stop()
     server.stop()
@@ -179,3 +184,52 @@ def test_a_hostile_flow_changes_nothing_through_or_around_the_gateway(gated, doc
     assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
     assert gated["worker"].service.process.poll() is None
     assert "Refused PATCH /api/v2/concurrency_limits" in gated["worker"].service.log()
+
+
+def test_the_gateway_outlives_the_worker_that_served_it(gated, docker_client, tmp_path):
+    """The worker holding the gateway's port is SIGKILLed mid-run: another worker process
+    of the host that shared the port binds it, the run finishes through it, and the
+    restarted worker takes the container over: Completed, one record, nothing left."""
+    workspace = session_workspace("gateway-kill")
+    port = free_port()
+    policy = write_policy(
+        tmp_path / "policy.toml",
+        workspace={"name": workspace, "tier": "test"},
+        tiers={"test": {"pool_limit": 100, "concurrency_limit": 2}},
+        runtime={
+            "default_image": gated["runtime_image"],
+            "package_index_url": gated["index"],
+            "api_gateway_port": port,
+        },
+    )
+    env = {**gated["env"], "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy)}
+    pool, idle_pool = create_pool("gateway-kill-pool"), create_pool("gateway-share-pool")
+    holder = start_worker(pool, OUTPUT, env, name="gateway-kill-worker")
+    wait_for(lambda: "(served here)" in holder.service.log(), 60, "the holder binding the gateway")
+    sharer = start_worker(idle_pool, OUTPUT, env, name="gateway-share-worker")
+    restarted = None
+    try:
+        wait_for(
+            lambda: "served by another worker process" in sharer.service.log(),
+            60,
+            "the second worker finding the gateway",
+        )
+        deployment = gated["deploy"]("sleep_then_finish", "gateway-kill", pool)
+        flow_run_id = run_deployment(deployment, parameters={"seconds": 25}, timeout=0).id
+        wait_for(lambda: "sleeping" in " ".join(flow_run_logs(flow_run_id)), 180, "the flow asleep")
+        os.kill(holder.service.process.pid, signal.SIGKILL)
+        holder.service.process.wait()
+        wait_for(
+            lambda: "previous holder is gone" in sharer.service.log(),
+            30,
+            "the second worker binding the gateway",
+        )
+        restarted = start_worker(pool, OUTPUT, env, name="gateway-kill-worker")
+        runs = wait_until_settled(docker_client, workspace, [flow_run_id], 300)
+        assert runs[0].state.is_completed(), runs[0].state
+        assert any("finished after the sleep: 42" in line for line in flow_run_logs(flow_run_id))
+        assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
+    finally:
+        for worker in (restarted, sharer):
+            if worker is not None:
+                worker.service.stop()

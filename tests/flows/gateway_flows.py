@@ -114,3 +114,14 @@ def attack(workspace: str, pool: str, other: str, server_url: str) -> None:
     )
     results["api_url"] = api
     logger.info("gateway results: %s", json.dumps(results))
+
+
+@flow(log_prints=True)
+def sleep_then_finish(seconds: float = 20) -> int:
+    import time
+
+    print("sleeping")
+    time.sleep(seconds)
+    result = double(21)
+    print(f"finished after the sleep: {result}")
+    return result
