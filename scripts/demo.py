@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import subprocess
 import sys
@@ -89,8 +90,12 @@ def main() -> int:
 
     port = free_port()
     api_url = f"http://127.0.0.1:{port}/api"
+    # The server requires a credential that only the operator's side holds (the CLI, the
+    # worker); flow runs get a token for their own run, through the run gateway.
+    auth = f"demo:{secrets.token_hex(16)}"
     env = {
         "PREFECT_API_URL": api_url,
+        "PREFECT_API_AUTH_STRING": auth,
         "PREFECT_HOME": str(RUN / "home"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     }
@@ -101,8 +106,12 @@ def main() -> int:
 
     services = []
     try:
-        say(f"Starting a Prefect server on SQLite at {api_url}")
-        services.append(start_prefect_server(port, RUN / "server-home", RUN))
+        say(f"Starting a Prefect server on SQLite at {api_url}, requiring a credential")
+        services.append(
+            start_prefect_server(
+                port, RUN / "server-home", RUN, {"PREFECT_SERVER_API_AUTH_STRING": auth}
+            )
+        )
 
         say("Starting a git server holding examples/flows")
         git = start_git_server(RUN / "git", RUN)
@@ -136,7 +145,11 @@ def main() -> int:
         policy = write_policy(
             RUN / "prefect-managed.toml",
             workspace={"name": "demo", "tier": "free"},
-            runtime={"default_image": default_runtime_tag(), "package_index_url": index.url},
+            runtime={
+                "default_image": default_runtime_tag(),
+                "package_index_url": index.url,
+                "api_gateway_port": free_port(),
+            },
         )
         say(f"prefect-managed policy check {policy.relative_to(ROOT)}")
         subprocess.run([str(BIN / "prefect-managed"), "policy", "check", str(policy)], check=True)

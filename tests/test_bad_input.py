@@ -162,6 +162,12 @@ CASES: list[Case] = [
     Case("policy file", "container output cap not a size",
          "`[tiers.free]` `container_output_max_size = \"all\"`",
          policy_message('[tiers.free]\ncontainer_output_max_size = "all"\n'), where=WORKER),
+    Case("policy file", "run gateway on a privileged port", "`[runtime]` `api_gateway_port = 80`",
+         policy_message("[runtime]\napi_gateway_port = 80\n"), where=WORKER),
+    Case("policy file", "run gateway without host networking",
+         "`network_mode = \"bridge\"`, `api_gateway_port = 4210`",
+         policy_message('[runtime]\nnetwork_mode = "bridge"\napi_gateway_port = 4210\n'),
+         where=WORKER),
     Case("policy file", "not UTF-8", "a file with the byte 0xe9 (Latin-1 `é`)",
          policy_path_message(
              lambda d: (d / POLICY_NAME).write_bytes(b'[workspace]\nname = "caf\xe9"\n')
