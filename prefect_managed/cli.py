@@ -189,6 +189,9 @@ def policy_check(
     console.print(f"Package index: {runtime.package_index_url or 'uv default'}")
     if runtime.api_gateway_port:
         console.print(f"Run gateway: http://127.0.0.1:{runtime.api_gateway_port}/api")
+    if runtime.network_mode == "isolated":
+        reached = ", ".join(sorted({str(d) for d in runtime.isolated_destinations()}))
+        console.print(f"Isolated runs reach: the run gateway{', ' + reached if reached else ''}")
 
 
 @app.command("usage")

@@ -35,6 +35,7 @@ from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable
 from prefect_managed.gateway_rules import run_token
 from prefect_managed.policy import Policy
 from prefect_managed.settings import get_policy, ledger_key
+from prefect_managed.tunnel import isolation
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -279,6 +280,15 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             self.env.update(cache_environment(runtime.dependency_cache_max_bytes))
         self.networks = []
         self.network_mode = runtime.network_mode
+        isolated = None
+        if runtime.network_mode == "isolated":
+            # Docker's `none` network, and a tunnel to the allowed destinations only
+            # (prefect_managed.tunnel); the worker adds the image's own entrypoint.
+            self.network_mode = "none"
+            isolated = isolation(
+                ledger_key(), flow_run.id, runtime.api_gateway_port, runtime.isolated_destinations()
+            )
+            self.volumes.append(isolated.volume)
         self.registry_credentials = None
         self.image_pull_policy = "IfNotPresent"
         self.auto_remove = False  # the worker removes containers once it has read them
@@ -297,6 +307,12 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
                 },
             },
         }
+        if isolated is not None:
+            self.container_create_kwargs.update(
+                extra_hosts=isolated.extra_hosts,
+                sysctls=isolated.sysctls,
+                entrypoint=isolated.entrypoint(None),
+            )
         if tier.disk_bytes is not None:
             # The writable layer's size; the worker checks at start that the engine's
             # storage driver can enforce it (`disk_limit_unsupported`).

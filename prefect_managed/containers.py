@@ -208,6 +208,18 @@ class Containers:
 
         return await run_sync_in_worker_thread(self._with_client, _image_id)
 
+    async def image_entrypoint(self, image: str) -> list[str] | None:
+        """The entrypoint an image runs its command with; None when the image is not on
+        the Docker host (its start then reports it) or has none."""
+
+        def _entrypoint(client: docker.DockerClient) -> list[str] | None:
+            try:
+                return client.api.inspect_image(image)["Config"].get("Entrypoint")
+            except docker.errors.ImageNotFound:
+                return None
+
+        return await run_sync_in_worker_thread(self._with_client, _entrypoint)
+
     async def remove(self, container_id: str) -> None:
         def _remove(client: docker.DockerClient) -> None:
             try:

@@ -33,6 +33,7 @@ from prefect_managed.outcome import ContainerReport, outcome_of
 from prefect_managed.policy import Policy
 from prefect_managed.redact import redact_url_credentials
 from prefect_managed.run_states import CONTAINER_OUTPUT_LOGGER
+from prefect_managed.tunnel import ISOLATED_MOUNT
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -106,6 +107,9 @@ class EnvironmentStep:
             if log_config
             else None,
             "storage_opt": create.get("storage_opt"),
+            # An isolated network (prefect_managed.tunnel): the builder's as the run's.
+            "extra_hosts": create.get("extra_hosts"),
+            "sysctls": create.get("sysctls"),
         }
         logger = self._run_logger(flow_run)
         packages = redact_url_credentials(" ".join(configuration.pip_packages))
@@ -120,6 +124,7 @@ class EnvironmentStep:
                 workspace=self._policy.workspace.name,
                 key=key,
                 timeout=min(runtime.environment_build_seconds, tier.max_run_seconds),
+                entrypoint_prefix=create.get("entrypoint"),
                 output_lines=2000,
             )
         )
@@ -140,7 +145,12 @@ class EnvironmentStep:
         configuration.image_pull_policy = "Never"
         for name in ("EXTRA_PIP_PACKAGES", *CACHE_ENV_KEYS):
             configuration.env.pop(name, None)
-        configuration.volumes = []  # the dependency cache serves builds only
+        # The dependency cache serves builds only; an isolated network's tunnel stays.
+        configuration.volumes = [
+            volume
+            for volume in configuration.volumes or []
+            if volume.endswith(f":{ISOLATED_MOUNT}:ro")
+        ]
         if result.built:
             await run_sync_in_worker_thread(
                 self._environments.evict,

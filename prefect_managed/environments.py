@@ -116,8 +116,12 @@ class Environments:
         key: str,
         timeout: float,
         output_lines: int,
+        entrypoint_prefix: list[str] | None = None,
     ) -> BuildResult:
-        """The environment image of `key`, built now if it is not there yet."""
+        """The environment image of `key`, built now if it is not there yet.
+
+        `entrypoint_prefix` goes before the base image's entrypoint in the builder (an
+        isolated network's `isolate.sh`); the environment keeps the base's entrypoint."""
         image = f"{ENVIRONMENT_REPOSITORY}:{key[:40]}"
         name = BUILDER_PREFIX + key[:40]
         deadline = time.monotonic() + timeout
@@ -125,9 +129,14 @@ class Environments:
             while True:
                 if _touch(client, image):
                     return BuildResult(image=image, built=False)
+                entrypoint = None
+                if entrypoint_prefix:
+                    base = client.api.inspect_image(base_image)["Config"]
+                    entrypoint = [*entrypoint_prefix, *(base.get("Entrypoint") or [])]
                 try:
                     container = client.api.create_container(
                         base_image,
+                        entrypoint=entrypoint,
                         command=["bash", "-c", _build_script(build_env)],
                         user=user,
                         name=name,

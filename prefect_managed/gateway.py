@@ -14,7 +14,8 @@ warns at start when it does not (see docs/security.md).
 One gateway serves every worker of a host that shares the API and the ledger key: the
 first worker process binds the port; the others find it there (`/__prefect_managed_gateway`
 names the API it serves) and bind it themselves when it goes away, so a container keeps
-its API through a worker's restart.
+its API through a worker's restart. The process that holds the port also serves the
+isolated network's tunnel (`prefect_managed.tunnel`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from prefect_managed.gateway_rules import (
     token_from_authorization,
     token_run,
 )
+from prefect_managed.tunnel import TunnelServer, tunnel_directory
 
 __all__ = ["Gateway", "Ownership", "RunGateway"]
 
@@ -337,6 +339,8 @@ class RunGateway:
         self.gateway = gateway
         self._thread: threading.Thread | None = None
         self._server: Any = None
+        # Isolated runs' connections (prefect_managed.tunnel): served with the port.
+        self.tunnel = TunnelServer(tunnel_directory(port), gateway._key)
 
     @property
     def url(self) -> str:
@@ -420,8 +424,13 @@ class RunGateway:
         pause = threading.Event()
         while not server.started and self._thread.is_alive():
             pause.wait(0.02)
+        try:
+            self.tunnel.start()
+        except OSError as exc:
+            logger.error("Isolated runs cannot reach anything: %s", exc)
 
     def stop(self) -> None:
+        self.tunnel.stop()
         if self._server is not None:
             self._server.should_exit = True
         if self._thread is not None:

@@ -28,6 +28,7 @@ import fnmatch
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from docker.errors import DockerException
 from docker.utils import parse_bytes
@@ -42,6 +43,7 @@ from pydantic import (
 )
 
 from prefect_managed.exceptions import PolicyError
+from prefect_managed.tunnel import Destination, parse_destination
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -250,8 +252,21 @@ class Runtime(_Strict):
         default_factory=lambda: [*OFFICIAL_IMAGES, "prefect-managed-runtime:*"],
         description="Images flow runs may use (shell-style patterns such as 'prefecthq/prefect:3*').",
     )
-    network_mode: Literal["host", "bridge", "none"] = Field(
-        default="host", description="Docker network mode of flow run containers."
+    network_mode: Literal["host", "bridge", "none", "isolated"] = Field(
+        default="host",
+        description=(
+            "Docker network mode of flow run containers. 'isolated': a network of the "
+            "run's own that reaches only the run gateway, the package index and "
+            "allowed_destinations (needs api_gateway_port; see the security page)."
+        ),
+    )
+    allowed_destinations: list[str] = Field(
+        default_factory=list,
+        description=(
+            "With network_mode 'isolated': the host:port a run may reach besides the run "
+            "gateway and the package index (its git server, object storage, ...), for "
+            "example '127.0.0.1:9418' or 'github.com:443'."
+        ),
     )
     user: str = Field(
         default="1000:1000",
@@ -327,7 +342,7 @@ class Runtime(_Strict):
             "The port on the worker host's 127.0.0.1 of the run gateway, 0 for none. With "
             "a port, a run's container holds a token valid only for its own run instead of "
             "the worker's Prefect credential, and reaches the API through the gateway (see "
-            "the security page). Needs network_mode 'host'."
+            "the security page). Needs network_mode 'host' or 'isolated'."
         ),
     )
 
@@ -372,12 +387,35 @@ class Runtime(_Strict):
                 f"api_gateway_port {self.api_gateway_port} is a privileged port; choose one "
                 "from 1024 to 65535, or 0 for no gateway"
             )
-        if self.api_gateway_port and self.network_mode != "host":
+        if self.api_gateway_port and self.network_mode not in ("host", "isolated"):
             raise ValueError(
-                f"api_gateway_port needs network_mode 'host' (the gateway listens on the "
-                f"worker host's 127.0.0.1), not {self.network_mode!r}"
+                f"api_gateway_port needs network_mode 'host' or 'isolated' (the gateway "
+                f"listens on the worker host's 127.0.0.1), not {self.network_mode!r}"
             )
+        if self.network_mode == "isolated" and not self.api_gateway_port:
+            raise ValueError(
+                "network_mode 'isolated' needs api_gateway_port: an isolated run reaches the "
+                "Prefect API through the run gateway only; set api_gateway_port to a free "
+                "port (1024-65535)"
+            )
+        if self.allowed_destinations and self.network_mode != "isolated":
+            raise ValueError(
+                f"allowed_destinations is for network_mode 'isolated', not "
+                f"{self.network_mode!r}; remove it, or set network_mode = 'isolated'"
+            )
+        self.isolated_destinations()  # each entry is host:port
         return self
+
+    def isolated_destinations(self) -> list[Destination]:
+        """What an isolated run may reach besides the gateway: allowed_destinations and
+        the package index. Raises `ValueError` naming an entry that is not host:port."""
+        destinations = [parse_destination(entry) for entry in self.allowed_destinations]
+        if self.package_index_url:
+            index = urlsplit(self.package_index_url)
+            if index.hostname:
+                port = index.port or (443 if index.scheme == "https" else 80)
+                destinations.append(parse_destination(f"{index.hostname}:{port}"))
+        return destinations
 
     def image_allowed(self, image: str) -> bool:
         return any(fnmatch.fnmatchcase(image, pattern) for pattern in self.allowed_images)

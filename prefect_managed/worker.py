@@ -330,6 +330,11 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
             if not await step.prepare(flow_run, configuration):
                 # The build failed: the run is Crashed and recorded, no container made.
                 return DockerWorkerResult(status_code=1, identifier="")
+        create = configuration.container_create_kwargs or {}
+        if self.policy.runtime.network_mode == "isolated" and "entrypoint" in create:
+            # isolate.sh starts the tunnel's listeners, then the image's own entrypoint.
+            image_entrypoint = await self._containers.image_entrypoint(configuration.image or "")
+            create["entrypoint"] = [*create["entrypoint"], *(image_entrypoint or [])]
         started = _StartedProxy(task_status)
         watches: list[Watch] = []
         error: Exception | None = None

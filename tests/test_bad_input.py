@@ -168,6 +168,20 @@ CASES: list[Case] = [
          "`network_mode = \"bridge\"`, `api_gateway_port = 4210`",
          policy_message('[runtime]\nnetwork_mode = "bridge"\napi_gateway_port = 4210\n'),
          where=WORKER),
+    Case("policy file", "isolated network without the run gateway",
+         "`network_mode = \"isolated\"` and no `api_gateway_port`",
+         policy_message('[runtime]\nnetwork_mode = "isolated"\n'), where=WORKER),
+    Case("policy file", "isolated destination by another machine's address",
+         "`allowed_destinations = [\"192.0.2.10:9000\"]`",
+         policy_message('[runtime]\nnetwork_mode = "isolated"\napi_gateway_port = 4210\n'
+                        'allowed_destinations = ["192.0.2.10:9000"]\n'), where=WORKER),
+    Case("policy file", "isolated destination without a port",
+         "`allowed_destinations = [\"git.example.com\"]`",
+         policy_message('[runtime]\nnetwork_mode = "isolated"\napi_gateway_port = 4210\n'
+                        'allowed_destinations = ["git.example.com"]\n'), where=WORKER),
+    Case("policy file", "allowed destinations without the isolated network",
+         "`allowed_destinations = [\"127.0.0.1:9418\"]` with `network_mode = \"host\"`",
+         policy_message('[runtime]\nallowed_destinations = ["127.0.0.1:9418"]\n'), where=WORKER),
     Case("policy file", "not UTF-8", "a file with the byte 0xe9 (Latin-1 `é`)",
          policy_path_message(
              lambda d: (d / POLICY_NAME).write_bytes(b'[workspace]\nname = "caf\xe9"\n')
