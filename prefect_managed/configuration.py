@@ -105,9 +105,11 @@ _IMAGE_DESCRIPTION = (
     "runtime image, which has Prefect, uv and git installed."
 )
 _PIP_PACKAGES_DESCRIPTION = (
-    "Python packages installed with uv inside the flow run's container before the flow "
-    "starts, one PEP 508 requirement per entry (for example 'pandas>=2.2' or "
-    "'prefect-aws'). The installation counts against the run's memory limit."
+    "Python packages installed with uv before the flow starts, one PEP 508 requirement "
+    "per entry (for example 'pandas>=2.2' or 'prefect-aws'). A package set is installed "
+    "once into an environment that later runs with the same packages start from (unless "
+    "the operator turned prebuilt environments off); the installation counts against the "
+    "run's memory limit."
 )
 
 

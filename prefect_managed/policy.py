@@ -304,11 +304,11 @@ class Runtime(_Strict):
         ),
     )
     prebuilt_environments: bool = Field(
-        default=False,
+        default=True,
         description=(
             "Whether a run's pip_packages are installed once per (image, packages, index, "
             "workspace) into an environment image that later runs start from with nothing "
-            "to install, instead of in every run's container."
+            "to install (the default), instead of in every run's container (false)."
         ),
     )
     environments_max_size: CacheSize = Field(

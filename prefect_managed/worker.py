@@ -329,6 +329,10 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         if step is not None and step.wanted(configuration):
             if not await step.prepare(flow_run, configuration):
                 # The build failed: the run is Crashed and recorded, no container made.
+                # Said to Prefect as a start that did not happen (else it logs that the
+                # infrastructure returned without reporting).
+                if task_status is not None:
+                    task_status.started(RuntimeError("the run's environment build failed"))
                 return DockerWorkerResult(status_code=1, identifier="")
         create = configuration.container_create_kwargs or {}
         if self.policy.runtime.network_mode == "isolated" and "entrypoint" in create:

@@ -13,6 +13,7 @@ import re
 from uuid import uuid4
 
 import pytest
+import tomllib
 
 from prefect_managed.container_output import (
     CONTAINER_OUTPUT_LOGGER,
@@ -358,20 +359,32 @@ def test_output_over_the_cap_keeps_its_last_part_and_says_what_was_dropped(
 
 
 @pytest.mark.docker
-def test_an_early_exits_output_is_sent_once_by_its_report(deploy, docker_client):
-    from helpers import wait_for_settled_run
+@pytest.mark.parametrize("prebuilt", [False, True], ids=["install-in-run", "environment-build"])
+def test_an_early_exits_output_is_sent_once_by_its_report(
+    deploy, docker_client, runtime_image, package_index, tmp_path, prebuilt
+):
+    """A failed install in the run's own container (an early exit: its report carries
+    the output, the forwarding must not send it again), or in the environment's builder."""
+    from conftest import worker_policy
+    from helpers import create_pool, wait_for_settled_run, worker
+    from services import write_policy
 
+    name = f"early-exit-{'prebuilt' if prebuilt else 'in-run'}"
+    pool = create_pool(f"{name}-pool")
+    policy = worker_policy(tmp_path / f"{name}.toml", runtime_image, package_index.url, name)
+    tables = tomllib.loads(policy.read_text())
+    tables["runtime"]["prebuilt_environments"] = prebuilt
+    write_policy(policy, **tables)
     deployment_id = deploy(
-        "hello", "hello-missing-package-output", {"pip_packages": ["managed-probe-missing==9.9.9"]}
+        "hello", name, {"pip_packages": ["managed-probe-missing==9.9.9"]}, pool=pool
     )
-    flow_run_id = start_run(deployment_id)
-
-    run = wait_for_settled_run(docker_client, flow_run_id)
+    with worker(pool, policy, f"{name}-worker"):
+        flow_run_id = start_run(deployment_id)
+        run = wait_for_settled_run(docker_client, flow_run_id)
 
     assert run.state.is_crashed(), run.state
     entries = [log for log in run_logs(flow_run_id) if log.name == CONTAINER_OUTPUT_LOGGER]
     assert len(entries) == 1, entries
-    assert "Container output:" in entries[0].message
     assert "+uv pip install managed-probe-missing==9.9.9" in entries[0].message
 
 

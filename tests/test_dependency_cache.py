@@ -57,13 +57,13 @@ def workspace(runtime_image, package_index, tmp_path, docker_client):
         policy = worker_policy(
             tmp_path / f"{name}.toml", runtime_image, package_index.url, name, concurrency_limit=4
         )
-        if runtime:
-            import tomllib
-            from services import write_policy
+        import tomllib
+        from services import write_policy
 
-            tables = tomllib.loads(policy.read_text())
-            tables["runtime"].update(runtime)
-            write_policy(policy, **tables)
+        # The cache as runs that install in their own container use it.
+        tables = tomllib.loads(policy.read_text())
+        tables["runtime"].update({"prebuilt_environments": False, **runtime})
+        write_policy(policy, **tables)
         return name, policy
 
     yield _workspace
