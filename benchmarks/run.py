@@ -817,7 +817,12 @@ def main(argv: list[str] | None = None) -> int:
                     "compute_hours_per_month": 100000,
                 }
             },
-            runtime={"default_image": image, "package_index_url": index.url},
+            # The dependency cache as runs that install in their own container use it.
+            runtime={
+                "default_image": image,
+                "package_index_url": index.url,
+                "prebuilt_environments": False,
+            },
         )
         env_policy = write_policy(
             home / "env-policy.toml",
