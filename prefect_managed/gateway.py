@@ -14,18 +14,14 @@ warns at start when it does not (see docs/security.md).
 One gateway serves every worker of a host that shares the API and the ledger key: the
 first worker process binds the port; the others find it there (`/__prefect_managed_gateway`
 names the API it serves) and bind it themselves when it goes away, so a container keeps
-its API through a worker's restart. The process that holds the port also serves the
-isolated network's tunnel (`prefect_managed.tunnel`).
+its API through a worker's restart (`gateway_host`, which also serves the isolated
+network's tunnel).
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import errno
 import json
-import socket
-import threading
 from collections import OrderedDict
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -48,9 +44,8 @@ from prefect_managed.gateway_rules import (
     token_from_authorization,
     token_run,
 )
-from prefect_managed.tunnel import TunnelServer, tunnel_directory
 
-__all__ = ["Gateway", "Ownership", "RunGateway"]
+__all__ = ["HEALTH_PATH", "Gateway", "Ownership"]
 
 HEALTH_PATH = "/__prefect_managed_gateway"
 #: The largest request body a run may send (Prefect batches logs well under this).
@@ -135,8 +130,8 @@ class Gateway:
         self.api_url = api_url.rstrip("/")
         self._auth_headers = auth_headers
         self._auth_string = auth_string
-        self._key = key
-        self._api_label = api_label
+        self.key = key
+        self.api_label = api_label
         self._client: httpx.AsyncClient | None = None
         self.ownership = Ownership(self._get_json)
         self.app = Starlette(
@@ -168,10 +163,10 @@ class Gateway:
         return body if isinstance(body, dict) else None
 
     async def _health(self, request: Request) -> JSONResponse:
-        return JSONResponse({"gateway": "prefect-managed", "api": self._api_label})
+        return JSONResponse({"gateway": "prefect-managed", "api": self.api_label})
 
     async def _http(self, request: Request) -> Response:
-        run = token_run(self._key, token_from_authorization(request.headers.get("authorization")))
+        run = token_run(self.key, token_from_authorization(request.headers.get("authorization")))
         if run is None:
             return _refusal(401, "a flow run's token is required (PREFECT_API_AUTH_STRING)")
         body = await request.body()
@@ -239,7 +234,7 @@ class Gateway:
             message = await websocket.receive_json()
         except (WebSocketDisconnect, ValueError):
             return
-        run = token_run(self._key, message.get("token") if isinstance(message, dict) else None)
+        run = token_run(self.key, message.get("token") if isinstance(message, dict) else None)
         if not isinstance(message, dict) or message.get("type") != "auth" or run is None:
             await websocket.close(1008, "Invalid token")
             return
@@ -318,164 +313,4 @@ class Gateway:
             event.get("event") if isinstance(event, dict) else None,
             run,
         )
-        return False
-
-
-def auth_headers(auth_string: str | None, api_key: str | None) -> dict[str, str]:
-    """The Authorization header Prefect's client sends for these settings."""
-    if auth_string:
-        return {"Authorization": f"Basic {base64.b64encode(auth_string.encode()).decode()}"}
-    if api_key:
-        return {"Authorization": f"Bearer {api_key}"}
-    return {}
-
-
-class RunGateway:
-    """The gateway of this process, on `127.0.0.1:port`: bound by `ensure`, or found
-    served by another worker process of the host."""
-
-    def __init__(self, port: int, gateway: Gateway) -> None:
-        self.port = port
-        self.gateway = gateway
-        self._thread: threading.Thread | None = None
-        self._server: Any = None
-        # Isolated runs' connections (prefect_managed.tunnel): served with the port.
-        self.tunnel = TunnelServer(tunnel_directory(port), gateway._key)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
-
-    @property
-    def serving(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
-
-    def keep(self, interval: float = 2.0) -> None:
-        """While another process serves the port, watch it and bind the port as soon
-        as that process is gone (a daemon thread)."""
-
-        def watch() -> None:
-            pause = threading.Event()
-            while not self.serving:
-                pause.wait(interval)
-                try:
-                    if self.ensure() == "bound":
-                        logger.info(
-                            "Run gateway bound on %s (its previous holder is gone)", self.url
-                        )
-                except OSError as exc:
-                    logger.warning("Run gateway on %s: %s", self.url, exc)
-
-        threading.Thread(target=watch, name="prefect-managed-gateway-watch", daemon=True).start()
-
-    def ensure(self) -> str:
-        """Make sure the port serves this API's gateway: bind it, or find another worker
-        process's gateway there. Returns "bound" or "shared". Raises `OSError` when
-        something else holds the port."""
-        if self.serving:
-            return "bound"
-        try:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(("127.0.0.1", self.port))
-            sock.listen(128)
-        except OSError as exc:
-            sock.close()
-            if exc.errno != errno.EADDRINUSE:
-                raise
-            if self._peer_serves():
-                return "shared"
-            raise OSError(
-                errno.EADDRINUSE,
-                f"runtime.api_gateway_port {self.port} on 127.0.0.1 is held by something "
-                "other than a gateway of this Prefect API; choose a free port in the policy",
-            ) from exc
-        self._start(sock)
-        return "bound"
-
-    def _peer_serves(self) -> bool:
-        try:
-            reply = httpx.get(f"http://127.0.0.1:{self.port}{HEALTH_PATH}", timeout=3)
-            return reply.json() == {"gateway": "prefect-managed", "api": self.gateway._api_label}
-        except (httpx.HTTPError, ValueError):
-            return False
-
-    def _start(self, sock: socket.socket) -> None:
-        import uvicorn
-
-        config = uvicorn.Config(
-            self.gateway.app,
-            log_level="warning",
-            lifespan="off",
-            ws="websockets-sansio",
-            access_log=False,
-        )
-        server = uvicorn.Server(config)
-        self._server = server
-
-        def serve() -> None:
-            try:
-                asyncio.run(server.serve(sockets=[sock]))
-            finally:
-                sock.close()
-
-        self._thread = threading.Thread(target=serve, name="prefect-managed-gateway", daemon=True)
-        self._thread.start()
-        pause = threading.Event()
-        while not server.started and self._thread.is_alive():
-            pause.wait(0.02)
-        try:
-            self.tunnel.start()
-        except OSError as exc:
-            logger.error("Isolated runs cannot reach anything: %s", exc)
-
-    def stop(self) -> None:
-        self.tunnel.stop()
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._thread = None
-
-
-_process_gateway: RunGateway | None = None
-_process_lock = threading.Lock()
-
-
-def start_run_gateway(port: int, key: bytes) -> tuple[RunGateway, str]:
-    """The gateway of this process for the worker's Prefect API, started once per
-    process: ("bound", ...) or ("shared", ...) when another worker process of the host
-    serves it (then this one takes the port over if that process goes away)."""
-    global _process_gateway
-    from prefect.settings import get_current_settings
-
-    from prefect_managed.configuration import api_label_value
-
-    with _process_lock:
-        if _process_gateway is not None and _process_gateway.port == port:
-            return _process_gateway, "bound" if _process_gateway.serving else "shared"
-        api = get_current_settings().api
-        auth_string = api.auth_string.get_secret_value() if api.auth_string else None
-        api_key = api.key.get_secret_value() if api.key else None
-        gateway = Gateway(
-            str(api.url or ""),
-            auth_headers(auth_string, api_key),
-            auth_string,
-            key,
-            api_label_value(),
-        )
-        run_gateway = RunGateway(port, gateway)
-        how = run_gateway.ensure()
-        if how == "shared":
-            run_gateway.keep()
-        _process_gateway = run_gateway
-        return run_gateway, how
-
-
-def api_open_without_credential(api_url: str) -> bool:
-    """Whether the Prefect API answers a request that carries no credential: then a flow
-    run can reach it directly and the gateway protects nothing."""
-    try:
-        return httpx.get(f"{api_url.rstrip('/')}/admin/version", timeout=10).status_code == 200
-    except httpx.HTTPError:
         return False

@@ -50,7 +50,7 @@ from prefect_managed.exceptions import (
     WorkerNotStarted,
 )
 from prefect_managed.finishing import Finishing
-from prefect_managed.gateway import api_open_without_credential, start_run_gateway
+from prefect_managed.gateway_host import api_open_without_credential, start_run_gateway
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.messages import awaiting_slot_message
 from prefect_managed.outcome import (

@@ -10,7 +10,8 @@ from uuid import UUID, uuid4
 import anyio
 import pytest
 
-from prefect_managed.gateway import Ownership, auth_headers
+from prefect_managed.gateway import Ownership
+from prefect_managed.gateway_host import auth_headers
 from prefect_managed.gateway_rules import (
     Check,
     decide,

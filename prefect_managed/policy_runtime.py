@@ -1,0 +1,200 @@
+"""The policy's `[runtime]` table: the operator-only settings of flow run containers
+(images, network, user, package index, dependency cache, environments, the run gateway,
+log limits). Pure."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from docker.utils import parse_bytes
+from pydantic import Field, model_validator
+
+from prefect_managed.policy_values import CacheSize, Count, LogSize, StrictModel
+from prefect_managed.tunnel import Destination, parse_destination
+
+__all__ = ["OFFICIAL_IMAGES", "Runtime"]
+
+OFFICIAL_IMAGES = ("prefecthq/prefect:3*", "docker.io/prefecthq/prefect:3*")
+
+
+class Runtime(StrictModel):
+    """Operator-only settings of the containers; no job variable changes them."""
+
+    default_image: str = Field(
+        default="prefecthq/prefect:3-latest",
+        description="The image of a flow run whose deployment names none.",
+    )
+    allowed_images: list[str] = Field(
+        default_factory=lambda: [*OFFICIAL_IMAGES, "prefect-managed-runtime:*"],
+        description="Images flow runs may use (shell-style patterns such as 'prefecthq/prefect:3*').",
+    )
+    network_mode: Literal["host", "bridge", "none", "isolated"] = Field(
+        default="host",
+        description=(
+            "Docker network mode of flow run containers. 'isolated': a network of the "
+            "run's own that reaches only the run gateway, the package index and "
+            "allowed_destinations (needs api_gateway_port; see the security page)."
+        ),
+    )
+    allowed_destinations: list[str] = Field(
+        default_factory=list,
+        description=(
+            "With network_mode 'isolated': the host:port a run may reach besides the run "
+            "gateway and the package index (its git server, object storage, ...), for "
+            "example '127.0.0.1:9418' or 'github.com:443'."
+        ),
+    )
+    user: str = Field(
+        default="1000:1000",
+        pattern=r"^[1-9][0-9]*(:[1-9][0-9]*)?$",
+        description="The non-root uid[:gid] flow run containers run as.",
+    )
+    pids_limit: Count = Field(
+        default=1024, ge=16, le=4_194_304, description="Processes per container (16 or more)."
+    )
+    extra_ca_bundle: Path | None = Field(
+        default=None,
+        description="A PEM bundle of extra certificate authorities for the runtime image.",
+    )
+    package_index_url: str | None = Field(
+        default=None,
+        description="The package index pip_packages are installed from (unset: uv's default).",
+    )
+    allow_url_requirements: bool = Field(
+        default=False, description="Whether pip_packages may name a URL ('name @ https://...')."
+    )
+    dependency_cache: bool = Field(
+        default=True,
+        description=(
+            "Whether runs with pip_packages use the workspace's dependency cache: a named "
+            "Docker volume per workspace (no host path) mounted as uv's cache directory, so "
+            "a second run with the same packages installs them without downloading."
+        ),
+    )
+    dependency_cache_max_size: CacheSize = Field(
+        default="5g",
+        description=(
+            "The most the workspace's dependency cache may hold, in Docker's units. A run "
+            "that finds it larger evicts the packages used least recently, before its flow "
+            "starts, until it holds at most 80 % of this."
+        ),
+    )
+    prebuilt_environments: bool = Field(
+        default=True,
+        description=(
+            "Whether a run's pip_packages are installed once per (image, packages, index, "
+            "workspace) into an environment image that later runs start from with nothing "
+            "to install (the default), instead of in every run's container (false)."
+        ),
+    )
+    environments_max_size: CacheSize = Field(
+        default="20g",
+        description=(
+            "The most a workspace's environment images may hold on the Docker host (their "
+            "own layers), in Docker's units; the least recently used go first."
+        ),
+    )
+    environments_max_age_days: Count = Field(
+        default=30,
+        ge=1,
+        le=3660,
+        description="Days an environment image is kept after its last use.",
+    )
+    environment_build_seconds: Count = Field(
+        default=1800,
+        ge=10,
+        le=86400,
+        description=(
+            "The longest an environment build may take (it never takes longer than the "
+            "tier's maximum run time either); a build that does not end in time fails the run."
+        ),
+    )
+
+    api_gateway_port: Count = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description=(
+            "The port on the worker host's 127.0.0.1 of the run gateway, 0 for none. With "
+            "a port, a run's container holds a token valid only for its own run instead of "
+            "the worker's Prefect credential, and reaches the API through the gateway (see "
+            "the security page). Needs network_mode 'host' or 'isolated'."
+        ),
+    )
+
+    log_max_size: LogSize = Field(
+        default="10m",
+        description=(
+            "The most of a container's output Docker keeps on the host per log file "
+            "(json-file `max-size`), in Docker's units."
+        ),
+    )
+    log_max_files: Count = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="How many rotated log files Docker keeps per container (`max-file`).",
+    )
+
+    @property
+    def dependency_cache_max_bytes(self) -> int:
+        return parse_bytes(self.dependency_cache_max_size)
+
+    @property
+    def environments_max_bytes(self) -> int:
+        return parse_bytes(self.environments_max_size)
+
+    @property
+    def log_max_bytes(self) -> int:
+        return parse_bytes(self.log_max_size)
+
+    @model_validator(mode="after")
+    def _default_image_is_allowed(self) -> Runtime:
+        if not self.image_allowed(self.default_image):
+            raise ValueError(
+                f"default_image {self.default_image!r} is not in allowed_images {self.allowed_images}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _gateway_is_reachable(self) -> Runtime:
+        if self.api_gateway_port and self.api_gateway_port < 1024:
+            raise ValueError(
+                f"api_gateway_port {self.api_gateway_port} is a privileged port; choose one "
+                "from 1024 to 65535, or 0 for no gateway"
+            )
+        if self.api_gateway_port and self.network_mode not in ("host", "isolated"):
+            raise ValueError(
+                f"api_gateway_port needs network_mode 'host' or 'isolated' (the gateway "
+                f"listens on the worker host's 127.0.0.1), not {self.network_mode!r}"
+            )
+        if self.network_mode == "isolated" and not self.api_gateway_port:
+            raise ValueError(
+                "network_mode 'isolated' needs api_gateway_port: an isolated run reaches the "
+                "Prefect API through the run gateway only; set api_gateway_port to a free "
+                "port (1024-65535)"
+            )
+        if self.allowed_destinations and self.network_mode != "isolated":
+            raise ValueError(
+                f"allowed_destinations is for network_mode 'isolated', not "
+                f"{self.network_mode!r}; remove it, or set network_mode = 'isolated'"
+            )
+        self.isolated_destinations()  # each entry is host:port
+        return self
+
+    def isolated_destinations(self) -> list[Destination]:
+        """What an isolated run may reach besides the gateway: allowed_destinations and
+        the package index. Raises `ValueError` naming an entry that is not host:port."""
+        destinations = [parse_destination(entry) for entry in self.allowed_destinations]
+        if self.package_index_url:
+            index = urlsplit(self.package_index_url)
+            if index.hostname:
+                port = index.port or (443 if index.scheme == "https" else 80)
+                destinations.append(parse_destination(f"{index.hostname}:{port}"))
+        return destinations
+
+    def image_allowed(self, image: str) -> bool:
+        return any(fnmatch.fnmatchcase(image, pattern) for pattern in self.allowed_images)
