@@ -20,9 +20,16 @@ import httpx
 from prefect.logging import get_logger
 
 from prefect_managed.gateway import HEALTH_PATH, Gateway
+from prefect_managed.policy_runtime import Runtime
 from prefect_managed.tunnel import TunnelServer, tunnel_directory
 
-__all__ = ["RunGateway", "api_open_without_credential", "auth_headers", "start_run_gateway"]
+__all__ = [
+    "RunGateway",
+    "api_open_without_credential",
+    "auth_headers",
+    "serve_run_gateway",
+    "start_run_gateway",
+]
 
 logger = get_logger("managed.gateway")
 
@@ -185,3 +192,24 @@ def api_open_without_credential(api_url: str) -> bool:
         return httpx.get(f"{api_url.rstrip('/')}/admin/version", timeout=10).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def serve_run_gateway(runtime: Runtime, key: bytes, worker_logger: Any) -> RunGateway:
+    """A worker's start with `runtime.api_gateway_port`: the host's gateway served here or
+    found served, said in the worker's log, with a warning when runs could go around it
+    (host networking and a server that answers without a credential)."""
+    gateway, how = start_run_gateway(runtime.api_gateway_port, key)
+    worker_logger.info(
+        "Flow runs reach the Prefect API through the run gateway on %s (%s)",
+        gateway.url,
+        "served here" if how == "bound" else "served by another worker process of this host",
+    )
+    if runtime.network_mode != "isolated" and api_open_without_credential(gateway.gateway.api_url):
+        worker_logger.warning(
+            "The Prefect API %s answers requests without a credential, so a flow run "
+            "can reach it directly, around the run gateway; start the server with "
+            "PREFECT_SERVER_API_AUTH_STRING and give workers PREFECT_API_AUTH_STRING "
+            "(or put runs in network_mode 'isolated')",
+            gateway.gateway.api_url,
+        )
+    return gateway

@@ -50,7 +50,7 @@ from prefect_managed.exceptions import (
     WorkerNotStarted,
 )
 from prefect_managed.finishing import Finishing
-from prefect_managed.gateway_host import api_open_without_credential, start_run_gateway
+from prefect_managed.gateway_host import serve_run_gateway
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.messages import awaiting_slot_message
 from prefect_managed.outcome import (
@@ -206,7 +206,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
             self._work_pool_name,
         )
         if self.policy.runtime.api_gateway_port:
-            await anyio.to_thread.run_sync(self._start_gateway)
+            await anyio.to_thread.run_sync(
+                serve_run_gateway, self.policy.runtime, ledger_key(), self._logger
+            )
         self._background = anyio.create_task_group()
         await self._exit_stack.enter_async_context(self._background)
         self._exit_stack.callback(self._background.cancel_scope.cancel)
@@ -226,21 +228,6 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
             tier.cpus,
             tier.max_run_seconds,
         )
-
-    def _start_gateway(self) -> None:
-        gateway, how = start_run_gateway(self.policy.runtime.api_gateway_port, ledger_key())
-        self._logger.info(
-            "Flow runs reach the Prefect API through the run gateway on %s (%s)",
-            gateway.url,
-            "served here" if how == "bound" else "served by another worker process of this host",
-        )
-        if api_open_without_credential(gateway.gateway.api_url):
-            self._logger.warning(
-                "The Prefect API %s answers requests without a credential, so a flow run "
-                "can reach it directly, around the run gateway; start the server with "
-                "PREFECT_SERVER_API_AUTH_STRING and give workers PREFECT_API_AUTH_STRING",
-                gateway.gateway.api_url,
-            )
 
     async def _renew_leases_forever(self) -> None:
         assert self._slots is not None
