@@ -129,6 +129,10 @@ class WorkspaceSlots:
     def holds(self, flow_run_id: UUID) -> bool:
         return flow_run_id in self._leases
 
+    def held_runs(self) -> set[UUID]:
+        """The flow runs this worker holds a slot for."""
+        return set(self._leases)
+
     async def try_acquire(self, flow_run_id: UUID) -> bool:
         """Take one slot for the run; False when every slot is taken."""
         await self.assert_limit()

@@ -8,7 +8,9 @@ new run), and watches it to its end in the worker's background group, where
 `ManagedWorker._finish` explains, records and removes it; once its slot is given back, a
 run that crashed for an infrastructure reason is scheduled again (`retries`). Every step
 is guarded: an error is logged, the container and slot are given back, and the next
-reconciliation tries again; the worker's other background tasks go on.
+reconciliation tries again; the worker's other background tasks go on. Each
+reconciliation also gives back a slot held for a run this worker no longer runs
+(`_release_stray_slots`), so that no race can shrink the workspace's cap for good.
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ class TakeOver:
         _active: set[str]
         _finished: deque[str]
         _unslotted: set[UUID]
+        _running: set[UUID]
+        _stray_slots: set[UUID]
 
         @property
         def client(self) -> PrefectClient: ...
@@ -76,6 +80,27 @@ class TakeOver:
             await self._reconcile_orphans()
         except Exception:
             self._logger.warning("Could not reconcile orphaned containers", exc_info=True)
+        try:
+            await self._release_stray_slots()
+        except Exception:
+            self._logger.warning("Could not give back stray concurrency slots", exc_info=True)
+
+    async def _release_stray_slots(self) -> None:
+        """A safety net: a slot this worker holds for a flow run it no longer runs nor
+        waits to take over is given back at the second reconciliation in a row that finds
+        it so (at the first, the run may be between its slot and its start). Without it,
+        a slot missed by a race would be renewed for good and shrink the workspace's cap."""
+        assert self._slots is not None
+        stray = self._slots.held_runs() - self._running - self._unslotted
+        released = stray & self._stray_slots
+        for flow_run_id in released:
+            self._logger.warning(
+                "Gave back the concurrency slot of flow run %s, which this worker held "
+                "without running it",
+                flow_run_id,
+            )
+            await self._slots.release(flow_run_id)
+        self._stray_slots = stray - released
 
     async def _reconcile_orphans(self) -> None:
         """Find this pool's containers that no live worker watches, and finish them."""
@@ -96,6 +121,7 @@ class TakeOver:
             except ObjectNotFound:
                 continue  # not a run of this Prefect server: not ours to touch
             self._active.add(report.id)
+            self._running.add(flow_run.id)
             self._logger.info(
                 "Taking over container %s of flow run %s, left by worker %r",
                 report.name,
@@ -120,6 +146,21 @@ class TakeOver:
             self._logger.warning("Could not take a slot for flow run %s", flow_run_id)
         self._unslotted.add(flow_run_id)
 
+    async def _take_waiting_slots(self) -> None:
+        """Give the taken-over runs that wait for a slot one each, before any new run.
+
+        A run whose container ends while its slot is being taken (its `_adopt` has
+        released nothing and left `_unslotted`) gives that slot straight back: nothing
+        else would, and its lease would be renewed for good."""
+        assert self._slots is not None
+        for flow_run_id in list(self._unslotted):
+            if not await self._slots.try_acquire(flow_run_id):
+                continue
+            if flow_run_id in self._unslotted:
+                self._unslotted.discard(flow_run_id)
+            else:
+                await self._slots.release(flow_run_id)
+
     async def _adopt(self, flow_run: FlowRun, watch: Watch) -> None:
         """Watch a taken-over container to its end (within the run time), then finish it.
         Any error is logged: the next reconciliation takes the container over again."""
@@ -137,6 +178,7 @@ class TakeOver:
         finally:
             self._active.discard(watch.container_id)
             self._unslotted.discard(flow_run.id)
+            self._running.discard(flow_run.id)
             with anyio.CancelScope(shield=True):
                 try:
                     await self._slots.release(flow_run.id)

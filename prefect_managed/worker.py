@@ -136,6 +136,8 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         # Runs taken over from a dead worker that still wait for a slot: no new run is
         # admitted while one waits, so the cap holds while the dead worker's leases expire.
         self._unslotted: set[UUID] = set()
+        self._running: set[UUID] = set()  # runs submitted or taken over, until they end
+        self._stray_slots: set[UUID] = set()  # see `_release_stray_slots`
         self._pool_gate: PoolGate | None = None
         self._environment_step: EnvironmentStep | None = None
         # Set when the runs are abandoned: the threads that wait on their containers end.
@@ -265,9 +267,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
                 if entry.flow_run.id not in self._submitting_flow_run_ids:
                     await self._states.refuse(entry.flow_run, QUOTA_EXHAUSTED, message)
             return []
-        for flow_run_id in list(self._unslotted):  # taken-over runs come first
-            if await self._slots.try_acquire(flow_run_id):
-                self._unslotted.discard(flow_run_id)
+        await self._take_waiting_slots()  # taken-over runs come first
         admitted: list[WorkerFlowRunResponse] = []
         for entry in sorted(flow_run_response, key=lambda e: _scheduled_time(e.flow_run)):
             flow_run = entry.flow_run
@@ -299,8 +299,12 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         """Prefect's submission of one run; then, once Prefect has set its final state and
         released its slot, a run that crashed for an infrastructure reason is scheduled
         again (not when the worker abandons its runs: that cancels this)."""
-        result = await super()._submit_run_and_capture_errors(flow_run, task_status)
-        await self._retry_infrastructure_crash(flow_run)
+        self._running.add(flow_run.id)
+        try:
+            result = await super()._submit_run_and_capture_errors(flow_run, task_status)
+            await self._retry_infrastructure_crash(flow_run)
+        finally:
+            self._running.discard(flow_run.id)
         return result
 
     async def run(  # type: ignore[override]

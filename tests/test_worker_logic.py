@@ -33,6 +33,9 @@ class FakeSlots:
     def holds(self, flow_run_id: UUID) -> bool:
         return flow_run_id in self.held
 
+    def held_runs(self) -> set[UUID]:
+        return set(self.held)
+
     async def try_acquire(self, flow_run_id: UUID) -> bool:
         if self.fail:
             raise httpx.ConnectError("the Prefect API is down")
@@ -71,6 +74,61 @@ def test_a_taken_over_run_without_a_slot_waits_for_one_and_blocks_new_runs(worke
     run = uuid4()
     asyncio.run(worker._hold_slot(run))
     assert worker._unslotted == {run}  # admission takes it first, and admits nothing else
+
+
+def test_a_waiting_taken_over_run_gets_the_next_free_slot(worker):
+    worker._slots = FakeSlots(free=0)  # type: ignore[assignment]
+    run = uuid4()
+    asyncio.run(worker._hold_slot(run))
+    asyncio.run(worker._take_waiting_slots())
+    assert worker._unslotted == {run}  # still no slot: still waiting
+    worker._slots.free = 1
+    asyncio.run(worker._take_waiting_slots())
+    assert worker._slots.holds(run) and not worker._unslotted
+
+
+def test_a_taken_over_run_that_ends_while_its_slot_is_taken_gives_it_back(worker, monkeypatch):
+    """Its container ends (its take-over finishes, releasing nothing) while admission is
+    taking the slot it waited for: the slot goes straight back, not renewed for good."""
+    slots = FakeSlots(free=0)
+    worker._slots = slots  # type: ignore[assignment]
+    run = SimpleNamespace(id=uuid4())
+    asyncio.run(worker._hold_slot(run.id))
+    slots.free = 1
+    acquire = slots.try_acquire
+
+    async def done(*args: Any) -> None:
+        return None
+
+    monkeypatch.setattr(worker, "_watch", done)
+    monkeypatch.setattr(worker, "_finish", done)
+
+    async def acquire_while_the_container_ends(flow_run_id: UUID) -> bool:
+        await worker._adopt(run, Watch("abc123"))  # its finish, during the request
+        return await acquire(flow_run_id)
+
+    monkeypatch.setattr(slots, "try_acquire", acquire_while_the_container_ends)
+    asyncio.run(worker._take_waiting_slots())
+    assert not slots.held and slots.free == 1
+    assert not worker._unslotted
+
+
+def test_a_slot_held_for_no_run_goes_back_at_the_second_reconciliation(worker, caplog):
+    slots = FakeSlots(free=3)
+    worker._slots = slots  # type: ignore[assignment]
+    running, waiting, stray = uuid4(), uuid4(), uuid4()
+    for run in (running, waiting, stray):
+        asyncio.run(slots.try_acquire(run))
+    worker._running.add(running)
+    worker._unslotted.add(waiting)
+    asyncio.run(worker._release_stray_slots())
+    assert slots.held == {running, waiting, stray}  # maybe between its slot and its start
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(worker._release_stray_slots())
+    assert slots.held == {running, waiting} and slots.released == [stray]
+    assert f"Gave back the concurrency slot of flow run {stray}" in caplog.text
+    asyncio.run(worker._release_stray_slots())
+    assert slots.released == [stray]
 
 
 def test_a_failed_take_over_is_logged_and_gives_its_slot_and_container_back(
