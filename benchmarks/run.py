@@ -987,8 +987,15 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(text)
     print("\nPhase medians (s):", json.dumps(summary["phase_medians_seconds"], indent=1))
+    print(_worker_cpu(results))
     if not args.no_write:
         print(f"\nWrote {write_results(results, summary, text).relative_to(ROOT)} and latest.json")
+    if args.profile:
+        # The raw stacks (py-spy's raw format, e.g. for a flame graph) outlive the run.
+        kept = Path(tempfile.mkdtemp(prefix="prefect-managed-profile-"))
+        for found in home.glob("profile-*.txt"):
+            shutil.move(found, kept / found.name)
+        print(f"py-spy's raw stacks: {kept}")
     shutil.rmtree(home, ignore_errors=True)
     return 0
 

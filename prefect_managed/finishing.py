@@ -10,6 +10,7 @@ containers it took over from a dead worker alike; the decisions are `outcome`'s 
 
 from __future__ import annotations
 
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -177,7 +178,8 @@ class Finishing:
         elif report.exit_code is not None:
             # Exit code 0 too: after a failed pull step, Prefect's runner reports the run
             # Crashed and its process exits 0.
-            output = await self._containers.output(report.id, get_settings().install_log_lines)
+            # Its output is read only when the run did not start its flow.
+            output = partial(self._containers.output, report.id, get_settings().install_log_lines)
             await states.report_exit_before_flow_start(flow_run, report, output)
         await self._forward_output(flow_run, report.id)
         final = await states.ensure_final(flow_run, report.exit_code)

@@ -9,7 +9,7 @@ state the run reached by itself.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
@@ -104,7 +104,10 @@ class RunStates:
         return await self.state(flow_run.id)
 
     async def report_exit_before_flow_start(
-        self, flow_run: FlowRun, report: ContainerReport, output: list[str]
+        self,
+        flow_run: FlowRun,
+        report: ContainerReport,
+        output: Callable[[], Awaitable[list[str]]],
     ) -> None:
         """A container that exits before its flow started: its output goes to the flow
         run's logs (URL credentials redacted), and the run ends Crashed saying why.
@@ -112,7 +115,8 @@ class RunStates:
         A failed install leaves the run Pending (the engine never ran). A failed pull
         step leaves it Crashed with only "Process exited with status code: 1" from
         Prefect's runner, never having run (run count 0); that message is replaced with
-        the step, its source and its error.
+        the step, its source and its error. `output` reads the container's last lines;
+        it is called only for such a run.
         """
         current = await self._client.read_flow_run(flow_run.id)
         crashed_before_start = (
@@ -120,7 +124,7 @@ class RunStates:
         )
         if current.state is None or not (current.state.is_pending() or crashed_before_start):
             return
-        lines = [redact_url_credentials(line) for line in output]
+        lines = [redact_url_credentials(line) for line in await output()]
         pip_packages = split_extra_pip_packages(report.env.get("EXTRA_PIP_PACKAGES"))
         exit_code = report.exit_code if report.exit_code is not None else -1
         message = describe_pull_step_failure(

@@ -268,12 +268,15 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
                     await self._states.refuse(entry.flow_run, QUOTA_EXHAUSTED, message)
             return []
         await self._take_waiting_slots()  # taken-over runs come first
+        queue = sorted(flow_run_response, key=lambda e: _scheduled_time(e.flow_run))
+        ours = {*self._submitting_flow_run_ids, *self._slots.held_runs()}
+        waiting = [entry.flow_run.id for entry in queue if entry.flow_run.id not in ours]
+        # No new run while a taken-over one waits for a slot.
+        acquired = set() if self._unslotted else await self._slots.acquire_in_order(waiting)
         admitted: list[WorkerFlowRunResponse] = []
-        for entry in sorted(flow_run_response, key=lambda e: _scheduled_time(e.flow_run)):
+        for entry in queue:
             flow_run = entry.flow_run
-            if flow_run.id in self._submitting_flow_run_ids or self._slots.holds(flow_run.id):
-                admitted.append(entry)
-            elif not self._unslotted and await self._slots.try_acquire(flow_run.id):
+            if flow_run.id in ours or flow_run.id in acquired:
                 admitted.append(entry)
             else:
                 await self._states.mark_awaiting_slot(

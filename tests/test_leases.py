@@ -27,17 +27,28 @@ class FakeLimitsApi:
     """The server's side of one global concurrency limit with leases: `active` slots,
     leases it knows, and every slot given back without a lease."""
 
-    def __init__(self) -> None:
+    def __init__(self, limit: int = 1) -> None:
+        self.limit = limit
         self.active = 0
         self.leases: set[UUID] = set()
         self.decrements: list[int] = []
+        self.requests: list[str] = []
 
     async def read_global_concurrency_limit_by_name(self, name: str) -> Any:
+        self.requests.append("read")
         return SimpleNamespace(
-            active=True, limit=1, slot_decay_per_second=0.0, active_slots=self.active
+            active=True, limit=self.limit, slot_decay_per_second=0.0, active_slots=self.active
         )
 
     async def increment_concurrency_slots_with_lease(self, **_: Any) -> httpx.Response:
+        self.requests.append("increment")
+        request = httpx.Request("POST", "http://x")
+        if self.active >= self.limit:
+            raise PrefectHTTPStatusError.from_httpx_error(
+                httpx.HTTPStatusError(
+                    "locked", request=request, response=httpx.Response(423, request=request)
+                )
+            )
         lease_id = uuid4()
         self.leases.add(lease_id)
         self.active += 1
@@ -156,3 +167,19 @@ async def test_a_running_flow_run_whose_lease_was_forgotten_is_counted_again_onc
     await slots.renew_due()
     assert slots.holds(run)
     assert api.active == 1 and api.decrements == [1]
+
+
+@sync
+async def test_a_long_queue_takes_the_free_slots_in_order_and_stops_at_the_first_refusal():
+    """Admission of ten queued runs with two free slots: the first two get them, one
+    more finds every slot taken, and the other seven are not tried (a poll costs one
+    read and three increments, not two requests per queued run)."""
+    api = FakeLimitsApi(limit=2)
+    slots = WorkspaceSlots(api, "prefect-managed-ws", 2, logging.getLogger("test"), LEASE)  # type: ignore[arg-type]
+    queue = [uuid4() for _ in range(10)]
+    assert await slots.acquire_in_order(queue) == set(queue[:2])
+    assert api.requests == ["read", "increment", "increment", "increment"]
+    assert api.active == 2 and slots.held_runs() == set(queue[:2])
+    api.requests.clear()
+    assert await slots.acquire_in_order([]) == set()
+    assert api.requests == []  # nothing queued: no request at all
