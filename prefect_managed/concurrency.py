@@ -136,8 +136,8 @@ class WorkspaceSlots:
     async def acquire_in_order(self, flow_run_ids: list[UUID]) -> set[UUID]:
         """Slots for the first runs of `flow_run_ids`, as many as are free: the limit is
         checked once, and once one run finds every slot taken the later ones are not
-        tried (they would find the same), so a long queue costs two requests a poll, not
-        two per queued run."""
+        tried (they would find the same): a poll costs one read and an increment per
+        free slot plus one, not two requests per queued run."""
         acquired: set[UUID] = set()
         if not flow_run_ids:
             return acquired
