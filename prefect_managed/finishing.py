@@ -148,6 +148,7 @@ class Finishing:
         assert self._states is not None and self._accounting is not None
         states, policy = self._states, self.policy
         report = await self._containers.inspect(watch.container_id)
+        known: State | None = None  # the run's state, when read since its container exited
         how = ending(report, timed_out=watch.timed_out, engine_lost=engine_lost)
         if await self._of_earlier_attempt(flow_run, report or watch.report):
             await self._finish_earlier_attempt(flow_run, watch, report, how)
@@ -180,9 +181,9 @@ class Finishing:
             # Crashed and its process exits 0.
             # Its output is read only when the run did not start its flow.
             output = partial(self._containers.output, report.id, get_settings().install_log_lines)
-            await states.report_exit_before_flow_start(flow_run, report, output)
+            known = await states.report_exit_before_flow_start(flow_run, report, output)
         await self._forward_output(flow_run, report.id)
-        final = await states.ensure_final(flow_run, report.exit_code)
+        final = await states.ensure_final(flow_run, report.exit_code, known)
         crashed_by = how
         if (
             report.pids_limit > 0
@@ -266,18 +267,18 @@ class Finishing:
         if not limit:
             return
         try:
-            if await self._states.container_output_sent(flow_run.id):
-                return  # an earlier finish of this container, or the early-exit report
             output = await self._containers.output_tail(container_id, limit)
-            if output is None:
-                return
-            since = output.earliest
-            if since is not None:
-                first_lines, later_lines = await self._states.messages_since(flow_run.id, since)
-                # The later lines of messages the run's logs hold are not sent again;
-                # Prefect's records that never reached the API (logged just before a
-                # hard crash, when its API handler had no time to send them) are kept.
-                output = output.without_lines_in(later_lines).with_records_not_in(first_lines)
+            if output is None or output.earliest is None:
+                return  # gone, or nothing written
+            logged = await self._states.logs_since(flow_run.id, output.earliest)
+            if logged.output_sent:
+                return  # an earlier finish of this container, or the early-exit report
+            # The later lines of messages the run's logs hold are not sent again;
+            # Prefect's records that never reached the API (logged just before a hard
+            # crash, when its API handler had no time to send them) are kept.
+            output = output.without_lines_in(logged.later_lines).with_records_not_in(
+                logged.first_lines
+            )
             if not output.lines:
                 return
             dropped = container_output_dropped_message(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
@@ -20,12 +21,11 @@ from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.filters import (
     LogFilter,
     LogFilterFlowRunId,
-    LogFilterTextSearch,
     LogFilterTimestamp,
 )
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.sorting import LogSort
-from prefect.exceptions import Abort, ObjectNotFound, PrefectHTTPStatusError
+from prefect.exceptions import Abort, ObjectNotFound
 from prefect.states import Crashed, Failed, Scheduled
 
 from prefect_managed.container_output import CONTAINER_OUTPUT_LOGGER, batches
@@ -50,6 +50,15 @@ _LOG_PAGE = 200
 _LOG_PAGES = 50
 
 RunLogger = Callable[[FlowRun], "logging.Logger | logging.LoggerAdapter[Any]"]
+
+
+@dataclass(frozen=True)
+class RunLogs:
+    """What a run's logs hold from a moment on (`RunStates.logs_since`)."""
+
+    first_lines: set[str]  # the first line of each message
+    later_lines: set[str]  # the later lines of multi-line messages
+    output_sent: bool  # an entry of the container's output is among them
 
 
 class RunStates:
@@ -86,9 +95,13 @@ class RunStates:
         elif current is None or not current.is_final():
             await self._propose_crashed(flow_run, message)
 
-    async def ensure_final(self, flow_run: FlowRun, exit_code: int | None) -> State | None:
-        """The run's state, made Crashed if its container is gone but it is not final."""
-        current = await self.state(flow_run.id)
+    async def ensure_final(
+        self, flow_run: FlowRun, exit_code: int | None, known: State | None = None
+    ) -> State | None:
+        """The run's state, made Crashed if its container is gone but it is not final.
+
+        `known`: its state as read since its container exited (so not read again)."""
+        current = known if known is not None else await self.state(flow_run.id)
         if current is not None and (current.is_final() or current.is_cancelling()):
             return current
         await self._propose_crashed(
@@ -108,7 +121,7 @@ class RunStates:
         flow_run: FlowRun,
         report: ContainerReport,
         output: Callable[[], Awaitable[list[str]]],
-    ) -> None:
+    ) -> State | None:
         """A container that exits before its flow started: its output goes to the flow
         run's logs (URL credentials redacted), and the run ends Crashed saying why.
 
@@ -117,13 +130,16 @@ class RunStates:
         Prefect's runner, never having run (run count 0); that message is replaced with
         the step, its source and its error. `output` reads the container's last lines;
         it is called only for such a run.
+
+        Returns the run's state as read when the run had started its flow (nothing to
+        report), else None.
         """
         current = await self._client.read_flow_run(flow_run.id)
         crashed_before_start = (
             current.state is not None and current.state.is_crashed() and current.run_count == 0
         )
         if current.state is None or not (current.state.is_pending() or crashed_before_start):
-            return
+            return current.state
         lines = [redact_url_credentials(line) for line in await output()]
         pip_packages = split_extra_pip_packages(report.env.get("EXTRA_PIP_PACKAGES"))
         exit_code = report.exit_code if report.exit_code is not None else -1
@@ -147,41 +163,19 @@ class RunStates:
         else:
             await self._propose_crashed(flow_run, message)
 
-    async def container_output_sent(self, flow_run_id: UUID) -> bool:
-        """Whether the run's logs hold an entry of the container's output already (sent
-        by an earlier `_finish` of the same container, or by the early-exit report)."""
-        by_run = LogFilterFlowRunId(any_=[flow_run_id])
-        log_filter = LogFilter(
-            flow_run_id=by_run, text=LogFilterTextSearch(query=CONTAINER_OUTPUT_LOGGER)
-        )
-        for page in range(_LOG_PAGES):
-            try:
-                logs = await self._client.read_logs(
-                    log_filter=log_filter, limit=_LOG_PAGE, offset=page * _LOG_PAGE
-                )
-            except PrefectHTTPStatusError as exc:
-                if exc.response.status_code != 422 or log_filter.text is None:
-                    raise
-                log_filter = LogFilter(flow_run_id=by_run)  # a server without text search
-                logs = await self._client.read_logs(
-                    log_filter=log_filter, limit=_LOG_PAGE, offset=page * _LOG_PAGE
-                )
-            if any(log.name == CONTAINER_OUTPUT_LOGGER for log in logs):
-                return True
-            if len(logs) < _LOG_PAGE:
-                return False
-        return False
-
-    async def messages_since(self, flow_run_id: UUID, since: datetime) -> tuple[set[str], set[str]]:
-        """The first lines, and the later lines, of every log message of the run from
-        `since` (less a minute, for the clocks of the container and the server) on, at
-        most `_LOG_PAGES` pages."""
+    async def logs_since(self, flow_run_id: UUID, since: datetime) -> RunLogs:
+        """What the run's logs hold from `since` (less a minute, for the clocks of the
+        container and the server) on, newest first, at most `_LOG_PAGES` pages: the first
+        and the later lines of each message, and whether an entry of the container's
+        output is among them (sent by an earlier `_finish` of the same container, or by
+        the early-exit report; its lines are never older than the output's first)."""
         log_filter = LogFilter(
             flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]),
             timestamp=LogFilterTimestamp(after_=since - timedelta(minutes=1)),  # type: ignore[arg-type]
         )
-        messages: set[str] = set()
-        later: set[str] = set()
+        first_lines: set[str] = set()
+        later_lines: set[str] = set()
+        output_sent = False
         for page in range(_LOG_PAGES):
             logs = await self._client.read_logs(
                 log_filter=log_filter,
@@ -191,11 +185,12 @@ class RunStates:
             )
             for log in logs:
                 first, *rest = log.message.split("\n")
-                messages.add(first)
-                later.update(line.rstrip("\r") for line in rest if line.strip())
+                first_lines.add(first)
+                later_lines.update(line.rstrip("\r") for line in rest if line.strip())
+                output_sent = output_sent or log.name == CONTAINER_OUTPUT_LOGGER
             if len(logs) < _LOG_PAGE:
                 break
-        return messages, later
+        return RunLogs(first_lines, later_lines, output_sent)
 
     async def send_logs(self, entries: list[LogCreate]) -> None:
         """Log entries to the API, in batches of bounded size."""

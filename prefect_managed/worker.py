@@ -40,7 +40,7 @@ from prefect_managed.configuration import (
     ManagedVariables,
     disk_limit_unsupported,
 )
-from prefect_managed.containers import Containers, Watch, in_daemon_thread
+from prefect_managed.containers import Containers, DockerClients, Watch, in_daemon_thread
 from prefect_managed.environment_step import EnvironmentStep
 from prefect_managed.environments import Environments
 from prefect_managed.exceptions import (
@@ -124,6 +124,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
             # the file and starts the worker again.
             raise WorkerNotStarted(exc) from exc
         super().__init__(*args, **kwargs)
+        self._docker_clients = DockerClients()
         self._containers = Containers(self._get_client, self._logger)
         self._slots: WorkspaceSlots | None = None
         self._accounting: Accounting | None = None
@@ -160,6 +161,11 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         # Prefect has no public handle on the task group that runs `run` per flow run.
         if self._runs_task_group is not None:
             self._runs_task_group.cancel_scope.cancel()
+
+    def _get_client(self) -> Any:
+        """prefect-docker's client for each of its calls and ours, without asking the
+        engine for its API version each time (`DockerClients`)."""
+        return self._docker_clients()
 
     async def setup(self) -> None:
         await super().setup()

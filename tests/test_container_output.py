@@ -10,6 +10,7 @@ segfaults, and a flow whose output is over a small cap.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timezone
 from uuid import uuid4
 
 import pytest
@@ -404,7 +405,8 @@ def test_the_output_counts_as_sent_once_the_runs_logs_hold_an_entry(prefect_serv
             run = await client.create_flow_run(probe)
             other = await client.create_flow_run(probe)
             states = RunStates(client, lambda _: None, lambda *_: None, lambda: None)  # type: ignore[arg-type,return-value]
-            before = await states.container_output_sent(run.id)
+            since = datetime(2026, 12, 3, 10, 0, tzinfo=timezone.utc)
+            before = (await states.logs_since(run.id, since)).output_sent
             output = merge([tail_of("stdout", [("2026-12-03T10:00:00Z", "hello")], 100)], 100)
             await states.send_logs(log_entries(output, run.id, None))
             # Another run's logs, and a record of the flow that names the logger, count not.
@@ -421,8 +423,8 @@ def test_the_output_counts_as_sent_once_the_runs_logs_hold_an_entry(prefect_serv
             )
             return (
                 before,
-                await states.container_output_sent(run.id),
-                (await states.container_output_sent(other.id)),
+                (await states.logs_since(run.id, since)).output_sent,
+                (await states.logs_since(other.id, since)).output_sent,
             )
 
     assert anyio.run(check) == (False, True, False)
