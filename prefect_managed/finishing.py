@@ -268,9 +268,10 @@ class Finishing:
             return
         try:
             output = await self._containers.output_tail(container_id, limit)
-            if output is None or output.earliest is None:
+            since = output.earliest if output is not None else None  # a min over every line
+            if output is None or since is None:
                 return  # gone, or nothing written
-            logged = await self._states.logs_since(flow_run.id, output.earliest)
+            logged = await self._states.logs_since(flow_run.id, since)
             if logged.output_sent:
                 return  # an earlier finish of this container, or the early-exit report
             # The later lines of messages the run's logs hold are not sent again;
