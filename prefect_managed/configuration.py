@@ -185,6 +185,10 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
         # Before prefect-docker derives the API URL the container uses from the network.
         self.network_mode = policy.runtime.network_mode
         self.networks = []
+        # The container's output reaches the run's logs, capped (`_forward_output`), not
+        # the worker's own output: a flow printing without end must not flood the
+        # operator's logs, nor cost the worker a line-by-line copy of it.
+        self.stream_output = False
         super().prepare_for_flow_run(
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )

@@ -31,7 +31,7 @@ from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_managed.configuration import API_LABEL, MANAGED_LABEL, WORKSPACE_LABEL
 from prefect_managed.container_output import CappedOutput, StreamTail, merge
 from prefect_managed.metering import Meter
-from prefect_managed.outcome import ContainerReport
+from prefect_managed.outcome import ContainerReport, docker_lost
 
 __all__ = [
     "STATS_INTERVAL",
@@ -282,6 +282,17 @@ class Containers:
 
     async def info(self) -> dict[str, Any]:
         return await run_sync_in_worker_thread(self._with_client, lambda c: c.info())
+
+    async def answers(self) -> bool:
+        """Whether the Docker engine answers a new connection now (False when it cannot
+        be reached; other errors are raised)."""
+        try:
+            await run_sync_in_worker_thread(self._with_client, lambda c: c.ping())
+        except Exception as exc:
+            if docker_lost(exc):
+                return False
+            raise
+        return True
 
     async def wait_for_engine(self, seconds: float) -> None:
         """Return once the Docker engine answers; `TimeoutError` after `seconds`."""

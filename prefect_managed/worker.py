@@ -379,6 +379,12 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
             if error is not None:
                 if not docker_lost(error):
                     raise error
+                result = DockerWorkerResult(status_code=-1, identifier=started.infrastructure_pid)
+            # An engine told to stop closes its API to new connections first, then stops
+            # every container: one that exited for that looks like any other exit to
+            # prefect-docker's wait. Asked here, on a new connection, it does not answer.
+            engine_lost = error is not None or not await self._containers.answers()
+            if engine_lost:
                 # A daemon restart: wait for the engine, then finish the run from what the
                 # container says. If it does not come back, the reconciliation does it.
                 self._logger.warning(
@@ -388,8 +394,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
                     DOCKER_WAIT_SECONDS,
                 )
                 await self._containers.wait_for_engine(DOCKER_WAIT_SECONDS)
-                result = DockerWorkerResult(status_code=-1, identifier=started.infrastructure_pid)
-            await self._finish(flow_run, watch, engine_lost=error is not None)
+            await self._finish(flow_run, watch, engine_lost=engine_lost)
         finally:
             self._active.discard(container_id)
         return result

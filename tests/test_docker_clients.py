@@ -3,13 +3,15 @@ once per client (`DockerClients`), against the real engine."""
 
 from __future__ import annotations
 
+import logging
 from contextlib import closing
 
+import anyio
 import docker
 import pytest
 from docker.api.client import APIClient
 
-from prefect_managed.containers import DockerClients
+from prefect_managed.containers import Containers, DockerClients
 
 pytestmark = pytest.mark.docker
 
@@ -53,3 +55,14 @@ def test_an_engine_that_cannot_be_reached_says_so(monkeypatch, tmp_path):
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     with pytest.raises(RuntimeError, match="Could not connect to Docker"):
         DockerClients()()
+
+
+def test_answers_says_whether_the_engine_takes_a_new_connection(monkeypatch, tmp_path):
+    """What the worker asks when a container exits: an engine told to stop refuses new
+    connections before it stops its containers (tests/test_faults.py restarts one)."""
+    clients = DockerClients()
+    containers = Containers(clients, logging.getLogger("test"))
+    assert anyio.run(containers.answers) is True
+    # The version is known now, so the next client connects only for the ping itself.
+    monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
+    assert anyio.run(containers.answers) is False

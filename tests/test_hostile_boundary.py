@@ -235,6 +235,8 @@ def test_spoofed_prefect_labels_are_pinned_and_a_replacement_worker_adopts_the_r
 
 
 def test_a_flood_of_output_is_capped_on_the_hosts_disk(boundary, docker_client):
+    worker_log = boundary["state"]["worker"].service.log_path
+    worker_log_before = worker_log.stat().st_size
     flow_run_id = run(boundary["deploy"]("flood_output", "flood"), megabytes=30, then_sleep=8)
     wait_for_log(flow_run_id, "flooded 30 MB", timeout=240)
     [container] = run_containers(docker_client, flow_run_id)
@@ -249,4 +251,8 @@ def test_a_flood_of_output_is_capped_on_the_hosts_disk(boundary, docker_client):
     done = wait_for_settled_run(docker_client, flow_run_id, 300)
     assert done.state.is_completed(), done.state
     assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
+    # Nor does it reach the operator's logs: the worker does not copy the container's
+    # output to its own (the run's logs get the capped tail).
+    grown = worker_log.stat().st_size - worker_log_before
+    assert grown < 2**20, f"the worker's log grew by {grown} bytes during the flood"
     assert_worker_alive(boundary)
