@@ -137,8 +137,11 @@ class Finishing:
         except InfrastructureNotFound:
             pass  # it exited on its own meanwhile
 
-    async def _finish(self, flow_run: FlowRun, watch: Watch, engine_lost: bool = False) -> None:
-        """Explain, record and remove a container that has exited.
+    async def _finish(
+        self, flow_run: FlowRun, watch: Watch, engine_lost: bool = False
+    ) -> ContainerReport | None:
+        """Explain, record and remove a container that has exited; what it said when read
+        (None when it was gone).
 
         Uses only what the container itself says (labels, environment, state), so it
         serves runs this worker watched and containers it took over alike. The container
@@ -152,7 +155,7 @@ class Finishing:
         how = ending(report, timed_out=watch.timed_out, engine_lost=engine_lost)
         if await self._of_earlier_attempt(flow_run, report or watch.report):
             await self._finish_earlier_attempt(flow_run, watch, report, how)
-            return
+            return report
         if report is None or how is Ending.REMOVED:
             self._logger.warning(
                 "The container of flow run %s was removed by someone else before it was read",
@@ -167,7 +170,7 @@ class Finishing:
                     flow_run, seen.removed(last_seen), watch.meter, outcome, self._work_pool_name
                 )
             self._note_infrastructure_crash(flow_run, how, await states.state(flow_run.id))
-            return
+            return report
         if how is Ending.RUN_TIME:  # said when it was stopped; again if that failed
             await states.crash_with_cause(flow_run, run_time_exceeded_message(policy))
         elif how is Ending.OUT_OF_MEMORY:
@@ -209,10 +212,11 @@ class Finishing:
                 "recorded at the next reconciliation",
                 flow_run.id,
             )
-            return
+            return report
         await self._containers.remove(report.id)
         self._finished.append(report.id)
         self._note_infrastructure_crash(flow_run, crashed_by, final)
+        return report
 
     def _note_infrastructure_crash(
         self, flow_run: FlowRun, how: Ending, final: State | None

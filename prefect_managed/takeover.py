@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from prefect_managed.concurrency import WorkspaceSlots
     from prefect_managed.containers import Containers
+    from prefect_managed.outcome import ContainerReport
     from prefect_managed.policy import Policy
 
 __all__ = ["RECONCILE_SECONDS", "TakeOver"]
@@ -66,7 +67,7 @@ class TakeOver:
 
         async def _finish(
             self, flow_run: FlowRun, watch: Watch, engine_lost: bool = False
-        ) -> None: ...
+        ) -> ContainerReport | None: ...
 
         async def _retry_infrastructure_crash(self, flow_run: FlowRun) -> None: ...
 

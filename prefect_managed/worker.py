@@ -394,7 +394,14 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
                     DOCKER_WAIT_SECONDS,
                 )
                 await self._containers.wait_for_engine(DOCKER_WAIT_SECONDS)
-            await self._finish(flow_run, watch, engine_lost=engine_lost)
+            report = await self._finish(flow_run, watch, engine_lost=engine_lost)
+            if report is not None and report.exit_code is not None:
+                # prefect-docker's result carries the exit code of a container it did not
+                # read again after its wait (without stream_output), so 0; Prefect puts
+                # it in the run's "executed" event.
+                result = DockerWorkerResult(
+                    status_code=report.exit_code, identifier=started.infrastructure_pid
+                )
         finally:
             self._active.discard(container_id)
         return result

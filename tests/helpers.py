@@ -132,6 +132,34 @@ def usage_records(flow_run_id: UUID) -> list[dict]:
     return records
 
 
+def executed_status_code(flow_run_id: UUID, timeout: float = 60) -> str:
+    """The exit code Prefect's "executed flow run" event gives the run's infrastructure
+    (what the UI's event feed shows), once the worker has emitted it."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    def find() -> str | None:
+        events = httpx.post(
+            f"{PREFECT_API_URL.value()}/events/filter",
+            json={
+                "filter": {
+                    "event": {"name": ["prefect.worker.executed-flow-run"]},
+                    "related": {
+                        "resources_in_roles": [[f"prefect.flow-run.{flow_run_id}", "flow-run"]]
+                    },
+                },
+                "limit": 5,
+            },
+        ).json()["events"]
+        for event in events:
+            for related in event["related"]:
+                if related["prefect.resource.id"] == f"prefect.flow-run.{flow_run_id}":
+                    return related.get("prefect.infrastructure.status-code")
+        return None
+
+    return wait_for(find, timeout, f"the executed event of flow run {flow_run_id}", 1)
+
+
 def usage_report(policy: Path, api: str | None = None) -> dict:
     """`prefect-managed usage --json` as the operator runs it (with the workers' key)."""
     import json

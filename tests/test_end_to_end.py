@@ -13,6 +13,7 @@ from conftest import PROBE_MESSAGE, PROBE_VERSION
 from helpers import (
     containers_created_since,
     create_pool_with_cli,
+    executed_status_code,
     run_containers,
     wait_for_final_state,
     wait_for_log,
@@ -55,6 +56,25 @@ def test_git_deployment_installs_pip_packages_and_completes(deploy, docker_clien
     assert run.state.is_completed(), run.state
     wait_for_log(flow_run_id, f"probe says: {PROBE_MESSAGE}")
     wait_for(lambda: not run_containers(docker_client, flow_run_id), 30, "the container removed")
+
+
+def test_a_killed_container_s_exit_code_is_in_the_executed_event(deploy, docker_client):
+    """The exit code in Prefect's "executed flow run" event is the container's, read
+    after it exited (prefect-docker's result, not read again after its wait, says 0)."""
+    flow_run_id = start_run(deploy("sleeper", "sleeper-exit-code"), {"seconds": 120})
+    container = wait_for(
+        lambda: next(iter(run_containers(docker_client, flow_run_id)), None),
+        120,
+        "the run's container appearing",
+    )
+    wait_for_log(flow_run_id, "Beginning flow run", timeout=120)
+    container.kill("SIGKILL")
+
+    run = wait_for_final_state(flow_run_id)
+
+    assert run.state.is_crashed(), run.state
+    assert "exited with code 137" in run.state.message, run.state.message
+    assert executed_status_code(flow_run_id) == "137"
 
 
 def test_container_memory_is_capped_at_two_gib_without_swap(deploy, docker_client):
