@@ -284,10 +284,12 @@ class Containers:
         return await run_sync_in_worker_thread(self._with_client, lambda c: c.info())
 
     async def answers(self) -> bool:
-        """Whether the Docker engine answers a new connection now (False when it cannot
-        be reached; other errors are raised)."""
+        """Whether the Docker engine answers a new connection now (an error status is an
+        answer; False only when it cannot be reached)."""
         try:
             await run_sync_in_worker_thread(self._with_client, lambda c: c.ping())
+        except docker.errors.APIError:
+            return True
         except Exception as exc:
             if docker_lost(exc):
                 return False
