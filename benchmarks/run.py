@@ -729,6 +729,11 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="sample each worker with py-spy during the throughput phase",
     )
+    parser.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the workers', server's and services' logs (the path is printed)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     runs = args.runs or (2 if quick else 10)
@@ -996,6 +1001,10 @@ def main(argv: list[str] | None = None) -> int:
         for found in home.glob("profile-*.txt"):
             shutil.move(found, kept / found.name)
         print(f"py-spy's raw stacks: {kept}")
+    if args.keep_logs:
+        kept = Path(tempfile.mkdtemp(prefix="prefect-managed-bench-logs-"))
+        shutil.copytree(logs, kept, dirs_exist_ok=True)
+        print(f"The services' logs: {kept}")
     shutil.rmtree(home, ignore_errors=True)
     return 0
 
