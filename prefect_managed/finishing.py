@@ -272,9 +272,11 @@ class Finishing:
             return
         try:
             output = await self._containers.output_tail(container_id, limit)
-            since = output.earliest if output is not None else None  # a min over every line
-            if output is None or since is None:
-                return  # gone, or nothing written
+            if output is None:
+                return  # gone
+            since = output.earliest  # a min over every line: computed once
+            if since is None:
+                return  # nothing written
             logged = await self._states.logs_since(flow_run.id, since)
             if logged.output_sent:
                 return  # an earlier finish of this container, or the early-exit report
