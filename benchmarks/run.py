@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +40,7 @@ RUN_TIMEOUT = 300.0
 QUERY_SECONDS = "1"
 
 sys.path.insert(0, str(ROOT / "tests"))
+from postgres import Postgres, start_postgres  # noqa: E402
 from services import (  # noqa: E402
     BIN,
     GitServer,
@@ -72,6 +74,9 @@ class Results:
     lease_call_seconds: list[float] = field(default_factory=list)
     #: CPU seconds each worker process used during the throughput phase, and its runs.
     throughput_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    #: The Prefect server's requests during each worker's throughput phase (its runs'
+    #: containers included): worker -> {"METHOD /api/path": count}, ids as {id}.
+    throughput_requests: dict[str, dict[str, int]] = field(default_factory=dict)
     #: py-spy over the throughput phase: worker -> {"samples": n, "top": [[frame, n]...]}
     profile: dict[str, dict[str, object]] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -378,6 +383,7 @@ def sample_from_states(t0: datetime, states) -> Sample:
 def throughput(deployment_id, runs: int, deadline: float) -> dict[str, float]:
     """Create `runs` runs at once; the worker's limit sets the concurrency."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
     with get_client(sync_client=True) as client:
         t0 = datetime.now(timezone.utc)
@@ -385,10 +391,13 @@ def throughput(deployment_id, runs: int, deadline: float) -> dict[str, float]:
         limit = min(deadline, time.monotonic() + RUN_TIMEOUT * 3)
         pending = set(ids)
         while pending and time.monotonic() < limit:
-            for flow_run_id in list(pending):
-                state = client.read_flow_run(flow_run_id).state
-                if state is not None and state.is_final():
-                    pending.discard(flow_run_id)
+            # One request a second for all of them: the benchmark's own load on the
+            # server stays small next to the workers'.
+            for flow_run in client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(pending)))
+            ):
+                if flow_run.state is not None and flow_run.state.is_final():
+                    pending.discard(flow_run.id)
             time.sleep(1.0)
         finals = [client.read_flow_run(i).state for i in ids]
     completed = [s for s in finals if s is not None and s.type.value == "COMPLETED"]
@@ -410,6 +419,24 @@ def floor_sample(image: str) -> float:
         capture_output=True,
     )
     return time.perf_counter() - start_time
+
+
+_ACCESS = re.compile(r'"(GET|POST|PATCH|PUT|DELETE) (/[^ ?"]*)[^"]* HTTP/[\d.]+" (\d{3})')
+_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+def server_requests(log: Path, offset: int) -> tuple[Counter[str], int]:
+    """The server's access log from `offset` on, counted by method and path ({id} for
+    ids, ` [4xx]`/` [5xx]` added to answers that are not successes), and the new offset."""
+    with log.open("rb") as handle:
+        handle.seek(offset)
+        text = handle.read()
+    counts: Counter[str] = Counter()
+    for match in _ACCESS.finditer(text.decode(errors="replace")):
+        method, path, status = match.groups()
+        key = f"{method} {_ID.sub('{id}', path)}"
+        counts[key if status < "400" else f"{key} [{status[0]}xx]"] += 1
+    return counts, offset + len(text)
 
 
 def lease_call_seconds(limit_name: str, samples: int) -> list[float]:
@@ -461,17 +488,40 @@ def ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a is not None and b else None
 
 
+#: What a trivial run may take beyond the floor: 1.5 s, and the poll interval.
+FLOOR_ALLOWANCE_SECONDS = 1.5
+
+
+def floor_budget(floor: float | None) -> float | None:
+    """The trivial run's target: the floor, 1.5 s and one poll interval."""
+    return None if floor is None else floor + FLOOR_ALLOWANCE_SECONDS + float(QUERY_SECONDS)
+
+
+def cpu_per_run(results: Results) -> dict[str, float]:
+    """Each worker's CPU seconds per run during (c)."""
+    return {
+        key: seconds / (results.throughput.get(key, {}).get("runs") or 1)
+        for key, seconds in results.throughput_cpu_seconds.items()
+    }
+
+
 def summarize(results: Results) -> dict[str, object]:
     m = {name: median([s.seconds for s in samples]) for name, samples in results.samples.items()}
     tp = results.throughput
     rss = results.peak_rss_bytes
+    cpu = cpu_per_run(results)
+    # The targets of issue 14 ("start in near the floor"), where it sets one.
     checks = {
         "a_trivial_managed_over_docker": (
             ratio(m.get("managed_noop"), m.get("docker_noop")),
             "<=",
-            1.05,
+            0.9,
         ),
-        "a_trivial_managed_over_floor": (ratio(m.get("managed_noop"), m.get("floor")), "", None),
+        "a_trivial_managed_over_floor_budget": (
+            ratio(m.get("managed_noop"), floor_budget(m.get("floor"))),
+            "<=",
+            1.0,
+        ),
         "b_warm_over_managed_trivial": (
             ratio(m.get("managed_pandas_warm"), m.get("managed_noop")),
             "<=",
@@ -508,9 +558,10 @@ def summarize(results: Results) -> dict[str, object]:
                 tp.get("docker", {}).get("runs_per_minute"),
             ),
             ">=",
-            0.95,
+            1.0,
         ),
         "d_rss_managed_over_docker": (ratio(rss.get("managed"), rss.get("docker")), "<=", 1.2),
+        "e_cpu_managed_over_docker": (ratio(cpu.get("managed"), cpu.get("docker")), "<=", 1.2),
     }
     verdicts = {}
     for key, (value, op, target) in checks.items():
@@ -554,10 +605,12 @@ def table(results: Results, summary: dict[str, object]) -> str:
         "a_trivial_managed_over_docker",
     )
     row(
-        "(a) vs floor (`docker run --rm … import prefect`)",
+        f"(a) vs floor (`docker run --rm … import prefect`) + {FLOOR_ALLOWANCE_SECONDS} s "
+        "+ poll interval",
         fmt(m.get("managed_noop")),
-        f"floor {fmt(m.get('floor'))}",
-        "a_trivial_managed_over_floor",
+        f"floor {fmt(m.get('floor'))} + {FLOOR_ALLOWANCE_SECONDS} + {QUERY_SECONDS} = "
+        f"{fmt(floor_budget(m.get('floor')))}",
+        "a_trivial_managed_over_floor_budget",
     )
     row(
         "(b) pandas, warm cache vs our trivial run",
@@ -612,6 +665,13 @@ def table(results: Results, summary: dict[str, object]) -> str:
         fmt((rss.get("docker") or 0) / 2**20, "MiB"),
         "d_rss_managed_over_docker",
     )
+    cpu = cpu_per_run(results)
+    row(
+        "(e) worker CPU per run during (c)",
+        fmt(cpu["managed"] * 1000 if "managed" in cpu else None, "ms"),
+        fmt(cpu["docker"] * 1000 if "docker" in cpu else None, "ms"),
+        "e_cpu_managed_over_docker",
+    )
     return "\n".join(lines)
 
 
@@ -651,6 +711,43 @@ def _worker_cpu(results: Results) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _server_requests(results: Results, top: int = 15) -> str:
+    """The server's requests per run during (c), side by side, the most frequent first."""
+    found = results.throughput_requests
+    if not found:
+        return ""
+    runs = {key: results.throughput.get(key, {}).get("runs") or 1 for key in found}
+    mine, theirs = found.get("managed", {}), found.get("docker", {})
+
+    def per_run(counts: dict[str, int], key: str, path: str | None = None) -> str:
+        n = counts.get(path, 0) if path else sum(counts.values())
+        return f"{n / runs.get(key, 1):.1f}"
+
+    paths = sorted(
+        {*mine, *theirs},
+        key=lambda path: -(mine.get(path, 0) + theirs.get(path, 0)),
+    )
+    return (
+        "\n".join(
+            [
+                "## The Prefect server's requests per run during (c)",
+                "The workers' requests and their runs' containers' (the same flow for both), "
+                "from the server's access log.",
+                "",
+                "| request | ManagedWorker | DockerWorker |",
+                "|---|---|---|",
+                f"| all | {per_run(mine, 'managed')} | {per_run(theirs, 'docker')} |",
+                *(
+                    f"| `{path}` | {per_run(mine, 'managed', path)} | "
+                    f"{per_run(theirs, 'docker', path)} |"
+                    for path in paths[:top]
+                ),
+            ]
+        )
+        + "\n"
+    )
+
+
 def write_results(results: Results, summary: dict[str, object], text: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     payload = {**asdict(results), "summary": summary}
@@ -681,6 +778,7 @@ One global concurrency lease (take + release, the API call ManagedWorker adds pe
 median {lease * 1000 if lease else float("nan"):.1f} ms over {len(results.lease_call_seconds)} calls.
 
 {_worker_cpu(results)}
+{_server_requests(results)}
 ## Where the time goes (medians of the flow run's state timestamps, seconds)
 `scheduled_to_pending`: from creating the run to the worker submitting it (poll
 interval, the worker's checks); `pending_to_running`: container create and start,
@@ -722,6 +820,13 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also time DockerWorker installing pandas from the real package registry "
         "(network-bound: the registry's speed, not the worker's)",
+    )
+    parser.add_argument(
+        "--database",
+        choices=("sqlite", "postgres"),
+        default="sqlite",
+        help="the Prefect server's database: SQLite, as the demo's, or a throwaway "
+        "PostgreSQL cluster on loopback, as a production server's (default sqlite)",
     )
     parser.add_argument("--no-write", action="store_true", help="print only, write no results")
     parser.add_argument(
@@ -772,6 +877,7 @@ def main(argv: list[str] | None = None) -> int:
             "concurrency": concurrency,
             "dependencies": PANDAS,
             "registry": args.registry,
+            "database": args.database,
             "quick": quick,
         },
         load_before=os.getloadavg(),
@@ -779,8 +885,14 @@ def main(argv: list[str] | None = None) -> int:
     services: list[Service] = []
     workspace = f"bench-{uuid.uuid4().hex[:6]}"
     env_workspace = f"{workspace}-env"
+    database: Postgres | None = None
     try:
-        server = start_prefect_server(port, home / "server-home", logs)
+        # INFO: the server logs each request (uvicorn's access log), counted per phase.
+        server_env = {"PREFECT_SERVER_LOGGING_LEVEL": "INFO"}
+        if args.database == "postgres":
+            database = start_postgres(logs)
+            server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.create_database("prefect")
+        server = start_prefect_server(port, home / "server-home", logs, server_env)
         services.append(server)
         git = start_git_server(home / "git", logs)
         services.append(git.service)
@@ -955,8 +1067,14 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("managed", "docker"):
             profile = Profile(workers[key], home / f"profile-{key}.txt") if args.profile else None
             cpu_before = cpu_seconds(workers[key])
+            _, log_offset = server_requests(server.log_path, 0)
             results.throughput[key] = throughput(d[f"{key}_noop"], tp_runs, deadline)
             results.throughput_cpu_seconds[key] = round(cpu_seconds(workers[key]) - cpu_before, 2)
+            # Runs still reporting (or released) after the last final state are counted.
+            time.sleep(2 * float(QUERY_SECONDS))
+            results.throughput_requests[key] = dict(
+                server_requests(server.log_path, log_offset)[0].most_common()
+            )
             if profile is not None:
                 results.profile[key] = profile.stop()
             print(f"  {key}: {results.throughput[key]}", flush=True)
@@ -974,6 +1092,8 @@ def main(argv: list[str] | None = None) -> int:
         results.finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for service in reversed(services):
             service.stop()
+        if database is not None:
+            database.stop()
         cleanup(workspace, env_workspace)
     cores = os.cpu_count() or 1
     # Judged before the throughput phase: (c) runs `concurrency` containers at once on
@@ -993,6 +1113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(text)
     print("\nPhase medians (s):", json.dumps(summary["phase_medians_seconds"], indent=1))
     print(_worker_cpu(results))
+    print(_server_requests(results, top=40))
     if not args.no_write:
         print(f"\nWrote {write_results(results, summary, text).relative_to(ROOT)} and latest.json")
     if args.profile:

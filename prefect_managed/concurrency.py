@@ -85,8 +85,9 @@ class WorkspaceSlots:
             # not atomic): it exists now, so the second try only sets its number.
             await self._client.upsert_global_concurrency_limit_by_name(self.limit_name, self.limit)
 
-    async def assert_limit(self) -> None:
-        """Set the limit back to the tier's if someone changed it; make it if it is gone."""
+    async def assert_limit(self) -> int:
+        """Set the limit back to the tier's if someone changed it; make it if it is gone.
+        Returns how many of its slots were free when read."""
         try:
             current = await self._client.read_global_concurrency_limit_by_name(self.limit_name)
         except ObjectNotFound:
@@ -97,7 +98,7 @@ class WorkspaceSlots:
                 self.limit,
             )
             await self.ensure_limit()
-            return
+            return max(self.limit - len(self._leases), 0)
         changed: dict[str, object] = {}
         if not current.active:
             changed["active"] = True
@@ -125,6 +126,7 @@ class WorkspaceSlots:
             await self._client.update_global_concurrency_limit(
                 self.limit_name, GlobalConcurrencyLimitUpdate.model_validate(changed)
             )
+        return max(self.limit - max(current.active_slots, len(self._leases)), 0)
 
     def holds(self, flow_run_id: UUID) -> bool:
         return flow_run_id in self._leases
@@ -134,15 +136,18 @@ class WorkspaceSlots:
         return set(self._leases)
 
     async def acquire_in_order(self, flow_run_ids: list[UUID]) -> set[UUID]:
-        """Slots for the first runs of `flow_run_ids`, as many as are free: the limit is
-        checked once, and once one run finds every slot taken the later ones are not
-        tried (they would find the same): a poll costs one read and an increment per
-        free slot plus one, not two requests per queued run."""
+        """Slots for the first runs of `flow_run_ids`, as many as are free.
+
+        A poll costs one read of the limit and an increment per slot the read found
+        free (once one finds every slot taken, the later runs are not tried: they would
+        find the same), and nothing at all while this worker holds every slot itself:
+        no run can get one then, and the limit is checked again when a slot is released.
+        """
         acquired: set[UUID] = set()
-        if not flow_run_ids:
+        if not flow_run_ids or len(self._leases) >= self.limit:
             return acquired
-        await self.assert_limit()
-        for flow_run_id in flow_run_ids:
+        free = await self.assert_limit()
+        for flow_run_id in flow_run_ids[:free]:
             if not await self.try_acquire(flow_run_id, checked=True):
                 break
             acquired.add(flow_run_id)

@@ -179,9 +179,11 @@ class UsageLedger:
         Returns the month's usage before and after the record, or None when the
         attempt was already recorded.
         """
-        if await self.is_recorded(record.month, record.flow_run_id, record.attempt):
-            return None
+        # The month's records are read anyway (for the summary): a valid record of this
+        # attempt among them, every version of every key read, means it is stored.
         before = await self.month_usage(record.month)
+        if (record.flow_run_id, record.attempt) in before.records:
+            return None
         key = run_key(self.workspace, record.month, record.flow_run_id, record.attempt)
         record_json = record.model_dump_json()
         parts = [record_json[i : i + _PART] for i in range(0, len(record_json), _PART)]

@@ -170,16 +170,49 @@ async def test_a_running_flow_run_whose_lease_was_forgotten_is_counted_again_onc
 
 
 @sync
-async def test_a_long_queue_takes_the_free_slots_in_order_and_stops_at_the_first_refusal():
-    """Admission of ten queued runs with two free slots: the first two get them, one
-    more finds every slot taken, and the other seven are not tried (a poll costs one
-    read and three increments, not two requests per queued run)."""
+async def test_a_long_queue_takes_the_free_slots_in_order_and_asks_for_no_more():
+    """Admission of ten queued runs with two free slots: the first two get them and the
+    other eight are not tried (a poll costs one read and an increment per free slot, not
+    two requests per queued run); once the worker holds every slot, a poll costs nothing."""
     api = FakeLimitsApi(limit=2)
     slots = WorkspaceSlots(api, "prefect-managed-ws", 2, logging.getLogger("test"), LEASE)  # type: ignore[arg-type]
     queue = [uuid4() for _ in range(10)]
     assert await slots.acquire_in_order(queue) == set(queue[:2])
-    assert api.requests == ["read", "increment", "increment", "increment"]
+    assert api.requests == ["read", "increment", "increment"]
     assert api.active == 2 and slots.held_runs() == set(queue[:2])
     api.requests.clear()
+    assert await slots.acquire_in_order(queue[2:]) == set()
+    assert api.requests == []  # every slot is this worker's: none can be free
     assert await slots.acquire_in_order([]) == set()
     assert api.requests == []  # nothing queued: no request at all
+    await slots.release(queue[0])
+    api.requests.clear()
+    assert await slots.acquire_in_order(queue[2:]) == {queue[2]}
+    assert api.requests == ["read", "increment"]
+
+
+@sync
+async def test_slots_taken_by_another_worker_are_not_asked_for_and_a_refusal_stops_the_poll():
+    """Two of three slots held elsewhere (another worker of the workspace): one run is
+    tried. Then two slots read free, but the other worker takes one between the read
+    and the increments: the second increment is refused and the poll stops there."""
+    api = FakeLimitsApi(limit=3)
+    api.active = 2
+    slots = WorkspaceSlots(api, "prefect-managed-ws", 3, logging.getLogger("test"), LEASE)  # type: ignore[arg-type]
+    queue = [uuid4() for _ in range(4)]
+    assert await slots.acquire_in_order(queue) == {queue[0]}
+    assert api.requests == ["read", "increment"]
+
+    api = FakeLimitsApi(limit=3)
+    api.active = 1
+    read = api.read_global_concurrency_limit_by_name
+
+    async def read_then_taken(name: str) -> Any:
+        found = await read(name)
+        api.active += 1  # the other worker's increment
+        return found
+
+    api.read_global_concurrency_limit_by_name = read_then_taken  # type: ignore[method-assign]
+    slots = WorkspaceSlots(api, "prefect-managed-ws", 3, logging.getLogger("test"), LEASE)  # type: ignore[arg-type]
+    assert await slots.acquire_in_order(queue) == {queue[0]}
+    assert api.requests == ["read", "increment", "increment"]
