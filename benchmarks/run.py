@@ -3,8 +3,9 @@
 Both workers run at the same time against one Prefect server on loopback, with the same
 runtime image, the same poll interval (1 s), the same run limit and host networking;
 each serves a pool of its own. Samples of the two are interleaved so that load from
-elsewhere on the machine falls on both alike. Everything stops by itself: each wait
-has a timeout and the whole benchmark a deadline.
+elsewhere on the machine falls on both alike; the throughput phase runs in halves,
+ManagedWorker, DockerWorker, DockerWorker, ManagedWorker, for the same reason. Everything
+stops by itself: each wait has a timeout and the whole benchmark a deadline.
 
     python -m benchmarks            # the full benchmark (about 15-25 min on 2 cores)
     python -m benchmarks --quick    # a smoke test (a few minutes)
@@ -74,6 +75,9 @@ class Results:
     lease_call_seconds: list[float] = field(default_factory=list)
     #: CPU seconds each worker process used during the throughput phase, and its runs.
     throughput_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds the Prefect server and the Docker engine used during each worker's
+    #: part of (c): worker -> {"server": s, "dockerd": s}.
+    throughput_shared_cpu_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     #: The Prefect server's requests during each worker's throughput phase (its runs'
     #: containers included): worker -> {"METHOD /api/path": count}, ids as {id}.
     throughput_requests: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -225,9 +229,24 @@ def peak_rss(service: Service) -> int:
 
 
 def cpu_seconds(service: Service) -> float:
-    """User + system CPU time the worker process has used so far."""
-    fields = Path(f"/proc/{service.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    """User + system CPU time the service's process has used so far."""
+    return process_cpu_seconds(service.process.pid) or 0.0
+
+
+def process_cpu_seconds(pid: int | None) -> float | None:
+    """User + system CPU time of a process so far; None when it cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, TypeError):
+        return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dockerd_pid() -> int | None:
+    """The Docker engine's process on this machine, if there is one to read."""
+    found = subprocess.run(["pgrep", "-x", "dockerd"], capture_output=True, text=True)
+    pids = found.stdout.split()
+    return int(pids[0]) if pids else None
 
 
 def _short(frame: str) -> str:
@@ -408,6 +427,21 @@ def throughput(deployment_id, runs: int, deadline: float) -> dict[str, float]:
         "completed": len(completed),
         "minutes": round(minutes, 3),
         "runs_per_minute": round(len(completed) / minutes, 2),
+    }
+
+
+def add_throughput(total: dict[str, float] | None, part: dict[str, float]) -> dict[str, float]:
+    """Two parts of (c) for one worker as one: runs and minutes added up."""
+    if total is None:
+        return part
+    runs = total["runs"] + part["runs"]
+    completed = total["completed"] + part["completed"]
+    minutes = total["minutes"] + part["minutes"]
+    return {
+        "runs": runs,
+        "completed": completed,
+        "minutes": round(minutes, 3),
+        "runs_per_minute": round(completed / max(minutes, 1e-9), 2),
     }
 
 
@@ -681,12 +715,22 @@ def _worker_cpu(results: Results) -> str:
     if not cpu:
         return ""
     runs = {key: results.throughput.get(key, {}).get("runs") or 1 for key in cpu}
+    shared = results.throughput_shared_cpu_seconds
+
+    def per_run(key: str, seconds: float | None) -> str:
+        return "–" if seconds is None else f"{seconds / runs[key] * 1000:.0f} ms"
+
     lines = [
-        "## The workers' own CPU during (c)",
-        "| worker | CPU seconds | per run |",
-        "|---|---|---|",
+        "## CPU during (c), per run",
+        "The worker process itself, and the Prefect server and the Docker engine during "
+        "that worker's part of (c) (they serve the runs' containers too).",
+        "",
+        "| worker | worker CPU seconds | worker per run | server per run | dockerd per run |",
+        "|---|---|---|---|---|",
         *(
-            f"| {name} | {cpu[key]:.2f} s | {cpu[key] / runs[key] * 1000:.0f} ms |"
+            f"| {name} | {cpu[key]:.2f} s | {per_run(key, cpu[key])} | "
+            f"{per_run(key, shared.get(key, {}).get('server'))} | "
+            f"{per_run(key, shared.get(key, {}).get('dockerd'))} |"
             for key, name in (("managed", "ManagedWorker"), ("docker", "DockerWorker"))
             if key in cpu
         ),
@@ -1064,20 +1108,44 @@ def main(argv: list[str] | None = None) -> int:
 
         results.load_before_throughput = os.getloadavg()
         print(f"(c) throughput: {tp_runs} runs at a limit of {concurrency}", flush=True)
-        for key in ("managed", "docker"):
-            profile = Profile(workers[key], home / f"profile-{key}.txt") if args.profile else None
-            cpu_before = cpu_seconds(workers[key])
+        # In halves, ManagedWorker, DockerWorker, DockerWorker, ManagedWorker: a machine
+        # that gets slower or faster during the phase weighs on both alike.
+        half = tp_runs // 2
+        order = [("managed", half), ("docker", half)] if half else []
+        order += [("docker", tp_runs - half), ("managed", tp_runs - half)]
+        profiles = (
+            {key: Profile(workers[key], home / f"profile-{key}.txt") for key in workers}
+            if args.profile
+            else {}
+        )
+        engine = dockerd_pid()
+        requests: dict[str, Counter[str]] = {key: Counter() for key in workers}
+        for key, count in order:
+            before = (
+                cpu_seconds(workers[key]),
+                cpu_seconds(server),
+                process_cpu_seconds(engine),
+            )
             _, log_offset = server_requests(server.log_path, 0)
-            results.throughput[key] = throughput(d[f"{key}_noop"], tp_runs, deadline)
-            results.throughput_cpu_seconds[key] = round(cpu_seconds(workers[key]) - cpu_before, 2)
+            part = throughput(d[f"{key}_noop"], count, deadline)
+            after = (cpu_seconds(workers[key]), cpu_seconds(server), process_cpu_seconds(engine))
             # Runs still reporting (or released) after the last final state are counted.
             time.sleep(2 * float(QUERY_SECONDS))
-            results.throughput_requests[key] = dict(
-                server_requests(server.log_path, log_offset)[0].most_common()
+            requests[key].update(server_requests(server.log_path, log_offset)[0])
+            results.throughput[key] = add_throughput(results.throughput.get(key), part)
+            results.throughput_cpu_seconds[key] = round(
+                results.throughput_cpu_seconds.get(key, 0.0) + after[0] - before[0], 2
             )
-            if profile is not None:
-                results.profile[key] = profile.stop()
-            print(f"  {key}: {results.throughput[key]}", flush=True)
+            shared = results.throughput_shared_cpu_seconds.setdefault(key, {})
+            shared["server"] = round(shared.get("server", 0.0) + after[1] - before[1], 2)
+            if before[2] is not None and after[2] is not None:
+                shared["dockerd"] = round(shared.get("dockerd", 0.0) + after[2] - before[2], 2)
+            print(f"  {key}, {count} runs: {part}", flush=True)
+        for key, found in requests.items():
+            if found:
+                results.throughput_requests[key] = dict(found.most_common())
+        for key, profile in profiles.items():
+            results.profile[key] = profile.stop()
 
         results.lease_call_seconds = lease_call_seconds(f"prefect-managed-{workspace}", runs)
         results.peak_rss_bytes = {key: peak_rss(service) for key, service in workers.items()}
