@@ -74,3 +74,29 @@ def test_the_meter_keeps_the_highest_memory_and_cpu():
         {"memory_stats": {"max_usage": 200}, "cpu_stats": {"cpu_usage": {"total_usage": 3e9}}}
     )
     assert (meter.peak_memory_bytes, meter.cpu_seconds) == (300, 3.0)
+
+
+def _sample(memory: int, read: str = "2026-12-04T15:00:00.000000001Z") -> dict:
+    return {"read": read, "memory_stats": {"usage": memory}}
+
+
+def test_a_stats_stream_feeds_the_meter_every_sample_until_the_container_stops():
+    """Each of Docker's samples counts (cgroup v2 has no high-water mark, so a peak seen
+    in a sample the worker skipped would be lost); a stopped container's zero-time sample
+    or the stream's end ends the watch."""
+    from prefect_managed.containers import _feed
+
+    meter = Meter()
+    samples = iter([_sample(100), _sample(500), _sample(200), _sample(0, "0001-01-01T00:00:00Z")])
+    assert _feed(samples, meter, 2) is True
+    assert meter.peak_memory_bytes == 500
+    assert _feed(samples, meter, 2) is False  # the third sample, then the stopped one
+    assert meter.peak_memory_bytes == 500 and meter.last_seen is not None
+    assert _feed(iter([_sample(900)]), meter, 2) is False  # the stream ended
+    assert meter.peak_memory_bytes == 900
+
+    def cut():
+        yield _sample(1)
+        raise ValueError("a cut JSON answer")
+
+    assert _feed(cut(), Meter(), 2) is False
