@@ -106,10 +106,13 @@ class WorkspaceSlots:
             changed["limit"] = self.limit
         if current.slot_decay_per_second:
             changed["slot_decay_per_second"] = 0.0
-        if current.active_slots < len(self._leases):
-            # Slots that decayed or were released by someone else: at least this
-            # worker's own running flow runs hold one each.
-            changed["active_slots"] = len(self._leases)
+        # Slots that decayed or were released by someone else: at least this worker's
+        # own running flow runs hold one each. Not a lease that may have run out: the
+        # server may have given its slot back already, and its renewal counts the run
+        # again (counting it here too would leave a slot taken for good).
+        held = sum(1 for lease in self._leases.values() if not self.may_have_expired(lease))
+        if current.active_slots < held:
+            changed["active_slots"] = held
         if changed:
             self._logger.warning(
                 "The workspace's concurrency limit %r was changed from outside the workers "
@@ -120,7 +123,7 @@ class WorkspaceSlots:
                 current.limit,
                 current.slot_decay_per_second,
                 current.active_slots,
-                len(self._leases),
+                held,
                 ", ".join(f"{key}={value}" for key, value in changed.items()),
             )
             await self._client.update_global_concurrency_limit(

@@ -75,6 +75,12 @@ class FakeLimitsApi:
         self.decrements.append(slots)
         self.active = max(0, self.active - slots)
 
+    async def update_global_concurrency_limit(self, name: str, concurrency_limit: Any) -> None:
+        self.requests.append("update")
+        fields = concurrency_limit.model_dump(exclude_unset=True)
+        self.limit = fields.get("limit", self.limit)
+        self.active = fields.get("active_slots", self.active)
+
     def forget_all(self) -> None:
         """A server restart with in-memory leases: the leases go, the count stays."""
         self.leases.clear()
@@ -167,6 +173,30 @@ async def test_a_running_flow_run_whose_lease_was_forgotten_is_counted_again_onc
     await slots.renew_due()
     assert slots.holds(run)
     assert api.active == 1 and api.decrements == [1]
+
+
+@sync
+async def test_two_leases_that_ran_out_together_are_counted_again_without_a_slot_left_over():
+    """The Prefect server down longer than a lease: it gave both runs' slots back. The
+    first renewal to find its lease gone counts its run again; the limit it reads then
+    shows no slot taken, while the worker still has the second run's (also run out)
+    lease. Counting that lease as held would set the count to one, the second run
+    would then take a slot of its own too, and after both runs one slot would stay
+    taken for good."""
+    api = FakeLimitsApi(limit=3)
+    slots = WorkspaceSlots(api, "prefect-managed-ws", 3, logging.getLogger("test"), LEASE)  # type: ignore[arg-type]
+    runs = [uuid4(), uuid4()]
+    for run in runs:
+        assert await slots.try_acquire(run)
+    age_leases(slots, LEASE + 1)
+    api.expire_all()
+    assert api.active == 0
+    await slots.renew_due()
+    assert all(slots.holds(run) for run in runs)
+    assert api.active == 2
+    for run in runs:
+        await slots.release(run)
+    assert api.active == 0
 
 
 @sync
