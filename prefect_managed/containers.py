@@ -134,8 +134,8 @@ class Containers:
                     length = (report.finished_at - report.started_at).total_seconds()
                     watch.timed_out = watch.stopped = length >= max_run_seconds
                 # One stats stream for the whole watch: Docker pushes a sample a second
-                # on one connection, where a request per sample cost about ten times the
-                # worker's CPU (and a second's wait each, one_shot or not).
+                # on one connection, where a request per sample cost the worker about
+                # five times the CPU (and a second's wait each, one_shot or not).
                 samples = await run_sync_in_worker_thread(
                     client.api.stats, watch.container_id, stream=True, decode=True
                 )
