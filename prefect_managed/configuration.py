@@ -32,10 +32,10 @@ from prefect_managed.dependencies import (
     split_extra_pip_packages,
 )
 from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable
-from prefect_managed.gateway_rules import run_token
+from prefect_managed.gateway.tokens import run_token, token_lifetime
+from prefect_managed.gateway.tunnel import isolation
 from prefect_managed.policy import Policy
 from prefect_managed.settings import get_policy, ledger_key
-from prefect_managed.tunnel import isolation
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -253,7 +253,9 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             for key in [key for key in self.env if key.upper() in WORKER_OWNED_ENV]:
                 del self.env[key]
             self.env["PREFECT_API_URL"] = f"http://127.0.0.1:{runtime.api_gateway_port}/api"
-            self.env["PREFECT_API_AUTH_STRING"] = run_token(ledger_key(), flow_run.id)
+            self.env["PREFECT_API_AUTH_STRING"] = run_token(
+                ledger_key(), flow_run.id, token_lifetime(tier.max_run_seconds)
+            )
             if PREFECT_UI_URL.value():  # links in the run's logs: the UI, not the gateway
                 self.env.setdefault("PREFECT_UI_URL", PREFECT_UI_URL.value())
         # The run's identity is the worker's to say, not the deployment's.
@@ -289,7 +291,7 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
         isolated = None
         if runtime.network_mode == "isolated":
             # Docker's `none` network, and a tunnel to the allowed destinations only
-            # (prefect_managed.tunnel); the worker adds the image's own entrypoint.
+            # (prefect_managed.gateway.tunnel); the worker adds the image's own entrypoint.
             self.network_mode = "none"
             isolated = isolation(
                 ledger_key(), flow_run.id, runtime.api_gateway_port, runtime.isolated_destinations()

@@ -27,13 +27,13 @@ from prefect_managed.environments import (
     Environments,
     environment_key,
 )
+from prefect_managed.gateway.tunnel import ISOLATED_MOUNT
 from prefect_managed.messages import out_of_memory_message
 from prefect_managed.metering import Meter
 from prefect_managed.outcome import ContainerReport, outcome_of
 from prefect_managed.policy import Policy
 from prefect_managed.redact import redact_url_credentials
 from prefect_managed.run_states import CONTAINER_OUTPUT_LOGGER
-from prefect_managed.tunnel import ISOLATED_MOUNT
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -107,7 +107,7 @@ class EnvironmentStep:
             if log_config
             else None,
             "storage_opt": create.get("storage_opt"),
-            # An isolated network (prefect_managed.tunnel): the builder's as the run's.
+            # An isolated network (prefect_managed.gateway.tunnel): the builder's as the run's.
             "extra_hosts": create.get("extra_hosts"),
             "sysctls": create.get("sysctls"),
         }

@@ -12,8 +12,8 @@ from urllib.parse import urlsplit
 from docker.utils import parse_bytes
 from pydantic import Field, model_validator
 
+from prefect_managed.gateway.tunnel import Destination, parse_destination
 from prefect_managed.policy_values import CacheSize, Count, LogSize, StrictModel
-from prefect_managed.tunnel import Destination, parse_destination
 
 __all__ = ["OFFICIAL_IMAGES", "Runtime"]
 

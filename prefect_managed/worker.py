@@ -30,14 +30,17 @@ import anyio
 import anyio.abc
 import httpx
 from prefect.client.schemas.objects import FlowRun
-from prefect.exceptions import PrefectHTTPStatusError
+from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
 from prefect_managed.accounting import Accounting
 from prefect_managed.concurrency import WorkspaceSlots
 from prefect_managed.configuration import (
+    API_LABEL,
+    MANAGED_LABEL,
     ManagedJobConfiguration,
     ManagedVariables,
+    api_label_value,
     disk_limit_unsupported,
 )
 from prefect_managed.containers import Containers, DockerClients, Watch, in_daemon_thread
@@ -50,7 +53,7 @@ from prefect_managed.exceptions import (
     WorkerNotStarted,
 )
 from prefect_managed.finishing import Finishing
-from prefect_managed.gateway_host import serve_run_gateway
+from prefect_managed.gateway.host import serve_run_gateway
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.messages import awaiting_slot_message
 from prefect_managed.outcome import (
@@ -405,6 +408,37 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         finally:
             self._active.discard(container_id)
         return result
+
+    async def kill_infrastructure(
+        self, infrastructure_pid: str, configuration: Any, grace_seconds: int = 30
+    ) -> None:
+        """prefect-docker's stop, of this run's managed container only.
+
+        `infrastructure_pid` is read from the flow run, which its run could once change
+        through the API: the container must carry the run's id and the managed labels of
+        this API before anything is stopped."""
+        _, container_id = self._parse_infrastructure_pid(infrastructure_pid)
+        flow_run_id = (configuration.labels or {}).get("io.prefect.flow-run-id")
+        report = await self._containers.inspect(container_id)
+        labels = report.labels if report is not None else {}
+        if (
+            report is None
+            or flow_run_id is None
+            or labels.get("io.prefect.flow-run-id") != flow_run_id
+            or labels.get(MANAGED_LABEL) != "true"
+            or labels.get(API_LABEL) != api_label_value()
+        ):
+            self._logger.warning(
+                "Not stopping container %s for flow run %s: it is not that run's managed "
+                "container (its infrastructure_pid %r names another)",
+                container_id,
+                flow_run_id,
+                infrastructure_pid,
+            )
+            raise InfrastructureNotFound(
+                f"container {container_id} is not flow run {flow_run_id}'s managed container"
+            )
+        await super().kill_infrastructure(infrastructure_pid, configuration, grace_seconds)
 
     def _watch_container_safe(self, container: Any, configuration: Any, created_event: Any) -> Any:
         """prefect-docker's watch, in a daemon thread that an abandoned run leaves behind.

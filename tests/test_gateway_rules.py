@@ -1,43 +1,69 @@
-"""The run gateway's rules and ownership answers, as pure logic (no server): what a run's
-token may do, and which flow runs, task runs and artifacts are its own. tests/test_gateway.py
-proves the same against a real server and engine."""
+"""The run gateway's reading, rules and ownership answers, as pure logic (no server): how a
+request path is read, what a run's token may do, what it may say in an event, and which
+flow runs, task runs and artifacts are its own. tests/test_gateway_paths.py drives the
+whole gateway application with generated paths; tests/test_gateway.py and
+tests/test_gateway_attacks.py prove the same against a real server and engine."""
 
 from __future__ import annotations
 
 import base64
+import json
 from uuid import UUID, uuid4
 
 import anyio
 import pytest
 
-from prefect_managed.gateway import Ownership
-from prefect_managed.gateway_host import auth_headers
-from prefect_managed.gateway_rules import (
-    Check,
-    decide,
-    event_flow_runs,
-    run_token,
-    token_from_authorization,
-    token_run,
-)
+from prefect_managed.gateway.app import Ownership, peer_proof
+from prefect_managed.gateway.events import ContextCheck, check_event
+from prefect_managed.gateway.host import auth_headers
+from prefect_managed.gateway.reading import Reading, Unreadable, read_path, read_query
+from prefect_managed.gateway.routes import ROUTES, Check, Refusal, decide
+from prefect_managed.gateway.tokens import run_token, token_from_authorization, token_run
 
 KEY = b"k" * 32
 RUN = uuid4()
 OTHER = uuid4()
+NOW = 1_800_000_000.0
+
+
+def _decide(method: str, path: str, body=None):
+    raw = ("/api/" + path).encode()
+    reading = Reading(method, read_path(raw.split(b"?")[0]), read_query(raw.partition(b"?")[2]))
+    sent = b"" if body is None else json.dumps(body).encode()
+    return decide(reading, RUN, sent)
+
+
+def _refusal(method: str, path: str, body=None) -> Refusal:
+    with pytest.raises(Refusal) as refused:
+        _decide(method, path, body)
+    return refused.value
+
+
+# --- tokens ---------------------------------------------------------------------------
 
 
 def test_a_token_names_its_run_and_verifies_only_with_the_key():
-    token = run_token(KEY, RUN)
-    assert token_run(KEY, token) == RUN
-    assert token_run(b"another key", token) is None
-    forged = token.replace(str(RUN), str(OTHER))
-    assert token_run(KEY, forged) is None
-    for bad in (None, "", "pmr1", "pmr1.x.y", f"pmr1.{RUN}", token + "0", "Bearer " + token):
-        assert token_run(KEY, bad) is None
+    token = run_token(KEY, RUN, 3600, now=NOW)
+    assert token_run(KEY, token, now=NOW).run == RUN
+    assert token_run(b"another key", token, now=NOW) is None
+    assert token_run(KEY, token.replace(str(RUN), str(OTHER)), now=NOW) is None
+    for bad in (None, "", "pmr2", "pmr2.x.y.z", f"pmr2.{RUN}", token + "0", "Bearer " + token):
+        assert token_run(KEY, bad, now=NOW) is None
+    # Another spelling of the same run id is another token, not the same one.
+    assert token_run(KEY, token.replace(str(RUN), str(RUN).upper()), now=NOW) is None
+
+
+def test_a_token_expires_and_its_expiry_cannot_be_moved():
+    token = run_token(KEY, RUN, 3600, now=NOW)
+    assert token_run(KEY, token, now=NOW + 3599) is not None
+    assert token_run(KEY, token, now=NOW + 3600) is None
+    prefix, run, expires, mac = token.split(".")
+    later = f"{prefix}.{run}.{int(expires) + 86400}.{mac}"
+    assert token_run(KEY, later, now=NOW) is None
 
 
 def test_the_token_is_read_as_prefect_sends_it():
-    token = run_token(KEY, RUN)
+    token = run_token(KEY, RUN, 60)
     assert token_from_authorization(auth_headers(token, None)["Authorization"]) == token
     assert token_from_authorization(f"Bearer {token}") == token
     assert token_from_authorization("Basic !!!") is None
@@ -48,104 +74,402 @@ def test_the_token_is_read_as_prefect_sends_it():
     )
 
 
+def test_a_peer_proves_the_key_for_each_challenge():
+    proof = peer_proof(KEY, "c1", "api")
+    assert proof == peer_proof(KEY, "c1", "api")
+    assert proof != peer_proof(KEY, "c2", "api")
+    assert proof != peer_proof(b"another key", "c1", "api")
+    assert proof != peer_proof(KEY, "c1", "another api")
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        f"/api/flow_runs/{RUN}/labels/../../../deployments/{OTHER}",
+        f"/api/flow_runs/{RUN}/labels/%2e%2e/%2e%2e/%2e%2e/deployments/{OTHER}",
+        f"/api/flow_runs/{RUN}/labels/%2E%2E/%2e./.%2E/deployments/{OTHER}",
+        f"/api/flow_runs/{RUN}/./set_state",
+        f"/api/flow_runs/{RUN}/%2e/set_state",
+        f"/api/flow_runs/{RUN}/%252e%252e/set_state",
+        "/api/deployments%23/filter",
+        "/api/deployments%3f/filter",
+        "/api/deployments%2Ffilter",
+        "/api/deployments%5cfilter",
+        "/api/deployments\\filter",
+        "/api/deployments#/filter",
+        "/api/flow_runs//filter",
+        "/api//flow_runs/filter",
+        "/api/flow_runs/filter%00",
+        "/api/flow_runs/filter%0a",
+        "/api/flow_runs/%e2%80%aefilter",
+        "/api/flow_runs/%ff",
+        "/api/flow_runs/%zz",
+        "/api/flow_runs/%2",
+        "/api/flow_runs/fil ter",
+        "/api/flow_runs/\u00e9",
+        "/flow_runs/filter",
+        "/api",
+        "/api/",
+        "/api/a/b/c/d/e/f/g/h/i/j/k/l/m/n/o/p/q",
+    ],
+)
+def test_a_path_two_readers_could_read_two_ways_is_not_read(raw):
+    with pytest.raises(Unreadable):
+        read_path(raw.encode("utf-8"))
+
+
+def test_a_path_reads_as_the_segments_the_server_sees():
+    assert read_path(b"/api/flow_runs/filter") == ("flow_runs", "filter")
+    assert read_path(b"/api/flow_runs/") == ("flow_runs", "")
+    assert read_path(b"/api/deployments/name/my%20flow/my%3Adeployment") == (
+        "deployments",
+        "name",
+        "my flow",
+        "my:deployment",
+    )
+    assert Reading("GET", ("deployments", "name", "my flow", "d")).path == (
+        "/deployments/name/my%20flow/d"
+    )
+
+
+def test_a_query_is_read_once_into_fields():
+    assert read_query(b"include_secrets=true&x=") == (("include_secrets", "true"), ("x", ""))
+    for bad in (b"a=%ff", b"a", b"a=%00", "a=\u00e9".encode()):
+        with pytest.raises(Unreadable):
+            read_query(bad)
+
+
+# --- routes ---------------------------------------------------------------------------
+
+
 @pytest.mark.parametrize(
     "method, path, body",
     [
-        ("GET", "flow_runs/" + str(OTHER), None),
-        ("GET", "block_documents/" + str(OTHER), None),
+        ("GET", f"flow_runs/{OTHER}", None),
+        ("GET", f"block_documents/{OTHER}?include_secrets=true", None),
+        ("GET", "deployments/name/my%20flow/prod", None),
         ("POST", "flow_runs/filter", {}),
         ("POST", "artifacts/latest/filter", {}),
         ("POST", "ui/flow_runs/history", {}),
         ("POST", "events/filter", {}),
         ("POST", "flows/", {"name": "child"}),
-        ("POST", "deployments/" + str(OTHER) + "/create_flow_run", {}),
         ("POST", "v2/concurrency_limits/increment-with-lease", {"names": ["db"], "slots": 1}),
         ("POST", "v2/concurrency_limits/decrement-with-lease", {"lease_id": str(uuid4())}),
-        ("POST", f"v2/concurrency_limits/leases/{uuid4()}/renew", {}),
-        ("POST", "concurrency_limits/increment", {"names": ["tag-a"]}),
+        ("POST", f"v2/concurrency_limits/leases/{uuid4()}/renew", {"lease_duration": 300}),
+        ("POST", "v2/concurrency_limits/increment", {"names": ["tag-a"], "slots": 1}),
     ],
 )
 def test_reads_and_harmless_writes_need_no_check(method, path, body):
-    decision = decide(method, path, body)
-    assert decision.allowed and decision.checks == (), decision
+    decision = _decide(method, path, body)
+    assert decision.checks == (), decision
 
 
 @pytest.mark.parametrize(
-    "method, path, body, check",
+    "method, path, body, checks",
     [
-        ("POST", f"flow_runs/{RUN}/set_state", {}, Check("flow_run", RUN)),
-        ("PATCH", f"flow_runs/{RUN}", {}, Check("flow_run", RUN)),
-        ("PATCH", f"flow_runs/{RUN}/labels", {}, Check("flow_run", RUN)),
-        ("DELETE", f"flow_runs/{RUN}/input/k", None, Check("flow_run", RUN)),
-        ("POST", "flow_runs/", {"parent_task_run_id": str(OTHER)}, Check("task_run", OTHER)),
-        ("POST", "task_runs/", {"flow_run_id": str(RUN)}, Check("flow_run", RUN)),
-        ("POST", f"task_runs/{OTHER}/set_state", {}, Check("task_run", OTHER)),
-        ("POST", "artifacts/", {"key": "report", "flow_run_id": str(RUN)}, Check("flow_run", RUN)),
-        ("PATCH", f"artifacts/{OTHER}", {}, Check("artifact", OTHER)),
+        ("POST", f"flow_runs/{RUN}/set_state", {"state": {"type": "RUNNING"}}, [("flow_run", RUN)]),
+        ("PATCH", f"flow_runs/{RUN}", {"name": "renamed"}, [("flow_run", RUN)]),
+        ("PATCH", f"flow_runs/{RUN}/labels", {"team": "a"}, [("flow_run", RUN)]),
+        ("DELETE", f"flow_runs/{RUN}/input/k", None, [("flow_run", RUN)]),
+        (
+            "POST",
+            "flow_runs/",
+            {"flow_id": str(OTHER), "parent_task_run_id": str(OTHER)},
+            [("task_run", OTHER)],
+        ),
+        (
+            "POST",
+            "task_runs/",
+            {"flow_run_id": str(RUN), "task_key": "k", "dynamic_key": "0"},
+            [("flow_run", RUN)],
+        ),
+        (
+            "POST",
+            f"task_runs/{OTHER}/set_state",
+            {"state": {"type": "COMPLETED"}},
+            [("task_run", OTHER)],
+        ),
+        (
+            "POST",
+            "artifacts/",
+            {"key": "report", "flow_run_id": str(RUN), "task_run_id": str(OTHER)},
+            [("flow_run", RUN), ("task_run", OTHER)],
+        ),
+        ("PATCH", f"artifacts/{OTHER}", {"description": "d"}, [("artifact", OTHER)]),
         (
             "POST",
             "logs/",
-            [{"flow_run_id": str(RUN)}, {"flow_run_id": str(RUN)}],
-            Check("flow_run", RUN),
+            [
+                {
+                    "name": "n",
+                    "level": 20,
+                    "message": "m",
+                    "timestamp": "2026-12-04T00:00:00Z",
+                    "flow_run_id": str(RUN),
+                },
+                {
+                    "name": "n",
+                    "level": 20,
+                    "message": "m",
+                    "timestamp": "2026-12-04T00:00:00Z",
+                    "flow_run_id": str(RUN),
+                    "task_run_id": str(OTHER),
+                },
+            ],
+            [("flow_run", RUN), ("task_run", OTHER)],
+        ),
+        (
+            "POST",
+            f"deployments/{OTHER}/create_flow_run",
+            {"parameters": {"x": 1}, "job_variables": {"pip_packages": ["six"]}},
+            [("managed_deployment", OTHER)],
         ),
     ],
 )
-def test_the_runs_own_writes_are_checked_for_ownership(method, path, body, check):
-    decision = decide(method, path, body)
-    assert decision.allowed and decision.checks == (check,), decision
+def test_the_runs_own_writes_are_checked_for_ownership(method, path, body, checks):
+    decision = _decide(method, path, body)
+    assert decision.checks == tuple(Check(kind, id) for kind, id in checks), decision
+
+
+def test_the_body_forwarded_is_the_body_checked():
+    decision = _decide(
+        "POST",
+        "flow_runs/",
+        {"flow_id": str(OTHER), "parent_task_run_id": "{" + str(OTHER).upper() + "}"},
+    )
+    # Read once (braces, upper case), checked as that id and sent as that id.
+    assert decision.checks == (Check("task_run", OTHER),)
+    assert json.loads(decision.body)["parent_task_run_id"] == str(OTHER)
 
 
 @pytest.mark.parametrize(
     "method, path, body, words",
     [
+        ("PATCH", "v2/concurrency_limits/prefect-managed-ws", {"active": False}, "cannot call"),
+        ("DELETE", "v2/concurrency_limits/prefect-managed-ws", None, "cannot call"),
+        ("POST", "v2/concurrency_limits/", {"name": "x", "limit": 1}, "cannot call"),
         (
-            "PATCH",
-            "v2/concurrency_limits/prefect-managed-ws",
-            {"active": False},
-            "cannot call PATCH",
+            "POST",
+            "v2/concurrency_limits/increment-with-lease",
+            {"names": ["prefect-managed-ws"], "slots": 1},
+            "run slots",
         ),
-        ("DELETE", "v2/concurrency_limits/prefect-managed-ws", None, "cannot call DELETE"),
-        ("POST", "v2/concurrency_limits/", {"name": "x", "limit": 1}, "cannot call POST"),
-        ("POST", "v2/concurrency_limits/increment", {"names": ["prefect-managed-ws"]}, "run slots"),
+        (
+            "POST",
+            "v2/concurrency_limits/increment",
+            {"names": [" Prefect-Managed-ws"], "slots": 1},
+            "run slots",
+        ),
+        (
+            "POST",
+            "v2/concurrency_limits/increment",
+            {"names": [f"deployment:{OTHER}"], "slots": 1},
+            "deployment",
+        ),
         ("POST", "artifacts/", {"key": "usage-ws-202612-run-x", "flow_run_id": str(RUN)}, "usage"),
         ("POST", "artifacts/", {"key": "report"}, "flow_run_id"),
-        ("DELETE", f"artifacts/{OTHER}", None, "cannot call DELETE"),
-        ("DELETE", f"flow_runs/{OTHER}", None, "cannot call DELETE"),
+        ("DELETE", f"artifacts/{OTHER}", None, "cannot call"),
+        ("DELETE", f"flow_runs/{OTHER}", None, "cannot call"),
         ("POST", "flow_runs/", {"flow_id": str(OTHER)}, "subflow runs"),
-        ("POST", "flow_runs/bulk_set_state", {}, "cannot call POST"),
-        ("POST", "logs/", [{"flow_run_id": None}], "flow_run_id"),
-        ("POST", "logs/", [], "list of log entries"),
-        ("PATCH", "work_pools/pool", {"is_paused": True}, "cannot call PATCH"),
-        ("POST", "work_pools/pool/get_scheduled_flow_runs", {}, "cannot call POST"),
-        ("POST", "deployments/", {}, "cannot call POST"),
-        ("POST", "variables/", {"name": "x"}, "cannot call POST"),
-        ("POST", "block_documents/", {}, "cannot call POST"),
-        ("POST", "v2/other", {}, "not open"),
+        (
+            "POST",
+            "flow_runs/",
+            {"flow_id": str(OTHER), "parent_task_run_id": str(OTHER), "work_pool_name": "docker"},
+            "work_pool_name",
+        ),
+        (
+            "POST",
+            "flow_runs/",
+            {"flow_id": str(OTHER), "parent_task_run_id": str(OTHER), "deployment_id": str(OTHER)},
+            "deployment_id",
+        ),
+        ("PATCH", f"flow_runs/{RUN}", {"infrastructure_pid": "x:victim"}, "infrastructure_pid"),
+        ("PATCH", f"flow_runs/{RUN}", {"job_variables": {"privileged": True}}, "job_variables"),
+        (
+            "POST",
+            f"flow_runs/{RUN}/set_state",
+            {"state": {"type": "SCHEDULED"}, "force": True},
+            "SCHEDULED",
+        ),
+        ("POST", f"flow_runs/{RUN}/set_state", {"state": {"type": "PENDING"}}, "PENDING"),
+        ("POST", f"flow_runs/{RUN}/set_state", {"state": {"type": "RUNNING"}, "x": 1}, "x"),
+        ("POST", f"flow_runs/{RUN}/set_state", {"state": {"type": "NOPE"}}, "state.type"),
+        ("PATCH", f"flow_runs/{RUN}/labels", {"prefect.worker.name": "x"}, "prefect."),
+        (
+            "POST",
+            f"deployments/{OTHER}/create_flow_run",
+            {"work_queue_name": "elsewhere"},
+            "work_queue_name",
+        ),
+        (
+            "POST",
+            f"deployments/{OTHER}/create_flow_run",
+            {"state": {"type": "RUNNING"}},
+            "RUNNING",
+        ),
+        ("POST", "logs/", [{"flow_run_id": None}], "log entry"),
+        ("POST", "logs/", [], "non-empty list"),
+        ("POST", "task_runs/", {"task_key": "k", "dynamic_key": "0"}, "flow_run_id"),
+        ("PATCH", "work_pools/pool", {"is_paused": True}, "cannot call"),
+        ("POST", "work_pools/pool/get_scheduled_flow_runs", {}, "cannot call"),
+        ("POST", "deployments/", {}, "cannot call"),
+        ("PATCH", f"deployments/{OTHER}", {"pull_steps": []}, "cannot call"),
+        ("POST", "variables/", {"name": "x"}, "cannot call"),
+        ("POST", "block_documents/", {}, "cannot call"),
+        ("PATCH", f"block_documents/{OTHER}", {}, "cannot call"),
+        ("POST", "automations/", {}, "cannot call"),
+        ("POST", "events", [], "cannot call"),
+        ("GET", "admin/settings", None, "cannot call"),
+        ("GET", "collections/views/aggregate-worker-metadata", None, "cannot call"),
+        ("HEAD", f"flow_runs/{RUN}", None, "cannot call"),
+        ("POST", f"flow_runs/{RUN}/set_state?force=true", {"state": {"type": "RUNNING"}}, "query"),
+        ("POST", "v2/other", {}, "cannot call"),
+        ("POST", f"flow_runs/{RUN}/set_state", "not an object", "state"),
     ],
 )
 def test_everything_else_is_refused_with_a_reason(method, path, body, words):
-    decision = decide(method, path, body)
-    assert not decision.allowed
-    assert words in decision.reason
+    assert words in _refusal(method, path, body).reason
 
 
-def test_an_event_names_its_flow_runs():
-    event = {
-        "event": "prefect.task-run.Completed",
-        "resource": {"prefect.resource.id": f"prefect.task-run.{OTHER}"},
+def test_a_uuid_parameter_is_read_in_the_servers_one_form():
+    for spelling in (str(RUN).upper(), str(RUN).replace("-", ""), "{" + str(RUN) + "}"):
+        if len(spelling) == 36:
+            assert _decide("GET", f"flow_runs/{spelling}").path == f"/flow_runs/{RUN}"
+        else:
+            with pytest.raises((Refusal, Unreadable)):
+                _decide("GET", f"flow_runs/{spelling}")
+
+
+def test_every_route_of_the_allow_list_is_one_of_prefects():
+    """The allow-list names routes as the installed Prefect server does (method and
+    template, convertors aside), so the gateway decides on the route the server runs."""
+    from fastapi.routing import APIRoute
+    from prefect.server.api.server import API_ROUTERS
+
+    def bare(template: str) -> str:
+        return template.replace(":uuid}", "}").replace(":str}", "}")
+
+    prefect = {("GET", "/health"), ("GET", "/version")}
+    for router in API_ROUTERS:
+        for route in router.routes:
+            if isinstance(route, APIRoute):
+                prefect |= {(method, bare(route.path)) for method in route.methods}
+    ours = {(route.method, bare(route.template)) for route in ROUTES}
+    assert ours <= prefect, sorted(ours - prefect)
+    assert len(ours) == len(ROUTES)  # no route listed twice
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+def _event(name: str, resource: str, related=(), payload=None) -> dict:
+    return {
+        "occurred": "2026-12-04T00:00:00Z",
+        "event": name,
+        "resource": {"prefect.resource.id": resource},
         "related": [
-            {"prefect.resource.id": f"prefect.flow-run.{RUN}", "prefect.resource.role": "flow-run"},
-            {"prefect.resource.id": "prefect.flow-run.not-a-uuid"},
-            "junk",
+            {"prefect.resource.id": r, "prefect.resource.role": role} for r, role in related
         ],
+        "payload": payload or {},
+        "id": str(uuid4()),
     }
-    assert event_flow_runs(event) == {RUN}
-    assert event_flow_runs({"resource": {"prefect.resource.id": "x"}}) == set()
-    assert event_flow_runs("junk") == set()
+
+
+def test_a_task_run_event_is_checked_against_the_task_run_and_its_flow_run():
+    task = uuid4()
+    data = _event(
+        "prefect.task-run.Completed",
+        f"prefect.task-run.{task}",
+        [(f"prefect.flow-run.{RUN}", "flow-run"), (f"prefect.deployment.{OTHER}", "deployment")],
+        {"task_run": {"flow_run_id": str(RUN), "name": "t"}},
+    )
+    event, checks, flow_runs, context = check_event(data)
+    assert set(checks) == {Check("flow_run", RUN), Check("new_or_own_task_run", task)}
+    assert flow_runs == {RUN}
+    assert context == (ContextCheck("deployment_id", OTHER),)
+    assert event.event == "prefect.task-run.Completed"
+
+
+def test_the_payloads_flow_run_is_the_one_checked():
+    """The recorder takes the payload's flow_run_id over the related flow run."""
+    task = uuid4()
+    data = _event(
+        "prefect.task-run.Running",
+        f"prefect.task-run.{task}",
+        [(f"prefect.flow-run.{RUN}", "flow-run")],
+        {"task_run": {"flow_run_id": str(OTHER)}},
+    )
+    _, checks, flow_runs, _ = check_event(data)
+    assert Check("flow_run", OTHER) in checks and flow_runs == {RUN, OTHER}
+
+
+@pytest.mark.parametrize(
+    "name, resource, related, payload, words",
+    [
+        ("prefect-managed.usage.recorded", f"prefect.flow-run.{RUN}", [], {}, "managed pool"),
+        ("prefect.flow-run.Completed", f"prefect.flow-run.{RUN}", [], {}, "server's"),
+        ("prefect.flow-run.Cancelling", f"prefect.flow-run.{RUN}", [], {}, "server's"),
+        ("prefect.work-pool.paused", f"prefect.work-pool.{OTHER}", [], {}, "server's"),
+        (
+            "my.event",
+            f"prefect.deployment.{OTHER}",
+            [(f"prefect.flow-run.{RUN}", "flow-run")],
+            {},
+            "events about",
+        ),
+        ("my.event", "my.thing", [], {}, "names none"),
+        ("my.event", "my.thing", [("prefect-managed.worker.x", "worker")], {}, "managed pool"),
+        (
+            "prefect.task-run.Completed",
+            f"prefect.task-run.{uuid4()}",
+            [(f"prefect.flow-run.{RUN}", "flow-run")],
+            {},
+            "carry its task_run",
+        ),
+        (
+            "prefect.task-run.Completed",
+            f"prefect.task-run.{uuid4()}",
+            [(f"prefect.flow-run.{RUN}", "flow-run")],
+            {"task_run": {"id": str(OTHER)}},
+            "not the event's resource",
+        ),
+        (
+            "prefect.task-run.Completed",
+            f"prefect.task-run.{uuid4()}",
+            [],
+            {"task_run": {"name": "t"}},
+            "task run's flow run",
+        ),
+        ("prefect.task-run.Completed", f"prefect.flow-run.{RUN}", [], {}, "about a flow run"),
+        (
+            "prefect.task-run.Completed",
+            "my.thing",
+            [(f"prefect.flow-run.{RUN}", "flow-run")],
+            {},
+            "must be about",
+        ),
+    ],
+)
+def test_an_event_not_about_the_run_is_dropped(name, resource, related, payload, words):
+    with pytest.raises(Refusal) as refused:
+        check_event(_event(name, resource, related, payload))
+    assert words in refused.value.reason
+
+
+def test_a_users_own_event_names_its_run():
+    data = _event("my.event", "my.thing", [(f"prefect.flow-run.{RUN}", "flow-run")])
+    _, checks, flow_runs, _ = check_event(data)
+    assert checks == (Check("flow_run", RUN),) and flow_runs == {RUN}
+
+
+# --- ownership ------------------------------------------------------------------------
 
 
 class FakeApi:
-    """Records the API would return: flow runs, task runs and artifacts by id."""
+    """Records the API would return: flow runs, task runs, artifacts, deployments, pools."""
 
     def __init__(self, records: dict[str, dict]) -> None:
         self.records = records
@@ -157,14 +481,7 @@ class FakeApi:
 
 
 def _owns(api: FakeApi, check: Check, run: UUID = RUN) -> bool:
-    ownership = Ownership(api.get_json)
-
-    async def both() -> tuple[bool, bool]:
-        return await ownership.owns(run, check), await ownership.owns(run, check)
-
-    first, second = anyio.run(both)
-    assert first == second  # the second answer comes from the cache
-    return first
+    return anyio.run(Ownership(api.get_json).owns, run, check)
 
 
 def test_ownership_follows_subflows_to_the_run():
@@ -182,6 +499,39 @@ def test_ownership_follows_subflows_to_the_run():
     assert _owns(api, Check("flow_run", child))
     assert _owns(api, Check("task_run", child_task))
     assert _owns(api, Check("artifact", artifact))
+
+
+def test_ownership_is_read_again_each_time():
+    """A task run moved to another flow run is no longer the run's: nothing is cached."""
+    task = uuid4()
+    api = FakeApi({f"/task_runs/{task}": {"flow_run_id": str(RUN)}})
+    ownership = Ownership(api.get_json)
+    assert anyio.run(ownership.owns, RUN, Check("task_run", task))
+    api.records[f"/task_runs/{task}"] = {"flow_run_id": str(OTHER)}
+    assert not anyio.run(ownership.owns, RUN, Check("task_run", task))
+
+
+def test_a_new_task_run_is_the_runs_and_an_existing_one_must_be():
+    new, others = uuid4(), uuid4()
+    api = FakeApi({f"/task_runs/{others}": {"flow_run_id": str(OTHER)}})
+    assert _owns(api, Check("new_or_own_task_run", new))
+    assert not _owns(api, Check("new_or_own_task_run", others))
+    assert not _owns(api, Check("task_run", new))  # to change one, it must exist
+
+
+def test_only_deployments_of_managed_pools_may_be_run():
+    managed, docker = uuid4(), uuid4()
+    api = FakeApi(
+        {
+            f"/deployments/{managed}": {"work_pool_name": "my managed"},
+            "/work_pools/my%20managed": {"type": "prefect:managed"},
+            f"/deployments/{docker}": {"work_pool_name": "docker"},
+            "/work_pools/docker": {"type": "docker"},
+        }
+    )
+    assert _owns(api, Check("managed_deployment", managed))
+    assert not _owns(api, Check("managed_deployment", docker))
+    assert not _owns(api, Check("managed_deployment", uuid4()))
 
 
 def test_ownership_refuses_other_runs_usage_records_and_unknown_ids():

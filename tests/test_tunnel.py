@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from prefect_managed.policy import Runtime
-from prefect_managed.tunnel import (
+from prefect_managed.gateway.tunnel import (
     ISOLATED_MOUNT,
     Destination,
     grant,

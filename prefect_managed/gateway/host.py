@@ -1,10 +1,13 @@
 """The run gateway's place on the worker's host: one gateway per host and Prefect API.
 
 The first worker process binds `127.0.0.1:<runtime.api_gateway_port>` and serves the
-gateway (`gateway.Gateway`) there, with the isolated network's tunnel
-(`tunnel.TunnelServer`); the others find it there (`HEALTH_PATH` names the API it
-serves) and bind the port themselves as soon as its process goes away, so a container
-keeps its API and its tunnel through a worker's restart.
+gateway (`app.Gateway`) there, with the isolated network's tunnel
+(`tunnel.TunnelServer`); the others find it there and bind the port themselves as soon
+as its process goes away, so a container keeps its API and its tunnel through a
+worker's restart. A process on the port counts as a peer only when it proves it holds
+the ledger key (it answers a fresh challenge on `HEALTH_PATH` with `app.peer_proof`):
+under host networking a run's container could bind the port in the moment its holder is
+gone, and a worker that took it for a peer would leave every run's token to it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import errno
+import hmac
+import secrets
 import socket
 import threading
 from typing import Any
@@ -19,9 +24,16 @@ from typing import Any
 import httpx
 from prefect.logging import get_logger
 
-from prefect_managed.gateway import HEALTH_PATH, Gateway
+from prefect_managed.gateway.app import (
+    HEAD_SECONDS,
+    HEALTH_PATH,
+    MAX_CONNECTIONS,
+    Gateway,
+    GuardedH11,
+    peer_proof,
+)
+from prefect_managed.gateway.tunnel import TunnelServer, tunnel_directory
 from prefect_managed.policy_runtime import Runtime
-from prefect_managed.tunnel import TunnelServer, tunnel_directory
 
 __all__ = [
     "RunGateway",
@@ -101,27 +113,45 @@ class RunGateway:
             raise OSError(
                 errno.EADDRINUSE,
                 f"runtime.api_gateway_port {self.port} on 127.0.0.1 is held by something "
-                "other than a gateway of this Prefect API; choose a free port in the policy",
+                "that does not prove it is a gateway of this Prefect API with this ledger key "
+                "(another program, or a flow run's container that bound the port); stop it or "
+                "choose a free port in the policy",
             ) from exc
         self._start(sock)
         return "bound"
 
     def _peer_serves(self) -> bool:
+        """Whether the port's holder proves it holds the ledger key (a fresh challenge:
+        an answer seen before is worth nothing)."""
+        challenge = secrets.token_hex(16)
+        label = self.gateway.api_label
         try:
-            reply = httpx.get(f"http://127.0.0.1:{self.port}{HEALTH_PATH}", timeout=3)
-            return reply.json() == {"gateway": "prefect-managed", "api": self.gateway.api_label}
+            reply = httpx.get(
+                f"http://127.0.0.1:{self.port}{HEALTH_PATH}",
+                params={"challenge": challenge},
+                timeout=3,
+            ).json()
         except (httpx.HTTPError, ValueError):
             return False
+        if not isinstance(reply, dict) or reply.get("api") != label:
+            return False
+        proof = reply.get("proof")
+        return isinstance(proof, str) and hmac.compare_digest(
+            proof, peer_proof(self.gateway.key, challenge, label)
+        )
 
     def _start(self, sock: socket.socket) -> None:
         import uvicorn
 
         config = uvicorn.Config(
-            self.gateway.app,
+            self.gateway,
             log_level="warning",
             lifespan="off",
+            http=GuardedH11,
             ws="websockets-sansio",
             access_log=False,
+            limit_concurrency=MAX_CONNECTIONS,
+            timeout_keep_alive=int(HEAD_SECONDS),
         )
         server = uvicorn.Server(config)
         self._server = server

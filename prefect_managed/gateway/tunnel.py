@@ -37,6 +37,8 @@ import socket
 import struct
 import tempfile
 import threading
+import time
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,7 +65,7 @@ ISOLATED_MOUNT = "/run/prefect-managed"
 SOCKET_NAME = "tunnel.sock"
 #: The in-container scripts, copied next to the socket by the server's holder.
 _SCRIPTS = ("isolate.sh", "forward.py")
-_RUNTIME = Path(__file__).parent / "runtime"
+_RUNTIME = Path(__file__).parent.parent / "runtime"
 GRANT_PREFIX = "pmt1"
 _GRANT_CONTEXT = b"prefect-managed tunnel grant\0"
 #: Named destinations get container addresses from here (never 127.0.0.1).
@@ -73,6 +75,10 @@ _HOST = re.compile(
 )
 _HEADER_LIMIT = 8192
 _CONNECT_SECONDS = 10.0
+#: A connection with no bytes either way for this long is closed.
+IDLE_SECONDS = 600.0
+#: Connections one run may hold open at once.
+MAX_CONNECTIONS_PER_RUN = 64
 
 
 @dataclass(frozen=True, order=True)
@@ -223,6 +229,7 @@ class TunnelServer:
         self._key = key
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
+        self._open: Counter[UUID] = Counter()
 
     @property
     def socket_path(self) -> Path:
@@ -281,7 +288,6 @@ class TunnelServer:
         self._thread = None
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        upstream: asyncio.StreamWriter | None = None
         try:
             try:
                 header = await asyncio.wait_for(reader.readuntil(b"\n"), _CONNECT_SECONDS)
@@ -301,21 +307,42 @@ class TunnelServer:
                     target,
                 )
                 return
-            destination = parse_destination(target)
-            try:
-                up_reader, upstream = await asyncio.wait_for(
-                    asyncio.open_connection(destination.host, destination.port), _CONNECT_SECONDS
+            run = grant_of[0]
+            if self._open[run] >= MAX_CONNECTIONS_PER_RUN:
+                logger.warning(
+                    "Tunnel: refused flow run %s a connection to %s: it holds %d open already",
+                    run,
+                    target,
+                    MAX_CONNECTIONS_PER_RUN,
                 )
-            except (OSError, TimeoutError) as exc:
-                logger.info("Tunnel: flow run %s could not reach %s: %s", grant_of[0], target, exc)
                 return
-            await _relay(reader, writer, up_reader, upstream)
+            self._open[run] += 1
+            try:
+                await self._connect(reader, writer, run, target)
+            finally:
+                self._open[run] -= 1
+                if self._open[run] <= 0:
+                    del self._open[run]
         except Exception:
             logger.exception("Tunnel: a connection failed")
         finally:
-            for stream in (writer, upstream):
-                if stream is not None:
-                    stream.close()
+            writer.close()
+
+    async def _connect(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, run: UUID, target: str
+    ) -> None:
+        destination = parse_destination(target)
+        try:
+            up_reader, upstream = await asyncio.wait_for(
+                asyncio.open_connection(destination.host, destination.port), _CONNECT_SECONDS
+            )
+        except (OSError, TimeoutError) as exc:
+            logger.info("Tunnel: flow run %s could not reach %s: %s", run, target, exc)
+            return
+        try:
+            await _relay(reader, writer, up_reader, upstream)
+        finally:
+            upstream.close()
 
 
 async def _relay(
@@ -323,10 +350,24 @@ async def _relay(
     writer: asyncio.StreamWriter,
     up_reader: asyncio.StreamReader,
     up_writer: asyncio.StreamWriter,
+    idle: float = IDLE_SECONDS,
 ) -> None:
+    """Both directions until each ends, or until no byte has passed either way for
+    `idle` seconds."""
+    last = [time.monotonic()]
+
     async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
-            while chunk := await source.read(65536):
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(source.read(65536), idle)
+                except (TimeoutError, asyncio.TimeoutError):
+                    if time.monotonic() - last[0] >= idle:
+                        break
+                    continue
+                if not chunk:
+                    break
+                last[0] = time.monotonic()
                 sink.write(chunk)
                 await sink.drain()
             if sink.can_write_eof():
