@@ -160,7 +160,7 @@ def executed_status_code(flow_run_id: UUID, timeout: float = 60) -> str:
     return wait_for(find, timeout, f"the executed event of flow run {flow_run_id}", 1)
 
 
-def usage_report(policy: Path, api: str | None = None) -> dict:
+def usage_report(policy: Path, api: str | None = None, auth: str | None = None) -> dict:
     """`prefect-managed usage --json` as the operator runs it (with the workers' key)."""
     import json
     import os
@@ -171,6 +171,8 @@ def usage_report(policy: Path, api: str | None = None) -> dict:
     env = {**os.environ, "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy)}
     if api is not None:
         env["PREFECT_API_URL"] = api
+    if auth is not None:
+        env["PREFECT_API_AUTH_STRING"] = auth
     done = subprocess.run(
         [str(BIN / "prefect-managed"), "usage", "--json"],
         capture_output=True,
