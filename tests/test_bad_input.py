@@ -114,153 +114,409 @@ RUN_LOGS = "the flow run ends Crashed with this message; the container's output 
 
 CASES: list[Case] = [
     # -- the policy file ----------------------------------------------------------------
-    Case("policy file", "missing file", "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE names no file",
-         policy_path_message(lambda d: d / POLICY_NAME), where=WORKER),
-    Case("policy file", "a directory, not a file", "the path is a directory",
-         policy_path_message(lambda d: (d / POLICY_NAME).mkdir() or d / POLICY_NAME), where=WORKER),
-    Case("policy file", "not TOML", "`workspace = [`", policy_message("workspace = ["), where=WORKER),
-    Case("policy file", "unknown setting", "`[runtime]` `privileged = true`",
-         policy_message("[runtime]\nprivileged = true\n"), where=WORKER),
-    Case("policy file", "misspelt table", "`[tier.free]`",
-         policy_message("[tier.free]\nconcurrency_limit = 2\n"), where=WORKER),
-    Case("policy file", "unknown tier", "`[workspace]` `tier = \"gold\"`",
-         policy_message('[workspace]\ntier = "gold"\n'), where=WORKER),
-    Case("policy file", "negative concurrency", "`[tiers.free]` `concurrency_limit = -1`",
-         policy_message("[tiers.free]\nconcurrency_limit = -1\n"), where=WORKER),
-    Case("policy file", "memory not a size", "`[tiers.free]` `memory = \"lots\"`",
-         policy_message('[tiers.free]\nmemory = "lots"\n'), where=WORKER),
-    Case("policy file", "zero memory", "`[tiers.free]` `memory = \"0\"`",
-         policy_message('[tiers.free]\nmemory = "0"\n'), where=WORKER),
-    Case("policy file", "zero CPUs", "`[tiers.free]` `cpus = 0`",
-         policy_message("[tiers.free]\ncpus = 0\n"), where=WORKER),
-    Case("policy file", "run time as text", "`[tiers.free]` `max_run_seconds = \"1h\"`",
-         policy_message('[tiers.free]\nmax_run_seconds = "1h"\n'), where=WORKER),
-    Case("policy file", "a tier that is not a table", "`[tiers]` `team = 3`",
-         policy_message("[tiers]\nteam = 3\n"), where=WORKER),
-    Case("policy file", "workspace name with capitals and spaces", "`name = \"Data Team\"`",
-         policy_message('[workspace]\nname = "Data Team"\n'), where=WORKER),
-    Case("policy file", "containers as root", "`[runtime]` `user = \"0\"`",
-         policy_message('[runtime]\nuser = "0"\n'), where=WORKER),
-    Case("policy file", "another container's network", "`network_mode = \"container:db\"`",
-         policy_message('[runtime]\nnetwork_mode = "container:db"\n'), where=WORKER),
-    Case("policy file", "no processes allowed", "`[runtime]` `pids_limit = 0`",
-         policy_message("[runtime]\npids_limit = 0\n"), where=WORKER),
-    Case("policy file", "CPUs too small to limit", "`[tiers.free]` `cpus = 1e-10`",
-         policy_message("[tiers.free]\ncpus = 1e-10\n"), where=WORKER),
-    Case("policy file", "infinite CPUs", "`[tiers.free]` `cpus = inf`",
-         policy_message("[tiers.free]\ncpus = inf\n"), where=WORKER),
-    Case("policy file", "memory as a boolean", "`[tiers.free]` `memory = true`",
-         policy_message("[tiers.free]\nmemory = true\n"), where=WORKER),
-    Case("policy file", "concurrency as a boolean", "`[tiers.free]` `concurrency_limit = true`",
-         policy_message("[tiers.free]\nconcurrency_limit = true\n"), where=WORKER),
-    Case("policy file", "too many infrastructure retries",
-         "`[tiers.free]` `infrastructure_retries = 10`",
-         policy_message("[tiers.free]\ninfrastructure_retries = 10\n"), where=WORKER),
-    Case("policy file", "container output cap negative",
-         "`[tiers.free]` `container_output_max_size = \"-1m\"`",
-         policy_message('[tiers.free]\ncontainer_output_max_size = "-1m"\n'), where=WORKER),
-    Case("policy file", "container output cap not a size",
-         "`[tiers.free]` `container_output_max_size = \"all\"`",
-         policy_message('[tiers.free]\ncontainer_output_max_size = "all"\n'), where=WORKER),
-    Case("policy file", "run gateway on a privileged port", "`[runtime]` `api_gateway_port = 80`",
-         policy_message("[runtime]\napi_gateway_port = 80\n"), where=WORKER),
-    Case("policy file", "run gateway without host networking",
-         "`network_mode = \"bridge\"`, `api_gateway_port = 4210`",
-         policy_message('[runtime]\nnetwork_mode = "bridge"\napi_gateway_port = 4210\n'),
-         where=WORKER),
-    Case("policy file", "isolated network without the run gateway",
-         "`network_mode = \"isolated\"` and no `api_gateway_port`",
-         policy_message('[runtime]\nnetwork_mode = "isolated"\n'), where=WORKER),
-    Case("policy file", "isolated destination by another machine's address",
-         "`allowed_destinations = [\"192.0.2.10:9000\"]`",
-         policy_message('[runtime]\nnetwork_mode = "isolated"\napi_gateway_port = 4210\n'
-                        'allowed_destinations = ["192.0.2.10:9000"]\n'), where=WORKER),
-    Case("policy file", "isolated destination without a port",
-         "`allowed_destinations = [\"git.example.com\"]`",
-         policy_message('[runtime]\nnetwork_mode = "isolated"\napi_gateway_port = 4210\n'
-                        'allowed_destinations = ["git.example.com"]\n'), where=WORKER),
-    Case("policy file", "allowed destinations without the isolated network",
-         "`allowed_destinations = [\"127.0.0.1:9418\"]` with `network_mode = \"host\"`",
-         policy_message('[runtime]\nallowed_destinations = ["127.0.0.1:9418"]\n'), where=WORKER),
-    Case("policy file", "not UTF-8", "a file with the byte 0xe9 (Latin-1 `é`)",
-         policy_path_message(
-             lambda d: (d / POLICY_NAME).write_bytes(b'[workspace]\nname = "caf\xe9"\n')
-             and d / POLICY_NAME),
-         where=WORKER),
-    Case("policy file", "default image outside the allow-list",
-         "`default_image = \"python:3.12\"`",
-         policy_message('[runtime]\ndefault_image = "python:3.12"\n'), where=WORKER),
+    Case(
+        "policy file",
+        "missing file",
+        "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE names no file",
+        policy_path_message(lambda d: d / POLICY_NAME),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "a directory, not a file",
+        "the path is a directory",
+        policy_path_message(lambda d: (d / POLICY_NAME).mkdir() or d / POLICY_NAME),
+        where=WORKER,
+    ),
+    Case(
+        "policy file", "not TOML", "`workspace = [`", policy_message("workspace = ["), where=WORKER
+    ),
+    Case(
+        "policy file",
+        "unknown setting",
+        "`[runtime]` `privileged = true`",
+        policy_message("[runtime]\nprivileged = true\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "misspelt table",
+        "`[tier.free]`",
+        policy_message("[tier.free]\nconcurrency_limit = 2\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "unknown tier",
+        '`[workspace]` `tier = "gold"`',
+        policy_message('[workspace]\ntier = "gold"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "negative concurrency",
+        "`[tiers.free]` `concurrency_limit = -1`",
+        policy_message("[tiers.free]\nconcurrency_limit = -1\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "memory not a size",
+        '`[tiers.free]` `memory = "lots"`',
+        policy_message('[tiers.free]\nmemory = "lots"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "zero memory",
+        '`[tiers.free]` `memory = "0"`',
+        policy_message('[tiers.free]\nmemory = "0"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "zero CPUs",
+        "`[tiers.free]` `cpus = 0`",
+        policy_message("[tiers.free]\ncpus = 0\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "run time as text",
+        '`[tiers.free]` `max_run_seconds = "1h"`',
+        policy_message('[tiers.free]\nmax_run_seconds = "1h"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "a tier that is not a table",
+        "`[tiers]` `team = 3`",
+        policy_message("[tiers]\nteam = 3\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "workspace name with capitals and spaces",
+        '`name = "Data Team"`',
+        policy_message('[workspace]\nname = "Data Team"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "containers as root",
+        '`[runtime]` `user = "0"`',
+        policy_message('[runtime]\nuser = "0"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "another container's network",
+        '`network_mode = "container:db"`',
+        policy_message('[runtime]\nnetwork_mode = "container:db"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "no processes allowed",
+        "`[runtime]` `pids_limit = 0`",
+        policy_message("[runtime]\npids_limit = 0\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "CPUs too small to limit",
+        "`[tiers.free]` `cpus = 1e-10`",
+        policy_message("[tiers.free]\ncpus = 1e-10\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "infinite CPUs",
+        "`[tiers.free]` `cpus = inf`",
+        policy_message("[tiers.free]\ncpus = inf\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "memory as a boolean",
+        "`[tiers.free]` `memory = true`",
+        policy_message("[tiers.free]\nmemory = true\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "concurrency as a boolean",
+        "`[tiers.free]` `concurrency_limit = true`",
+        policy_message("[tiers.free]\nconcurrency_limit = true\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "too many infrastructure retries",
+        "`[tiers.free]` `infrastructure_retries = 10`",
+        policy_message("[tiers.free]\ninfrastructure_retries = 10\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "container output cap negative",
+        '`[tiers.free]` `container_output_max_size = "-1m"`',
+        policy_message('[tiers.free]\ncontainer_output_max_size = "-1m"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "container output cap not a size",
+        '`[tiers.free]` `container_output_max_size = "all"`',
+        policy_message('[tiers.free]\ncontainer_output_max_size = "all"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "run gateway on a privileged port",
+        "`[runtime]` `api_gateway_port = 80`",
+        policy_message("[runtime]\napi_gateway_port = 80\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "run gateway without host networking",
+        '`network_mode = "bridge"`, `api_gateway_port = 4210`',
+        policy_message('[runtime]\nnetwork_mode = "bridge"\napi_gateway_port = 4210\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "isolated network without the run gateway",
+        '`network_mode = "isolated"` and no `api_gateway_port`',
+        policy_message('[runtime]\nnetwork_mode = "isolated"\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "isolated destination by another machine's address",
+        '`allowed_destinations = ["192.0.2.10:9000"]`',
+        policy_message(
+            '[runtime]\nnetwork_mode = "isolated"\napi_gateway_port = 4210\n'
+            'allowed_destinations = ["192.0.2.10:9000"]\n'
+        ),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "isolated destination without a port",
+        '`allowed_destinations = ["git.example.com"]`',
+        policy_message(
+            '[runtime]\nnetwork_mode = "isolated"\napi_gateway_port = 4210\n'
+            'allowed_destinations = ["git.example.com"]\n'
+        ),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "allowed destinations without the isolated network",
+        '`allowed_destinations = ["127.0.0.1:9418"]` with `network_mode = "host"`',
+        policy_message('[runtime]\nallowed_destinations = ["127.0.0.1:9418"]\n'),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "not UTF-8",
+        "a file with the byte 0xe9 (Latin-1 `é`)",
+        policy_path_message(
+            lambda d: (
+                (d / POLICY_NAME).write_bytes(b'[workspace]\nname = "caf\xe9"\n')
+                and d / POLICY_NAME
+            )
+        ),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "default image outside the allow-list",
+        '`default_image = "python:3.12"`',
+        policy_message('[runtime]\ndefault_image = "python:3.12"\n'),
+        where=WORKER,
+    ),
     # -- job variables ------------------------------------------------------------------
-    Case("job variables", "mem_limit not a size", "`mem_limit: \"lots\"`",
-         job_message(mem_limit="lots"), where=RUN),
-    Case("job variables", "mem_limit zero", "`mem_limit: \"0\"`", job_message(mem_limit="0"),
-         where=RUN),
-    Case("job variables", "mem_limit negative", "`mem_limit: \"-1g\"`",
-         job_message(mem_limit="-1g"), where=RUN),
-    Case("job variables", "pip_packages as one string", "`pip_packages: \"pandas\"`",
-         expected="Validation failed for field 'pip_packages'",
-         where="`deploy()` or `run_deployment()` is refused by the Prefect server "
-         "(422); no flow run is created"),
+    Case(
+        "job variables",
+        "mem_limit not a size",
+        '`mem_limit: "lots"`',
+        job_message(mem_limit="lots"),
+        where=RUN,
+    ),
+    Case(
+        "job variables", "mem_limit zero", '`mem_limit: "0"`', job_message(mem_limit="0"), where=RUN
+    ),
+    Case(
+        "job variables",
+        "mem_limit negative",
+        '`mem_limit: "-1g"`',
+        job_message(mem_limit="-1g"),
+        where=RUN,
+    ),
+    Case(
+        "job variables",
+        "pip_packages as one string",
+        '`pip_packages: "pandas"`',
+        expected="Validation failed for field 'pip_packages'",
+        where="`deploy()` or `run_deployment()` is refused by the Prefect server "
+        "(422); no flow run is created",
+    ),
     # -- pip_packages -------------------------------------------------------------------
     Case("pip_packages", "not a string", "`[123]`", pip_message(123), where=RUN),
-    Case("pip_packages", "empty entry", "`[\"\"]`", pip_message(""), where=RUN),
-    Case("pip_packages", "installer option", "`[\"--index-url=http://127.0.0.1:1/simple\"]`",
-         pip_message("--index-url=http://127.0.0.1:1/simple"), where=RUN),
-    Case("pip_packages", "shell fragment", "`[\"pandas; rm -rf /\"]`",
-         pip_message("pandas; rm -rf /"), where=RUN),
-    Case("pip_packages", "not a requirement", "`[\"pandas>>2\"]`", pip_message("pandas>>2"),
-         where=RUN),
-    Case("pip_packages", "two packages in one entry", "`[\"pandas numpy\"]`",
-         pip_message("pandas numpy"), where=RUN),
-    Case("pip_packages", "direct URL (not allowed by the policy)",
-         "`[\"x @ file:///etc/passwd\"]`", pip_message("x @ file:///etc/passwd"), where=RUN),
-    Case("pip_packages", "environment marker", "`['pandas; python_version < \"3.8\"']`",
-         pip_message('pandas; python_version < "3.8"'), where=RUN),
-    Case("pip_packages", "direct URL with a token (not allowed by the policy)",
-         "`[\"probe @ git+https://bot:TOKEN@127.0.0.1/probe.git\"]`",
-         pip_message("probe @ git+https://bot:TOKEN@127.0.0.1/probe.git"), where=RUN),
-    Case("pip_packages", "package not on the index", "`[\"no-such-package-xyz\"]`",
-         expected="Installing pip_packages no-such-package-xyz failed before the flow started",
-         where=RUN_LOGS),
-    Case("pip_packages", "version not on the index", "`[\"managed-probe==9.9.9\"]`",
-         expected="Installing pip_packages managed-probe==9.9.9 failed before the flow started",
-         where=RUN_LOGS),
+    Case("pip_packages", "empty entry", '`[""]`', pip_message(""), where=RUN),
+    Case(
+        "pip_packages",
+        "installer option",
+        '`["--index-url=http://127.0.0.1:1/simple"]`',
+        pip_message("--index-url=http://127.0.0.1:1/simple"),
+        where=RUN,
+    ),
+    Case(
+        "pip_packages",
+        "shell fragment",
+        '`["pandas; rm -rf /"]`',
+        pip_message("pandas; rm -rf /"),
+        where=RUN,
+    ),
+    Case(
+        "pip_packages", "not a requirement", '`["pandas>>2"]`', pip_message("pandas>>2"), where=RUN
+    ),
+    Case(
+        "pip_packages",
+        "two packages in one entry",
+        '`["pandas numpy"]`',
+        pip_message("pandas numpy"),
+        where=RUN,
+    ),
+    Case(
+        "pip_packages",
+        "direct URL (not allowed by the policy)",
+        '`["x @ file:///etc/passwd"]`',
+        pip_message("x @ file:///etc/passwd"),
+        where=RUN,
+    ),
+    Case(
+        "pip_packages",
+        "environment marker",
+        "`['pandas; python_version < \"3.8\"']`",
+        pip_message('pandas; python_version < "3.8"'),
+        where=RUN,
+    ),
+    Case(
+        "pip_packages",
+        "direct URL with a token (not allowed by the policy)",
+        '`["probe @ git+https://bot:TOKEN@127.0.0.1/probe.git"]`',
+        pip_message("probe @ git+https://bot:TOKEN@127.0.0.1/probe.git"),
+        where=RUN,
+    ),
+    Case(
+        "pip_packages",
+        "package not on the index",
+        '`["no-such-package-xyz"]`',
+        expected="Installing pip_packages no-such-package-xyz failed before the flow started",
+        where=RUN_LOGS,
+    ),
+    Case(
+        "pip_packages",
+        "version not on the index",
+        '`["managed-probe==9.9.9"]`',
+        expected="Installing pip_packages managed-probe==9.9.9 failed before the flow started",
+        where=RUN_LOGS,
+    ),
     # -- code sources -------------------------------------------------------------------
-    Case("code source", "repository that does not exist", "`git://127.0.0.1:<port>/missing`",
-         expected="Pulling the flow's code failed before the flow started: pull step git_clone "
-         "from repository git://127.0.0.1:<port>/missing failed",
-         where=RUN_LOGS),
-    Case("code source", "entrypoint names no flow", "`probe_flows.py:no_such_flow`",
-         expected="Loading the flow failed after its code was pulled from repository "
-         "git://127.0.0.1:<port>/flows: RuntimeError: Function with name 'no_such_flow' "
-         "not found in",
-         where="the flow run ends Crashed with this message"),
+    Case(
+        "code source",
+        "repository that does not exist",
+        "`git://127.0.0.1:<port>/missing`",
+        expected="Pulling the flow's code failed before the flow started: pull step git_clone "
+        "from repository git://127.0.0.1:<port>/missing failed",
+        where=RUN_LOGS,
+    ),
+    Case(
+        "code source",
+        "entrypoint names no flow",
+        "`probe_flows.py:no_such_flow`",
+        expected="Loading the flow failed after its code was pulled from repository "
+        "git://127.0.0.1:<port>/flows: RuntimeError: Function with name 'no_such_flow' "
+        "not found in",
+        where="the flow run ends Crashed with this message",
+    ),
     # -- images -------------------------------------------------------------------------
-    Case("image", "not in the allow-list", "`image: \"python:3.12\"`",
-         job_message(image="python:3.12"), where=RUN),
-    Case("image", "Prefect 2 image", "`image: \"prefecthq/prefect:2-latest\"`",
-         job_message(image="prefecthq/prefect:2-latest"), where=RUN),
-    Case("image", "allowed but not on the Docker host", "`image: \"prefect-managed-runtime:0-missing\"`",
-         expected="Image 'prefect-managed-runtime:0-missing' is not on this Docker host and "
-         "could not be pulled",
-         where="the flow run ends Crashed with this message; no container is created"),
+    Case(
+        "image",
+        "not in the allow-list",
+        '`image: "python:3.12"`',
+        job_message(image="python:3.12"),
+        where=RUN,
+    ),
+    Case(
+        "image",
+        "Prefect 2 image",
+        '`image: "prefecthq/prefect:2-latest"`',
+        job_message(image="prefecthq/prefect:2-latest"),
+        where=RUN,
+    ),
+    Case(
+        "image",
+        "allowed but not on the Docker host",
+        '`image: "prefect-managed-runtime:0-missing"`',
+        expected="Image 'prefect-managed-runtime:0-missing' is not on this Docker host and "
+        "could not be pulled",
+        where="the flow run ends Crashed with this message; no container is created",
+    ),
     # -- environment variables ----------------------------------------------------------
-    Case("env", "points the run at another Prefect API",
-         "`env: {\"PREFECT_API_URL\": \"http://127.0.0.1:1/api\"}`",
-         job_message(env={"PREFECT_API_URL": "http://127.0.0.1:1/api"}), where=RUN),
-    Case("env", "sets the API key", "`env: {\"PREFECT_API_KEY\": \"...\"}`",
-         job_message(env={"PREFECT_API_KEY": "stolen"}), where=RUN),
-    Case("env", "installer option through EXTRA_PIP_PACKAGES",
-         "`env: {\"EXTRA_PIP_PACKAGES\": \"--pre pandas\"}`",
-         job_message(env={"EXTRA_PIP_PACKAGES": "--pre pandas"}), where=RUN),
-    Case("env", "a worker-owned name in lower case", "`env: {\"prefect_api_url\": \"...\"}`",
-         job_message(env={"prefect_api_url": "http://127.0.0.1:1/api"}), where=RUN),
-    Case("env", "a key holding `=`", "`env: {\"A=1 EXTRA_PIP_PACKAGES\": \"evil\"}`",
-         job_message(env={"A=1 EXTRA_PIP_PACKAGES": "evil"}), where=RUN),
-    Case("env", "another package index", "`env: {\"UV_INDEX\": \"http://127.0.0.1:1/simple\"}`",
-         job_message(env={"UV_INDEX": "http://127.0.0.1:1/simple"}), where=RUN),
-    Case("env", "an extra index for pip", "`env: {\"PIP_EXTRA_INDEX_URL\": \"...\"}`",
-         job_message(env={"PIP_EXTRA_INDEX_URL": "http://127.0.0.1:1/simple"}), where=RUN),
+    Case(
+        "env",
+        "points the run at another Prefect API",
+        '`env: {"PREFECT_API_URL": "http://127.0.0.1:1/api"}`',
+        job_message(env={"PREFECT_API_URL": "http://127.0.0.1:1/api"}),
+        where=RUN,
+    ),
+    Case(
+        "env",
+        "sets the API key",
+        '`env: {"PREFECT_API_KEY": "..."}`',
+        job_message(env={"PREFECT_API_KEY": "stolen"}),
+        where=RUN,
+    ),
+    Case(
+        "env",
+        "installer option through EXTRA_PIP_PACKAGES",
+        '`env: {"EXTRA_PIP_PACKAGES": "--pre pandas"}`',
+        job_message(env={"EXTRA_PIP_PACKAGES": "--pre pandas"}),
+        where=RUN,
+    ),
+    Case(
+        "env",
+        "a worker-owned name in lower case",
+        '`env: {"prefect_api_url": "..."}`',
+        job_message(env={"prefect_api_url": "http://127.0.0.1:1/api"}),
+        where=RUN,
+    ),
+    Case(
+        "env",
+        "a key holding `=`",
+        '`env: {"A=1 EXTRA_PIP_PACKAGES": "evil"}`',
+        job_message(env={"A=1 EXTRA_PIP_PACKAGES": "evil"}),
+        where=RUN,
+    ),
+    Case(
+        "env",
+        "another package index",
+        '`env: {"UV_INDEX": "http://127.0.0.1:1/simple"}`',
+        job_message(env={"UV_INDEX": "http://127.0.0.1:1/simple"}),
+        where=RUN,
+    ),
+    Case(
+        "env",
+        "an extra index for pip",
+        '`env: {"PIP_EXTRA_INDEX_URL": "..."}`',
+        job_message(env={"PIP_EXTRA_INDEX_URL": "http://127.0.0.1:1/simple"}),
+        where=RUN,
+    ),
 ]
 
 UNIT_CASES = [case for case in CASES if case.message_of is not None]
@@ -307,15 +563,34 @@ def test_bad_input_gets_a_message_naming_the_value_and_what_to_do(case):
     lowered = message.lower()
     assert any(
         word in lowered
-        for word in ("use ", "remove", "give ", "ask ", "name a ", "must ", "should ", "known",
-                     "allowed", "set by the worker", "exist", "not a ", "is not", "valid")
+        for word in (
+            "use ",
+            "remove",
+            "give ",
+            "ask ",
+            "name a ",
+            "must ",
+            "should ",
+            "known",
+            "allowed",
+            "set by the worker",
+            "exist",
+            "not a ",
+            "is not",
+            "valid",
+        )
     ), message
 
 
 def test_there_are_at_least_30_cases_across_every_area():
     assert len(CASES) >= 30
     assert {case.area for case in CASES} == {
-        "policy file", "job variables", "pip_packages", "code source", "image", "env"
+        "policy file",
+        "job variables",
+        "pip_packages",
+        "code source",
+        "image",
+        "env",
     }
 
 
@@ -358,13 +633,25 @@ def assert_crashed_and_settled(docker_client, flow_run_id, expected: str, record
 @pytest.mark.parametrize(
     ("case_id", "flow_name", "job_variables", "records"),
     [
-        ("pip-packages-package-not-on-the-index", "hello",
-         {"pip_packages": ["no-such-package-xyz"]}, 1),
-        ("pip-packages-version-not-on-the-index", "hello",
-         {"pip_packages": ["managed-probe==9.9.9"]}, 1),
+        (
+            "pip-packages-package-not-on-the-index",
+            "hello",
+            {"pip_packages": ["no-such-package-xyz"]},
+            1,
+        ),
+        (
+            "pip-packages-version-not-on-the-index",
+            "hello",
+            {"pip_packages": ["managed-probe==9.9.9"]},
+            1,
+        ),
         ("code-source-entrypoint-names-no-flow", "probe_flows.py:no_such_flow", {}, 1),
-        ("image-allowed-but-not-on-the-docker-host", "hello",
-         {"image": "prefect-managed-runtime:0-missing"}, 0),
+        (
+            "image-allowed-but-not-on-the-docker-host",
+            "hello",
+            {"image": "prefect-managed-runtime:0-missing"},
+            0,
+        ),
     ],
 )
 def test_a_run_with_bad_input_ends_crashed_with_the_documented_message(
@@ -382,9 +669,7 @@ def test_a_run_with_bad_input_ends_crashed_with_the_documented_message(
 
 
 @pytest.mark.docker
-def test_a_repository_that_does_not_exist_ends_the_run_naming_it(
-    deploy, git_server, docker_client
-):
+def test_a_repository_that_does_not_exist_ends_the_run_naming_it(deploy, git_server, docker_client):
     from prefect.client.orchestration import get_client
 
     case = RUN_CASES["code-source-repository-that-does-not-exist"]
@@ -405,13 +690,19 @@ def test_a_repository_that_does_not_exist_ends_the_run_naming_it(
     ("case_id", "job_variables"),
     [
         ("job-variables-mem-limit-not-a-size", {"mem_limit": "lots"}),
-        ("pip-packages-installer-option",
-         {"pip_packages": ["--index-url=http://127.0.0.1:1/simple"]}),
-        ("env-points-the-run-at-another-prefect-api",
-         {"env": {"PREFECT_API_URL": "http://127.0.0.1:1/api"}}),
+        (
+            "pip-packages-installer-option",
+            {"pip_packages": ["--index-url=http://127.0.0.1:1/simple"]},
+        ),
+        (
+            "env-points-the-run-at-another-prefect-api",
+            {"env": {"PREFECT_API_URL": "http://127.0.0.1:1/api"}},
+        ),
         ("image-not-in-the-allow-list", {"image": "python:3.12"}),
-        ("env-a-worker-owned-name-in-lower-case",
-         {"env": {"prefect_api_url": "http://127.0.0.1:1/api"}}),
+        (
+            "env-a-worker-owned-name-in-lower-case",
+            {"env": {"prefect_api_url": "http://127.0.0.1:1/api"}},
+        ),
         ("env-a-key-holding", {"env": {"A=1 EXTRA_PIP_PACKAGES": "evil"}}),
         ("env-another-package-index", {"env": {"UV_INDEX": "http://127.0.0.1:1/simple"}}),
     ],

@@ -178,10 +178,10 @@ def limits_page_messages() -> list[str]:
         run_time_exceeded_message(policy),
         submit
         + "ImageNotAllowed: "
-        + str(ImageNotAllowed("python:3.12", ["prefecthq/prefect:3*", "prefect-managed-runtime:*"])),
-        submit
-        + "InvalidJobVariable: "
-        + _refusal_of_env({"PREFECT_API_KEY": "stolen"}),
+        + str(
+            ImageNotAllowed("python:3.12", ["prefecthq/prefect:3*", "prefect-managed-runtime:*"])
+        ),
+        submit + "InvalidJobVariable: " + _refusal_of_env({"PREFECT_API_KEY": "stolen"}),
         quota_exhausted_message(_month_of_usage([8, 2]), 10, "free"),
         quota_warning_message(_month_of_usage([8]), 10, "free", 80),
         quota_warning_message(_month_of_usage([8, 2]), 10, "free", 100),
@@ -293,7 +293,10 @@ def test_the_hardening_the_limits_page_lists_is_what_the_worker_applies():
         "nano_cpus",
         "log_config",
     }
-    assert "with `user`, `cap_drop`, `security_opt`, `pids_limit`, `nano_cpus` and `log_config`" in text
+    assert (
+        "with `user`, `cap_drop`, `security_opt`, `pids_limit`, `nano_cpus` and `log_config`"
+        in text
+    )
     assert kwargs["log_config"]["config"] == {"max-size": str(10 * 2**20), "max-file": "3"}
     assert "`runtime.log_max_size` each (json-file, default 3 × 10 MiB)" in text
     volume = f"{cache_volume_name('default', api_label_value())}:{CACHE_MOUNT}:rw"

@@ -219,7 +219,9 @@ def test_a_build_over_the_memory_cap_crashes_the_run_with_the_install_log(
     assert "ran out of memory" in final.state.message, final.state.message
     logs = wait_for_log(run.id, "Environment build output:")
     assert any("allocating 2 GiB" in line for line in logs), logs
-    assert record["outcome"] == Outcome.OUT_OF_MEMORY.value and record["billable_minutes"] >= 1, record
+    assert record["outcome"] == Outcome.OUT_OF_MEMORY.value and record["billable_minutes"] >= 1, (
+        record
+    )
     builders = [
         a for a in created(docker_client, name, since) if a["name"].startswith(BUILDER_PREFIX)
     ]

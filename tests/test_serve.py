@@ -367,4 +367,3 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
     )
     for host, state in refused.items():
         assert state.is_failed() and state.name == "QuotaExhausted", (host, state)
-

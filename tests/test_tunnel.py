@@ -7,7 +7,6 @@ import uuid
 
 import pytest
 
-from prefect_managed.policy import Runtime
 from prefect_managed.gateway.tunnel import (
     ISOLATED_MOUNT,
     Destination,
@@ -17,6 +16,7 @@ from prefect_managed.gateway.tunnel import (
     parse_destination,
     tunnel_directory,
 )
+from prefect_managed.policy import Runtime
 
 KEY = b"k" * 32
 

@@ -197,9 +197,9 @@ def finished_run(flows_repo, managed_pool, managed_worker) -> tuple[UUID, dict]:
         from prefect import flow
         from prefect.deployments import run_deployment
 
-        deployment = flow.from_source(
-            source=flows_repo, entrypoint="probe_flows.py:hello"
-        ).deploy(name="hello-ui-usage", work_pool_name=managed_pool, print_next_steps=False)
+        deployment = flow.from_source(source=flows_repo, entrypoint="probe_flows.py:hello").deploy(
+            name="hello-ui-usage", work_pool_name=managed_pool, print_next_steps=False
+        )
         flow_run_id = run_deployment(deployment, timeout=0).id
         run = wait_for_final_state(flow_run_id)
         assert run.state.is_completed(), run.state
