@@ -1,5 +1,5 @@
 """Bad input, case by case: the policy file, job variables, pip_packages, code sources,
-images and environment variables. Each case is tried here (a unit test where the logic is
+images, environment variables and what a flow run sends the run gateway. Each case is tried here (a unit test where the logic is
 pure, a real run where the user meets it as a run's state) and gets a clear message; a
 run with bad input ends in a final state, never stuck, and its worker goes on serving.
 
@@ -106,6 +106,71 @@ def pip_message(entry: object) -> Callable[[], str]:
         raise AssertionError(f"the entry was accepted: {entry!r}")
 
     return _message
+
+
+GATEWAY_RUN = uuid4()
+GATEWAY_OTHER = uuid4()
+
+
+def gateway_message(method: str, raw_path: str, body: object = None) -> Callable[[], str]:
+    """What the run gateway answers a run's request (its `detail`)."""
+
+    def _message() -> str:
+        import json
+
+        from prefect_managed.gateway.reading import Reading, Unreadable, read_path, read_query
+        from prefect_managed.gateway.routes import Refusal, decide
+
+        path, _, query = raw_path.partition("?")
+        sent = b"" if body is None else json.dumps(body).encode()
+        try:
+            reading = Reading(method, read_path(path.encode()), read_query(query.encode()))
+            decide(reading, GATEWAY_RUN, sent)
+        except (Unreadable, Refusal) as exc:
+            return getattr(exc, "reason", str(exc))
+        raise AssertionError(f"the gateway allowed {method} {raw_path}")
+
+    return _message
+
+
+def gateway_ownership_message() -> str:
+    """What the gateway answers a write to another run's flow run."""
+    import anyio
+
+    from prefect_managed.gateway.app import Gateway, Ownership
+    from prefect_managed.gateway.routes import Check, Refusal
+
+    async def nothing(path: str) -> None:
+        return None
+
+    gateway = Gateway("http://127.0.0.1:1/api", {}, None, b"k" * 32, "api")
+    gateway.ownership = Ownership(nothing)
+    try:
+        anyio.run(gateway._check, GATEWAY_RUN, (Check("flow_run", GATEWAY_OTHER),))
+    except Refusal as exc:
+        return exc.reason.replace(str(GATEWAY_OTHER), "<id>")
+    raise AssertionError("the gateway allowed another run's flow run")
+
+
+def gateway_event_message(name: str, resource: str) -> Callable[[], str]:
+    def _message() -> str:
+        from prefect_managed.gateway.events import check_event
+        from prefect_managed.gateway.routes import Refusal
+
+        event = {"event": name, "resource": {"prefect.resource.id": resource}, "id": str(uuid4())}
+        try:
+            check_event(event)
+        except Refusal as exc:
+            return exc.reason
+        raise AssertionError(f"the gateway allowed the event {name}")
+
+    return _message
+
+
+def gateway_token_message() -> str:
+    from prefect_managed.gateway.app import TOKEN_REFUSED
+
+    return TOKEN_REFUSED
 
 
 WORKER = "the worker exits 1 at start, printing `Error: <message>`"
@@ -519,6 +584,101 @@ CASES: list[Case] = [
     ),
 ]
 
+_OWN = "/api/flow_runs/<own run>"
+GATEWAY = "the request answers {} with this message as its `detail`, and the worker logs `Refused <method> <path> for flow run <id>: <message>`"
+CASES += [
+    Case(
+        "run gateway",
+        "a dot segment, encoded",
+        f"`PATCH {_OWN}/labels/%2e%2e/%2e%2e/%2e%2e/deployments/<id>`",
+        gateway_message(
+            "PATCH",
+            f"/api/flow_runs/{GATEWAY_RUN}/labels/%2e%2e/%2e%2e/%2e%2e/deployments/{GATEWAY_OTHER}",
+            {},
+        ),
+        where=GATEWAY.format("`400`"),
+    ),
+    Case(
+        "run gateway",
+        "an encoded `#` in the path",
+        "`POST /api/variables%23/filter`",
+        gateway_message("POST", "/api/variables%23/filter", {}),
+        where=GATEWAY.format("`400`"),
+    ),
+    Case(
+        "run gateway",
+        "a route not open to flow runs",
+        "`PATCH /api/deployments/<id>`",
+        lambda: gateway_message("PATCH", f"/api/deployments/{GATEWAY_OTHER}", {})().replace(
+            str(GATEWAY_OTHER), "<id>"
+        ),
+        where=GATEWAY.format("`403`"),
+    ),
+    Case(
+        "run gateway",
+        "a field a run may not set",
+        f'`PATCH {_OWN}` with `{{"infrastructure_pid": "..."}}`',
+        gateway_message(
+            "PATCH", f"/api/flow_runs/{GATEWAY_RUN}", {"infrastructure_pid": "unix:///x:victim"}
+        ),
+        where=GATEWAY.format("`403`"),
+    ),
+    Case(
+        "run gateway",
+        "its own run back to Scheduled",
+        f"`POST {_OWN}/set_state` with a `SCHEDULED` state",
+        gateway_message(
+            "POST",
+            f"/api/flow_runs/{GATEWAY_RUN}/set_state",
+            {"state": {"type": "SCHEDULED"}, "force": True},
+        ),
+        where=GATEWAY.format("`403`"),
+    ),
+    Case(
+        "run gateway",
+        "another run's flow run",
+        "`POST /api/flow_runs/<another run>/set_state`",
+        gateway_ownership_message,
+        where=GATEWAY.format("`403`"),
+    ),
+    Case(
+        "run gateway",
+        "the workspace's run slots",
+        '`POST /api/v2/concurrency_limits/increment-with-lease` naming `"prefect-managed-ws"`',
+        gateway_message(
+            "POST",
+            "/api/v2/concurrency_limits/increment-with-lease",
+            {"names": ["prefect-managed-ws"], "slots": 1},
+        ),
+        where=GATEWAY.format("`403`"),
+    ),
+    Case(
+        "run gateway",
+        "an artifact under the usage keys",
+        '`POST /api/artifacts/` with `"key": "usage-..."`',
+        gateway_message(
+            "POST",
+            "/api/artifacts/",
+            {"key": "usage-ws-202612-run-x", "flow_run_id": str(GATEWAY_RUN)},
+        ),
+        where=GATEWAY.format("`403`"),
+    ),
+    Case(
+        "run gateway",
+        "a token past its expiry",
+        "a request with an expired run token, one signed with another key, or none",
+        gateway_token_message,
+        where=GATEWAY.format("`401`").split(", and the worker")[0],
+    ),
+    Case(
+        "run gateway",
+        "an event in the managed pool's namespace",
+        "an event `prefect-managed.usage.recorded` sent through `/api/events/in`",
+        gateway_event_message("prefect-managed.usage.recorded", f"prefect.flow-run.{GATEWAY_RUN}"),
+        where="the event is dropped, and the worker logs `Dropped an event from flow run <id>: <message>`",
+    ),
+]
+
 UNIT_CASES = [case for case in CASES if case.message_of is not None]
 RUN_CASES = {case.id: case for case in CASES if case.message_of is None}
 
@@ -591,6 +751,7 @@ def test_there_are_at_least_30_cases_across_every_area():
         "code source",
         "image",
         "env",
+        "run gateway",
     }
 
 

@@ -326,3 +326,24 @@ def test_a_run_without_pip_packages_gets_no_volume_at_all():
     assert "the only volume a container can get is, for a run with `pip_packages`" in page_text(
         "limits.md"
     )
+
+
+def test_the_security_page_lists_every_write_the_gateway_allows():
+    """The allow-list's writes, each in the security page's table, and nothing more."""
+    import re
+
+    from prefect_managed.gateway.routes import ROUTES
+
+    text = (DOCS / "security.md").read_text()
+    table = text[text.index("It may **write** only here") : text.index('"Its own" is read')]
+    documented = {
+        route
+        for cell in re.findall(r"^\| (`[^|]+`) \|", table, re.M)
+        for route in re.findall(r"`([A-Z]+ /[^`]+)`", cell)
+    }
+    writes = {
+        f"{route.method} {route.template}".replace(":uuid}", "}").replace(":str}", "}")
+        for route in ROUTES
+        if route.rule is not None
+    }
+    assert documented == writes

@@ -81,6 +81,11 @@ _FORWARDED_HEADERS = frozenset(
     {"accept", "user-agent", "x-prefect-api-version", "prefect-csrf-token", "prefect-csrf-client"}
 )
 _PEER_CONTEXT = b"prefect-managed gateway peer\0"
+TOKEN_REFUSED = (
+    "the request's credential is not a valid run token of this workspace "
+    "(PREFECT_API_AUTH_STRING): it is missing, signed with another key, or past its expiry "
+    "(the tier's maximum run time and two hours)"
+)
 logger = get_logger("managed.gateway")
 
 
@@ -286,11 +291,7 @@ class Gateway:
     async def _bearer(self, authorization: str | None) -> Bearer | JSONResponse:
         bearer = token_run(self.key, token_from_authorization(authorization))
         if bearer is None:
-            return _refusal(
-                401,
-                "a flow run's token is required (PREFECT_API_AUTH_STRING); the token may have "
-                "expired with the run's maximum run time",
-            )
+            return _refusal(401, TOKEN_REFUSED)
         try:
             over = await self.status.over(bearer.run)
         except httpx.HTTPError as exc:
@@ -325,7 +326,11 @@ class Gateway:
             if not declared.isdigit():
                 raise Refusal(400, f"Content-Length {declared!r} is not a number")
             if int(declared) > MAX_BODY_BYTES:
-                raise Refusal(413, f"request body of {declared} bytes, over {MAX_BODY_BYTES}")
+                raise Refusal(
+                    413,
+                    f"a request body must be at most {MAX_BODY_BYTES} bytes (this one declares "
+                    f"{declared}); send smaller batches",
+                )
         chunks, size = [], 0
         try:
             with anyio.fail_after(BODY_SECONDS):
@@ -335,7 +340,9 @@ class Gateway:
                         raise _TooLarge
                     chunks.append(chunk)
         except _TooLarge:
-            raise Refusal(413, f"request body over {MAX_BODY_BYTES} bytes") from None
+            raise Refusal(
+                413, f"a request body must be at most {MAX_BODY_BYTES} bytes; send smaller batches"
+            ) from None
         except TimeoutError:
             raise Refusal(408, f"the request body took longer than {BODY_SECONDS:.0f} s") from None
         except ClientDisconnect:

@@ -82,7 +82,11 @@ def check_event(
         raise Refusal(422, f"not an event: {exc.errors()[0].get('msg')}") from exc
     name, resource = event.event, event.resource.id
     if name.startswith(_RESERVED) and not name.startswith(_PREFECT_EVENTS):
-        raise Refusal(403, f"events named {name!r} are the server's or the managed pool's")
+        raise Refusal(
+            403,
+            f"the event name {name!r} is not one a flow run may send (the server's and the "
+            "managed pool's namespaces)",
+        )
 
     checks: list[Check] = []
     flow_runs: set[UUID] = set()

@@ -34,6 +34,12 @@ _MAX_QUERY_FIELDS = 32
 class Unreadable(ValueError):
     """A request the gateway will not read: it names what, and why."""
 
+    def __init__(self, what: str) -> None:
+        super().__init__(
+            f"{what}; a request path must name one route of the Prefect API with each "
+            "segment written once, as Prefect's client writes it"
+        )
+
 
 @dataclass(frozen=True)
 class Reading:

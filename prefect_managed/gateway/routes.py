@@ -162,9 +162,9 @@ def match(reading: Reading) -> tuple[Route, dict[str, Any]]:
     if not found:
         raise Refusal(
             403,
-            f"a flow run cannot call {reading.method} /api{reading.path} through the managed "
-            "pool's API gateway: it may read the workspace and change only its own flow run, "
-            "subflow runs, task runs, logs and artifacts (see the security page)",
+            f"{reading.method} /api{reading.path} is not open to flow runs through the managed "
+            "pool's API gateway: a flow run may read the workspace and change only its own "
+            "flow run, subflow runs, task runs, logs and artifacts (see the security page)",
         )
     found.sort(key=lambda item: -item[0].literals)
     if len(found) > 1 and found[0][0].literals == found[1][0].literals:
@@ -275,8 +275,8 @@ def _fields(data: Any, allowed: Iterable[str], what: str) -> None:
     if extra:
         raise Refusal(
             403,
-            f"{what}: a flow run may not set {', '.join(extra)} through the managed pool's "
-            f"API gateway (it may set {', '.join(sorted(allowed))})",
+            f"{what}: {', '.join(extra)} is not a field a flow run may set through the "
+            f"managed pool's API gateway; it may set {', '.join(sorted(allowed))}",
         )
 
 
@@ -295,9 +295,9 @@ def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str)
     if state is not None and state.type not in allowed:
         raise Refusal(
             403,
-            f"{what}: a flow run may not propose a {state.type.value} state through the "
-            f"managed pool's API gateway (it may propose "
-            f"{', '.join(sorted(s.value for s in allowed))})",
+            f"{what}: a {state.type.value} state is not one a flow run may propose through "
+            "the managed pool's API gateway; it may propose "
+            f"{', '.join(sorted(s.value for s in allowed))}",
         )
 
 
@@ -318,8 +318,8 @@ def _limit_names(names: list[str]) -> None:
             raise Refusal(
                 403,
                 f"the concurrency limit {name!r} is the managed pool's or the server's "
-                "(the workspace's run slots, a deployment's concurrency); only workers and "
-                "the server take and give back its slots",
+                "(the workspace's run slots, a deployment's concurrency): only workers and "
+                "the server take and give back its slots; use a limit of another name",
             )
 
 
@@ -484,7 +484,7 @@ def _create_artifact(request: Request) -> tuple[Any, tuple[Check, ...]]:
         raise Refusal(
             403,
             f"artifact keys starting with {RESERVED_ARTIFACT_PREFIX!r} are the usage records "
-            "the workers write; choose another key",
+            "the workers write; use another key",
         )
     if created.flow_run_id is None:
         raise Refusal(403, f"{what}: flow_run_id must name a flow run of this run")
