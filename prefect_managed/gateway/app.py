@@ -397,7 +397,7 @@ class Gateway:
         if decision.body is not None:
             headers["content-type"] = (
                 request.headers.get("content-type", "application/json")
-                if decision.route.endswith(("filter", "count", "paginate", "history"))
+                if decision.read
                 else "application/json"
             )
         try:

@@ -84,6 +84,8 @@ class Decision:
     query: tuple[tuple[str, str], ...] = ()
     body: bytes | None = None
     checks: tuple[Check, ...] = ()
+    #: A read: its body (a filter) is forwarded as sent, with its content type.
+    read: bool = False
 
 
 class Refusal(Exception):
@@ -186,7 +188,7 @@ def decide(reading: Reading, run: UUID, body: bytes) -> Decision:
     route, params = match(reading)
     path = _render(route, params)
     if route.rule is None:
-        return Decision(route.template, path, reading.query, body or None)
+        return Decision(route.template, path, reading.query, body or None, read=True)
     if reading.query:
         raise Refusal(400, f"{route.method} {route.template} takes no query string")
     parsed: Any = None
