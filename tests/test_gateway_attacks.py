@@ -316,6 +316,9 @@ def test_bodies_that_reach_past_the_run_are_refused_and_the_books_hold(attacked,
 def test_the_worker_process_is_not_starved(attacked, docker_client):
     results, _ = _attack(attacked, docker_client)
     assert results["huge_body"] == 413 and results["huge_body_seconds"] < 10, results
+    # 1500 task runs named in one batch: read in a few filter requests, then refused.
+    assert results["logs_naming_many"] == 403, results
+    assert results["logs_naming_many_seconds"] < 20, results
     assert results["read_while_idle"] == 200
     assert results["idle_closed"] == results["idle_opened"], results
     assert results["read_own_run"] == 200

@@ -36,14 +36,15 @@ SERVER_ROUTES = [(route, *compile_path(route.template)) for route in ROUTES]
 
 
 class Recorder:
-    """The upstream API: records each forwarded request, answers 200."""
+    """The upstream API: records each forwarded request, answers 200 (`answer`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, answer: Any = None) -> None:
         self.sent: list[httpx.Request] = []
+        self.answer = {} if answer is None else answer
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
         self.sent.append(request)
-        return httpx.Response(200, json={})
+        return httpx.Response(200, json=self.answer)
 
 
 async def _records(path: str) -> dict[str, Any] | None:
@@ -62,11 +63,16 @@ def _gateway(recorder: Recorder) -> Gateway:
 
 
 def call(
-    method: str, raw_path: bytes, body: bytes = b"", headers: dict[str, str] | None = None
+    method: str,
+    raw_path: bytes,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    recorder: Recorder | None = None,
+    gateway: Gateway | None = None,
 ) -> tuple[int, dict[str, Any], list[httpx.Request]]:
     """One request through the application, as uvicorn would hand it over."""
-    recorder = Recorder()
-    gateway = _gateway(recorder)
+    recorder = recorder or Recorder()
+    gateway = gateway or _gateway(recorder)
     raw, _, query = raw_path.partition(b"?")
     sent_headers = {"authorization": f"Bearer {TOKEN}", **(headers or {})}
     if body and "content-length" not in sent_headers:
@@ -284,3 +290,27 @@ def test_a_token_of_a_run_long_over_is_refused():
 
     gateway.status = RunStatus(just_ended)
     assert not anyio.run(gateway.status.over, RUN)  # its last logs and events still pass
+
+
+def test_a_run_renews_and_gives_back_only_the_leases_it_took():
+    """A deployment's lease id is in its runs' states, readable by any run: a run may
+    renew or release a lease only when it took it through the gateway."""
+    taken, readable = uuid4(), uuid4()
+    recorder = Recorder({"lease_id": str(taken), "limits": []})
+    gateway = _gateway(recorder)
+    renew = "/api/v2/concurrency_limits/leases/{}/renew"
+    body = json.dumps({"lease_duration": 300}).encode()
+    status, reply, _ = call("POST", renew.format(readable).encode(), body, gateway=gateway)
+    assert status == 403 and "not taken by this flow run" in reply["detail"]
+    take = json.dumps({"names": ["db"], "slots": 1}).encode()
+    status, _, _ = call(
+        "POST", b"/api/v2/concurrency_limits/increment-with-lease", take, gateway=gateway
+    )
+    assert status == 200
+    status, _, _ = call("POST", renew.format(taken).encode(), body, gateway=gateway)
+    assert status == 200
+    release = json.dumps({"lease_id": str(taken)}).encode()
+    path = b"/api/v2/concurrency_limits/decrement-with-lease"
+    assert call("POST", path, release, gateway=gateway)[0] == 200
+    # Given back: no longer its to renew.
+    assert call("POST", renew.format(taken).encode(), body, gateway=gateway)[0] == 403

@@ -157,8 +157,6 @@ def test_a_query_is_read_once_into_fields():
         ("POST", "events/filter", {}),
         ("POST", "flows/", {"name": "child"}),
         ("POST", "v2/concurrency_limits/increment-with-lease", {"names": ["db"], "slots": 1}),
-        ("POST", "v2/concurrency_limits/decrement-with-lease", {"lease_id": str(uuid4())}),
-        ("POST", f"v2/concurrency_limits/leases/{uuid4()}/renew", {"lease_duration": 300}),
         ("POST", "v2/concurrency_limits/increment", {"names": ["tag-a"], "slots": 1}),
     ],
 )
@@ -226,6 +224,24 @@ def test_reads_and_harmless_writes_need_no_check(method, path, body):
             f"deployments/{OTHER}/create_flow_run",
             {"parameters": {"x": 1}, "job_variables": {"pip_packages": ["six"]}},
             [("managed_deployment", OTHER)],
+        ),
+        (
+            "POST",
+            f"flow_runs/{OTHER}/set_state",
+            {"state": {"type": "SCHEDULED"}},
+            [("flow_run", OTHER), ("inline_flow_run", OTHER)],
+        ),
+        (
+            "POST",
+            "v2/concurrency_limits/decrement-with-lease",
+            {"lease_id": str(OTHER)},
+            [("lease", OTHER)],
+        ),
+        (
+            "POST",
+            f"v2/concurrency_limits/leases/{OTHER}/renew",
+            {"lease_duration": 300},
+            [("lease", OTHER)],
         ),
     ],
 )
@@ -300,6 +316,34 @@ def test_the_body_forwarded_is_the_body_checked():
             "SCHEDULED",
         ),
         ("POST", f"flow_runs/{RUN}/set_state", {"state": {"type": "PENDING"}}, "PENDING"),
+        (
+            "POST",
+            f"flow_runs/{RUN}/set_state",
+            {"state": {"type": "PAUSED", "state_details": {"pause_reschedule": True}}},
+            "suspend",
+        ),
+        (
+            "POST",
+            f"flow_runs/{RUN}/set_state",
+            {
+                "state": {
+                    "type": "COMPLETED",
+                    "state_details": {"deployment_concurrency_lease_id": str(OTHER)},
+                }
+            },
+            "deployment_concurrency_lease_id",
+        ),
+        (
+            "POST",
+            f"task_runs/{OTHER}/set_state",
+            {
+                "state": {
+                    "type": "RUNNING",
+                    "state_details": {"deployment_concurrency_lease_id": str(OTHER)},
+                }
+            },
+            "deployment_concurrency_lease_id",
+        ),
         ("POST", f"flow_runs/{RUN}/set_state", {"state": {"type": "RUNNING"}, "x": 1}, "x"),
         ("POST", f"flow_runs/{RUN}/set_state", {"state": {"type": "NOPE"}}, "state.type"),
         ("PATCH", f"flow_runs/{RUN}/labels", {"prefect.worker.name": "x"}, "prefect."),
@@ -426,7 +470,7 @@ def test_the_payloads_flow_run_is_the_one_checked():
             "events about",
         ),
         ("my.event", "my.thing", [], {}, "names none"),
-        ("my.event", "my.thing", [("prefect-managed.worker.x", "worker")], {}, "managed pool"),
+        ("my.event", "my.thing", [("prefect-managed.worker.x", "worker")], {}, "may name"),
         (
             "prefect.task-run.Completed",
             f"prefect.task-run.{uuid4()}",
@@ -554,6 +598,33 @@ def test_ownership_refuses_other_runs_usage_records_and_unknown_ids():
     assert not _owns(api, Check("task_run", uuid4()))  # not found
 
 
+def test_one_request_reads_each_record_once_and_within_a_budget():
+    from prefect_managed.gateway.app import MAX_READS
+
+    parent_task, child = uuid4(), uuid4()
+    tasks = [uuid4() for _ in range(MAX_READS * 2)]
+    records = {
+        f"/task_runs/{parent_task}": {"flow_run_id": str(RUN)},
+        f"/flow_runs/{child}": {"parent_task_run_id": str(parent_task)},
+    }
+    records |= {f"/task_runs/{t}": {"flow_run_id": str(child)} for t in tasks}
+    api = FakeApi(records)
+    few = tuple(Check("task_run", t) for t in tasks[:10])
+    assert anyio.run(Ownership(api.get_json).unowned, RUN, few) is None
+    # Ten task runs of one subflow: ten task-run reads, the subflow and its parent once.
+    assert len(api.reads) == 12 and len(set(api.reads)) == 12
+    many = tuple(Check("task_run", t) for t in tasks)
+    with pytest.raises(Refusal, match="more than"):
+        anyio.run(Ownership(api.get_json).unowned, RUN, many)
+
+    async def find(ids):  # Prefect's filter: every task run in one read
+        return {i: api.records[f"/task_runs/{i}"] for i in ids if f"/task_runs/{i}" in api.records}
+
+    api.reads.clear()
+    assert anyio.run(Ownership(api.get_json, find).unowned, RUN, many) is None
+    assert len(api.reads) == 2, api.reads  # the subflow and its parent task run
+
+
 def test_ownership_stops_on_a_cycle():
     a, b = uuid4(), uuid4()
     api = FakeApi(
@@ -563,3 +634,35 @@ def test_ownership_stops_on_a_cycle():
         }
     )
     assert not _owns(api, Check("flow_run", a))
+
+
+@pytest.mark.parametrize(
+    "related, words",
+    [
+        ((f"prefect.automation.{OTHER}", "automation"), "not one a flow run's event may name"),
+        ((f"prefect.block-document.{OTHER}", "block"), "not one a flow run's event may name"),
+        (("prefect-managed.worker.x", "worker"), "not one a flow run's event may name"),
+    ],
+)
+def test_an_event_names_no_other_resource_of_prefects(related, words):
+    data = _event("my.event", "my.thing", [(f"prefect.flow-run.{RUN}", "flow-run"), related])
+    with pytest.raises(Refusal, match=words):
+        check_event(data)
+    fine = _event(
+        "my.event", "my.thing", [(f"prefect.flow-run.{RUN}", "flow-run"), ("prefect.tag.a", "tag")]
+    )
+    assert check_event(fine)[2] == {RUN}
+
+
+def test_an_event_from_the_future_is_dropped():
+    """The task-run recorder keeps the latest view of a task run: an event dated ahead
+    would outlast the true run's later events."""
+    data = _event(
+        "prefect.task-run.Completed",
+        f"prefect.task-run.{uuid4()}",
+        [(f"prefect.flow-run.{RUN}", "flow-run")],
+        {"task_run": {"flow_run_id": str(RUN)}},
+    )
+    data["occurred"] = "2099-01-01T00:00:00Z"
+    with pytest.raises(Refusal, match="ahead"):
+        check_event(data)

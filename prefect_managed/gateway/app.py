@@ -27,15 +27,16 @@ import hashlib
 import hmac
 import json
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any
 from uuid import UUID
 
 import anyio
 import httpx
 from prefect.logging import get_logger
+from starlette.background import BackgroundTask
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket, WebSocketDisconnect
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -49,6 +50,8 @@ from prefect_managed.gateway.reading import (
     read_query,
 )
 from prefect_managed.gateway.routes import (
+    LEASE_RELEASE_ROUTE,
+    LEASE_ROUTE,
     RESERVED_ARTIFACT_PREFIX,
     WEBSOCKETS,
     Check,
@@ -77,6 +80,8 @@ FINAL_GRACE_SECONDS = 120.0
 _STATUS_SECONDS = 5.0
 _FINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 _DEPTH = 16  # subflows of subflows: deeper than anything a run does
+_INLINE_BODY_BYTES = 256 * 1024
+_LEASES_PER_RUN = 1000
 _FORWARDED_HEADERS = frozenset(
     {"accept", "user-agent", "x-prefect-api-version", "prefect-csrf-token", "prefect-csrf-client"}
 )
@@ -106,40 +111,117 @@ def _uuid(value: Any) -> UUID | None:
 class Ownership:
     """Answers `Check`s for a run by reading the API at the time of the request.
 
-    Nothing is remembered: a task run's flow run is set by its events, so an answer
-    given once may not hold later."""
+    Nothing is remembered between requests: a task run's flow run is set by its events,
+    so an answer given once may not hold later. Within one request each record is read
+    at most once, the task runs it names in batches (`find_task_runs`, Prefect's filter),
+    and at most `MAX_READS` records one by one: a request cannot make the gateway read
+    the API without bound."""
 
-    def __init__(self, get_json: Any) -> None:
+    def __init__(self, get_json: Any, find_task_runs: Any = None) -> None:
         self._get_json = get_json  # async (path) -> dict | None (None: not found)
+        # async (ids) -> {id: record} for the task runs found; one read per id without it
+        self._find_task_runs = find_task_runs
 
-    async def owns(self, run: UUID, check: Check, depth: int = 0) -> bool:
-        if check.kind == "flow_run" and check.id == run:
-            return True
-        if depth >= _DEPTH:
-            return False
-        if check.kind == "managed_deployment":
-            return await self._managed_deployment(check.id)
-        kind = "artifact" if check.kind == "artifact" else check.kind.removeprefix("new_or_own_")
-        record = await self._get_json(f"/{kind}s/{check.id}")
-        if record is None:
-            return check.kind == "new_or_own_task_run"
+    async def owns(self, run: UUID, check: Check) -> bool:
+        return await self.unowned(run, (check,)) is None
+
+    async def unowned(self, run: UUID, checks: tuple[Check, ...]) -> Check | None:
+        """The first of `checks` the run does not pass, or None."""
+        answers = _Answers(self._get_json, run)
+        task_runs = {c.id for c in checks if c.kind in ("task_run", "new_or_own_task_run")}
+        if len(task_runs) + len(checks) > MAX_NAMED:
+            raise Refusal(
+                403,
+                f"a request may name at most {MAX_NAMED} flow runs and task runs (this one "
+                f"names {len(task_runs) + len(checks)}); send them in smaller batches",
+            )
+        if self._find_task_runs is not None and len(task_runs) > 1:
+            found = await self._find_task_runs(sorted(task_runs))
+            for task_run in task_runs:
+                answers.task_runs[task_run] = found.get(task_run)
+        for check in checks:
+            if not await answers.passes(check):
+                return check
+        return None
+
+
+#: Distinct runs one request may name, and records read one by one to answer it.
+MAX_NAMED = 2000
+MAX_READS = 64
+
+
+class _Answers:
+    """One request's reads: every record read once, within `MAX_READS`."""
+
+    def __init__(self, get_json: Any, run: UUID) -> None:
+        self._get_json = get_json
+        self.run = run
+        self.reads = 0
+        self.flow_runs: dict[UUID, bool] = {run: True}
+        self.task_runs: dict[UUID, dict[str, Any] | None] = {}
+
+    async def _read(self, path: str) -> dict[str, Any] | None:
+        self.reads += 1
+        if self.reads > MAX_READS:
+            raise Refusal(
+                403,
+                f"answering this request would read more than {MAX_READS} records of the "
+                "API; send it in smaller parts",
+            )
+        return await self._get_json(path)
+
+    async def _task_run(self, task_run: UUID) -> dict[str, Any] | None:
+        if task_run not in self.task_runs:
+            self.task_runs[task_run] = await self._read(f"/task_runs/{task_run}")
+        return self.task_runs[task_run]
+
+    async def flow_run(self, flow_run: UUID, depth: int = 0) -> bool:
+        if flow_run not in self.flow_runs:
+            self.flow_runs[flow_run] = False  # a cycle answers no
+            record = await self._read(f"/flow_runs/{flow_run}")
+            parent = _uuid((record or {}).get("parent_task_run_id"))
+            self.flow_runs[flow_run] = (
+                parent is not None and depth < _DEPTH and await self.task_run(parent, depth + 1)
+            )
+        return self.flow_runs[flow_run]
+
+    async def task_run(self, task_run: UUID, depth: int = 0) -> bool:
+        record = await self._task_run(task_run)
+        owner = _uuid((record or {}).get("flow_run_id"))
+        return owner is not None and await self.flow_run(owner, depth)
+
+    async def passes(self, check: Check) -> bool:
         if check.kind == "flow_run":
-            parent = _uuid(record.get("parent_task_run_id"))
-            return parent is not None and await self.owns(run, Check("task_run", parent), depth + 1)
-        if check.kind == "artifact" and str(record.get("key") or "").lower().startswith(
-            RESERVED_ARTIFACT_PREFIX
-        ):
-            return False
-        flow_run = _uuid(record.get("flow_run_id"))
-        return flow_run is not None and await self.owns(run, Check("flow_run", flow_run), depth + 1)
-
-    async def _managed_deployment(self, deployment_id: UUID) -> bool:
-        deployment = await self._get_json(f"/deployments/{deployment_id}")
-        pool = (deployment or {}).get("work_pool_name")
-        if not isinstance(pool, str) or not pool:
-            return False
-        record = await self._get_json(f"/work_pools/{encode_segment(pool)}")
-        return record is not None and record.get("type") == "prefect:managed"
+            return await self.flow_run(check.id)
+        if check.kind == "task_run":
+            return await self.task_run(check.id)
+        if check.kind == "new_or_own_task_run":
+            return await self._task_run(check.id) is None or await self.task_run(check.id)
+        if check.kind == "artifact":
+            record = await self._read(f"/artifacts/{check.id}")
+            owner = _uuid((record or {}).get("flow_run_id"))
+            key = str((record or {}).get("key") or "").lower()
+            return (
+                owner is not None
+                and not key.startswith(RESERVED_ARTIFACT_PREFIX)
+                and await self.flow_run(owner)
+            )
+        if check.kind == "inline_flow_run":  # the run's own subflow, with no deployment
+            record = await self._read(f"/flow_runs/{check.id}")
+            return (
+                record is not None
+                and record.get("deployment_id") is None
+                and check.id != self.run
+                and await self.flow_run(check.id)
+            )
+        if check.kind == "managed_deployment":
+            deployment = await self._read(f"/deployments/{check.id}")
+            pool = (deployment or {}).get("work_pool_name")
+            if not isinstance(pool, str) or not pool:
+                return False
+            record = await self._read(f"/work_pools/{encode_segment(pool)}")
+            return record is not None and record.get("type") == "prefect:managed"
+        return False
 
 
 class RunStatus:
@@ -246,10 +328,13 @@ class Gateway:
         self.key = key
         self.api_label = api_label
         self._client: httpx.AsyncClient | None = None
-        self.ownership = Ownership(self._get_json)
+        self.ownership = Ownership(self._get_json, self._find_task_runs)
         self.status = RunStatus(self._get_json)
         self._requests: Counter[UUID] = Counter()
         self._websockets: Counter[UUID] = Counter()
+        #: The concurrency leases each run took through this gateway: the only ones it
+        #: may renew or give back (lease ids can be read by anyone).
+        self._leases: OrderedDict[UUID, set[UUID]] = OrderedDict()
 
     @property
     def client(self) -> httpx.AsyncClient:
@@ -266,6 +351,21 @@ class Gateway:
         response.raise_for_status()
         body = response.json()
         return body if isinstance(body, dict) else None
+
+    async def _find_task_runs(self, ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
+        """The task runs of `ids` that exist, read 200 at a time with Prefect's filter."""
+        found: dict[UUID, dict[str, Any]] = {}
+        for start in range(0, len(ids), 200):
+            chunk = [str(i) for i in ids[start : start + 200]]
+            response = await self.client.post(
+                self.api_url + "/task_runs/filter",
+                json={"task_runs": {"id": {"any_": chunk}}, "limit": 200},
+            )
+            response.raise_for_status()
+            for record in response.json():
+                if (identifier := _uuid(record.get("id"))) is not None:
+                    found[identifier] = record
+        return found
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -358,7 +458,10 @@ class Gateway:
                 read_query(request.scope.get("query_string", b"")),
             )
             body = await self._read_body(request)
-            decision = decide(reading, run, body)
+            if len(body) > _INLINE_BODY_BYTES:  # validating a large batch takes a while
+                decision = await anyio.to_thread.run_sync(decide, reading, run, body)
+            else:
+                decision = decide(reading, run, body)
             await self._check(run, decision.checks)
         except Unreadable as exc:
             return self._refuse(run, method, request.scope.get("raw_path"), 400, str(exc))
@@ -366,25 +469,45 @@ class Gateway:
             return self._refuse(run, method, request.scope.get("raw_path"), exc.status, exc.reason)
         except httpx.HTTPError as exc:
             return _refusal(502, f"the Prefect API could not be read: {exc}")
-        return await self._forward(method, decision, request)
+        return await self._forward(method, decision, request, run)
 
     async def _check(self, run: UUID, checks: tuple[Check, ...]) -> None:
-        for check in checks:
-            if not await self.ownership.owns(run, check):
-                what = check.kind.removeprefix("new_or_own_").replace("_", " ")
-                if check.kind == "managed_deployment":
-                    raise Refusal(
-                        403,
-                        f"the deployment {check.id} is not in a managed work pool: a flow run "
-                        "may start runs of managed deployments only",
-                    )
+        for lease in (c.id for c in checks if c.kind == "lease"):
+            if lease not in self._leases.get(run, ()):
                 raise Refusal(
                     403,
-                    f"the {what} {check.id} is not this flow run's: a flow run changes only "
-                    "its own run, its subflow runs and their task runs, logs and artifacts",
+                    f"the concurrency lease {lease} was not taken by this flow run through "
+                    "this gateway: a flow run renews and gives back only its own leases",
                 )
+        checks = tuple(c for c in checks if c.kind != "lease")
+        if not checks:
+            return
+        check = await self.ownership.unowned(run, checks)
+        if check is None:
+            return
+        if check.kind == "managed_deployment":
+            raise Refusal(
+                403,
+                f"the deployment {check.id} is not in a managed work pool: a flow run may "
+                "start runs of managed deployments only",
+            )
+        if check.kind == "inline_flow_run":
+            raise Refusal(
+                403,
+                f"the flow run {check.id} is not a subflow this run runs in its own process: "
+                "a flow run may move only those back to Scheduled or Pending (a deployment's "
+                "run goes back to its pool's workers)",
+            )
+        what = check.kind.removeprefix("new_or_own_").replace("_", " ")
+        raise Refusal(
+            403,
+            f"the {what} {check.id} is not this flow run's: a flow run changes only its own "
+            "run, its subflow runs and their task runs, logs and artifacts",
+        )
 
-    async def _forward(self, method: str, decision: Decision, request: Request) -> Response:
+    async def _forward(
+        self, method: str, decision: Decision, request: Request, run: UUID
+    ) -> Response:
         url = httpx.URL(self.api_url + decision.path, params=list(decision.query))
         if url.raw_path.split(b"?")[0] != self._api_path + decision.path.encode():
             # The client would send another path than the one decided on: never forward.
@@ -401,8 +524,9 @@ class Gateway:
                 else "application/json"
             )
         try:
-            upstream = await self.client.request(
-                method, url, content=decision.body, headers=headers
+            upstream = await self.client.send(
+                self.client.build_request(method, url, content=decision.body, headers=headers),
+                stream=True,
             )
         except httpx.HTTPError as exc:
             return _refusal(502, f"the Prefect API did not answer: {exc}")
@@ -411,7 +535,37 @@ class Gateway:
             for key, value in upstream.headers.items()
             if key.lower() in ("content-type", "location", "retry-after")
         }
-        return Response(upstream.content, upstream.status_code, reply_headers)
+        if decision.route in (LEASE_ROUTE, LEASE_RELEASE_ROUTE):
+            content = await upstream.aread()
+            await upstream.aclose()
+            self._remember_lease(run, decision, upstream.status_code, content)
+            return Response(content, upstream.status_code, reply_headers)
+        # Streamed back: a large answer (a run's logs) never sits whole in the worker.
+        return StreamingResponse(
+            upstream.aiter_bytes(),
+            upstream.status_code,
+            reply_headers,
+            background=BackgroundTask(upstream.aclose),
+        )
+
+    def _remember_lease(self, run: UUID, decision: Decision, status: int, content: bytes) -> None:
+        if not 200 <= status < 300:
+            return
+        try:
+            if decision.route == LEASE_ROUTE:
+                lease = UUID(str(json.loads(content)["lease_id"]))
+                leases = self._leases.setdefault(run, set())
+                leases.add(lease)
+                if len(leases) > _LEASES_PER_RUN:
+                    leases.pop()
+                self._leases.move_to_end(run)
+                if len(self._leases) > 10_000:
+                    self._leases.popitem(last=False)
+            else:
+                lease = UUID(str(json.loads(decision.body or b"{}")["lease_id"]))
+                self._leases.get(run, set()).discard(lease)
+        except (ValueError, KeyError, TypeError):
+            logger.warning("Could not read the lease of flow run %s's %s", run, decision.route)
 
     def _refuse(self, run: UUID, method: str, raw: Any, status: int, reason: str) -> JSONResponse:
         path = raw.decode("ascii", "replace") if isinstance(raw, bytes) else str(raw)

@@ -12,6 +12,9 @@ a run sends through `/events/in` must be *about* the run:
 - every flow run and task run it names is the run's own;
 - the flow, deployment, work queue and work pool it names are those of a flow run it
   names (Prefect adds them from the run's context);
+- it names no other resource of Prefect's (an automation, a block, a worker) but tags
+  and assets, and it did not occur more than a minute from now (the recorder keeps the
+  latest event's view of a task run);
 - its name is not in a namespace of the server's or the managed pool's.
 
 `check_event` returns the validated event to forward (serialised again, so what was
@@ -21,6 +24,7 @@ checked is what is sent) and the `Check`s the gateway answers from the API.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
@@ -44,6 +48,10 @@ _PREFECT_EVENTS = (
 #: What a run may say in Prefect's namespace about one of its flow runs.
 _FLOW_RUN_EVENTS = ("prefect.flow-run.heartbeat", "prefect.flow-run.pull-step.")
 _RESERVED = ("prefect.", "prefect-cloud.", "prefect-managed.")
+#: Related resources in Prefect's namespaces an event may name freely.
+_FREE_RELATED = ("prefect.tag.", "prefect.asset.")
+#: How far in the future an event may say it occurred.
+MAX_AHEAD_SECONDS = 60
 #: Related resources that must be those of a flow run the event names: the kind in the
 #: resource id, and the flow run's field.
 CONTEXT_FIELDS = {
@@ -81,6 +89,15 @@ def check_event(
     except ValidationError as exc:
         raise Refusal(422, f"not an event: {exc.errors()[0].get('msg')}") from exc
     name, resource = event.event, event.resource.id
+    ahead = (event.occurred - datetime.now(timezone.utc)).total_seconds()
+    if ahead > MAX_AHEAD_SECONDS:
+        # The task-run recorder keeps the latest event's view of a task run: one from the
+        # future would outlast every true event after it.
+        raise Refusal(
+            403,
+            f"the event occurred {ahead:.0f} s from now; an event may be at most "
+            f"{MAX_AHEAD_SECONDS} s ahead of the gateway's clock",
+        )
     if name.startswith(_RESERVED) and not name.startswith(_PREFECT_EVENTS):
         raise Refusal(
             403,
@@ -98,12 +115,16 @@ def check_event(
             checks.append(Check("flow_run", run))
         elif (task_run := _object_id(related_id, "prefect.task-run.")) is not None:
             checks.append(Check("task_run", task_run))
-        elif related_id.startswith("prefect-managed."):
-            raise Refusal(403, f"the related resource {related_id!r} is the managed pool's")
-        else:
+        elif related_id.startswith(tuple(CONTEXT_FIELDS)):
             for prefix, field in CONTEXT_FIELDS.items():
                 if (value := _object_id(related_id, prefix)) is not None:
                     context.append(ContextCheck(field, value))
+        elif related_id.startswith(_RESERVED) and not related_id.startswith(_FREE_RELATED):
+            # Automations act on related resources (an automation, a block, a worker...).
+            raise Refusal(
+                403,
+                f"the related resource {related_id!r} is not one a flow run's event may name",
+            )
 
     if (run := _object_id(resource, "prefect.flow-run.")) is not None:
         if name.startswith("prefect.") and not name.startswith(_FLOW_RUN_EVENTS):

@@ -143,6 +143,7 @@ class RunGateway:
     def _start(self, sock: socket.socket) -> None:
         import uvicorn
 
+        _raise_file_limit()
         config = uvicorn.Config(
             self.gateway,
             log_level="warning",
@@ -179,6 +180,21 @@ class RunGateway:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self._thread = None
+
+
+def _raise_file_limit() -> None:
+    """The process's soft limit on open files up to its hard limit (a common soft limit of
+    1024 is below what the gateway's connections, the tunnel's and the worker's Docker
+    and Prefect clients need together)."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        wanted = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+        if soft != resource.RLIM_INFINITY and soft < wanted:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+    except (ValueError, OSError) as exc:
+        logger.debug("Could not raise the open files limit: %s", exc)
 
 
 _process_gateway: RunGateway | None = None

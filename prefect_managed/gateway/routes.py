@@ -60,15 +60,24 @@ RESERVED_LIMIT_PREFIXES = ("prefect-managed-", "deployment:")
 #: Label keys only Prefect and the managed layer set.
 RESERVED_LABEL_PREFIXES = ("prefect.", "prefect-managed.", "io.prefect.")
 
-CheckKind = Literal["flow_run", "task_run", "new_or_own_task_run", "artifact", "managed_deployment"]
+CheckKind = Literal[
+    "flow_run",
+    "task_run",
+    "new_or_own_task_run",
+    "inline_flow_run",
+    "artifact",
+    "managed_deployment",
+    "lease",
+]
 
 
 @dataclass(frozen=True)
 class Check:
-    """A question the gateway answers from the API before it forwards: is this flow
-    run, task run or artifact the requesting run's own (its run, its subflow runs and
-    their task runs), is this task run new or its own (`flow_run`: the run it goes
-    under), is this deployment in a managed pool?"""
+    """A question the gateway answers before it forwards: is this flow run, task run or
+    artifact the requesting run's own (its run, its subflow runs and their task runs), is
+    this task run new or its own, is this flow run a subflow of its own that has no
+    deployment (`inline_flow_run`), is this deployment in a managed pool, did this run
+    take this concurrency lease through the gateway (`lease`)?"""
 
     kind: CheckKind
     id: UUID
@@ -294,12 +303,30 @@ def _dump(model: BaseModel) -> Any:
 
 
 def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str) -> None:
-    if state is not None and state.type not in allowed:
+    if state is None:
+        return
+    if state.type not in allowed:
         raise Refusal(
             403,
             f"{what}: a {state.type.value} state is not one a flow run may propose through "
             "the managed pool's API gateway; it may propose "
             f"{', '.join(sorted(s.value for s in allowed))}",
+        )
+    details = state.state_details
+    if details.deployment_concurrency_lease_id is not None:
+        # The server releases the lease a state names: a deployment's slot is the
+        # server's to give back, and its lease id can be read by anyone.
+        raise Refusal(
+            403,
+            f"{what}: deployment_concurrency_lease_id is not a field a flow run may set; "
+            "the server sets it",
+        )
+    if details.pause_reschedule:
+        raise Refusal(
+            403,
+            f"{what}: suspending a flow run (pause_reschedule, suspend_flow_run) is not "
+            "available on managed pools: its second container would be the same attempt of "
+            "the run; use pause_flow_run, which waits in the same container",
         )
 
 
@@ -397,7 +424,12 @@ def _set_flow_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
     target = request.params["id"]
     proposal = _valid(_SetState, request.body, what)
     _states(proposal.state, _ROOT_STATES if target == request.run else _ALL_STATES, what)
-    return _dump(proposal), (Check("flow_run", target),)
+    checks = [Check("flow_run", target)]
+    if proposal.state.type in (StateType.SCHEDULED, StateType.PENDING):
+        # Only a subflow run in the run's own process: a deployment's run would go back to
+        # its pool's workers and run a second container of one attempt.
+        checks.append(Check("inline_flow_run", target))
+    return _dump(proposal), tuple(checks)
 
 
 def _resume(request: Request) -> tuple[Any, tuple[Check, ...]]:
@@ -430,6 +462,7 @@ def _update_labels(request: Request) -> tuple[Any, tuple[Check, ...]]:
 def _create_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a task run"
     created = _valid(TaskRunCreate, request.body, what)
+    _states(created.state, _ALL_STATES, what)
     if created.flow_run_id is None:
         raise Refusal(403, f"{what}: flow_run_id must name a flow run of this run")
     _labels(created.labels, what)
@@ -446,6 +479,7 @@ def _update_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
 
 def _set_task_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
     proposal = _valid(_SetState, request.body, "a task run's state")
+    _states(proposal.state, _ALL_STATES, "a task run's state")
     return _dump(proposal), (Check("task_run", request.params["id"]),)
 
 
@@ -532,12 +566,15 @@ def _decrement(request: Request) -> tuple[Any, tuple[Check, ...]]:
 
 
 def _decrement_with_lease(request: Request) -> tuple[Any, tuple[Check, ...]]:
-    # A lease id is known only to whoever took the slots (no route lists leases).
-    return _dump(_valid(_DecrementWithLease, request.body, "a concurrency lease")), ()
+    # Lease ids can be read (a deployment's is in its runs' states): a run gives back
+    # only a lease it took through the gateway.
+    given = _valid(_DecrementWithLease, request.body, "a concurrency lease")
+    return _dump(given), (Check("lease", given.lease_id),)
 
 
 def _renew(request: Request) -> tuple[Any, tuple[Check, ...]]:
-    return _dump(_valid(_Renew, request.body or {}, "a concurrency lease")), ()
+    renewed = _valid(_Renew, request.body or {}, "a concurrency lease")
+    return _dump(renewed), (Check("lease", request.params["lease_id"]),)
 
 
 _READS = {
@@ -616,5 +653,8 @@ ROUTES: tuple[Route, ...] = (
     *(Route(method, template) for method, text in _READS.items() for template in text.split()),
     *(Route(method, template, rule) for (method, template), rule in _WRITES.items()),
 )
+#: The route whose answer names a lease the run took (the gateway remembers it).
+LEASE_ROUTE = "/v2/concurrency_limits/increment-with-lease"
+LEASE_RELEASE_ROUTE = "/v2/concurrency_limits/decrement-with-lease"
 #: The websockets a run may open (both need the 'prefect' subprotocol and its token).
 WEBSOCKETS = {"/events/in": "filtered", "/events/out": "read"}

@@ -79,6 +79,9 @@ _CONNECT_SECONDS = 10.0
 IDLE_SECONDS = 600.0
 #: Connections one run may hold open at once.
 MAX_CONNECTIONS_PER_RUN = 64
+#: Connections not yet past their grant, from all runs: each must send its grant within
+#: `_CONNECT_SECONDS`; beyond this many waiting, a new one is closed at once.
+MAX_PENDING = 256
 
 
 @dataclass(frozen=True, order=True)
@@ -230,6 +233,7 @@ class TunnelServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._open: Counter[UUID] = Counter()
+        self._pending = 0
 
     @property
     def socket_path(self) -> Path:
@@ -289,11 +293,24 @@ class TunnelServer:
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
-            try:
-                header = await asyncio.wait_for(reader.readuntil(b"\n"), _CONNECT_SECONDS)
-                asked = await asyncio.wait_for(reader.readuntil(b"\n"), _CONNECT_SECONDS)
-            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError):
+            if self._pending >= MAX_PENDING:
+                logger.warning(
+                    "Tunnel: %d connections are waiting for their grant; closed a new one",
+                    MAX_PENDING,
+                )
                 return
+            self._pending += 1
+            try:
+                header, asked = await asyncio.wait_for(_grant_lines(reader), _CONNECT_SECONDS)
+            except (
+                asyncio.IncompleteReadError,
+                asyncio.LimitOverrunError,
+                TimeoutError,
+                asyncio.TimeoutError,
+            ):
+                return
+            finally:
+                self._pending -= 1
             target = asked[:-1].decode(errors="replace")[:300]
             grant_of = granted(self._key, header[:-1].decode(errors="replace")[:_HEADER_LIMIT])
             if grant_of is None or target not in grant_of[1]:
@@ -343,6 +360,11 @@ class TunnelServer:
             await _relay(reader, writer, up_reader, upstream)
         finally:
             upstream.close()
+
+
+async def _grant_lines(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    """A connection's first two lines: its grant and the destination it asks for."""
+    return await reader.readuntil(b"\n"), await reader.readuntil(b"\n")
 
 
 async def _relay(

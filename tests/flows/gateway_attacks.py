@@ -238,7 +238,27 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False) -> None:
             [own_rel, (f"prefect.deployment.{plain}", "deployment")],
         ),
         "no_run": event("gw.attack.custom", "gw.attack.thing"),
+        "automation_related": event(
+            "gw.attack.custom",
+            "gw.attack.thing",
+            [own_rel, (f"prefect.automation.{uuid.uuid4()}", "automation")],
+        ),
+        "from_the_future": event(
+            "prefect.task-run.Completed",
+            f"prefect.task-run.{uuid.uuid4()}",
+            [own_rel],
+            {
+                "task_run": {
+                    "flow_run_id": own,
+                    "name": "future",
+                    "task_key": "k",
+                    "dynamic_key": "9",
+                },
+                "validated_state": {"type": "COMPLETED", "name": "Completed"},
+            },
+        ),
     }
+    forged["from_the_future"]["occurred"] = "2099-01-01T00:00:00+00:00"
     control = event("gw.attack.control", "gw.attack.thing", [own_rel])
     results["events_sent"] = websocket_attempt(
         "/api/events/in", [*forged.values(), control], wait=3.0
@@ -318,6 +338,31 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False) -> None:
         "label_reserved": raw(
             "PATCH", f"/api/flow_runs/{own}/labels", {"prefect.worker.name": "x"}
         ),
+        "suspend_own_run": raw(
+            "POST",
+            f"/api/flow_runs/{own}/set_state",
+            {"state": {"type": "PAUSED", "state_details": {"pause_reschedule": True}}},
+        ),
+        "state_names_a_lease": raw(
+            "POST",
+            f"/api/flow_runs/{own}/set_state",
+            {
+                "state": {
+                    "type": "RUNNING",
+                    "state_details": {"deployment_concurrency_lease_id": str(uuid.uuid4())},
+                }
+            },
+        ),
+        "release_read_lease": raw(
+            "POST",
+            "/api/v2/concurrency_limits/decrement-with-lease",
+            {"lease_id": str(uuid.uuid4())},
+        ),
+        "renew_read_lease": raw(
+            "POST",
+            f"/api/v2/concurrency_limits/leases/{uuid.uuid4()}/renew",
+            {"lease_duration": 86400},
+        ),
         "extra_field": raw(
             "POST",
             f"/api/flow_runs/{own}/set_state",
@@ -352,7 +397,25 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False) -> None:
         ),
     }
 
-    # 6. Exhaustion: a huge declared body, idle connections, websockets by the dozen.
+    # 6. Exhaustion: many runs named in one batch, a huge declared body, idle
+    # connections, websockets by the dozen.
+    started = time.monotonic()
+    results["logs_naming_many"] = raw(
+        "POST",
+        "/api/logs/",
+        [
+            {
+                "name": "x",
+                "level": 20,
+                "message": "m",
+                "timestamp": now,
+                "flow_run_id": own,
+                "task_run_id": str(uuid.uuid4()),
+            }
+            for _ in range(1500)
+        ],
+    )
+    results["logs_naming_many_seconds"] = round(time.monotonic() - started, 2)
     started = time.monotonic()
     sock = raw(
         "POST", "/api/logs/", b"", headers={"Content-Length": str(160 * 1024 * 1024)}, read=False
