@@ -340,7 +340,9 @@ class Gateway:
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
             self._client = httpx.AsyncClient(
-                timeout=httpx.Timeout(60.0), headers=self._auth_headers
+                timeout=httpx.Timeout(60.0),
+                headers=self._auth_headers,
+                limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
             )
         return self._client
 
@@ -369,12 +371,10 @@ class Gateway:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            response: Response
             if scope.get("raw_path", b"").split(b"?")[0] == HEALTH_PATH.encode():
-                response = self._health(Request(scope))
+                await self._health(Request(scope))(scope, receive, send)
             else:
-                response = await self._http(Request(scope, receive))
-            await response(scope, receive, send)
+                await self._http(Request(scope, receive), scope, receive, send)
         elif scope["type"] == "websocket":
             await self._websocket(WebSocket(scope, receive, send))
 
@@ -403,18 +403,23 @@ class Gateway:
             )
         return bearer
 
-    async def _http(self, request: Request) -> Response:
+    async def _http(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
         bearer = await self._bearer(request.headers.get("authorization"))
         if isinstance(bearer, Response):
-            return bearer
+            await bearer(scope, receive, send)
+            return
         run = bearer.run
         if self._requests[run] >= MAX_REQUESTS_PER_RUN:
-            return _refusal(
+            refusal = _refusal(
                 429, f"flow run {run} has {MAX_REQUESTS_PER_RUN} requests in flight already"
             )
+            await refusal(scope, receive, send)
+            return
+        # Counted until the answer has been sent (a streamed answer included).
         self._requests[run] += 1
         try:
-            return await self._decide_and_forward(request, run)
+            response = await self._decide_and_forward(request, run)
+            await response(scope, receive, send)
         finally:
             self._requests[run] -= 1
             if self._requests[run] <= 0:
