@@ -411,6 +411,40 @@ def test_every_route_of_the_allow_list_is_one_of_prefects():
     assert len(ours) == len(ROUTES)  # no route listed twice
 
 
+def test_the_server_runs_the_route_the_gateway_decided_on():
+    """For every route of the allow-list, with parameters that look like other routes'
+    words, the first of the server's routes (in its own order) that matches the path is
+    that route: no route outside the allow-list shadows one inside it."""
+    from fastapi.routing import APIRoute
+    from prefect.server.api.server import API_ROUTERS
+    from starlette.routing import Match
+
+    from prefect_managed.gateway.routes import _PARAM
+
+    server = [r for router in API_ROUTERS for r in router.routes if isinstance(r, APIRoute)]
+
+    def bare(template: str) -> str:
+        return template.replace(":uuid}", "}").replace(":str}", "}")
+
+    for route in ROUTES:
+        if route.template in ("/health", "/version"):  # the app's own, not a router's
+            continue
+        for word in ("x", "filter", "count", "latest", "name", "paginate", str(uuid4())):
+            parts = [
+                part
+                if (param := _PARAM.match(part)) is None
+                else (str(uuid4()) if param.group(2) == "uuid" else word)
+                for part in route.parts
+            ]
+            scope = {"type": "http", "path": "/" + "/".join(parts), "method": route.method}
+            first = next((r for r in server if r.matches(scope)[0] == Match.FULL), None)
+            assert first is not None and bare(first.path) == bare(route.template), (
+                route.method,
+                scope["path"],
+                first and first.path,
+            )
+
+
 # --- events ---------------------------------------------------------------------------
 
 
