@@ -252,7 +252,8 @@ class RunStatus:
         try:
             from datetime import datetime
 
-            ended = datetime.fromisoformat(str(state.get("timestamp"))).timestamp()
+            stamp = str(state.get("timestamp")).replace("Z", "+00:00")  # Python 3.10 too
+            ended = datetime.fromisoformat(stamp).timestamp()
         except ValueError:
             return True
         return time.time() - ended > FINAL_GRACE_SECONDS
