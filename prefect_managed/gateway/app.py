@@ -80,6 +80,9 @@ FINAL_GRACE_SECONDS = 120.0
 _STATUS_SECONDS = 5.0
 _FINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 _DEPTH = 16  # subflows of subflows: deeper than anything a run does
+#: Distinct runs one request may name, and records read one by one to answer it.
+MAX_NAMED = 2000
+MAX_READS = 64
 _INLINE_BODY_BYTES = 256 * 1024
 _LEASES_PER_RUN = 1000
 _FORWARDED_HEADERS = frozenset(
@@ -143,11 +146,6 @@ class Ownership:
             if not await answers.passes(check):
                 return check
         return None
-
-
-#: Distinct runs one request may name, and records read one by one to answer it.
-MAX_NAMED = 2000
-MAX_READS = 64
 
 
 class _Answers:

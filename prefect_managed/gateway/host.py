@@ -64,7 +64,7 @@ class RunGateway:
         self.gateway = gateway
         self._thread: threading.Thread | None = None
         self._server: Any = None
-        # Isolated runs' connections (prefect_managed.tunnel): served with the port.
+        # Isolated runs' connections (gateway.tunnel): served with the port.
         self.tunnel = TunnelServer(tunnel_directory(port), gateway.key)
 
     @property
