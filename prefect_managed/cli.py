@@ -13,6 +13,7 @@ import typer
 
 from prefect_managed.exceptions import ManagedError
 from prefect_managed.policy import format_bytes, format_seconds, load_policy
+from prefect_managed.policy_runtime import BOUNDARY
 from prefect_managed.settings import get_policy, get_settings
 
 app = typer.Typer(
@@ -187,11 +188,30 @@ def policy_check(
         f"Network mode: {runtime.network_mode}; user: {runtime.user}; pids limit: {runtime.pids_limit}"
     )
     console.print(f"Package index: {runtime.package_index_url or 'uv default'}")
-    if runtime.api_gateway_port:
-        console.print(f"Run gateway: http://127.0.0.1:{runtime.api_gateway_port}/api")
+    port = runtime.api_gateway_port
+    if port == "auto":
+        console.print("Run gateway: on, its port derived from the Prefect API URL and ledger key")
+    elif port:
+        console.print(f"Run gateway: http://127.0.0.1:{port}/api")
+    else:
+        console.print("Run gateway: OFF (runs hold the worker's Prefect credential)")
     if runtime.network_mode == "isolated":
         reached = ", ".join(sorted({str(d) for d in runtime.isolated_destinations()}))
         console.print(f"Isolated runs reach: the run gateway{', ' + reached if reached else ''}")
+    boundary = Table(title="Trust boundary (\\[runtime], see docs/security.md)")
+    for column in ("setting", "this policy", "secure default", "opt-out", "the opt-out gives away"):
+        boundary.add_column(column)
+    values = runtime.boundary_values()
+    for setting in BOUNDARY:
+        value, off = values[setting.key]
+        boundary.add_row(
+            setting.key,
+            f"{value} (OPTED OUT)" if off else value,
+            setting.default,
+            setting.opt_out,
+            setting.gives_away,
+        )
+    console.print(boundary)
 
 
 @app.command("usage")

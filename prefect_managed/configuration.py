@@ -32,8 +32,9 @@ from prefect_managed.dependencies import (
     split_extra_pip_packages,
 )
 from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable
+from prefect_managed.gateway.port import run_gateway_port
 from prefect_managed.gateway.tokens import run_token, token_lifetime
-from prefect_managed.gateway.tunnel import isolation
+from prefect_managed.gateway.tunnel import ISOLATED_MOUNT, isolation
 from prefect_managed.policy import Policy
 from prefect_managed.settings import get_policy, ledger_key
 
@@ -247,12 +248,13 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             # (`pip_install_requirements`): both use the operator's index only.
             self.env["UV_DEFAULT_INDEX"] = runtime.package_index_url
             self.env["PIP_INDEX_URL"] = runtime.package_index_url
-        if runtime.api_gateway_port:
+        gateway_port = run_gateway_port(runtime)
+        if gateway_port:
             # The run reaches the API through the run gateway, as itself: a token valid
             # for its own run only, never the worker's credential (docs/security.md).
             for key in [key for key in self.env if key.upper() in WORKER_OWNED_ENV]:
                 del self.env[key]
-            self.env["PREFECT_API_URL"] = f"http://127.0.0.1:{runtime.api_gateway_port}/api"
+            self.env["PREFECT_API_URL"] = f"http://127.0.0.1:{gateway_port}/api"
             self.env["PREFECT_API_AUTH_STRING"] = run_token(
                 ledger_key(), flow_run.id, token_lifetime(tier.max_run_seconds)
             )
@@ -294,7 +296,7 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             # (prefect_managed.gateway.tunnel); the worker adds the image's own entrypoint.
             self.network_mode = "none"
             isolated = isolation(
-                ledger_key(), flow_run.id, runtime.api_gateway_port, runtime.isolated_destinations()
+                ledger_key(), flow_run.id, gateway_port, runtime.isolated_destinations()
             )
             self.volumes.append(isolated.volume)
         self.registry_credentials = None
@@ -329,6 +331,14 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
             self.container_create_kwargs["device_requests"] = [
                 DeviceRequest(count=tier.gpus, capabilities=[["gpu"]])
             ]
+
+    def leave_isolation(self) -> None:
+        """The run on the host's network instead of the isolated one (its image cannot run
+        the isolated network's forwarder); the run gateway stays its only way to the API."""
+        self.network_mode = "host"
+        self.volumes = [v for v in self.volumes if not v.endswith(f":{ISOLATED_MOUNT}:ro")]
+        for key in ("extra_hosts", "sysctls", "entrypoint"):
+            (self.container_create_kwargs or {}).pop(key, None)
 
 
 def run_environment(requested: Mapping[str, str], worker: Mapping[str, str]) -> dict[str, str]:

@@ -110,6 +110,8 @@ class Containers:
     ) -> None:
         self._get_client = get_client
         self._logger = logger
+        # Image id -> whether it can run the isolated network's forwarder.
+        self._forwarder_images: dict[str, bool] = {}
 
     # -- the watch loop -------------------------------------------------------------
 
@@ -272,6 +274,39 @@ class Containers:
                 return None
 
         return await run_sync_in_worker_thread(self._with_client, _entrypoint)
+
+    async def runs_forwarder(self, image: str, user: str) -> bool | None:
+        """Whether `image` has what the isolated network's forwarder needs (`/bin/sh` and
+        `python3` or `python` on its PATH), asked once per image in a short container
+        with no network; None when the image is not on the Docker host."""
+        image_id = await self.image_id(image)
+        if image_id is None:
+            return None
+        if image_id in self._forwarder_images:
+            return self._forwarder_images[image_id]
+
+        def _probe(client: docker.DockerClient) -> bool:
+            container = client.containers.create(
+                image_id,
+                entrypoint=["/bin/sh", "-c", "command -v python3 || command -v python"],
+                command=[],
+                network_mode="none",
+                user=user,
+                cap_drop=["ALL"],
+                security_opt=["no-new-privileges"],
+                mem_limit="64m",
+            )
+            try:
+                container.start()
+                return container.wait(timeout=60).get("StatusCode") == 0
+            except (docker.errors.APIError, requests.exceptions.RequestException):
+                return False  # no /bin/sh in the image, or it did not answer in time
+            finally:
+                container.remove(force=True)
+
+        found = await run_sync_in_worker_thread(self._with_client, _probe)
+        self._forwarder_images[image_id] = found
+        return found
 
     async def remove(self, container_id: str) -> None:
         def _remove(client: docker.DockerClient) -> None:

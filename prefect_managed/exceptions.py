@@ -8,6 +8,7 @@ ManagedError
  ├── GpuNotAvailable         the tier gives GPUs but the Docker host cannot
  ├── PolicyError             the policy file is missing, malformed or invalid
  ├── WorkerNotStarted        a worker refused to start (also a SystemExit: one line)
+ ├── ApiOpenWithoutCredential the Prefect API answers without a credential
  ├── LedgerKeyMissing        no key to verify usage records with
  └── RuntimeImageError       the local runtime image could not be built
 """
@@ -100,6 +101,24 @@ class LedgerKeyMissing(ManagedError, RuntimeError):
             "No ledger key to verify usage records with: PREFECT_INTEGRATIONS_MANAGED_LEDGER_KEY "
             f"is not set and {str(path)!r} does not exist. Set the same key the workspace's "
             "workers use, or run this on a worker's host with its PREFECT_HOME."
+        )
+
+
+class ApiOpenWithoutCredential(ManagedError, RuntimeError):
+    """The Prefect API answers without a credential and the policy does not say that
+    every flow it runs is trusted."""
+
+    def __init__(self, api_url: str, policy_file: object) -> None:
+        self.api_url = api_url
+        super().__init__(
+            f"The Prefect API {api_url} answers requests that carry no credential, so any "
+            "flow run could reach it around the run gateway and edit usage records, "
+            "limits and other runs; this worker does not serve managed pools of such a "
+            "server. Start the server with PREFECT_SERVER_API_AUTH_STRING='admin:<a long "
+            "random password>' and give every worker and client PREFECT_API_AUTH_STRING "
+            "with the same value (docs/security.md). If every flow this server runs is "
+            f"trusted, say so with `trusted_code_only = true` under [runtime] in "
+            f"{str(policy_file)!r}."
         )
 
 

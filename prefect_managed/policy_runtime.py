@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from docker.utils import parse_bytes
@@ -15,9 +15,45 @@ from pydantic import Field, model_validator
 from prefect_managed.gateway.tunnel import Destination, parse_destination
 from prefect_managed.policy_values import CacheSize, Count, LogSize, StrictModel
 
-__all__ = ["OFFICIAL_IMAGES", "Runtime"]
+__all__ = ["BOUNDARY", "OFFICIAL_IMAGES", "BoundarySetting", "Runtime"]
 
 OFFICIAL_IMAGES = ("prefecthq/prefect:3*", "docker.io/prefecthq/prefect:3*")
+
+
+class BoundarySetting(NamedTuple):
+    """One setting of the trust boundary between flow code and the workspace: its
+    secure default and what the opt-out gives away."""
+
+    key: str
+    default: str
+    opt_out: str
+    gives_away: str
+
+
+#: The boundary's settings, as `policy check` prints them and docs/security.md tables them.
+BOUNDARY = (
+    BoundarySetting(
+        "api_gateway_port",
+        '"auto" (the run gateway on)',
+        "0",
+        "each run's container holds the worker's Prefect credential: a flow can delete "
+        "usage records and change other runs, deployments, limits, blocks and variables",
+    ),
+    BoundarySetting(
+        "network_mode",
+        '"isolated" (the run gateway, the package index and allowed_destinations only)',
+        '"host"',
+        "a flow reaches every service on the worker host's loopback (the Prefect server, "
+        "databases) and every address the host reaches",
+    ),
+    BoundarySetting(
+        "trusted_code_only",
+        "false (a worker refuses a Prefect server that answers without a credential)",
+        "true",
+        "any flow run can reach the Prefect API directly, around the gateway, and edit "
+        "the workspace's books",
+    ),
+)
 
 
 class Runtime(StrictModel):
@@ -32,11 +68,13 @@ class Runtime(StrictModel):
         description="Images flow runs may use (shell-style patterns such as 'prefecthq/prefect:3*').",
     )
     network_mode: Literal["host", "bridge", "none", "isolated"] = Field(
-        default="host",
+        default="isolated",
         description=(
-            "Docker network mode of flow run containers. 'isolated': a network of the "
-            "run's own that reaches only the run gateway, the package index and "
-            "allowed_destinations (needs api_gateway_port; see the security page)."
+            "Docker network mode of flow run containers. 'isolated' (the default): a "
+            "network of the run's own that reaches only the run gateway, the package index "
+            "and allowed_destinations; a run whose image has no python3 falls back to "
+            "'host' with a warning unless this is set explicitly. 'host': the host's "
+            "network, its loopback services included (see the security page)."
         ),
     )
     allowed_destinations: list[str] = Field(
@@ -113,15 +151,24 @@ class Runtime(StrictModel):
         ),
     )
 
-    api_gateway_port: Count = Field(
-        default=0,
-        ge=0,
-        le=65535,
+    api_gateway_port: Literal["auto"] | Annotated[Count, Field(ge=0, le=65535)] = Field(
+        default="auto",
         description=(
-            "The port on the worker host's 127.0.0.1 of the run gateway, 0 for none. With "
-            "a port, a run's container holds a token valid only for its own run instead of "
-            "the worker's Prefect credential, and reaches the API through the gateway (see "
-            "the security page). Needs network_mode 'host' or 'isolated'."
+            "The port on the worker host's 127.0.0.1 of the run gateway: 'auto' (the "
+            "default: one port derived from the Prefect API URL and the ledger key, so "
+            "every worker of the host finds the same one), a port from 1024 to 65535, or 0 "
+            "to turn the gateway off. With the gateway, a run's container holds a token "
+            "valid only for its own run instead of the worker's Prefect credential, and "
+            "reaches the API through the gateway (see the security page). Needs "
+            "network_mode 'host' or 'isolated'."
+        ),
+    )
+    trusted_code_only: bool = Field(
+        default=False,
+        description=(
+            "Serve a Prefect server that answers without a credential, because every "
+            "flow it runs is trusted. Without this, a worker refuses such a server: any "
+            "flow run could reach it directly and edit the workspace's books."
         ),
     )
 
@@ -159,23 +206,37 @@ class Runtime(StrictModel):
             )
         return self
 
+    @property
+    def gateway_on(self) -> bool:
+        """Whether runs reach the API through the run gateway (`api_gateway_port` not 0)."""
+        return self.api_gateway_port != 0
+
+    @property
+    def network_mode_chosen(self) -> bool:
+        """Whether the policy file names network_mode (else 'isolated' is the default,
+        with the fallback to 'host' for an image without python3)."""
+        return "network_mode" in self.model_fields_set
+
     @model_validator(mode="after")
     def _gateway_is_reachable(self) -> Runtime:
-        if self.api_gateway_port and self.api_gateway_port < 1024:
+        port = self.api_gateway_port
+        if isinstance(port, int) and 0 < port < 1024:
             raise ValueError(
-                f"api_gateway_port {self.api_gateway_port} is a privileged port; choose one "
-                "from 1024 to 65535, or 0 for no gateway"
+                f"api_gateway_port {port} is a privileged port; choose one from 1024 to "
+                "65535, 'auto', or 0 for no gateway"
             )
-        if self.api_gateway_port and self.network_mode not in ("host", "isolated"):
+        if self.gateway_on and self.network_mode not in ("host", "isolated"):
             raise ValueError(
-                f"api_gateway_port needs network_mode 'host' or 'isolated' (the gateway "
-                f"listens on the worker host's 127.0.0.1), not {self.network_mode!r}"
+                f"network_mode {self.network_mode!r} cannot reach the run gateway (it listens "
+                "on the worker host's 127.0.0.1); use network_mode 'isolated' or 'host', or "
+                "turn the gateway off with api_gateway_port = 0 (runs then hold the "
+                "worker's Prefect credential; see the security page)"
             )
-        if self.network_mode == "isolated" and not self.api_gateway_port:
+        if self.network_mode == "isolated" and not self.gateway_on:
             raise ValueError(
-                "network_mode 'isolated' needs api_gateway_port: an isolated run reaches the "
-                "Prefect API through the run gateway only; set api_gateway_port to a free "
-                "port (1024-65535)"
+                "network_mode 'isolated' needs the run gateway: an isolated run reaches the "
+                "Prefect API through it only; set api_gateway_port to 'auto' or a free port "
+                "(1024-65535), or choose another network_mode"
             )
         if self.allowed_destinations and self.network_mode != "isolated":
             raise ValueError(
@@ -184,6 +245,16 @@ class Runtime(StrictModel):
             )
         self.isolated_destinations()  # each entry is host:port
         return self
+
+    def boundary_values(self) -> dict[str, tuple[str, bool]]:
+        """This policy's value of each `BOUNDARY` setting, as TOML writes it, and whether
+        it opts out of the boundary."""
+        port = self.api_gateway_port
+        return {
+            "api_gateway_port": (f'"{port}"' if isinstance(port, str) else str(port), port == 0),
+            "network_mode": (f'"{self.network_mode}"', self.network_mode != "isolated"),
+            "trusted_code_only": (str(self.trusted_code_only).lower(), self.trusted_code_only),
+        }
 
     def isolated_destinations(self) -> list[Destination]:
         """What an isolated run may reach besides the gateway: allowed_destinations and

@@ -31,6 +31,7 @@ import anyio.abc
 import httpx
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
+from prefect.settings import PREFECT_API_URL
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
 from prefect_managed.accounting import Accounting
@@ -47,13 +48,14 @@ from prefect_managed.containers import Containers, DockerClients, Watch, in_daem
 from prefect_managed.environment_step import EnvironmentStep
 from prefect_managed.environments import Environments
 from prefect_managed.exceptions import (
+    ApiOpenWithoutCredential,
     GpuNotAvailable,
     ImageNotAvailable,
     PolicyError,
     WorkerNotStarted,
 )
 from prefect_managed.finishing import Finishing
-from prefect_managed.gateway.host import serve_run_gateway
+from prefect_managed.gateway.host import check_boundary, serve_run_gateway
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.messages import awaiting_slot_message
 from prefect_managed.outcome import (
@@ -216,7 +218,17 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
             self._containers.image_id,
             self._work_pool_name,
         )
-        if self.policy.runtime.api_gateway_port:
+        try:
+            await anyio.to_thread.run_sync(
+                check_boundary,
+                self.policy.runtime,
+                str(PREFECT_API_URL.value() or ""),
+                get_settings().resolved_policy_file(),
+                self._logger,
+            )
+        except ApiOpenWithoutCredential as exc:
+            raise WorkerNotStarted(exc) from None
+        if self.policy.runtime.gateway_on:
             await anyio.to_thread.run_sync(
                 serve_run_gateway, self.policy.runtime, ledger_key(), self._logger
             )
@@ -328,6 +340,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         # The attempt rides on the container, so that whoever finishes it (this worker
         # or one that takes it over) records the attempt it ran.
         configuration.labels[ATTEMPT_LABEL] = str(await self._attempt(flow_run))
+        await self._isolate_or_fall_back(flow_run, configuration)
         step = self._environment_step
         if step is not None and step.wanted(configuration):
             if not await step.prepare(flow_run, configuration):
@@ -338,7 +351,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
                     task_status.started(RuntimeError("the run's environment build failed"))
                 return DockerWorkerResult(status_code=1, identifier="")
         create = configuration.container_create_kwargs or {}
-        if self.policy.runtime.network_mode == "isolated" and "entrypoint" in create:
+        if "entrypoint" in create:
             # isolate.sh starts the tunnel's listeners, then the image's own entrypoint.
             image_entrypoint = await self._containers.image_entrypoint(configuration.image or "")
             create["entrypoint"] = [*create["entrypoint"], *(image_entrypoint or [])]
@@ -408,6 +421,29 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         finally:
             self._active.discard(container_id)
         return result
+
+    async def _isolate_or_fall_back(
+        self, flow_run: FlowRun, configuration: ManagedJobConfiguration
+    ) -> None:
+        """The isolated network needs `python3` in the image: a run whose image has none
+        goes on the host's network, with a warning, unless the policy chose "isolated"
+        explicitly (then it fails with what isolate.sh says)."""
+        runtime = self.policy.runtime
+        if runtime.network_mode != "isolated" or runtime.network_mode_chosen:
+            return
+        image = configuration.image or ""
+        if await self._containers.runs_forwarder(image, runtime.user) is not False:
+            return
+        configuration.leave_isolation()
+        message = (
+            f"The image {image!r} has no python3 for the isolated network's forwarder, so "
+            "this run uses the host's network: it reaches every service on the worker "
+            "host's loopback (it still holds a token for its own run, not the worker's "
+            "credential). Use an image with python3, or set runtime.network_mode = 'host' in the "
+            "policy to choose this for every run and silence this warning."
+        )
+        self._logger.warning("Flow run %s: %s", flow_run.id, message)
+        self.get_flow_run_logger(flow_run).warning(message)
 
     async def kill_infrastructure(
         self, infrastructure_pid: str, configuration: Any, grace_seconds: int = 30

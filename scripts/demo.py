@@ -145,10 +145,12 @@ def main() -> int:
         policy = write_policy(
             RUN / "prefect-managed.toml",
             workspace={"name": "demo", "tier": "free"},
+            # The secure defaults: the run gateway on ("auto") and the isolated network,
+            # which reaches the gateway, the package index and the git server only.
             runtime={
                 "default_image": default_runtime_tag(),
                 "package_index_url": index.url,
-                "api_gateway_port": free_port(),
+                "allowed_destinations": [f"127.0.0.1:{git.port}"],
             },
         )
         say(f"prefect-managed policy check {policy.relative_to(ROOT)}")

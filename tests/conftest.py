@@ -23,6 +23,10 @@ os.environ["PREFECT_HOME"] = str(_HOME / "client-home")
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
 os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.5"
+# The server answers only with this credential (as docs/security.md asks, and as workers
+# insist by default); every client, worker and CLI command of the tests sends it.
+AUTH = f"admin:{secrets.token_hex(16)}"
+os.environ["PREFECT_API_AUTH_STRING"] = AUTH
 # The workers' usage-record signing key: the test process and every worker it starts
 # share it (as the workers of one workspace do); no flow run's container gets it.
 os.environ["PREFECT_INTEGRATIONS_MANAGED_LEDGER_KEY"] = secrets.token_hex(32)
@@ -72,6 +76,8 @@ def runtime_image(docker_client) -> str:
     return tag
 
 
+SERVER_ENV = {"PREFECT_SERVER_API_AUTH_STRING": AUTH}
+
 #: The running Prefect server; a fault test may stop it and start it again
 #: (`restart_prefect_server`), so teardown stops whichever one runs last.
 SERVER: dict = {}
@@ -83,12 +89,12 @@ def restart_prefect_server(down_seconds: float) -> None:
 
     SERVER["service"].stop()
     time.sleep(down_seconds)
-    SERVER["service"] = start_prefect_server(_PORT, _HOME / "server-home", OUTPUT)
+    SERVER["service"] = start_prefect_server(_PORT, _HOME / "server-home", OUTPUT, SERVER_ENV)
 
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    SERVER["service"] = start_prefect_server(_PORT, _HOME / "server-home", OUTPUT)
+    SERVER["service"] = start_prefect_server(_PORT, _HOME / "server-home", OUTPUT, SERVER_ENV)
     yield os.environ["PREFECT_API_URL"]
     SERVER["service"].stop()
 
@@ -149,7 +155,7 @@ def worker_policy(path: Path, runtime_image: str, index_url: str, workspace: str
 
 
 @pytest.fixture(scope="session")
-def main_policy(runtime_image, package_index, tmp_path_factory) -> Path:
+def main_policy(runtime_image, package_index, git_server, tmp_path_factory) -> Path:
     return worker_policy(
         tmp_path_factory.mktemp("policy") / "policy.toml",
         runtime_image,

@@ -141,6 +141,7 @@ def executed_status_code(flow_run_id: UUID, timeout: float = 60) -> str:
     def find() -> str | None:
         events = httpx.post(
             f"{PREFECT_API_URL.value()}/events/filter",
+            auth=api_auth(),
             json={
                 "filter": {
                     "event": {"name": ["prefect.worker.executed-flow-run"]},
@@ -158,6 +159,16 @@ def executed_status_code(flow_run_id: UUID, timeout: float = 60) -> str:
         return None
 
     return wait_for(find, timeout, f"the executed event of flow run {flow_run_id}", 1)
+
+
+def api_auth():
+    """The test server's credential for a request made without Prefect's client."""
+    import os
+
+    import httpx
+
+    user, _, password = os.environ["PREFECT_API_AUTH_STRING"].partition(":")
+    return httpx.BasicAuth(user, password)
 
 
 def usage_report(policy: Path, api: str | None = None, auth: str | None = None) -> dict:

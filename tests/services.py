@@ -140,6 +140,7 @@ class GitServer:
 def start_git_server(root: Path, log_dir: Path) -> GitServer:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
+    allow_source(port)
     server = GitServer(root, port)
     server.service = start(
         "git-daemon",
@@ -260,10 +261,30 @@ def start_worker(pool: str, log_dir: Path, env: dict[str, str], name: str = "wor
     return Worker(service, pool, env)
 
 
+#: The loopback services this test session started that flow runs pull from (git
+#: servers, object storage emulators, token endpoints), as "127.0.0.1:port": a policy
+#: that leaves runs on the default isolated network lists them in allowed_destinations,
+#: as an operator lists the workspace's git server and storage.
+SOURCE_DESTINATIONS: set[str] = set()
+
+
+def allow_source(port: int) -> None:
+    SOURCE_DESTINATIONS.add(f"127.0.0.1:{port}")
+
+
 def write_policy(path: Path, **tables: dict) -> Path:
-    """Write a policy file from tables, e.g. workspace={...}, tiers={"t": {...}}, runtime={...}."""
+    """Write a policy file from tables, e.g. workspace={...}, tiers={"t": {...}}, runtime={...}.
+
+    A policy whose runs stay on the default isolated network gets this session's source
+    services in `allowed_destinations` unless it lists its own."""
     import tomli_w
 
+    runtime = tables.get("runtime")
+    if runtime is not None and runtime.get("network_mode", "isolated") == "isolated":
+        tables = {
+            **tables,
+            "runtime": {"allowed_destinations": sorted(SOURCE_DESTINATIONS), **runtime},
+        }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tomli_w.dumps(tables))
     return path

@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from services import BIN, Service, free_port, start, wait_for
+from services import BIN, Service, allow_source, free_port, start, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 AZURITE = ROOT / ".tools" / "node_modules" / ".bin" / "azurite-blob"
@@ -326,6 +326,7 @@ class GitHttpServer:
     def start(self) -> GitHttpServer:
         self.root.mkdir(parents=True, exist_ok=True)
         self._server = _GitHTTPServer(self.root, self.token, self.ca)
+        allow_source(self.port)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
         return self
@@ -391,6 +392,9 @@ def publish_repository(bare: Path, history: Iterable[Commit]) -> dict[str, str]:
 class Emulator:
     service: Service
     port: int
+
+    def __post_init__(self) -> None:
+        allow_source(self.port)
 
     @property
     def endpoint(self) -> str:
@@ -465,6 +469,7 @@ class TokenEndpoint:
     def __init__(self) -> None:
         self._server = ThreadingHTTPServer((LOOPBACK, 0), _TokenHandler)
         self._server.daemon_threads = True
+        allow_source(self._server.server_address[1])
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
 

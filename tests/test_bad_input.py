@@ -20,7 +20,7 @@ import pytest
 
 from prefect_managed.configuration import ManagedJobConfiguration
 from prefect_managed.dependencies import normalize_pip_packages
-from prefect_managed.exceptions import ManagedError
+from prefect_managed.exceptions import ApiOpenWithoutCredential, ManagedError
 from prefect_managed.policy import Policy, load_policy
 
 DOCS_PAGE = Path(__file__).resolve().parent.parent / "docs" / "bad-input.md"
@@ -346,42 +346,53 @@ CASES: list[Case] = [
     Case(
         "policy file",
         "run gateway without host networking",
-        '`network_mode = "bridge"`, `api_gateway_port = 4210`',
-        policy_message('[runtime]\nnetwork_mode = "bridge"\napi_gateway_port = 4210\n'),
+        '`network_mode = "bridge"` with the run gateway on (its default)',
+        policy_message('[runtime]\nnetwork_mode = "bridge"\n'),
         where=WORKER,
     ),
     Case(
         "policy file",
         "isolated network without the run gateway",
-        '`network_mode = "isolated"` and no `api_gateway_port`',
-        policy_message('[runtime]\nnetwork_mode = "isolated"\n'),
+        "`api_gateway_port = 0` with the isolated network (its default)",
+        policy_message("[runtime]\napi_gateway_port = 0\n"),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "run gateway port as a word other than auto",
+        '`api_gateway_port = "on"`',
+        policy_message('[runtime]\napi_gateway_port = "on"\n'),
         where=WORKER,
     ),
     Case(
         "policy file",
         "isolated destination by another machine's address",
         '`allowed_destinations = ["192.0.2.10:9000"]`',
-        policy_message(
-            '[runtime]\nnetwork_mode = "isolated"\napi_gateway_port = 4210\n'
-            'allowed_destinations = ["192.0.2.10:9000"]\n'
-        ),
+        policy_message('[runtime]\nallowed_destinations = ["192.0.2.10:9000"]\n'),
         where=WORKER,
     ),
     Case(
         "policy file",
         "isolated destination without a port",
         '`allowed_destinations = ["git.example.com"]`',
-        policy_message(
-            '[runtime]\nnetwork_mode = "isolated"\napi_gateway_port = 4210\n'
-            'allowed_destinations = ["git.example.com"]\n'
-        ),
+        policy_message('[runtime]\nallowed_destinations = ["git.example.com"]\n'),
         where=WORKER,
     ),
     Case(
         "policy file",
         "allowed destinations without the isolated network",
         '`allowed_destinations = ["127.0.0.1:9418"]` with `network_mode = "host"`',
-        policy_message('[runtime]\nallowed_destinations = ["127.0.0.1:9418"]\n'),
+        policy_message(
+            '[runtime]\nnetwork_mode = "host"\nallowed_destinations = ["127.0.0.1:9418"]\n'
+        ),
+        where=WORKER,
+    ),
+    Case(
+        "policy file",
+        "a Prefect server that answers without a credential",
+        "a worker pointed at a server started without `PREFECT_SERVER_API_AUTH_STRING`, "
+        "and no `trusted_code_only = true`",
+        lambda: str(ApiOpenWithoutCredential("http://127.0.0.1:4200/api", POLICY_NAME)),
         where=WORKER,
     ),
     Case(

@@ -13,7 +13,10 @@ from prefect.client.schemas.objects import FlowRun
 
 from prefect_managed.configuration import MANAGED_LABEL, ManagedJobConfiguration
 from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable, InvalidPipPackage
+from prefect_managed.gateway.port import run_gateway_port
+from prefect_managed.gateway.tunnel import granted, tunnel_directory
 from prefect_managed.policy import Policy
+from prefect_managed.settings import ledger_key
 
 POLICY = Policy.model_validate(
     {"runtime": {"default_image": "prefect-managed-runtime:3.9.1", "pids_limit": 256}}
@@ -50,14 +53,25 @@ def test_hostile_job_variables_are_overwritten():
             "mounts": ["x"],
         },
     )
-    apply(config)
+    flow_run = apply(config)
     assert config.privileged is False
-    assert config.volumes == [] and config.networks == []
-    assert config.network_mode == "host"
+    # The default isolated network: Docker's `none`, and only the tunnel's directory.
+    port = run_gateway_port(POLICY.runtime)
+    assert config.volumes == [f"{tunnel_directory(port)}:/run/prefect-managed:ro"]
+    assert config.networks == [] and config.network_mode == "none"
     assert (config.mem_limit, config.memswap_limit) == (str(TWO_GIB), str(TWO_GIB))
     assert config.auto_remove is False
     assert config.image_pull_policy == "IfNotPresent"
-    assert config.container_create_kwargs == {
+    create = dict(config.container_create_kwargs)
+    assert create.pop("extra_hosts") == {}
+    assert create.pop("sysctls") == {"net.ipv4.ip_unprivileged_port_start": "0"}
+    entrypoint = create.pop("entrypoint")
+    assert entrypoint[:2] == ["/bin/sh", "/run/prefect-managed/isolate.sh"]
+    assert granted(ledger_key(), entrypoint[2]) == (
+        flow_run.id,
+        {f"127.0.0.1:{port}"},
+    )
+    assert create == {
         "user": "1000:1000",
         "cap_drop": ["ALL"],
         "security_opt": ["no-new-privileges"],
@@ -151,8 +165,13 @@ def test_the_workers_server_secrets_and_other_settings_stay_out_of_the_container
     assert not [key for key in config.env if key.startswith("PREFECT_SERVER_")]
     assert "hunter2" not in repr(config.env)
     assert config.env["MY_SETTING"] == "1"
-    # The run's own credential to reach the API is the one thing it gets.
-    assert config.env["PREFECT_API_AUTH_STRING"] == "admin:server-secret"
+    # The run's own credential to reach the API is the one thing it gets: a token for its
+    # own run, through the run gateway.
+    assert "server-secret" not in repr(config.env)
+    assert config.env["PREFECT_API_AUTH_STRING"].startswith("pmr2.")
+    assert config.env["PREFECT_API_URL"] == (
+        f"http://127.0.0.1:{run_gateway_port(POLICY.runtime)}/api"
+    )
 
 
 @pytest.mark.parametrize(

@@ -263,6 +263,8 @@ def test_the_hardening_the_limits_page_lists_is_what_the_worker_applies():
 
     from prefect_managed.configuration import ManagedJobConfiguration, api_label_value
     from prefect_managed.dependencies import CACHE_MOUNT, cache_volume_name
+    from prefect_managed.gateway.port import run_gateway_port
+    from prefect_managed.gateway.tunnel import ISOLATED_MOUNT, tunnel_directory
 
     policy = Policy()
     config = ManagedJobConfiguration(
@@ -292,20 +294,25 @@ def test_the_hardening_the_limits_page_lists_is_what_the_worker_applies():
         "pids_limit",
         "nano_cpus",
         "log_config",
+        "extra_hosts",
+        "sysctls",
+        "entrypoint",
     }
     assert (
-        "with `user`, `cap_drop`, `security_opt`, `pids_limit`, `nano_cpus` and `log_config`"
-        in text
+        "with `user`, `cap_drop`, `security_opt`, `pids_limit`, `nano_cpus` and `log_config`, "
+        "plus `extra_hosts`, `sysctls` and `entrypoint` on the isolated network" in text
     )
     assert kwargs["log_config"]["config"] == {"max-size": str(10 * 2**20), "max-file": "3"}
     assert "`runtime.log_max_size` each (json-file, default 3 × 10 MiB)" in text
     volume = f"{cache_volume_name('default', api_label_value())}:{CACHE_MOUNT}:rw"
-    assert config.privileged is False and config.volumes == [volume]
+    tunnel = f"{tunnel_directory(run_gateway_port(policy.runtime))}:{ISOLATED_MOUNT}:ro"
+    assert config.privileged is False and config.volumes == [volume, tunnel]
     assert volume.startswith("prefect-managed-cache-default-")
-    assert "not privileged, with no host directory and no Docker socket mounted" in text
+    assert "not privileged, with no Docker socket mounted and no host directory but one" in text
+    assert "the run gateway's tunnel directory read-only" in text
     assert "named Docker volume `prefect-managed-cache-<workspace>-<digest>`" in text
-    assert config.network_mode == "host" and config.networks == []
-    assert "on the network `runtime.network_mode` (default `host`) and no other network" in text
+    assert config.network_mode == "none" and config.networks == []
+    assert "on the network `runtime.network_mode` (default `isolated`: Docker's `none`" in text
     assert config.registry_credentials is None and config.image_pull_policy == "IfNotPresent"
     assert "with no registry credentials, pulling only an image that is not present" in text
     assert config.auto_remove is False and "without `auto_remove`" in text
@@ -315,6 +322,8 @@ def test_a_run_without_pip_packages_gets_no_volume_at_all():
     from prefect.client.schemas.objects import FlowRun
 
     from prefect_managed.configuration import ManagedJobConfiguration
+    from prefect_managed.gateway.port import run_gateway_port
+    from prefect_managed.gateway.tunnel import ISOLATED_MOUNT, tunnel_directory
 
     policy = Policy()
     config = ManagedJobConfiguration(
@@ -322,9 +331,11 @@ def test_a_run_without_pip_packages_gets_no_volume_at_all():
     )
     config.apply_policy(policy, FlowRun(flow_id=UUID(int=1), name="hostile"))
 
-    assert config.volumes == []
-    assert "the only volume a container can get is, for a run with `pip_packages`" in page_text(
-        "limits.md"
+    tunnel = f"{tunnel_directory(run_gateway_port(policy.runtime))}:{ISOLATED_MOUNT}:ro"
+    assert config.volumes == [tunnel]
+    assert (
+        "the volumes a container can get are, on the isolated network (the default), the run gateway's tunnel directory read-only"
+        in page_text("limits.md")
     )
 
 

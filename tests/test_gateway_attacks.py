@@ -4,8 +4,10 @@ a real Prefect server that requires a credential, tries every class in several s
 (tests/flows/gateway_attacks.py). The gateway's answers are checked, and then the books from
 the operator's side: the other deployment's pull steps, the usage records, the Secret block,
 the pool, the workspace's limit, the other run and its task run, the events the server
-stored, no new runs, no variable, no automation; the worker still serving. The same under
-host networking and under `network_mode = "isolated"`."""
+stored, no new runs, no variable, no automation; the worker still serving. Also: the
+worker's credential in no environment the flow can read, and the server not reachable
+around the gateway. Once with the policy's defaults (the gateway on its "auto" port, the
+isolated network) and once under `network_mode = "host"`."""
 
 from __future__ import annotations
 
@@ -43,6 +45,9 @@ from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary
 from prefect.states import Scheduled
 from services import free_port, start_prefect_server, start_worker, wait_for, write_policy
 
+from prefect_managed.gateway.port import auto_gateway_port
+from prefect_managed.settings import ledger_key
+
 pytestmark = pytest.mark.docker
 
 FLOWS = Path(__file__).parent / "flows"
@@ -59,10 +64,11 @@ def _refused(status) -> bool:
     return isinstance(status, int) and 400 <= status < 500
 
 
-@pytest.fixture(scope="module", params=["host", "isolated"])
+@pytest.fixture(scope="module", params=["defaults", "host"])
 def attacked(request, git_server, runtime_image, package_index, tmp_path_factory):
-    """A server requiring `AUTH`, a managed pool served through the gateway (host or
-    isolated network), a plain Docker pool, another user's deployment, run, task run,
+    """A server requiring `AUTH`, a managed pool served with the policy's defaults (the
+    run gateway on its "auto" port, the isolated network) or with `network_mode = "host"`
+    (the gateway still on), a plain Docker pool, another user's deployment, run, task run,
     Secret block and usage record; then the attacking run, settled."""
     mode = request.param
     home = tmp_path_factory.mktemp(f"attack-server-{mode}")
@@ -79,14 +85,13 @@ def attacked(request, git_server, runtime_image, package_index, tmp_path_factory
         },
     )
     workspace = session_workspace(f"attack-{mode}")
-    gateway_port = free_port()
-    runtime = {
-        "default_image": runtime_image,
-        "package_index_url": package_index.url,
-        "api_gateway_port": gateway_port,
-    }
-    if mode == "isolated":
-        runtime["network_mode"] = "isolated"
+    # The policy's defaults, but for what any policy names: its image, its package index,
+    # and (isolated) the git server the runs pull from.
+    gateway_port = auto_gateway_port(api, ledger_key())
+    runtime = {"default_image": runtime_image, "package_index_url": package_index.url}
+    if mode == "host":
+        runtime["network_mode"] = "host"
+    else:
         runtime["allowed_destinations"] = [f"127.0.0.1:{git_server.port}"]
     policy = write_policy(
         tmp_path_factory.mktemp(f"attack-{mode}") / "policy.toml",
@@ -151,6 +156,7 @@ def attacked(request, git_server, runtime_image, package_index, tmp_path_factory
         yield_value = SimpleNamespace(
             mode=mode,
             api=api,
+            server_port=port,
             pool=pool,
             plain_pool=plain_pool,
             policy=policy,
@@ -203,7 +209,8 @@ def _attack(attacked, docker_client) -> tuple[dict, object]:
             parameters={
                 "victim": victim,
                 "gateway_port": attacked.gateway_port,
-                "isolated": attacked.mode == "isolated",
+                "isolated": attacked.mode == "defaults",
+                "server_port": attacked.server_port,
             },
             timeout=0,
         ).id
@@ -329,6 +336,27 @@ def test_the_worker_process_is_not_starved(attacked, docker_client):
     assert wait_for_settled_run(docker_client, after, 300).state.is_completed()
     assert wait_for_records([after]) == {after: 1}
     assert attacked.worker.service.process.poll() is None
+
+
+def test_the_workers_credential_is_nowhere_and_the_server_not_reachable_around_the_gateway(
+    attacked, docker_client
+):
+    results, _ = _attack(attacked, docker_client)
+    environments = results["environments"]
+    # The flow read its own environment and every process's it could.
+    assert environments["os.environ"]["PREFECT_API_AUTH_STRING"].startswith("pmr2."), environments
+    assert len(environments) >= 2, list(environments)
+    password = AUTH.split(":", 1)[1]
+    assert password not in json.dumps(environments)
+    assert str(ledger_key().decode()) not in json.dumps(environments)
+    direct = results["server_directly"]
+    assert set(direct) == {"none", "run_token", "guess"}, direct
+    if attacked.mode == "defaults":
+        # The isolated network: no route to the server at all.
+        assert all(str(outcome).startswith("unreachable") for outcome in direct.values()), direct
+    else:
+        # The host's loopback reaches the server, which answers nothing without its credential.
+        assert all(outcome == 401 for outcome in direct.values()), direct
 
 
 def test_a_token_past_its_expiry_or_for_another_key_is_refused(attacked):

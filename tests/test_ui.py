@@ -18,6 +18,8 @@ under its key. docs/usage.md shows copies of those screenshots (docs/images/).
 
 from __future__ import annotations
 
+import base64
+import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -110,6 +112,10 @@ def page(browser: Browser) -> Page:
     context = browser.new_context(viewport={"width": 1400, "height": 1000})
     context.set_default_timeout(TIMEOUT_MS)
     context.route("**/*", _loopback_only)
+    # The server asks for its credential (PREFECT_SERVER_API_AUTH_STRING): the UI's login
+    # keeps it in local storage, base64-encoded.
+    credential = base64.b64encode(os.environ["PREFECT_API_AUTH_STRING"].encode()).decode()
+    context.add_init_script(f"window.localStorage.setItem('prefect-password', '{credential}')")
     page = context.new_page()
     yield page
     context.close()

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from conftest import OUTPUT, worker_policy
 from helpers import (
+    api_auth,
     create_pool,
     run_containers,
     usage_records,
@@ -133,6 +134,7 @@ def test_an_exhausted_quota_stops_the_next_run_naming_hours_quota_and_reset(
     def quota_warnings() -> set[int]:
         events = httpx.post(
             f"{prefect_server}/events/filter",
+            auth=api_auth(),
             json={"filter": {"event": {"prefix": ["prefect-managed.quota.warning"]}}, "limit": 50},
         ).json()["events"]
         return {

