@@ -19,6 +19,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import statistics
@@ -901,6 +902,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PREFECT_HOME"] = str(home / "client-home")
     os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{port}/api"
     os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    # The server requires a credential, as workers insist by default; every client and
+    # worker of the benchmark sends it.
+    auth = f"bench:{secrets.token_hex(16)}"
+    os.environ["PREFECT_API_AUTH_STRING"] = auth
     os.environ["PREFECT_LOGGING_TO_API_BATCH_INTERVAL"] = "0.5"
 
     from prefect_managed.runtime.builder import default_runtime_tag
@@ -914,7 +919,7 @@ def main(argv: list[str] | None = None) -> int:
         settings={
             "image": image,
             "poll_interval_seconds": float(QUERY_SECONDS),
-            "network_mode": "host",
+            "network_mode": "isolated (managed, the default); host (DockerWorker)",
             "samples_per_latency": runs,
             "cold_samples": cold_runs,
             "throughput_runs": tp_runs,
@@ -932,7 +937,10 @@ def main(argv: list[str] | None = None) -> int:
     database: Postgres | None = None
     try:
         # INFO: the server logs each request (uvicorn's access log), counted per phase.
-        server_env = {"PREFECT_SERVER_LOGGING_LEVEL": "INFO"}
+        server_env = {
+            "PREFECT_SERVER_LOGGING_LEVEL": "INFO",
+            "PREFECT_SERVER_API_AUTH_STRING": auth,
+        }
         if args.database == "postgres":
             database = start_postgres(logs)
             server_env["PREFECT_API_DATABASE_CONNECTION_URL"] = database.create_database("prefect")

@@ -64,6 +64,8 @@ class ContainerReport:
     oom_killed: bool = False
     memory_limit: int = 0
     pids_limit: int = 0
+    #: on the isolated network: the "host:port" destinations its tunnel was given
+    isolated_destinations: tuple[str, ...] | None = None
 
     @classmethod
     def from_inspect(cls, attrs: dict[str, Any]) -> ContainerReport:
@@ -85,6 +87,7 @@ class ContainerReport:
             oom_killed=bool(state.get("OOMKilled")),
             memory_limit=int(host.get("Memory") or 0),
             pids_limit=int(host.get("PidsLimit") or 0),
+            isolated_destinations=_isolated_destinations(config.get("Entrypoint")),
         )
 
     def removed(self, last_seen: datetime | None) -> ContainerReport:
@@ -157,3 +160,18 @@ def outcome_of(state: State | None, *, timed_out: bool, out_of_memory: bool) -> 
     if state.is_cancelled() or state.is_cancelling():
         return Outcome.CANCELLED
     return Outcome.CRASHED
+
+
+def _isolated_destinations(entrypoint: Any) -> tuple[str, ...] | None:
+    """The destinations of a container made for the isolated network, read from the
+    entrypoint the worker gave it: `/bin/sh .../isolate.sh GRANT LISTENERS -- ...`, each
+    listener `address:port=host:port` (prefect_managed.gateway.tunnel)."""
+    if (
+        not isinstance(entrypoint, list)
+        or len(entrypoint) < 4
+        or not str(entrypoint[1]).endswith("/isolate.sh")
+    ):
+        return None
+    return tuple(
+        listener.split("=", 1)[1] for listener in str(entrypoint[3]).split(",") if "=" in listener
+    )

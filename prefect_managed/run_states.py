@@ -144,7 +144,7 @@ class RunStates:
         pip_packages = split_extra_pip_packages(report.env.get("EXTRA_PIP_PACKAGES"))
         exit_code = report.exit_code if report.exit_code is not None else -1
         message = describe_pull_step_failure(
-            exit_code, lines, await self._pull_steps(current)
+            exit_code, lines, await self._pull_steps(current), report.isolated_destinations
         ) or describe_early_exit(exit_code, pip_packages, lines)
         await self._client.create_logs(
             [

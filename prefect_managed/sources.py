@@ -14,13 +14,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from prefect_managed.redact import redact_url_credentials
 
-__all__ = ["describe_pull_step_failure", "describe_source", "redact_url_credentials"]
+__all__ = [
+    "describe_pull_step_failure",
+    "describe_source",
+    "redact_url_credentials",
+    "repository_destination",
+]
 
 _STEP_FAILED = re.compile(r"StepExecutionError: Encountered error while running (?P<fqn>[\w.]+)")
 _STEPS_DONE = "All deployment steps completed successfully"
+_GIT_PORTS = {"https": 443, "http": 80, "git": 9418, "ssh": 22}
 # Prefect's runner logs this (with a traceback of its own) after the real error.
 _HOOK_NOISE = "Runner failed to retrieve flow to execute on_crashed hooks"
 # "RuntimeError: Failed to clone ...", "botocore.errorfactory.NoSuchBucket: An error ..."
@@ -120,14 +127,34 @@ def _describe_load_failure(
     )
 
 
+def repository_destination(repository: str) -> str | None:
+    """The host:port a git repository URL connects to ("git.example.com:443" for
+    https://git.example.com/x.git, port 22 for scp-like `git@host:path`), or None."""
+    url = urlsplit(repository)
+    if url.scheme in _GIT_PORTS and url.hostname:
+        try:
+            port = url.port or _GIT_PORTS[url.scheme]
+        except ValueError:
+            return None
+        host = "127.0.0.1" if url.hostname == "localhost" else url.hostname
+        return f"{host}:{port}"
+    scp = re.fullmatch(r"(?:[^@/]+@)?([A-Za-z0-9.-]+):(?!//).*", repository)
+    return f"{scp[1]}:22" if scp and not url.scheme else None
+
+
 def describe_pull_step_failure(
-    exit_code: int, output: Sequence[str], pull_steps: Sequence[Mapping[str, Any]]
+    exit_code: int,
+    output: Sequence[str],
+    pull_steps: Sequence[Mapping[str, Any]],
+    reachable: Sequence[str] | None = None,
 ) -> str | None:
     """The final-state message of a container whose pull step failed, or None when its
     output shows no failed pull step.
 
     It names the step, the source from the deployment's pull steps, and the error the
-    step raised (its first line), with credentials in URLs redacted.
+    step raised (its first line), with credentials in URLs redacted. `reachable`: the
+    destinations of a run on the isolated network; a git repository outside them is
+    named with what to ask the operator.
     """
     failed_at = None
     for index in range(len(output) - 1, -1, -1):
@@ -143,6 +170,15 @@ def describe_pull_step_failure(
     source = f" from {describe_source(step)}" if step is not None else ""
     reason = f": {cause.rstrip('.')}" if cause else ""
     hint = _HINTS.get(name, "check the step's settings in the deployment's pull steps")
+    if reachable is not None and name == "git_clone" and step is not None:
+        inputs = next(iter(step.values()))
+        wanted = repository_destination(str(inputs.get("repository", "")))
+        if wanted is not None and wanted not in reachable:
+            hint = (
+                f"this run's isolated network reaches only the run gateway, the package "
+                f"index and the policy's runtime.allowed_destinations, and {wanted} is not "
+                f"among them: ask the operator to add '{wanted}' to allowed_destinations"
+            )
     # Prefect's runner reports the run Crashed itself and exits 0; the code says little.
     exited = f" (the container exited with code {exit_code})" if exit_code else ""
     return redact_url_credentials(

@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import random
+import secrets
 import signal
 import subprocess
 import sys
@@ -39,6 +40,11 @@ _PORT = free_port()
 os.environ["PREFECT_HOME"] = str(_HOME / "client-home")
 os.environ["PREFECT_API_URL"] = f"http://127.0.0.1:{_PORT}/api"
 os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+# The server requires a credential (workers refuse one that does not); the soak's clients
+# and workers send it.
+_AUTH = f"soak:{secrets.token_hex(16)}"
+os.environ["PREFECT_API_AUTH_STRING"] = _AUTH
+_SERVER_ENV = {"PREFECT_SERVER_API_AUTH_STRING": _AUTH}
 
 import docker  # noqa: E402
 from prefect import flow  # noqa: E402
@@ -144,7 +150,7 @@ class Soak:
     # -- setup ---------------------------------------------------------------------
     def start(self) -> None:
         logs = self.out
-        self.server = start_prefect_server(_PORT, _HOME / "server-home", logs)
+        self.server = start_prefect_server(_PORT, _HOME / "server-home", logs, _SERVER_ENV)
         git = start_git_server(_HOME / "git", logs)
         self.git = git
         flows = (ROOT / "tests" / "flows" / "probe_flows.py").read_text()
@@ -264,7 +270,7 @@ class Soak:
             targets = [c.labels.get("io.prefect.flow-run-id") for c in self.running_containers()]
             self.server.stop()
             time.sleep(30)
-            self.server = start_prefect_server(_PORT, _HOME / "server-home", self.out)
+            self.server = start_prefect_server(_PORT, _HOME / "server-home", self.out, _SERVER_ENV)
         elif fault == "docker-restart":
             targets = [c.labels.get("io.prefect.flow-run-id") for c in self.running_containers()]
             from test_faults import restart_docker_daemon

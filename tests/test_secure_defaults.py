@@ -17,7 +17,15 @@ import pytest
 from conftest import OUTPUT
 from helpers import flow_run_logs, run_containers, session_workspace, wait_for_settled_run
 from prefect.deployments import run_deployment
-from services import BIN, free_port, start_prefect_server, start_worker, wait_for, write_policy
+from services import (
+    BIN,
+    free_port,
+    start_git_server,
+    start_prefect_server,
+    start_worker,
+    wait_for,
+    write_policy,
+)
 
 from prefect_managed.gateway.host import GATEWAY_OFF, NETWORK, TRUSTED_CODE_ONLY
 
@@ -165,3 +173,35 @@ def test_a_run_whose_image_has_no_python3_falls_back_to_the_hosts_network_with_a
     # The image's probe left no container behind.
     leftover = docker_client.containers.list(all=True, filters={"ancestor": image_without_python3})
     assert leftover == [] and run_containers(docker_client, run) == []
+
+
+@pytest.fixture(scope="module")
+def unlisted_git(managed_worker, tmp_path_factory):
+    """A git server started after the main worker's policy was written, so not among its
+    allowed_destinations."""
+    server = start_git_server(tmp_path_factory.mktemp("unlisted-git"), OUTPUT)
+    yield server
+    server.service.stop()
+
+
+def test_a_repository_the_isolated_network_does_not_reach_fails_naming_what_to_ask(
+    unlisted_git, managed_pool, docker_client
+):
+    from prefect import flow
+
+    flows = (Path(__file__).parent / "flows" / "probe_flows.py").read_text()
+    repo = unlisted_git.publish("unlisted", {"probe_flows.py": flows})
+    deployment = flow.from_source(
+        source=repo, entrypoint="probe_flows.py:hello", _sync=True
+    ).deploy(
+        name="unlisted-source", work_pool_name=managed_pool, print_next_steps=False, _sync=True
+    )
+    run = run_deployment(deployment, timeout=0).id
+    done = wait_for_settled_run(docker_client, run)
+    destination = f"127.0.0.1:{unlisted_git.port}"
+    assert done.state.is_crashed(), done.state
+    assert f"pull step git_clone from repository {repo}" in done.state.message
+    assert (
+        f"and {destination} is not among them: ask the operator to add '{destination}' to "
+        "allowed_destinations" in done.state.message
+    ), done.state.message

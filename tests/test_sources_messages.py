@@ -9,6 +9,7 @@ from prefect_managed.sources import (
     describe_pull_step_failure,
     describe_source,
     redact_url_credentials,
+    repository_destination,
 )
 
 GIT_CLONE_OUTPUT = """\
@@ -51,6 +52,64 @@ S3_STEP = {
         "credentials": "{{ prefect.blocks.aws-credentials.moto }}",
     }
 }
+
+
+@pytest.mark.parametrize(
+    ("repository", "destination"),
+    [
+        ("git://127.0.0.1:9418/flows", "127.0.0.1:9418"),
+        ("https://github.com/org/repo.git", "github.com:443"),
+        ("https://user:token@git.example.com/org/repo.git", "git.example.com:443"),
+        ("http://localhost:8080/repo", "127.0.0.1:8080"),
+        ("ssh://git@git.example.com:2222/org/repo", "git.example.com:2222"),
+        ("git@github.com:org/repo.git", "github.com:22"),
+        ("/srv/git/repo", None),
+        ("file:///srv/git/repo", None),
+        ("https://host:notaport/x", None),
+    ],
+)
+def test_the_destination_a_repository_url_connects_to(repository, destination):
+    assert repository_destination(repository) == destination
+
+
+def test_a_git_clone_outside_the_isolated_networks_destinations_names_what_to_ask():
+    outside = describe_pull_step_failure(
+        0, GIT_CLONE_OUTPUT, [GIT_STEP], ("127.0.0.1:4210", "127.0.0.1:9418")
+    )
+    assert outside is not None
+    assert (
+        "this run's isolated network reaches only the run gateway, the package index and "
+        "the policy's runtime.allowed_destinations, and 127.0.0.1:41361 is not among them: "
+        "ask the operator to add '127.0.0.1:41361' to allowed_destinations" in outside
+    )
+    inside = describe_pull_step_failure(
+        0, GIT_CLONE_OUTPUT, [GIT_STEP], ("127.0.0.1:4210", "127.0.0.1:41361")
+    )
+    assert inside is not None and "check the repository URL" in inside
+    assert "allowed_destinations" not in inside
+
+
+def test_a_containers_isolated_destinations_are_read_from_its_entrypoint():
+    from uuid import uuid4
+
+    from prefect_managed.gateway.tunnel import isolation, parse_destination
+    from prefect_managed.outcome import ContainerReport
+
+    made = isolation(
+        b"k" * 32,
+        uuid4(),
+        24000,
+        [parse_destination("127.0.0.1:9418"), parse_destination("git.example.com:443")],
+    )
+    attrs = {"Id": "c", "Config": {"Entrypoint": made.entrypoint(["/usr/bin/tini", "--"])}}
+    report = ContainerReport.from_inspect(attrs)
+    assert sorted(report.isolated_destinations or ()) == [
+        "127.0.0.1:24000",
+        "127.0.0.1:9418",
+        "git.example.com:443",
+    ]
+    host = ContainerReport.from_inspect({"Id": "c", "Config": {"Entrypoint": ["/usr/bin/tini"]}})
+    assert host.isolated_destinations is None
 
 
 def test_failed_git_clone_names_the_step_the_repository_and_gits_reason():
