@@ -55,6 +55,8 @@ def type_name(annotation: Any) -> str:
         return " | ".join(type_name(arg) for arg in args)
     if origin is typing.Literal:
         return " | ".join(f'"{arg}"' if isinstance(arg, str) else repr(arg) for arg in args)
+    if origin is typing.Annotated:  # a constrained type: its base type
+        return type_name(args[0])
     if origin is not None:
         return f"{getattr(origin, '__name__', origin)}[{', '.join(type_name(a) for a in args)}]"
     if annotation is type(None):

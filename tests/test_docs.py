@@ -358,3 +358,20 @@ def test_the_security_page_lists_every_write_the_gateway_allows():
         if route.rule is not None
     }
     assert documented == writes
+
+
+def test_the_security_pages_boundary_table_is_the_one_policy_check_prints():
+    from prefect_managed.policy_runtime import BOUNDARY
+
+    markdown = (DOCS / "security.md").read_text()
+    section = markdown.split("## Secure by default", 1)[1].split("\n## ", 1)[0]
+    rows = [
+        [cell.strip().replace("`", "") for cell in line.strip("|").split("|")]
+        for line in section.splitlines()
+        if line.startswith("| `")
+    ]
+    assert rows == [
+        [setting.key, setting.default, setting.opt_out, setting.gives_away] for setting in BOUNDARY
+    ]
+    for page in ("operator-guide.md", "quickstart.md"):
+        assert "security.md#secure-by-default" in (DOCS / page).read_text(), page
