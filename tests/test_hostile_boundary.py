@@ -5,7 +5,12 @@ limit, to read the worker's secrets from its environment, to spoof the labels a
 replacement worker adopts containers by, and to fill the host's disk with output. Each
 ends with the books intact: one true record per run, the cap held, the worker running.
 Bad env keys (lowercase worker-owned names, `=`, other package indexes) are refused
-before a container exists: tests/test_bad_input.py runs those."""
+before a container exists: tests/test_bad_input.py runs those.
+
+These are the books' own defences, behind the run gateway: the policy here opts out of
+the gateway (`api_gateway_port = 0`, so `network_mode = "host"`), as an operator may, so
+that each flow holds the worker's credential and its attacks reach the API. With the
+policy's defaults the gateway refuses them first (tests/test_gateway_attacks.py)."""
 
 from __future__ import annotations
 
@@ -60,6 +65,9 @@ def boundary(git_server, runtime_image, package_index, prefect_server, tmp_path_
             "package_index_url": package_index.url,
             "log_max_size": "1m",
             "log_max_files": 2,
+            # The old behaviour, on purpose: runs hold the worker's credential.
+            "api_gateway_port": 0,
+            "network_mode": "host",
         },
     )
     env = {

@@ -78,6 +78,22 @@ def test_a_worker_refuses_a_server_that_answers_without_a_credential(
     assert "Traceback" not in log
 
 
+def test_prefect_managed_serve_refuses_it_too_with_one_line(open_server, runtime_image, tmp_path):
+    policy = _policy(tmp_path / "policy.toml", runtime_image)
+    done = subprocess.run(
+        [str(BIN / "prefect-managed"), "serve", "--name", "open-serve"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **_worker_env(open_server, policy)},
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    errors = [line for line in done.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, done.stderr
+    assert f"The Prefect API {open_server} answers requests that carry no credential" in errors[0]
+    assert "Traceback" not in done.stderr + done.stdout
+
+
 def test_each_opt_out_is_warned_at_start(open_server, runtime_image, tmp_path):
     policy = _policy(
         tmp_path / "policy.toml",

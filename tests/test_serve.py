@@ -18,7 +18,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from conftest import OUTPUT, worker_policy
+from conftest import AUTH, OUTPUT, worker_policy
 from helpers import (
     create_pool,
     run_containers,
@@ -58,6 +58,8 @@ def postgres_api():
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_API_DATABASE_CONNECTION_URL": database.create_database("prefect"),
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": FILE_LEASES,
+            # As the session's server: every client and worker sends this credential.
+            "PREFECT_SERVER_API_AUTH_STRING": AUTH,
         },
     )
 
