@@ -60,6 +60,10 @@ def gated(git_server, runtime_image, package_index, tmp_path_factory):
             "default_image": runtime_image,
             "package_index_url": package_index.url,
             "api_gateway_port": gateway_port,
+            # "Around the gateway": the server on the host's loopback is reachable only
+            # under host networking; the default isolated network is tried by
+            # tests/test_gateway_attacks.py.
+            "network_mode": "host",
         },
     )
     env = {
