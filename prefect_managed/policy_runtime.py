@@ -10,7 +10,7 @@ from typing import Annotated, Literal, NamedTuple
 from urllib.parse import urlsplit
 
 from docker.utils import parse_bytes
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, model_validator
 
 from prefect_managed.gateway.tunnel import Destination, parse_destination
 from prefect_managed.policy_values import CacheSize, Count, LogSize, StrictModel
@@ -18,6 +18,16 @@ from prefect_managed.policy_values import CacheSize, Count, LogSize, StrictModel
 __all__ = ["BOUNDARY", "OFFICIAL_IMAGES", "BoundarySetting", "Runtime"]
 
 OFFICIAL_IMAGES = ("prefecthq/prefect:3*", "docker.io/prefecthq/prefect:3*")
+
+
+def _gateway_port(value: object) -> object:
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
+        if value == "auto" or 0 <= value <= 65535:  # type: ignore[operator]
+            return value
+    raise ValueError(
+        f"{value!r} is not a run gateway port; give \"auto\" (the default), a port from "
+        "1024 to 65535, or 0 to turn the gateway off"
+    )
 
 
 class BoundarySetting(NamedTuple):
@@ -151,7 +161,7 @@ class Runtime(StrictModel):
         ),
     )
 
-    api_gateway_port: Literal["auto"] | Annotated[Count, Field(ge=0, le=65535)] = Field(
+    api_gateway_port: Annotated[Literal["auto"] | int, BeforeValidator(_gateway_port)] = Field(
         default="auto",
         description=(
             "The port on the worker host's 127.0.0.1 of the run gateway: 'auto' (the "

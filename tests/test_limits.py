@@ -26,6 +26,9 @@ from services import BIN, start_worker, wait_for, write_policy
 
 from prefect_managed import ManagedWorker
 from prefect_managed.configuration import WORKSPACE_LABEL
+from prefect_managed.gateway.port import run_gateway_port
+from prefect_managed.gateway.tunnel import ISOLATED_MOUNT, tunnel_directory
+from prefect_managed.policy import load_policy
 
 pytestmark = pytest.mark.docker
 
@@ -214,13 +217,19 @@ def test_an_edited_base_job_template_and_hidden_job_variables_cannot_escape(
         user = docker_client.api.inspect_container(container.id)["Config"]["User"]
         run = wait_for_final_state(flow_run_id)
     assert host["Privileged"] is False
-    assert not host["Binds"] and mounts == []
+    # The one host directory: the isolated network's tunnel, read-only (no socket of the
+    # Docker engine, no host root).
+    tunnel = f"{tunnel_directory(run_gateway_port(load_policy(main_policy).runtime))}"
+    assert host["Binds"] == [f"{tunnel}:{ISOLATED_MOUNT}:ro"], host["Binds"]
+    assert [(m["Source"], m["Destination"], m["RW"]) for m in mounts] == [
+        (tunnel, ISOLATED_MOUNT, False)
+    ]
     assert host["CapDrop"] == ["ALL"] and not host["CapAdd"]
     assert host["SecurityOpt"] == ["no-new-privileges"]
     assert host["PidsLimit"] == 1024
     assert host["NanoCpus"] == 1_000_000_000
     assert host["Memory"] == TWO_GIB and host["MemorySwap"] == TWO_GIB
-    assert host["NetworkMode"] == "host"
+    assert host["NetworkMode"] == "none"  # the default isolated network
     assert user == "1000:1000"
     assert run.state.is_completed(), run.state
     logs = wait_for_log(flow_run_id, "inspect_self:")
