@@ -278,14 +278,15 @@ class Containers:
     async def runs_forwarder(self, image: str, user: str) -> bool | None:
         """Whether `image` has what the isolated network's forwarder needs (`/bin/sh` and
         `python3` or `python` on its PATH), asked once per image in a short container
-        with no network; None when the image is not on the Docker host."""
+        with no network. None when it cannot be told (the image is not on the Docker
+        host, or the probe did not end in time): the run then stays isolated."""
         image_id = await self.image_id(image)
         if image_id is None:
             return None
         if image_id in self._forwarder_images:
             return self._forwarder_images[image_id]
 
-        def _probe(client: docker.DockerClient) -> bool:
+        def _probe(client: docker.DockerClient) -> bool | None:
             container = client.containers.create(
                 image_id,
                 entrypoint=["/bin/sh", "-c", "command -v python3 || command -v python"],
@@ -295,17 +296,23 @@ class Containers:
                 cap_drop=["ALL"],
                 security_opt=["no-new-privileges"],
                 mem_limit="64m",
+                pids_limit=16,
             )
             try:
-                container.start()
+                try:
+                    container.start()
+                except docker.errors.APIError as exc:
+                    # No /bin/sh in the image: it cannot start isolate.sh either.
+                    return False if "executable file not found" in str(exc) else None
                 return container.wait(timeout=60).get("StatusCode") == 0
             except (docker.errors.APIError, requests.exceptions.RequestException):
-                return False  # no /bin/sh in the image, or it did not answer in time
+                return None
             finally:
                 container.remove(force=True)
 
         found = await run_sync_in_worker_thread(self._with_client, _probe)
-        self._forwarder_images[image_id] = found
+        if found is not None:
+            self._forwarder_images[image_id] = found
         return found
 
     async def remove(self, container_id: str) -> None:

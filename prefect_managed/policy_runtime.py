@@ -25,7 +25,7 @@ def _gateway_port(value: object) -> object:
         if value == "auto" or 0 <= value <= 65535:  # type: ignore[operator]
             return value
     raise ValueError(
-        f"{value!r} is not a run gateway port; give \"auto\" (the default), a port from "
+        f'{value!r} is not a run gateway port; give "auto" (the default), a port from '
         "1024 to 65535, or 0 to turn the gateway off"
     )
 
