@@ -272,3 +272,35 @@ def git_https(tmp_path_factory, test_ca):
         else:
             os.environ[name] = value
     server.stop()
+
+
+def source_worker(pool_name: str, runtime_image: str, package_index, tmp_path_factory):
+    """A pool and a worker of the `tests` workspace for a module whose source services
+    (an HTTPS git server, storage emulators) start after the session's worker: its policy
+    is written once they run, so the default isolated network lists them in
+    allowed_destinations, as an operator lists a workspace's sources. A generator for a
+    module's `managed_pool`/`managed_worker` fixtures: yields (pool, worker)."""
+    from helpers import create_pool_with_cli
+    from services import start_worker
+
+    pool = create_pool_with_cli(pool_name)
+    policy = worker_policy(
+        tmp_path_factory.mktemp(pool_name) / "policy.toml",
+        runtime_image,
+        package_index.url,
+        workspace="tests",
+        concurrency_limit=4,
+    )
+    worker = start_worker(
+        pool,
+        OUTPUT,
+        {
+            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        },
+        name=f"{pool_name}-worker",
+    )
+    try:
+        yield pool, worker
+    finally:
+        worker.service.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
-from conftest import PROBE_MESSAGE, PROBE_VERSION
+from conftest import PROBE_MESSAGE, PROBE_VERSION, source_worker
 from helpers import flow_run_logs, run_containers, wait_for_final_state, wait_for_log
 from prefect import flow
 from prefect.blocks.system import Secret
@@ -90,6 +90,25 @@ HISTORY = [
     Commit({"flows.py": flow_file("feature")}, branch="feature"),
     Commit({"flows.py": flow_file("main-3")}),
 ]
+
+
+# The module's own pool and worker, started after its source services (git_https) so that
+# its policy's isolated network reaches them (conftest.source_worker).
+@pytest.fixture(scope="module")
+def _sources(prefect_server, runtime_image, package_index, tmp_path_factory, git_https):
+    yield from source_worker(
+        "test-sources-git-pool", runtime_image, package_index, tmp_path_factory
+    )
+
+
+@pytest.fixture(scope="module")
+def managed_pool(_sources) -> str:
+    return _sources[0]
+
+
+@pytest.fixture(scope="module")
+def managed_worker(_sources):
+    return _sources[1]
 
 
 @pytest.fixture(scope="module")

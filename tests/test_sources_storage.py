@@ -20,6 +20,7 @@ from uuid import UUID
 import prefect
 import pytest
 import yaml
+from conftest import source_worker
 from helpers import flow_run_logs, wait_for_final_state, wait_for_log
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -61,6 +62,25 @@ FLOW_FILE = textwrap.dedent(
 
 
 # -- services and blocks -----------------------------------------------------------------
+
+
+# The module's own pool and worker, started after its source services (s3, gcs, azure) so that
+# its policy's isolated network reaches them (conftest.source_worker).
+@pytest.fixture(scope="module")
+def _sources(prefect_server, runtime_image, package_index, tmp_path_factory, s3, gcs, azure):
+    yield from source_worker(
+        "test-sources-storage-pool", runtime_image, package_index, tmp_path_factory
+    )
+
+
+@pytest.fixture(scope="module")
+def managed_pool(_sources) -> str:
+    return _sources[0]
+
+
+@pytest.fixture(scope="module")
+def managed_worker(_sources):
+    return _sources[1]
 
 
 @pytest.fixture(scope="module")
