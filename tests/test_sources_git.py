@@ -92,10 +92,11 @@ HISTORY = [
 ]
 
 
-# The module's own pool and worker, started after its source services (git_https) so that
-# its policy's isolated network reaches them (conftest.source_worker).
+# The module's own pool and worker, started after its source services (git_https,
+# git_server) so that its policy's isolated network reaches them
+# (conftest.source_worker).
 @pytest.fixture(scope="module")
-def _sources(prefect_server, runtime_image, package_index, tmp_path_factory, git_https):
+def _sources(prefect_server, runtime_image, package_index, tmp_path_factory, git_https, git_server):
     yield from source_worker(
         "test-sources-git-pool", runtime_image, package_index, tmp_path_factory
     )
