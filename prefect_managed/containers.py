@@ -303,7 +303,8 @@ class Containers:
                     container.start()
                 except docker.errors.APIError as exc:
                     # No /bin/sh in the image: it cannot start isolate.sh either.
-                    return False if "executable file not found" in str(exc) else None
+                    missing = ("executable file not found", "no such file or directory")
+                    return False if any(text in str(exc) for text in missing) else None
                 return container.wait(timeout=60).get("StatusCode") == 0
             except (docker.errors.APIError, requests.exceptions.RequestException):
                 return None
