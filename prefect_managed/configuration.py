@@ -334,7 +334,8 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
 
     def leave_isolation(self) -> None:
         """The run on the host's network instead of the isolated one (its image cannot run
-        the isolated network's forwarder); the run gateway stays its only way to the API."""
+        the isolated network's forwarder). It keeps its run token: it can reach the Prefect
+        server on the host's loopback, which answers nothing without the server's credential."""
         self.network_mode = "host"
         self.volumes = [v for v in self.volumes if not v.endswith(f":{ISOLATED_MOUNT}:ro")]
         for key in ("extra_hosts", "sysctls", "entrypoint"):

@@ -45,7 +45,7 @@ BOUNDARY = (
     BoundarySetting(
         "api_gateway_port",
         '"auto" (the run gateway on)',
-        "0",
+        '0 (with network_mode "host": the isolated network needs the gateway)',
         "each run's container holds the worker's Prefect credential: a flow can delete "
         "usage records and change other runs, deployments, limits, blocks and variables",
     ),

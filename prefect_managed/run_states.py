@@ -26,6 +26,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.sorting import LogSort
 from prefect.exceptions import Abort, ObjectNotFound
+from prefect.logging import get_logger
 from prefect.states import Crashed, Failed, Scheduled
 
 from prefect_managed.container_output import CONTAINER_OUTPUT_LOGGER, batches
@@ -39,6 +40,8 @@ from prefect_managed.retries import (
     retries_done,
 )
 from prefect_managed.sources import describe_pull_step_failure, redact_url_credentials
+
+logger = get_logger("managed.run_states")
 
 __all__ = ["AWAITING_SLOT", "CONTAINER_OUTPUT_LOGGER", "QUOTA_EXHAUSTED", "RunStates"]
 
@@ -143,9 +146,17 @@ class RunStates:
         lines = [redact_url_credentials(line) for line in await output()]
         pip_packages = split_extra_pip_packages(report.env.get("EXTRA_PIP_PACKAGES"))
         exit_code = report.exit_code if report.exit_code is not None else -1
-        message = describe_pull_step_failure(
-            exit_code, lines, await self._pull_steps(current), report.isolated_destinations
-        ) or describe_early_exit(exit_code, pip_packages, lines)
+        pull_steps = await self._pull_steps(current)
+        try:
+            described = describe_pull_step_failure(
+                exit_code, lines, pull_steps, report.isolated_destinations
+            )
+        except Exception:  # the pull steps are the deployment's input: never stop the finish
+            logger.warning(
+                "Could not describe flow run %s's pull steps", flow_run.id, exc_info=True
+            )
+            described = None
+        message = described or describe_early_exit(exit_code, pip_packages, lines)
         await self._client.create_logs(
             [
                 LogCreate(

@@ -136,10 +136,20 @@ def repository_destination(repository: str) -> str | None:
             port = url.port or _GIT_PORTS[url.scheme]
         except ValueError:
             return None
-        host = "127.0.0.1" if url.hostname == "localhost" else url.hostname
-        return f"{host}:{port}"
+        return _checked(f"{url.hostname}:{port}")
     scp = re.fullmatch(r"(?:[^@/]+@)?([A-Za-z0-9.-]+):(?!//).*", repository)
-    return f"{scp[1]}:22" if scp and not url.scheme else None
+    return _checked(f"{scp[1]}:22") if scp and not url.scheme else None
+
+
+def _checked(destination: str) -> str | None:
+    """A host:port as the policy would write it, or None for anything else (a host name
+    with spaces or quotes is not a destination to advise anyone to allow)."""
+    from prefect_managed.gateway.tunnel import parse_destination
+
+    try:
+        return str(parse_destination(destination))
+    except ValueError:
+        return None
 
 
 def describe_pull_step_failure(
@@ -171,13 +181,16 @@ def describe_pull_step_failure(
     reason = f": {cause.rstrip('.')}" if cause else ""
     hint = _HINTS.get(name, "check the step's settings in the deployment's pull steps")
     if reachable is not None and name == "git_clone" and step is not None:
+        # The deployment's own input: any shape, any text.
         inputs = next(iter(step.values()))
-        wanted = repository_destination(str(inputs.get("repository", "")))
+        repository = inputs.get("repository", "") if isinstance(inputs, Mapping) else ""
+        wanted = repository_destination(str(repository))
         if wanted is not None and wanted not in reachable:
             hint = (
                 f"this run's isolated network reaches only the run gateway, the package "
                 f"index and the policy's runtime.allowed_destinations, and {wanted} is not "
-                f"among them: ask the operator to add '{wanted}' to allowed_destinations"
+                f"among them: if it is the workspace's git server, ask the operator to add "
+                f"'{wanted}' to allowed_destinations"
             )
     # Prefect's runner reports the run Crashed itself and exits 0; the code says little.
     exited = f" (the container exited with code {exit_code})" if exit_code else ""

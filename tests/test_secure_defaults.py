@@ -218,6 +218,7 @@ def test_a_repository_the_isolated_network_does_not_reach_fails_naming_what_to_a
     assert done.state.is_crashed(), done.state
     assert f"pull step git_clone from repository {repo}" in done.state.message
     assert (
-        f"and {destination} is not among them: ask the operator to add '{destination}' to "
+        f"and {destination} is not among them: if it is the workspace's git server, ask the "
+        f"operator to add '{destination}' to "
         "allowed_destinations" in done.state.message
     ), done.state.message

@@ -66,6 +66,7 @@ S3_STEP = {
         ("/srv/git/repo", None),
         ("file:///srv/git/repo", None),
         ("https://host:notaport/x", None),
+        ("https://evil host'/x", None),
     ],
 )
 def test_the_destination_a_repository_url_connects_to(repository, destination):
@@ -80,13 +81,21 @@ def test_a_git_clone_outside_the_isolated_networks_destinations_names_what_to_as
     assert (
         "this run's isolated network reaches only the run gateway, the package index and "
         "the policy's runtime.allowed_destinations, and 127.0.0.1:41361 is not among them: "
-        "ask the operator to add '127.0.0.1:41361' to allowed_destinations" in outside
+        "if it is the workspace's git server, ask the operator to add '127.0.0.1:41361' to "
+        "allowed_destinations" in outside
     )
     inside = describe_pull_step_failure(
         0, GIT_CLONE_OUTPUT, [GIT_STEP], ("127.0.0.1:4210", "127.0.0.1:41361")
     )
     assert inside is not None and "check the repository URL" in inside
     assert "allowed_destinations" not in inside
+
+
+def test_a_pull_step_whose_inputs_are_not_a_table_still_gets_a_message():
+    # The deployment's own input: a list where Prefect expects a table.
+    step = {"prefect.deployments.steps.git_clone": ["x"]}
+    message = describe_pull_step_failure(0, GIT_CLONE_OUTPUT, [step], ("127.0.0.1:4210",))
+    assert message is not None and "pull step git_clone" in message
 
 
 def test_a_containers_isolated_destinations_are_read_from_its_entrypoint():
