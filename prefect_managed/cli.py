@@ -358,7 +358,6 @@ def serve(
 
     import anyio
     from prefect.logging import get_logger
-    from prefect.settings import PREFECT_API_URL
 
     from prefect_managed.gateway.host import check_boundary
     from prefect_managed.service import ManagedService
@@ -367,12 +366,7 @@ def serve(
         policy = get_policy()
         # Before any pool is served: a server without a credential stops the service
         # with one line, as it stops `prefect worker start`.
-        check_boundary(
-            policy.runtime,
-            str(PREFECT_API_URL.value() or ""),
-            get_settings().resolved_policy_file(),
-            get_logger("prefect_managed.service"),
-        )
+        check_boundary(policy.runtime, get_logger("prefect_managed.service"))
     except ManagedError as exc:
         _fail(exc)
     service = ManagedService(name or socket.gethostname(), policy, poll_seconds)

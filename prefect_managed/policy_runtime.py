@@ -21,9 +21,8 @@ OFFICIAL_IMAGES = ("prefecthq/prefect:3*", "docker.io/prefecthq/prefect:3*")
 
 
 def _gateway_port(value: object) -> object:
-    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool)):
-        if value == "auto" or 0 <= value <= 65535:  # type: ignore[operator]
-            return value
+    if value == "auto" or (type(value) is int and 0 <= value <= 65535):  # not a bool
+        return value
     raise ValueError(
         f'{value!r} is not a run gateway port; give "auto" (the default), a port from '
         "1024 to 65535, or 0 to turn the gateway off"
@@ -261,7 +260,10 @@ class Runtime(StrictModel):
         it opts out of the boundary."""
         port = self.api_gateway_port
         return {
-            "api_gateway_port": (f'"{port}"' if isinstance(port, str) else str(port), port == 0),
+            "api_gateway_port": (
+                f'"{port}"' if isinstance(port, str) else str(port),
+                not self.gateway_on,
+            ),
             "network_mode": (f'"{self.network_mode}"', self.network_mode != "isolated"),
             "trusted_code_only": (str(self.trusted_code_only).lower(), self.trusted_code_only),
         }

@@ -31,7 +31,6 @@ import anyio.abc
 import httpx
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
-from prefect.settings import PREFECT_API_URL
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
 from prefect_managed.accounting import Accounting
@@ -219,13 +218,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
             self._work_pool_name,
         )
         try:
-            await anyio.to_thread.run_sync(
-                check_boundary,
-                self.policy.runtime,
-                str(PREFECT_API_URL.value() or ""),
-                get_settings().resolved_policy_file(),
-                self._logger,
-            )
+            await anyio.to_thread.run_sync(check_boundary, self.policy.runtime, self._logger)
         except ApiOpenWithoutCredential as exc:
             raise WorkerNotStarted(exc) from None
         if self.policy.runtime.gateway_on:

@@ -279,13 +279,19 @@ TRUSTED_CODE_ONLY = (
 )
 
 
-def check_boundary(runtime: Runtime, api_url: str, policy_file: object, worker_logger: Any) -> None:
-    """At a worker's start: refuse a Prefect API that answers without a credential (unless
-    the policy says every flow is trusted), and warn of each part of the boundary the
-    policy turns off. Raises `ApiOpenWithoutCredential`."""
+def check_boundary(runtime: Runtime, worker_logger: Any) -> None:
+    """At a worker's start: refuse the Prefect API of this process's settings when it
+    answers without a credential (unless the policy says every flow is trusted), and warn
+    of each part of the boundary the policy turns off. Raises `ApiOpenWithoutCredential`
+    naming the policy file."""
+    from prefect.settings import PREFECT_API_URL
+
+    from prefect_managed.settings import get_settings
+
+    api_url = str(PREFECT_API_URL.value() or "")
     if api_open_without_credential(api_url):
         if not runtime.trusted_code_only:
-            raise ApiOpenWithoutCredential(api_url, policy_file)
+            raise ApiOpenWithoutCredential(api_url, get_settings().resolved_policy_file())
         worker_logger.warning(TRUSTED_CODE_ONLY, api_url)
     if not runtime.gateway_on:
         worker_logger.warning(GATEWAY_OFF)
