@@ -98,6 +98,8 @@ class Watch:
     timed_out: bool = False
     #: the container was stopped for it (a failed stop is tried again at the next sample)
     stopped: bool = False
+    #: stopped by the worker because its run stayed Cancelling (`cancels`)
+    cancelled: bool = False
 
 
 class Containers:

@@ -6,7 +6,9 @@ from __future__ import annotations
 from prefect_managed.policy import Policy, format_bytes, format_seconds
 
 __all__ = [
+    "CANCELLED_AT_EXIT_MESSAGE",
     "awaiting_slot_message",
+    "cancel_enforced_message",
     "container_output_dropped_message",
     "out_of_memory_message",
     "pids_limit_message",
@@ -48,6 +50,21 @@ def container_output_dropped_message(policy: Policy, dropped_bytes: int, dropped
         "Write less to stdout and stderr, or ask the operator to raise the tier's "
         "container_output_max_size."
     )
+
+
+def cancel_enforced_message(waited_seconds: int) -> str:
+    return (
+        f"Flow run was cancelled {waited_seconds} s ago but its container still runs "
+        "(its flow ignores the stop signal, or Prefect's runner in the container could not "
+        "stop it), so the worker stops the container. Its compute until now is recorded; "
+        "the grace is the operator's (runtime.cancel_grace_seconds)."
+    )
+
+
+#: The message of a run whose container ended while the run was Cancelling.
+CANCELLED_AT_EXIT_MESSAGE = (
+    "Flow run cancelled: its container stopped while the run was being cancelled."
+)
 
 
 def run_time_exceeded_message(policy: Policy) -> str:

@@ -181,6 +181,18 @@ class Runtime(StrictModel):
         ),
     )
 
+    cancel_grace_seconds: Count = Field(
+        default=60,
+        ge=5,
+        le=3600,
+        description=(
+            "How long a run may stay Cancelling with its container still running before "
+            "the worker stops the container itself (Prefect's runner in the container "
+            "stops the flow first; this is for a flow that ignores the signal or a runner "
+            "that cannot act). The run then ends Cancelled, recorded as cancelled."
+        ),
+    )
+
     log_max_size: LogSize = Field(
         default="10m",
         description=(

@@ -27,10 +27,11 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.sorting import LogSort
 from prefect.exceptions import Abort, ObjectNotFound
 from prefect.logging import get_logger
-from prefect.states import Crashed, Failed, Scheduled
+from prefect.states import Cancelled, Crashed, Failed, Scheduled
 
 from prefect_managed.container_output import CONTAINER_OUTPUT_LOGGER, batches
 from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
+from prefect_managed.messages import CANCELLED_AT_EXIT_MESSAGE
 from prefect_managed.outcome import ContainerReport
 from prefect_managed.retries import (
     INFRASTRUCTURE_RETRY,
@@ -101,12 +102,20 @@ class RunStates:
     async def ensure_final(
         self, flow_run: FlowRun, exit_code: int | None, known: State | None = None
     ) -> State | None:
-        """The run's state, made Crashed if its container is gone but it is not final.
+        """The run's state, made Crashed if its container is gone but it is not final,
+        or Cancelled if it was being cancelled (its runner did not say so before the
+        container stopped: the worker stopped it, or the runner died).
 
         `known`: its state as read since its container exited (so not read again)."""
         current = known if known is not None else await self.state(flow_run.id)
-        if current is not None and (current.is_final() or current.is_cancelling()):
+        if current is not None and current.is_final():
             return current
+        if current is not None and current.is_cancelling():
+            await self._client.set_flow_run_state(
+                flow_run.id, Cancelled(message=CANCELLED_AT_EXIT_MESSAGE), force=True
+            )
+            self._run_logger(flow_run).info("%s", CANCELLED_AT_EXIT_MESSAGE)
+            return await self.state(flow_run.id)
         await self._propose_crashed(
             flow_run,
             f"The flow run's container exited with code {exit_code} without the flow run "

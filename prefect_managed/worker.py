@@ -11,7 +11,8 @@ hooks (setup, admission, `run`, kill) and hands each job to a module of its own:
 - `containers`: Docker calls and the one watch loop (stats, the run-time clock);
 - `outcome`: how a container ended, decided from its inspect data;
 - `run_states`: the states and log entries that say so;
-- `retries`: whether a run that crashed for an infrastructure reason is scheduled again.
+- `retries`: whether a run that crashed for an infrastructure reason is scheduled again;
+- `cancels`: a cancel its container does not carry out is carried out by the worker.
 
 Every background task is guarded: an error is logged, the container is still finished
 and removed (now or at the next reconciliation), and its slot given back.
@@ -34,13 +35,11 @@ from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
 from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
 from prefect_managed.accounting import Accounting
+from prefect_managed.cancels import Cancels, runs_managed_container
 from prefect_managed.concurrency import WorkspaceSlots
 from prefect_managed.configuration import (
-    API_LABEL,
-    MANAGED_LABEL,
     ManagedJobConfiguration,
     ManagedVariables,
-    api_label_value,
     disk_limit_unsupported,
 )
 from prefect_managed.containers import Containers, DockerClients, Watch, in_daemon_thread
@@ -106,7 +105,7 @@ class _StartedProxy:
             self._inner.started(value)  # type: ignore[arg-type]
 
 
-class ManagedWorker(DockerWorker, TakeOver, Finishing):
+class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
     """Runs each flow run of a `prefect:managed` pool in a capped, hardened container."""
 
     type = "prefect:managed"
@@ -142,6 +141,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         # admitted while one waits, so the cap holds while the dead worker's leases expire.
         self._unslotted: set[UUID] = set()
         self._running: set[UUID] = set()  # runs submitted or taken over, until they end
+        self._watching: dict[UUID, Watch] = {}  # runs whose container is watched, and how
         self._stray_slots: set[UUID] = set()  # see `_release_stray_slots`
         self._pool_gate: PoolGate | None = None
         self._environment_step: EnvironmentStep | None = None
@@ -233,6 +233,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         # slots first.
         await self._reconcile_guarded()
         self._background.start_soon(self._reconcile_forever)
+        self._background.start_soon(self._enforce_cancels_forever)
         self._logger.info(
             "Workspace %r, %s tier: %d concurrent flow runs, %d managed pools, "
             "%s memory and %g CPUs per run, %d s maximum run time",
@@ -449,14 +450,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         _, container_id = self._parse_infrastructure_pid(infrastructure_pid)
         flow_run_id = (configuration.labels or {}).get("io.prefect.flow-run-id")
         report = await self._containers.inspect(container_id)
-        labels = report.labels if report is not None else {}
-        if (
-            report is None
-            or flow_run_id is None
-            or labels.get("io.prefect.flow-run-id") != flow_run_id
-            or labels.get(MANAGED_LABEL) != "true"
-            or labels.get(API_LABEL) != api_label_value()
-        ):
+        if not runs_managed_container(report, flow_run_id):
             self._logger.warning(
                 "Not stopping container %s for flow run %s: it is not that run's managed "
                 "container (its infrastructure_pid %r names another)",
@@ -500,7 +494,12 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing):
         async def stop() -> None:
             await self._stop_for_run_time(flow_run, watch.container_id)
 
-        await self._containers.watch(watch, self.policy.tier.max_run_seconds, stop)
+        self._watching[flow_run.id] = watch  # for the cancels its container ignores
+        try:
+            await self._containers.watch(watch, self.policy.tier.max_run_seconds, stop)
+        finally:
+            if self._watching.get(flow_run.id) is watch:
+                del self._watching[flow_run.id]
 
 
 def _scheduled_time(flow_run: FlowRun) -> datetime:

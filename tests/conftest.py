@@ -142,15 +142,23 @@ def managed_pool(prefect_server) -> str:
     return create_pool_with_cli("tests-managed-pool")
 
 
-def worker_policy(path: Path, runtime_image: str, index_url: str, workspace: str, **tier) -> Path:
-    """A policy file for a test worker: a tier named `test` with the given numbers."""
+def worker_policy(
+    path: Path,
+    runtime_image: str,
+    index_url: str,
+    workspace: str,
+    runtime: dict | None = None,
+    **tier,
+) -> Path:
+    """A policy file for a test worker: a tier named `test` with the given numbers, and
+    `runtime` settings besides the image and the package index."""
     from services import write_policy
 
     return write_policy(
         path,
         workspace={"name": workspace, "tier": "test"},
         tiers={"test": {"pool_limit": 100, **tier}},
-        runtime={"default_image": runtime_image, "package_index_url": index_url},
+        runtime={"default_image": runtime_image, "package_index_url": index_url, **(runtime or {})},
     )
 
 

@@ -49,13 +49,16 @@ def fault_setup(deploy, runtime_image, package_index, tmp_path):
     """A pool, a policy (workspace of its own, 3 concurrent runs unless `tier` says
     otherwise) and a sleeper deployment."""
 
-    def _setup(name: str, **tier) -> tuple[str, dict[str, str], object]:
+    def _setup(
+        name: str, runtime: dict | None = None, **tier
+    ) -> tuple[str, dict[str, str], object]:
         pool = create_pool(f"{name}-pool")
         policy = worker_policy(
             tmp_path / f"{name}.toml",
             runtime_image,
             package_index.url,
             session_workspace(name),
+            runtime,
             **{"concurrency_limit": 3, **tier},
         )
         env = {
@@ -215,6 +218,60 @@ def test_a_cancelled_run_stops_within_30_s_and_ends_cancelled(docker_client, fau
         running.service.stop()
     assert run.state.is_cancelled(), run.state
     assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
+    assert [record["outcome"] for record in usage_records(flow_run_id)] == ["cancelled"]
+
+
+def test_a_cancel_the_container_does_not_carry_out_is_carried_out_by_the_worker(
+    docker_client, fault_setup, deploy
+):
+    """A flow that ignores SIGTERM, and one that stops Prefect's runner in its container:
+    cancelled, each container is stopped by the worker once the policy's grace is over,
+    and each run ends Cancelled with one usage record whose outcome is `cancelled`."""
+    grace = 10
+    pool, env, _ = fault_setup("cancel-stuck", runtime={"cancel_grace_seconds": grace})
+    flows = ("ignores_sigterm", "stops_its_runner")
+    deployments = [deploy(name, f"{name}-cancel-stuck", pool=pool) for name in flows]
+    running = start_worker(pool, OUTPUT, env, name="cancel-stuck-worker")
+    try:
+        runs = [start_run(deployment, seconds=600) for deployment in deployments]
+        for run, name in zip(runs, flows, strict=True):
+            wait_for_log(run, f"{name}: ", timeout=180)
+        time.sleep(3)  # the runner stopped
+        for run in runs:
+            done = subprocess.run(
+                [str(BIN / "prefect"), "flow-run", "cancel", str(run)],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+        cancelled_at = time.monotonic()
+        # Still running after Prefect's own stop had its chance: the worker's to do.
+        time.sleep(grace / 2)
+        assert running_containers(docker_client, runs), "a container stopped without the worker"
+        wait_for(
+            lambda: (
+                not any(
+                    c.status == "running"
+                    for run in runs
+                    for c in run_containers(docker_client, run)
+                )
+            ),
+            grace + 60,
+            "the worker stopping both containers",
+        )
+        stopped_after = time.monotonic() - cancelled_at
+        settled = wait_until_settled(docker_client, session_workspace("cancel-stuck"), runs, 120)
+    finally:
+        running.service.stop()
+    assert stopped_after >= grace
+    for run in settled:
+        assert run.state.is_cancelled(), (run.state.name, run.state.message)
+        logs = wait_for_log(run.id, "the worker stops the container", timeout=60)
+        assert any("runtime.cancel_grace_seconds" in line for line in logs), logs
+    assert wait_for_records(runs) == {run: 1 for run in runs}
+    for run in runs:
+        assert [record["outcome"] for record in usage_records(run)] == ["cancelled"]
 
 
 def test_the_prefect_server_down_for_30_s_loses_nothing(docker_client, fault_setup):

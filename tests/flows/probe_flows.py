@@ -108,3 +108,36 @@ def numbered_lines(count: int = 2000) -> int:
     for number in range(count):
         print(f"numbered-line-{number:05d}", flush=True)
     return count
+
+
+@flow
+def ignores_sigterm(seconds: float = 300.0) -> None:
+    """Ignores SIGTERM, the signal of a cancel, and sleeps."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    get_run_logger().info("ignores_sigterm: SIGTERM ignored")
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+@flow
+def stops_its_runner(seconds: float = 300.0) -> None:
+    """Stops (SIGSTOP) every ancestor of its process but the container's first process:
+    Prefect's runner and supervisor in the container can no longer act on a cancel."""
+    import os
+    import signal
+
+    get_run_logger().info("stops_its_runner: stopping the runner")
+    time.sleep(2)  # the log line is sent meanwhile
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    pid = os.getppid()
+    while pid > 1:
+        with open(f"/proc/{pid}/stat") as stat:
+            parent = int(stat.read().rsplit(")", 1)[1].split()[1])
+        os.kill(pid, signal.SIGSTOP)
+        pid = parent
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
