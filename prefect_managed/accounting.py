@@ -14,8 +14,10 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
+from prefect.logging import get_logger
 
 from prefect_managed.environments import BUILD_SECONDS_LABEL
 from prefect_managed.ledger import UsageLedger
@@ -23,17 +25,22 @@ from prefect_managed.metering import Meter
 from prefect_managed.outcome import ContainerReport
 from prefect_managed.policy import Policy
 from prefect_managed.retries import attempt_of
+from prefect_managed.spool import Spool
 from prefect_managed.usage import (
     MonthlyUsage,
     Outcome,
     UsageRecord,
     crossed_thresholds,
     month_of,
+    pool_usage_line,
     quota_exhausted_message,
     quota_warning_message,
+    with_pool_usage,
 )
 
 __all__ = ["QUOTA_CHECK_SECONDS", "Accounting", "usage_record_of"]
+
+logger = get_logger("managed.accounting")
 
 #: How long the worker trusts the month's usage it read before reading it again.
 QUOTA_CHECK_SECONDS = 10.0
@@ -88,10 +95,12 @@ class Accounting:
         ledger: UsageLedger,
         policy: Policy,
         run_logger: Callable[[FlowRun], logging.Logger | logging.LoggerAdapter[Any]],
+        spool: Spool | None = None,
     ) -> None:
         self._ledger = ledger
         self._policy = policy
         self._run_logger = run_logger
+        self._spool = spool
         self._month: MonthlyUsage | None = None
         self._checked_at = -QUOTA_CHECK_SECONDS
 
@@ -112,6 +121,40 @@ class Accounting:
             self._policy.workspace.tier,
         )
 
+    async def _publish(self, record: UsageRecord) -> tuple[MonthlyUsage, MonthlyUsage] | None:
+        quota = self._policy.tier.compute_hours_per_month
+        return await self._ledger.publish(record, quota, self._policy.workspace.tier)
+
+    async def show_on_pool(self, pool: str, usage: MonthlyUsage | None = None) -> None:
+        """Keep the month's usage and quota in the pool's description, where the UI's
+        Work Pools list and the pool's page show it. Guarded: never stops a finish."""
+        try:
+            if usage is None:
+                usage = await self._ledger.month_usage(month_of(datetime.now(timezone.utc)))
+            client = self._ledger.client
+            work_pool = await client.read_work_pool(pool)
+            line = pool_usage_line(
+                usage, self._policy.tier.compute_hours_per_month, self._policy.workspace.tier
+            )
+            description = with_pool_usage(work_pool.description, line)
+            if description != work_pool.description:
+                await client.update_work_pool(pool, WorkPoolUpdate(description=description))
+        except Exception:
+            logger.warning("Could not show the month's usage on work pool %r", pool, exc_info=True)
+
+    async def send_spooled(self) -> int:
+        """Store the records a worker of this host kept on disk but did not store (it
+        stopped, or the API failed); how many were sent."""
+        if self._spool is None:
+            return 0
+        sent = 0
+        with self._spool.leftovers() as found:
+            for record, path in found:
+                await self._publish(record)
+                path.unlink(missing_ok=True)
+                sent += 1
+        return sent
+
     async def record(
         self,
         flow_run: FlowRun,
@@ -125,13 +168,18 @@ class Accounting:
         record = usage_record_of(report, flow_run, self._policy, meter, outcome, default_pool)
         if record is None:
             return  # the container never ran: no compute to count
-        quota = self._policy.tier.compute_hours_per_month
-        tier = self._policy.workspace.tier
-        published = await self._ledger.publish(record, quota, tier)
+        if self._spool is None:
+            published = await self._publish(record)
+        else:
+            with self._spool.keeping(record):  # on disk until the ledger has it
+                published = await self._publish(record)
         if published is None:
             return
         before, after = published
         self._month = after
+        await self.show_on_pool(record.pool, after)
+        quota = self._policy.tier.compute_hours_per_month
+        tier = self._policy.workspace.tier
         for threshold in crossed_thresholds(before.hours, after.hours, quota):
             message = quota_warning_message(after, quota, tier, threshold)
             self._run_logger(flow_run).warning("%s", message)

@@ -42,6 +42,7 @@ __all__ = [
     "in_daemon_thread",
     "orphans",
     "pool_labels",
+    "workspace_labels",
 ]
 
 #: Seconds between two run-time checks of a running container; Docker's stats stream
@@ -359,14 +360,15 @@ class Containers:
             return call(client, *args)
 
 
+def workspace_labels(workspace: str, api: str) -> list[str]:
+    """The labels every container of a workspace and API carries (Docker's `label=`
+    filters)."""
+    return [f"{MANAGED_LABEL}=true", f"{WORKSPACE_LABEL}={workspace}", f"{API_LABEL}={api}"]
+
+
 def pool_labels(workspace: str, api: str, pool: str) -> list[str]:
     """The labels every container of a pool carries (Docker's `label=` filters)."""
-    return [
-        f"{MANAGED_LABEL}=true",
-        f"{WORKSPACE_LABEL}={workspace}",
-        f"{API_LABEL}={api}",
-        f"io.prefect.work-pool-name={pool}",
-    ]
+    return [*workspace_labels(workspace, api), f"io.prefect.work-pool-name={pool}"]
 
 
 def orphans(

@@ -10,10 +10,14 @@ containers it took over from a dead worker alike; the decisions are `outcome`'s 
 
 from __future__ import annotations
 
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime, timezone
 from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from uuid import UUID
 
+import anyio
 import httpx
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
@@ -56,7 +60,13 @@ if TYPE_CHECKING:
     from prefect_managed.policy import Policy
     from prefect_managed.run_states import RunStates
 
-__all__ = ["Finishing"]
+__all__ = ["API_WAIT_SECONDS", "Finishing"]
+
+T = TypeVar("T")
+
+#: How long the finish of a removed container waits for the Prefect API to answer.
+API_WAIT_SECONDS = 600
+API_RETRY_SECONDS = 5.0
 
 
 class Finishing:
@@ -151,6 +161,10 @@ class Finishing:
         assert self._states is not None and self._accounting is not None
         states, policy = self._states, self.policy
         report = await self._containers.inspect(watch.container_id)
+        if report is not None and report.running:
+            # Never recorded nor removed while it runs (a watch ended by a stop of the
+            # worker): whoever watches it next finishes it.
+            return None
         known: State | None = None  # the run's state, when read since its container exited
         how = ending(report, timed_out=watch.timed_out, engine_lost=engine_lost)
         if await self._of_earlier_attempt(flow_run, report or watch.report):
@@ -161,15 +175,7 @@ class Finishing:
                 "The container of flow run %s was removed by someone else before it was read",
                 flow_run.id,
             )
-            await states.crash_with_cause(flow_run, CONTAINER_REMOVED_MESSAGE)
-            seen, last_seen = watch.report, watch.meter.last_seen
-            if seen is not None and last_seen is not None:  # else it never ran: no compute
-                final = await states.state(flow_run.id)
-                outcome = outcome_of(final, timed_out=False, out_of_memory=False)
-                await self._accounting.record(
-                    flow_run, seen.removed(last_seen), watch.meter, outcome, self._work_pool_name
-                )
-            self._note_infrastructure_crash(flow_run, how, await states.state(flow_run.id))
+            await self._finish_removed(flow_run, watch)
             return report
         if how is Ending.RUN_TIME:  # said when it was stopped; again if that failed
             await states.crash_with_cause(flow_run, run_time_exceeded_message(policy))
@@ -217,6 +223,55 @@ class Finishing:
         self._finished.append(report.id)
         self._note_infrastructure_crash(flow_run, crashed_by, final)
         return report
+
+    async def _finish_removed(self, flow_run: FlowRun, watch: Watch) -> None:
+        """A container removed from outside: its record first, from what its watch saw
+        (kept on disk until the ledger has it, so that no stop of the worker or the API
+        loses it), then the run's Crashed state. Each API call is tried again while the
+        API does not answer, for up to `API_WAIT_SECONDS`."""
+        assert self._states is not None and self._accounting is not None
+        states, accounting = self._states, self._accounting
+        current = await self._patiently(partial(states.state, flow_run.id), flow_run)
+        seen = watch.report
+        if seen is not None and seen.started_at is not None:  # else it never ran
+            # Counted until the watch last sampled it, or until now: the watch ends
+            # within seconds of the removal.
+            last_seen = watch.meter.last_seen or datetime.now(timezone.utc)
+            final = current if current is not None and current.is_final() else None
+            outcome = outcome_of(final, timed_out=False, out_of_memory=False)
+            try:
+                await accounting.record(
+                    flow_run, seen.removed(last_seen), watch.meter, outcome, self._work_pool_name
+                )
+            except Exception:
+                self._logger.warning(
+                    "Could not store the usage record of flow run %s yet; it is kept on "
+                    "disk and stored at the next reconciliation",
+                    flow_run.id,
+                    exc_info=True,
+                )
+        await self._patiently(
+            partial(states.crash_with_cause, flow_run, CONTAINER_REMOVED_MESSAGE), flow_run
+        )
+        final_state = await self._patiently(partial(states.state, flow_run.id), flow_run)
+        self._note_infrastructure_crash(flow_run, Ending.REMOVED, final_state)
+
+    async def _patiently(self, call: Callable[[], Awaitable[T]], flow_run: FlowRun) -> T | None:
+        """`call()`, tried again every few seconds while the API does not answer, for up
+        to `API_WAIT_SECONDS`; None if it never did."""
+        deadline = time.monotonic() + API_WAIT_SECONDS
+        while True:
+            try:
+                return await call()
+            except (httpx.HTTPError, PrefectHTTPStatusError):
+                if time.monotonic() > deadline:
+                    self._logger.exception(
+                        "The Prefect API did not answer for %d s while finishing flow run %s",
+                        API_WAIT_SECONDS,
+                        flow_run.id,
+                    )
+                    return None
+                await anyio.sleep(API_RETRY_SECONDS)
 
     def _note_infrastructure_crash(
         self, flow_run: FlowRun, how: Ending, final: State | None

@@ -171,6 +171,10 @@ class UsageLedger:
         self._months = {month: seen}  # only the month in use is kept
         return MonthlyUsage(self.workspace, month, dict(seen.usage.records))
 
+    @property
+    def client(self) -> PrefectClient:
+        return self._client
+
     async def publish(
         self, record: UsageRecord, quota_hours: float, tier: str
     ) -> tuple[MonthlyUsage, MonthlyUsage] | None:

@@ -24,7 +24,7 @@ from prefect.client.schemas.objects import FlowRun, WorkerStatus
 from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
 
 from prefect_managed.configuration import api_label_value
-from prefect_managed.containers import Watch, orphans, pool_labels
+from prefect_managed.containers import Watch, orphans, pool_labels, workspace_labels
 
 if TYPE_CHECKING:
     from collections import deque
@@ -32,15 +32,19 @@ if TYPE_CHECKING:
     import anyio.abc
     from prefect.client.orchestration import PrefectClient
 
+    from prefect_managed.accounting import Accounting
     from prefect_managed.concurrency import WorkspaceSlots
     from prefect_managed.containers import Containers
     from prefect_managed.outcome import ContainerReport
     from prefect_managed.policy import Policy
+    from prefect_managed.retries import InfrastructureCause
 
-__all__ = ["RECONCILE_SECONDS", "TakeOver"]
+__all__ = ["FINISH_SECONDS", "RECONCILE_SECONDS", "TakeOver"]
 
 #: Seconds between two reconciliations.
 RECONCILE_SECONDS = 60.0
+#: The longest a worker that is told to stop waits for a finish that began.
+FINISH_SECONDS = 120.0
 
 
 class TakeOver:
@@ -53,12 +57,14 @@ class TakeOver:
         _logger: Any
         _containers: Containers
         _slots: WorkspaceSlots | None
+        _accounting: Accounting | None
         _background: anyio.abc.TaskGroup | None
         _active: set[str]
         _finished: deque[str]
         _unslotted: set[UUID]
         _running: set[UUID]
         _stray_slots: set[UUID]
+        _infrastructure_crashes: dict[UUID, InfrastructureCause]
 
         @property
         def client(self) -> PrefectClient: ...
@@ -77,6 +83,12 @@ class TakeOver:
             await self._reconcile_guarded()
 
     async def _reconcile_guarded(self) -> None:
+        try:
+            sent = await self._accounting.send_spooled() if self._accounting else 0
+            if sent:
+                self._logger.info("Stored %d usage record(s) kept on disk", sent)
+        except Exception:
+            self._logger.warning("Could not store the usage records kept on disk", exc_info=True)
         try:
             await self._reconcile_orphans()
         except Exception:
@@ -103,18 +115,75 @@ class TakeOver:
             await self._slots.release(flow_run_id)
         self._stray_slots = stray - released
 
+    async def _online_workers(self, pool: str) -> set[str]:
+        """The names of the pool's workers Prefect shows online, this one aside."""
+        return {
+            worker.name
+            for worker in await self.client.read_workers_for_work_pool(pool)
+            if worker.status == WorkerStatus.ONLINE and worker.name != self.name
+        }
+
     async def _reconcile_orphans(self) -> None:
-        """Find this pool's containers that no live worker watches, and finish them."""
+        """Find this pool's containers that no live worker watches, and finish them;
+        then the workspace's exited containers that no worker of their pool finished."""
         found = await self._containers.find(
             pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
         )
-        if not found:
-            return
-        online = {
-            worker.name
-            for worker in await self.client.read_workers_for_work_pool(self._work_pool_name)
-            if worker.status == WorkerStatus.ONLINE and worker.name != self.name
-        }
+        if found:
+            await self._take_over(found)
+        await self._finish_left_behind()
+
+    async def _finish_left_behind(self) -> None:
+        """Record and remove the exited containers of the workspace's other pools whose
+        run is final and whose worker is not online (a worker stopped between the exit and
+        the removal, of a pool nobody serves any more). Left alone: a running container
+        (its pool's workers take it over), and one whose worker Prefect shows online (it
+        may be finishing it)."""
+        labels = workspace_labels(self.policy.workspace.name, api_label_value())
+        online: dict[str, set[str]] = {}
+        for report in await self._containers.find(labels):
+            pool = report.labels.get("io.prefect.work-pool-name", "")
+            if (
+                pool == self._work_pool_name
+                or report.running
+                or not report.flow_run_id
+                or report.id in {*self._active, *self._finished}
+                or report.finished_at is None
+            ):
+                continue
+            if pool not in online:
+                online[pool] = await self._online_workers(pool) if pool else set()
+            if report.labels.get("io.prefect.worker-name") in online[pool]:
+                continue
+            try:
+                flow_run = await self.client.read_flow_run(UUID(report.flow_run_id))
+            except ObjectNotFound:
+                continue  # not a run of this Prefect server: not ours to touch
+            if flow_run.state is None or not flow_run.state.is_final():
+                continue
+            self._logger.info(
+                "Finishing container %s of flow run %s (pool %r), left by worker %r",
+                report.name,
+                report.flow_run_id,
+                pool,
+                report.labels.get("io.prefect.worker-name"),
+            )
+            self._active.add(report.id)
+            try:
+                await self._finish(flow_run, Watch(report.id, report=report))
+            except Exception:
+                self._logger.warning(
+                    "Could not finish container %s; the next reconciliation tries again",
+                    report.name,
+                    exc_info=True,
+                )
+            finally:
+                self._active.discard(report.id)
+                # Its pool's workers schedule an infrastructure retry, not this one.
+                self._infrastructure_crashes.pop(flow_run.id, None)
+
+    async def _take_over(self, found: list[ContainerReport]) -> None:
+        online = await self._online_workers(self._work_pool_name)
         watched = {*self._active, *self._finished}
         for report in orphans(found, watched, online):
             try:
@@ -168,7 +237,10 @@ class TakeOver:
         assert self._slots is not None
         try:
             await self._watch(flow_run, watch)
-            await self._finish(flow_run, watch)
+            # A worker told to stop lets a finish that began end (within FINISH_SECONDS):
+            # else the exited container would wait for the next worker of the pool.
+            with anyio.move_on_after(FINISH_SECONDS, shield=True):
+                await self._finish(flow_run, watch)
         except Exception:
             self._logger.exception(
                 "Could not finish container %s of flow run %s; the next reconciliation "

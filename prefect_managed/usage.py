@@ -30,10 +30,13 @@ __all__ = [
     "crossed_thresholds",
     "month_of",
     "next_reset",
+    "POOL_USAGE_PREFIX",
+    "pool_usage_line",
     "quota_exhausted_message",
     "quota_warning_message",
     "run_key",
     "run_key_prefix",
+    "with_pool_usage",
     "sign_record",
     "summary_key",
 ]
@@ -241,6 +244,31 @@ def quota_warning_message(
         f"{usage.percent_of(quota_hours):.0f} % of the {tier} tier's {quota_hours:g} h quota "
         f"(resets on {reset} UTC)."
     )
+
+
+#: The first words of the line a managed pool's description shows its usage in.
+POOL_USAGE_PREFIX = "Compute this month"
+
+
+def pool_usage_line(usage: MonthlyUsage, quota_hours: float, tier: str) -> str:
+    """The month's usage and quota as a managed pool's description shows them."""
+    reset = next_reset(usage.month).date().isoformat()
+    return (
+        f"{POOL_USAGE_PREFIX} ({usage.month}): {usage.hours:.2f} of {quota_hours:g} h "
+        f"used ({usage.percent_of(quota_hours):.0f} %) by {usage.runs} flow run(s) of "
+        f"workspace {usage.workspace!r}, {tier} tier; the quota resets on {reset} (UTC)."
+    )
+
+
+def with_pool_usage(description: str | None, line: str) -> str:
+    """The pool's description with its usage line replaced by `line` (added at the end
+    when it has none); the operator's own text is kept."""
+    kept = [
+        text for text in (description or "").splitlines() if not text.startswith(POOL_USAGE_PREFIX)
+    ]
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return "\n\n".join(part for part in ("\n".join(kept), line) if part)
 
 
 def quota_exhausted_message(usage: MonthlyUsage, quota_hours: float, tier: str) -> str:

@@ -68,7 +68,8 @@ from prefect_managed.retries import (
 )
 from prefect_managed.run_states import QUOTA_EXHAUSTED, RunStates
 from prefect_managed.settings import get_policy, get_settings, ledger_key
-from prefect_managed.takeover import TakeOver
+from prefect_managed.spool import spool_for
+from prefect_managed.takeover import FINISH_SECONDS, TakeOver
 
 if TYPE_CHECKING:
     from prefect.client.schemas.responses import WorkerFlowRunResponse
@@ -200,7 +201,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
                 self.policy.concurrency_limit_name,
             )
         ledger = UsageLedger(self.client, self.policy.workspace.name, logger=self._logger)
-        self._accounting = Accounting(ledger, self.policy, self.get_flow_run_logger)
+        self._accounting = Accounting(
+            ledger, self.policy, self.get_flow_run_logger, spool_for(self.policy.workspace.name)
+        )
         self._states = RunStates(
             self.client,
             self.get_flow_run_logger,
@@ -234,6 +237,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         await self._reconcile_guarded()
         self._background.start_soon(self._reconcile_forever)
         self._background.start_soon(self._enforce_cancels_forever)
+        self._background.start_soon(self._accounting.show_on_pool, self._work_pool_name)
         self._logger.info(
             "Workspace %r, %s tier: %d concurrent flow runs, %d managed pools, "
             "%s memory and %g CPUs per run, %d s maximum run time",
@@ -404,7 +408,13 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
                     DOCKER_WAIT_SECONDS,
                 )
                 await self._containers.wait_for_engine(DOCKER_WAIT_SECONDS)
-            report = await self._finish(flow_run, watch, engine_lost=engine_lost)
+            report = None
+            if self._abandoned.is_set():
+                return result  # the container may still run: the pool's next worker's
+            # A worker told to stop lets a finish that began end (within FINISH_SECONDS):
+            # else the exited container would wait for the next worker of the pool.
+            with anyio.move_on_after(FINISH_SECONDS, shield=True):
+                report = await self._finish(flow_run, watch, engine_lost=engine_lost)
             if report is not None and report.exit_code is not None:
                 # prefect-docker's result carries the exit code of a container it did not
                 # read again after its wait (without stream_output), so 0; Prefect puts

@@ -255,7 +255,7 @@ def test_the_usage_page_shows_the_screenshots_the_ui_test_takes():
     for image in re.findall(r"\]\(images/([\w-]+\.png)\)", markdown):
         assert (DOCS / "images" / image).is_file(), image
         assert f'"{image}"' in ui_test, f"tests/test_ui.py does not take {image}"
-    assert len(re.findall(r"\]\(images/", markdown)) == 3
+    assert len(re.findall(r"\]\(images/", markdown)) == 5
 
 
 def test_the_hardening_the_limits_page_lists_is_what_the_worker_applies():

@@ -202,3 +202,51 @@ def test_a_flood_of_forged_versions_does_not_hide_a_runs_true_record(prefect_ser
             )
 
     assert asyncio.run(scenario()) == (True, True, 2)
+
+
+async def _spool_scenario(workspace: str, directory) -> dict[str, object]:
+    from prefect_managed.accounting import Accounting
+    from prefect_managed.policy import load_policy
+    from prefect_managed.spool import Spool
+
+    policy = load_policy(None)
+    spool = Spool(directory)
+    async with get_client() as client:
+        run_id = (await client.create_flow_run(ledger_probe)).id
+        ledger = UsageLedger(client, workspace)
+        record = _record(workspace, run_id, 90)
+        # A worker stopped while its record was being sent: the file is left behind.
+        with pytest.raises(ConnectionError), spool.keeping(record):
+            raise ConnectionError("the API went away")
+        left = sorted(path.name for path in directory.iterdir())
+        # Another worker finds a file while its worker still sends it: left alone.
+        with spool.keeping(_record(workspace, run_id, 5).model_copy(update={"attempt": 2})):
+            with spool.leftovers() as found:
+                seen_while_sending = [r.attempt for r, _ in found]
+        accounting = Accounting(ledger, policy, lambda _: None, spool)  # type: ignore[arg-type]
+        sent = await accounting.send_spooled()
+        again = await accounting.send_spooled()
+        usage = await UsageLedger(client, workspace).month_usage(record.month)
+    return {
+        "left": left,
+        "seen_while_sending": seen_while_sending,
+        "sent": (sent, again),
+        "files_after": sorted(path.name for path in directory.iterdir()),
+        "records": {key: r.wall_seconds for key, r in usage.records.items()},
+        "run": run_id,
+    }
+
+
+def test_a_record_left_on_disk_is_stored_once_by_the_next_worker(prefect_server, tmp_path):
+    """The spool: a record whose send failed stays on disk (0600, in a 0700 directory),
+    a file another worker is sending is not taken, and the next worker stores it once."""
+    workspace = f"spool-{uuid.uuid4().hex[:8]}"
+    directory = tmp_path / "spool"
+    result = asyncio.run(_spool_scenario(workspace, directory))
+    run = result["run"]
+    assert result["left"] == [f"{run}-1.json"]
+    assert result["seen_while_sending"] == [1]  # attempt 2 was being sent: not taken
+    assert result["sent"] == (1, 0)
+    assert result["files_after"] == []
+    assert result["records"] == {(run, 1): 90}
+    assert oct(directory.stat().st_mode & 0o777) == "0o700"

@@ -273,3 +273,45 @@ def test_the_monthly_summary_artifact_shows_hours_quota_and_breakdowns(
     expect(page.get_by_role("cell", name="hello-ui-usage", exact=True)).to_be_visible()
     page.wait_for_load_state("networkidle")
     page.screenshot(path=screenshots / "usage-monthly-summary.png", full_page=True)
+
+
+def test_the_work_pools_list_and_the_pools_page_show_the_months_usage_and_quota(
+    page: Page,
+    ui_url: str,
+    managed_pool: str,
+    main_policy: Path,
+    finished_run: tuple[UUID, dict],
+    screenshots: Path,
+):
+    """Where Prefect Cloud shows a managed pool's compute quota: the pool's description,
+    kept current by the worker after each record, says the month's hours, the quota and
+    the tier, with the hours the operator's `prefect-managed usage` counts."""
+
+    def read() -> tuple[str, dict]:
+        from helpers import usage_report
+        from prefect.client.orchestration import get_client
+
+        with get_client(sync_client=True) as client:
+            description = client.read_work_pool(managed_pool).description or ""
+        return description, usage_report(main_policy)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        description, report = pool.submit(read).result()
+    lines = [line for line in description.splitlines() if line.startswith("Compute this month")]
+    assert len(lines) == 1, description
+    line = lines[0]
+    assert f"({report['month']}): {report['billable_minutes'] / 60:.2f} of " in line, (
+        line,
+        report,
+    )
+    assert "workspace 'tests', test tier" in line
+
+    page.goto(f"{ui_url}/work-pools")
+    expect(page.get_by_text(line).first).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "usage-work-pools-list.png", full_page=True)
+
+    page.goto(f"{ui_url}/work-pools/work-pool/{managed_pool}")
+    expect(page.get_by_text(line).first).to_be_visible()
+    page.wait_for_load_state("networkidle")
+    page.screenshot(path=screenshots / "usage-work-pool-page.png", full_page=True)
