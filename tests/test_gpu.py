@@ -1,7 +1,8 @@
 """A GPU tier: `gpus` becomes a Docker device request after templating, and a run on a
 host without a GPU runtime ends Crashed saying so, with no container left. These
 machines have no GPU: the device request is checked on a real container (created, not
-started), and the refusal end to end; no flow ran on a GPU here."""
+started) and, through the worker, by Docker's own refusal of the GPU request the
+worker's container made, quoted in the run's state; no flow ran on a GPU here."""
 
 from __future__ import annotations
 
@@ -79,4 +80,7 @@ def test_a_run_on_a_host_without_a_gpu_runtime_ends_crashed_naming_it(
     assert run.state.is_crashed(), run.state
     assert "GpuNotAvailable: The test tier gives each flow run 1 GPU(s)" in run.state.message
     assert "NVIDIA container runtime" in run.state.message
+    # Docker's own refusal, quoted: the worker's container asked it for GPUs.
+    assert "could not select device driver" in run.state.message
+    assert "capabilities: [[gpu]]" in run.state.message
     assert run_containers(docker_client, flow_run_id) == []

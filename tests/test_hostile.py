@@ -6,10 +6,12 @@ outside the writable directories."""
 
 from __future__ import annotations
 
+import secrets
 from pathlib import Path
 
 import pytest
-from helpers import usage_records, wait_for_log, wait_for_settled_run
+from conftest import OUTPUT
+from helpers import flow_run_logs, usage_records, wait_for_log, wait_for_settled_run
 from prefect import flow
 from prefect.deployments import run_deployment
 
@@ -36,7 +38,7 @@ def deploy_hostile(hostile_repo, managed_pool, managed_worker):
 # attempt -> what the run's final message must say
 ESCAPES = {
     "docker_socket": "FileNotFoundError: [Errno 2] No such file or directory",
-    "host_file": "PermissionError: [Errno 13] Permission denied: '/etc/shadow'",
+    "host_file": "FileNotFoundError: the host's file is at none of 7 paths",
     "setuid": "PermissionError: [Errno 1] Operation not permitted",
     "setuid_binary": "su exited with code 1",
     "capability": "PermissionError: [Errno 1] Operation not permitted",
@@ -47,9 +49,17 @@ ESCAPES = {
 def test_every_escape_attempt_fails_and_its_run_says_what_was_refused(
     deploy_hostile, docker_client
 ):
+    # A secret of the worker host, readable by anyone on the host (the test output folder
+    # is world-readable): a flow must not read it.
+    secret = secrets.token_hex(16)
+    host_file = OUTPUT / "host-secret.txt"
+    host_file.write_text(secret)
+    host_file.chmod(0o644)
     deployment = deploy_hostile("escape", "escape-attempts")
     runs = {
-        attempt: run_deployment(deployment, parameters={"attempt": attempt}, timeout=0).id
+        attempt: run_deployment(
+            deployment, parameters={"attempt": attempt, "target": str(host_file)}, timeout=0
+        ).id
         for attempt in ESCAPES
     }
     for attempt, flow_run_id in runs.items():
@@ -58,6 +68,8 @@ def test_every_escape_attempt_fails_and_its_run_says_what_was_refused(
         assert ESCAPES[attempt] in run.state.message, (attempt, run.state.message)
         assert "succeeded" not in (run.state.message or "")
         assert len(usage_records(flow_run_id)) == 1
+    logs = flow_run_logs(runs["host_file"])
+    assert not any(secret in line for line in logs), logs
 
 
 def test_a_flow_writes_in_its_home_workdir_and_tmp_and_nothing_survives_the_run(

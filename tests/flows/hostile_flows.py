@@ -14,9 +14,25 @@ def _docker_socket() -> None:
         sock.connect("/var/run/docker.sock")
 
 
-def _host_file() -> None:
-    # The host's files are not mounted; the container's own secrets are root's only.
-    Path("/etc/shadow").read_text()
+def _host_file(target: str) -> None:
+    """A file of the worker host (its path given by the test): tried as the host names
+    it and through every root the container's /proc offers. None is mounted."""
+    spellings = [
+        target,
+        f"/proc/1/root{target}",
+        f"/proc/self/root{target}",
+        f"/proc/1/cwd/../../../..{target}",
+        f"/host{target}",
+        f"/rootfs{target}",
+        f"/run/prefect-managed/../../..{target}",
+    ]
+    for spelling in spellings:
+        try:
+            content = Path(spelling).read_text()
+        except OSError:
+            continue
+        raise RuntimeError(f"read the host's file at {spelling}: {content}")
+    raise FileNotFoundError(f"the host's file is at none of {len(spellings)} paths")
 
 
 def _setuid() -> None:
@@ -53,9 +69,12 @@ ATTEMPTS = {
 
 
 @flow
-def escape(attempt: str) -> str:
+def escape(attempt: str, target: str = "") -> str:
     get_run_logger().info("attempting %s", attempt)
-    ATTEMPTS[attempt]()
+    if attempt == "host_file":
+        _host_file(target)
+    else:
+        ATTEMPTS[attempt]()
     return f"{attempt} succeeded"
 
 
