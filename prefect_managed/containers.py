@@ -40,6 +40,7 @@ __all__ = [
     "DockerClients",
     "Watch",
     "in_daemon_thread",
+    "is_root_user",
     "orphans",
     "pool_labels",
     "workspace_labels",
@@ -255,6 +256,24 @@ class Containers:
 
         return await run_sync_in_worker_thread(self._with_client, _present)
 
+    async def pull_if_missing(self, image: str) -> None:
+        """Pull `image` when it is not on the Docker host (as prefect-docker would at the
+        container's creation, only sooner: what the worker decides from the image, its
+        user and its python3, needs it). A failed pull is left to the run's own start,
+        which reports it (`ImageNotAvailable`)."""
+
+        def _pull(client: docker.DockerClient) -> None:
+            try:
+                client.api.inspect_image(image)
+            except docker.errors.ImageNotFound:
+                repository, tag = docker.utils.parse_repository_tag(image)
+                try:
+                    client.images.pull(repository, tag=tag or "latest")
+                except _DOCKER_ERRORS:
+                    self._logger.debug("Could not pull image %s", image, exc_info=True)
+
+        await run_sync_in_worker_thread(self._with_client, _pull)
+
     async def image_id(self, image: str) -> str | None:
         """The id of an image on the Docker host; None when it is not there."""
 
@@ -277,6 +296,18 @@ class Containers:
                 return None
 
         return await run_sync_in_worker_thread(self._with_client, _entrypoint)
+
+    async def image_user(self, image: str) -> str | None:
+        """The user an image runs as by default (its `USER`; "" for root); None when
+        the image is not on the Docker host."""
+
+        def _user(client: docker.DockerClient) -> str | None:
+            try:
+                return client.api.inspect_image(image)["Config"].get("User") or ""
+            except docker.errors.ImageNotFound:
+                return None
+
+        return await run_sync_in_worker_thread(self._with_client, _user)
 
     async def runs_forwarder(self, image: str, user: str) -> bool | None:
         """Whether `image` has what the isolated network's forwarder needs (`/bin/sh` and
@@ -358,6 +389,13 @@ class Containers:
     def _with_client(self, call: Callable[..., Any], *args: Any) -> Any:
         with closing(self._get_client()) as client:
             return call(client, *args)
+
+
+def is_root_user(user: str) -> bool:
+    """Whether an image's `USER` ("", "root", "0", "0:0", "root:root") is root: an image
+    made to run as root, with no home or writable Python for the runs' non-root uid."""
+    name = user.partition(":")[0]
+    return name in ("", "root", "0")
 
 
 def workspace_labels(workspace: str, api: str) -> list[str]:

@@ -106,11 +106,20 @@ def describe_early_exit(exit_code: int, pip_packages: list[str], output: list[st
                 line.strip() for line in after[first + 1 : first + 3] if line.startswith(" ")
             ]
             detail = ": " + " ".join(quoted)
+        denied = any("Permission denied" in line for line in after)
+        next_step = (
+            "the image installs packages where the run's non-root uid cannot write (an "
+            "image made to run as root, such as the official image): ask the operator to "
+            "turn runtime.prebuilt_environments on, which builds them as the image's own "
+            "user, or use an image whose Python environment that uid owns"
+            if denied
+            else "check the package names and versions in pip_packages"
+        )
         return (
             f"Installing pip_packages {redact_url_credentials(' '.join(pip_packages))} failed "
             "before the flow started "
             f"(the container exited with code {exit_code}){detail}. The installer's output is "
-            "in this flow run's logs; check the package names and versions in pip_packages."
+            f"in this flow run's logs; {next_step}."
         )
     last = next((line.strip().rstrip(".") for line in reversed(output) if line.strip()), "")
     detail = f": {last}" if last else ""

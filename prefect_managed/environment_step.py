@@ -20,6 +20,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from prefect_managed.configuration import API_LABEL, api_label_value
+from prefect_managed.containers import is_root_user
 from prefect_managed.dependencies import CACHE_ENV_KEYS, describe_early_exit
 from prefect_managed.environments import (
     BUILD_SECONDS_LABEL,
@@ -58,6 +59,7 @@ class EnvironmentStep:
         accounting: Accounting,
         run_logger: Callable[[FlowRun], logging.Logger | logging.LoggerAdapter[Any]],
         image_id: Callable[[str], Awaitable[str | None]],
+        image_user: Callable[[str], Awaitable[str | None]],
         pool: str,
     ) -> None:
         self._environments = environments
@@ -67,6 +69,7 @@ class EnvironmentStep:
         self._accounting = accounting
         self._run_logger = run_logger
         self._image_id = image_id
+        self._image_user = image_user
         self._pool = pool
 
     def wanted(self, configuration: ManagedJobConfiguration) -> bool:
@@ -91,9 +94,20 @@ class EnvironmentStep:
         # Compiled once into the environment, rather than by every run that imports them.
         build_env["UV_COMPILE_BYTECODE"] = "1"
         create: dict[str, Any] = dict(configuration.container_create_kwargs or {})
+        binds = list(configuration.volumes or [])
+        builder_user: str | None = str(create.get("user") or runtime.user)
+        if is_root_user(await self._image_user(base_image) or ""):
+            # An image made to run as root (the official image) installs into root-owned
+            # site-packages: built as its own user, as `docker build` would, still with
+            # every capability dropped and the run's caps. Without the workspace's
+            # dependency cache, whose files the runs' uid must keep writing.
+            builder_user = None
+            build_env = {k: v for k, v in build_env.items() if k not in CACHE_ENV_KEYS}
+            build_env["UV_NO_CACHE"] = "1"
+            binds = [volume for volume in binds if volume.endswith(f":{ISOLATED_MOUNT}:ro")]
         log_config: dict[str, Any] | None = create.get("log_config")
         host_config: dict[str, Any] = {
-            "binds": list(configuration.volumes or []),
+            "binds": binds,
             "mem_limit": configuration.mem_limit,
             "memswap_limit": configuration.memswap_limit,
             "nano_cpus": create.get("nano_cpus"),
@@ -120,7 +134,7 @@ class EnvironmentStep:
                 pip_packages=configuration.pip_packages,
                 build_env=build_env,
                 host_config={k: v for k, v in host_config.items() if v is not None},
-                user=str(create.get("user") or runtime.user),
+                user=builder_user,
                 workspace=self._policy.workspace.name,
                 key=key,
                 timeout=min(runtime.environment_build_seconds, tier.max_run_seconds),

@@ -111,7 +111,7 @@ class Environments:
         pip_packages: list[str],
         build_env: dict[str, str],
         host_config: dict[str, Any],
-        user: str,
+        user: str | None,
         workspace: str,
         key: str,
         timeout: float,
@@ -121,7 +121,8 @@ class Environments:
         """The environment image of `key`, built now if it is not there yet.
 
         `entrypoint_prefix` goes before the base image's entrypoint in the builder (an
-        isolated network's `isolate.sh`); the environment keeps the base's entrypoint."""
+        isolated network's `isolate.sh`); the environment keeps the base's entrypoint.
+        `user` None: the builder runs as the image's own user, as `docker build` would."""
         image = f"{ENVIRONMENT_REPOSITORY}:{key[:40]}"
         name = BUILDER_PREFIX + key[:40]
         deadline = time.monotonic() + timeout

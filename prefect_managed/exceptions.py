@@ -89,7 +89,10 @@ class PolicyError(ManagedError, ValueError):
     def __init__(self, path: object, problem: str) -> None:
         self.path = path
         self.problem = problem
-        super().__init__(f"Policy file {str(path)!r} is not usable: {problem}.")
+        super().__init__(
+            f"Policy file {str(path)!r} is not usable: {problem}. Fix the file and start the "
+            "worker again (`prefect-managed policy check` checks it without starting one)."
+        )
 
 
 class LedgerKeyMissing(ManagedError, RuntimeError):

@@ -42,6 +42,7 @@ from prefect_managed.policy_values import (
     StrictModel,
     format_bytes,
 )
+from prefect_managed.redact import redact_url_credentials
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -219,7 +220,14 @@ def _describe(error: dict[str, Any]) -> str:
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         return f"key {location!r} is not a known setting"
-    return f"key {location!r}: {message}" if location else message
+    if not location:
+        return message
+    given = error.get("input")
+    if isinstance(given, bool | int | float | str) and not error["type"].startswith("value_error"):
+        # The value as given (a validator's own message names it already).
+        shown = redact_url_credentials(given) if isinstance(given, str) else given
+        return f"key {location!r} = {shown!r}: {message}"
+    return f"key {location!r}: {message}"
 
 
 def load_policy(path: Path | None) -> Policy:

@@ -239,6 +239,21 @@ class Runtime(StrictModel):
         return "network_mode" in self.model_fields_set
 
     @model_validator(mode="after")
+    def _official_image_builds_environments(self) -> Runtime:
+        official = any(fnmatch.fnmatchcase(self.default_image, p) for p in OFFICIAL_IMAGES)
+        if official and not self.prebuilt_environments:
+            raise ValueError(
+                f"prebuilt_environments = false installs pip_packages in each run's "
+                f"container as uid {self.user.partition(':')[0]} (runtime.user), but "
+                f"default_image {self.default_image!r} keeps Python's packages where only "
+                "root may write, so every run with pip_packages would fail; keep "
+                "prebuilt_environments = true (the default: environments are built as the "
+                "image's own user), or set default_image to an image whose Python "
+                "environment that uid owns (prefect-managed image build makes one)"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _gateway_is_reachable(self) -> Runtime:
         port = self.api_gateway_port
         if isinstance(port, int) and 0 < port < 1024:

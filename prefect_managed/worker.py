@@ -42,7 +42,13 @@ from prefect_managed.configuration import (
     ManagedVariables,
     disk_limit_unsupported,
 )
-from prefect_managed.containers import Containers, DockerClients, Watch, in_daemon_thread
+from prefect_managed.containers import (
+    Containers,
+    DockerClients,
+    Watch,
+    in_daemon_thread,
+    is_root_user,
+)
 from prefect_managed.environment_step import EnvironmentStep
 from prefect_managed.environments import Environments
 from prefect_managed.exceptions import (
@@ -218,6 +224,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
             self._accounting,
             self.get_flow_run_logger,
             self._containers.image_id,
+            self._containers.image_user,
             self._work_pool_name,
         )
         try:
@@ -338,7 +345,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         # The attempt rides on the container, so that whoever finishes it (this worker
         # or one that takes it over) records the attempt it ran.
         configuration.labels[ATTEMPT_LABEL] = str(await self._attempt(flow_run))
+        await self._containers.pull_if_missing(configuration.image or "")
         await self._isolate_or_fall_back(flow_run, configuration)
+        await self._give_a_home(configuration)
         step = self._environment_step
         if step is not None and step.wanted(configuration):
             if not await step.prepare(flow_run, configuration):
@@ -425,6 +434,16 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         finally:
             self._active.discard(container_id)
         return result
+
+    async def _give_a_home(self, configuration: ManagedJobConfiguration) -> None:
+        """An image made to run as root (the official image) has no home for the runs'
+        uid: HOME is / and not writable, so Prefect, pip and uv could not keep their
+        files. Such a run gets HOME=/tmp, unless its deployment sets HOME."""
+        if "HOME" in configuration.env:
+            return
+        user = await self._containers.image_user(configuration.image or "")
+        if user is not None and is_root_user(user):
+            configuration.env["HOME"] = "/tmp"
 
     async def _isolate_or_fall_back(
         self, flow_run: FlowRun, configuration: ManagedJobConfiguration

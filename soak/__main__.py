@@ -142,6 +142,7 @@ class Soak:
         self.runs: dict[str, dict] = {}
         self.unfinished: set[str] = set()
         self.worker_exits = 0
+        self.fault_errors: list[str] = []
         self.faults: list[dict] = []
         self.worker = None
         self.worker_env: dict[str, str] = {}
@@ -297,7 +298,11 @@ class Soak:
                 print("soak: the worker exited; restarting it", flush=True)
                 self.worker = start_worker(POOL, self.out, self.worker_env, name="soak-worker")
             if time.monotonic() > next_fault:
-                self.inject()
+                try:
+                    self.inject()
+                except Exception as exc:  # the soak survives its own faults
+                    self.fault_errors.append(f"{type(exc).__name__}: {exc}")
+                    print(f"soak: injecting a fault failed: {exc!r}", flush=True)
                 next_fault = time.monotonic() + self.rng.uniform(20, 60)
             time.sleep(2)
             print(f"soak: {len(self.runs)}/{total} submitted, {in_flight} unfinished", flush=True)
@@ -405,6 +410,7 @@ def report(soak: Soak, result: dict, started: datetime, out: Path) -> bool:
         "no container left": not result["containers_left"],
         "no concurrency slot held": result["active_slots"] == 0,
         "the worker never exited on its own": soak.worker_exits == 0,
+        "every fault was injected and undone": not soak.fault_errors,
         "one usage record per run that had a container": not record_problems,
         "no usage record for a run without a container": not extra_records,
         "every run without a fault ended as its kind should": not unexpected,
@@ -465,6 +471,8 @@ def report(soak: Soak, result: dict, started: datetime, out: Path) -> bool:
         ],
         "",
     ]
+    if soak.fault_errors:
+        lines += ["## Faults that failed", "", *[f"- {error}" for error in soak.fault_errors], ""]
     if unexpected or record_problems or result["unfinished"] or result["containers_left"]:
         lines += [
             "## Problems",

@@ -503,20 +503,44 @@ def serving_dockerd() -> int:
     raise RuntimeError(f"no live dockerd among {candidates}")
 
 
+def _running(pid: int) -> bool:
+    """Whether the process runs (a zombie, which nothing may reap here, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+#: How long dockerd may take to stop its containers and exit (it stops each one first).
+DOCKERD_STOP_SECONDS = 240
+
+
 def restart_docker_daemon() -> None:
     """Stop the running dockerd (SIGTERM, by its pid) and start it again with the same
-    command line, the way scripts/setup.sh started it."""
+    command line, the way scripts/setup.sh started it. Whatever happens, an engine runs
+    afterwards: a dockerd that does not exit within DOCKERD_STOP_SECONDS is killed, and
+    it is started again even if stopping it failed half-way."""
     pid = serving_dockerd()
     command = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    os.kill(pid, signal.SIGTERM)
-    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 60, "dockerd exiting", 0.5)
-    with DOCKERD_LOG.open("ab") as log:
-        subprocess.Popen(
-            [part.decode() for part in command],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    try:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            wait_for(lambda: not _running(pid), DOCKERD_STOP_SECONDS, "dockerd exiting", 0.5)
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not _running(pid), 30, "dockerd killed", 0.5)
+            # Its pid file names a pid that may linger as a zombie: the new one must not
+            # take it for a running daemon.
+            Path("/var/run/docker.pid").unlink(missing_ok=True)
+    finally:
+        if not _running(pid):
+            with DOCKERD_LOG.open("ab") as log:
+                subprocess.Popen(
+                    [part.decode() for part in command],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
 
     def answers() -> bool:
         try:

@@ -64,23 +64,23 @@ def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
         ),
         (
             "[tiers.pro]\nconcurrency_limit = 0\n",
-            "key 'tiers.pro.concurrency_limit': Input should be greater than or equal to 1",
+            "key 'tiers.pro.concurrency_limit' = 0: Input should be greater than or equal to 1",
         ),
         (
             "[tiers.free]\nmax_run_seconds = -5\n",
-            "key 'tiers.free.max_run_seconds': Input should be greater than or equal to 1",
+            "key 'tiers.free.max_run_seconds' = -5: Input should be greater than or equal to 1",
         ),
         (
             "[tiers.free]\ncpus = 1e-10\n",
-            "key 'tiers.free.cpus': Input should be greater than or equal to 0.01",
+            "key 'tiers.free.cpus' = 1e-10: Input should be greater than or equal to 0.01",
         ),
         (
             "[tiers.free]\ncpus = inf\n",
-            "key 'tiers.free.cpus': Input should be less than or equal to 1024",
+            "key 'tiers.free.cpus' = inf: Input should be less than or equal to 1024",
         ),
         (
             "[tiers.free]\ncompute_hours_per_month = nan\n",
-            "key 'tiers.free.compute_hours_per_month': Input should be",
+            "key 'tiers.free.compute_hours_per_month' = nan: Input should be",
         ),
         ("[tiers.free]\nmemory = true\n", "key 'tiers.free.memory'"),
         (
@@ -93,25 +93,28 @@ def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
         ),
         (
             "[tiers.free]\nmax_run_seconds = 99999999999\n",
-            "key 'tiers.free.max_run_seconds': Input should be less than or equal to 31622400",
+            "key 'tiers.free.max_run_seconds' = 99999999999: Input should be less than or equal to 31622400",
         ),
         (
             "[tiers.free]\ngpus = -1\n",
-            "key 'tiers.free.gpus': Input should be greater than or equal to 0",
+            "key 'tiers.free.gpus' = -1: Input should be greater than or equal to 0",
         ),
-        ("[tiers.free]\ngpus = 1.5\n", "key 'tiers.free.gpus': Input should be a valid integer"),
+        (
+            "[tiers.free]\ngpus = 1.5\n",
+            "key 'tiers.free.gpus' = 1.5: Input should be a valid integer",
+        ),
         ("[tiers.free]\ngpus = true\n", "key 'tiers.free.gpus': true is not a number"),
         (
             "[tiers.free]\ngpus = 1000\n",
-            "key 'tiers.free.gpus': Input should be less than or equal to 64",
+            "key 'tiers.free.gpus' = 1000: Input should be less than or equal to 64",
         ),
         (
             "[tiers.free]\ninfrastructure_retries = -1\n",
-            "key 'tiers.free.infrastructure_retries': Input should be greater than or equal to 0",
+            "key 'tiers.free.infrastructure_retries' = -1: Input should be greater than or equal to 0",
         ),
         (
             "[tiers.free]\ninfrastructure_retries = 6\n",
-            "key 'tiers.free.infrastructure_retries': Input should be less than or equal to 5",
+            "key 'tiers.free.infrastructure_retries' = 6: Input should be less than or equal to 5",
         ),
         (
             "[tiers.free]\ninfrastructure_retries = true\n",
@@ -119,11 +122,11 @@ def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
         ),
         (
             '[tiers.free]\ninfrastructure_retries = "2"\n',
-            "key 'tiers.free.infrastructure_retries': Input should be a valid integer",
+            "key 'tiers.free.infrastructure_retries' = '2': Input should be a valid integer",
         ),
         (
             "[tiers.free]\ninfrastructure_retries = 1.0\n",
-            "key 'tiers.free.infrastructure_retries': Input should be a valid integer",
+            "key 'tiers.free.infrastructure_retries' = 1.0: Input should be a valid integer",
         ),
         (
             '[tiers.free]\ndisk = "1m"\n',
@@ -131,7 +134,7 @@ def test_a_new_tier_takes_unset_numbers_from_the_free_tier(tmp_path):
         ),
         (
             "[runtime]\npids_limit = 1\n",
-            "key 'runtime.pids_limit': Input should be greater than or equal to 16",
+            "key 'runtime.pids_limit' = 1: Input should be greater than or equal to 16",
         ),
         (
             '[runtime]\nlog_max_size = "10g"\n',
@@ -239,3 +242,19 @@ def test_container_output_max_size_defaults_to_one_mib_and_zero_is_off(tmp_path)
     assert load_policy(path).tier.container_output_max_bytes == 0
     path.write_text('[tiers.free]\ncontainer_output_max_size = "64k"\n')
     assert load_policy(path).tier.container_output_max_bytes == 64 * 2**10
+
+
+def test_in_run_installs_with_the_official_default_image_are_refused_with_the_fix(tmp_path):
+    path = tmp_path / "policy.toml"
+    path.write_text("[runtime]\nprebuilt_environments = false\n")
+    with pytest.raises(PolicyError) as refused:
+        load_policy(path)
+    message = str(refused.value)
+    assert "prebuilt_environments = false" in message
+    assert "'prefecthq/prefect:3-latest'" in message and "uid 1000" in message
+    assert "keep prebuilt_environments = true" in message
+    # With an image whose environment the runs' uid owns, it is the operator's choice.
+    path.write_text(
+        '[runtime]\nprebuilt_environments = false\ndefault_image = "prefect-managed-runtime:3.9.1"\n'
+    )
+    assert load_policy(path).runtime.prebuilt_environments is False
