@@ -27,8 +27,9 @@ import threading
 import time
 from collections import Counter
 from contextlib import closing
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from uuid import UUID
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -274,13 +275,14 @@ class Soak:
             self.server = start_prefect_server(_PORT, _HOME / "server-home", self.out, _SERVER_ENV)
         elif fault == "docker-restart":
             targets = [c.labels.get("io.prefect.flow-run-id") for c in self.running_containers()]
-            from test_faults import restart_docker_daemon
+            from faults import restart_docker_daemon
 
             restart_docker_daemon()
         for target in targets:
             if target in self.runs:
                 self.runs[target]["faults"].append(fault)
-        self.faults.append({"fault": fault, "at": at, "runs": targets})
+        until = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.faults.append({"fault": fault, "at": at, "until": until, "runs": targets})
         print(f"soak: {at} {fault} ({len(targets)} run(s) in flight)", flush=True)
 
     def drive(self) -> None:
@@ -337,14 +339,58 @@ class Soak:
             time.sleep(5)
         time.sleep(5)  # the last usage records
         records = client_retry(self.read_records)
+        had = set(seen.ids) & set(self.runs)
+        # A run whose environment build failed ran no container of its own: its builder
+        # ran for it, and its record bills the build (prefect_managed.environment_step).
+        built = {
+            run_id
+            for run_id in records
+            if run_id in self.runs
+            and run_id not in had
+            and client_retry(lambda client, r=run_id: self.environment_built(client, r))
+        }
+        for run_id, (state, _) in final.items():
+            info = self.runs[run_id]
+            if state != KINDS[info["kind"]][4] and not info["faults"]:
+                info["faults"] += client_retry(
+                    lambda client, r=run_id: self.faults_during(client, r)
+                )
         return {
             "final": final,
             "containers_left": [c.name for c in left],
             "active_slots": slots,
             "unfinished": unfinished,
             "records": records,
-            "had_container": sorted(seen.ids & set(self.runs)),
+            "had_container": sorted(had),
+            "environment_built": sorted(built),
         }
+
+    def environment_built(self, client, run_id: str) -> bool:
+        """Whether the run's logs hold its environment build's output."""
+        from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[UUID(run_id)]))
+        )
+        return any("Environment build output:" in log.message for log in logs)
+
+    def faults_during(self, client, run_id: str) -> list[str]:
+        """The faults under way while the run was being started or ran (from its first
+        Pending to its final state, a few seconds either side): a fault hits a run whose
+        container was not running yet when it began (a server down while the container
+        reads its run, an engine restarting while the worker creates it)."""
+        states = client.read_flow_run_states(UUID(run_id))
+        pending = [s.timestamp for s in states if s.type.value == "PENDING"]
+        if not pending:
+            return []
+        start, end = min(pending), max(s.timestamp for s in states)
+        margin = timedelta(seconds=FAULT_MARGIN_SECONDS)
+        return [
+            f"{fault['fault']} (under way at its start)"
+            for fault in self.faults
+            if datetime.fromisoformat(fault["at"]) - margin <= end
+            and start <= datetime.fromisoformat(fault.get("until", fault["at"])) + margin
+        ]
 
     def read_final(self, client) -> dict[str, tuple[str, str]]:
         result = {}
@@ -374,6 +420,9 @@ class Soak:
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
+#: Seconds either side of a fault's window within which a run's start counts as hit.
+FAULT_MARGIN_SECONDS = 5
+
 
 def why(kind: str, faults: list[str], state: str, message: str) -> str:
     """A short reason for a run's end, from its final state's message."""
@@ -389,12 +438,15 @@ def why(kind: str, faults: list[str], state: str, message: str) -> str:
             return label
     if state == "CANCELLED":
         return "cancelled (fault)"
+    started_during = [f.split(" (")[0] for f in faults if "under way" in f]
+    if started_during:
+        return f"{' and '.join(started_during)} while it was being started (fault)"
     return f"{state.lower()}: {message[:120]}" if message else state.lower()
 
 
 def report(soak: Soak, result: dict, started: datetime, out: Path) -> bool:
     final, records = result["final"], result["records"]
-    had = set(result["had_container"])
+    had = set(result["had_container"]) | set(result.get("environment_built", ()))
     record_problems = {
         run_id: records.get(run_id, 0) for run_id in had if records.get(run_id, 0) != 1
     }
@@ -436,8 +488,12 @@ def report(soak: Soak, result: dict, started: datetime, out: Path) -> bool:
         "",
         *[f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()],
         "",
-        f"Runs that had a container: {len(had)}; usage records for them: "
-        f"{sum(records.get(r, 0) for r in had)}.",
+        f"Runs that had a container: {len(had)} (of which "
+        f"{len(result.get('environment_built', ()))} only the builder of their "
+        f"environment, whose build failed); usage records for them: "
+        f"{sum(records.get(r, 0) for r in had)}. Runs hit by a fault that began while "
+        "they were being started: "
+        f"{sum(1 for i in soak.runs.values() if any('under way' in f for f in i['faults']))}.",
         "",
         "## Final states",
         "",

@@ -76,6 +76,39 @@ def runtime_image(docker_client) -> str:
     return tag
 
 
+#: The official image's stand-in (tests/images/official); its tag matches the policy's
+#: default allowed_images ('prefecthq/prefect:3*'), as the official image's does.
+OFFICIAL_STANDIN = "prefecthq/prefect:3-managed-standin"
+
+
+@pytest.fixture(scope="session")
+def official_image(docker_client, runtime_image) -> str:
+    """A stand-in of the official image, built once from its published contract (Prefect
+    in the system interpreter's root-owned site-packages, a root-owned /opt/prefect, no
+    non-root user, UV_SYSTEM_PYTHON=1, tini and the `uv pip install --system` entrypoint;
+    uv and the CA bundle taken from the runtime image, Prefect at the worker's version):
+    no registry is reachable here to pull the real one."""
+    import prefect
+
+    from prefect_managed.runtime.builder import BASE_IMAGE
+
+    try:
+        docker_client.images.get(OFFICIAL_STANDIN)
+    except docker.errors.ImageNotFound:
+        docker_client.images.build(
+            path=str(Path(__file__).parent / "images" / "official"),
+            tag=OFFICIAL_STANDIN,
+            network_mode="host",
+            rm=True,
+            buildargs={
+                "BASE_IMAGE": BASE_IMAGE,
+                "RUNTIME_IMAGE": runtime_image,
+                "PREFECT_VERSION": prefect.__version__,
+            },
+        )
+    return OFFICIAL_STANDIN
+
+
 SERVER_ENV = {"PREFECT_SERVER_API_AUTH_STRING": AUTH}
 
 #: The running Prefect server; a fault test may stop it and start it again
@@ -185,6 +218,41 @@ def managed_worker(managed_pool, main_policy, docker_client):
             "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(main_policy),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
         },
+    )
+    yield worker
+    worker.service.stop()
+
+
+@pytest.fixture(scope="session")
+def official_pool(prefect_server) -> str:
+    """A `prefect:managed` pool whose worker's default image is the official image's
+    stand-in (`official_worker`), on the default tier's caps."""
+    from helpers import create_pool_with_cli
+
+    return create_pool_with_cli("official-pool")
+
+
+@pytest.fixture(scope="session")
+def official_worker(official_pool, official_image, package_index, tmp_path_factory):
+    """The managed worker of `official_pool`: the `tests` workspace, its default image the
+    official image's stand-in, otherwise as `managed_worker`."""
+    from services import start_worker
+
+    policy = worker_policy(
+        tmp_path_factory.mktemp("official") / "policy.toml",
+        official_image,
+        package_index.url,
+        workspace="tests",
+        concurrency_limit=4,
+    )
+    worker = start_worker(
+        official_pool,
+        OUTPUT,
+        {
+            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+            "PREFECT_WORKER_QUERY_SECONDS": "1",
+        },
+        name="official-worker",
     )
     yield worker
     worker.service.stop()

@@ -1,15 +1,23 @@
 """What a user checks after a fault: every run final, no container left, no slot held,
-one usage record per run that had a container. Shared by tests/test_faults.py and the
-soak (soak/__main__.py)."""
+one usage record per run that had a container; and the Docker engine's restart, a fault
+itself. Shared by tests/test_faults.py and the soak (soak/__main__.py), which must not
+import conftest (it sets the test session's PREFECT_API_URL and PREFECT_HOME)."""
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import time
+from contextlib import closing
+from pathlib import Path
 from uuid import UUID
 
+import docker
 from helpers import usage_records
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
+from services import wait_for
 
 from prefect_managed.configuration import WORKSPACE_LABEL
 
@@ -72,3 +80,75 @@ def wait_for_records(flow_run_ids: list[UUID], timeout: float = 60) -> dict[UUID
         if all(counts.values()) or time.monotonic() > deadline:
             return counts
         time.sleep(1)
+
+
+DOCKERD_LOG = Path("/var/log/prefect-managed-dockerd.log")
+
+
+def serving_dockerd() -> int:
+    """The pid of the dockerd that serves the engine: its pid file, else the one live
+    `dockerd` (a dockerd killed by an earlier restart may linger as a zombie, with no
+    command line, where nothing reaps it)."""
+    pidfile = Path("/var/run/docker.pid")
+    candidates = [pidfile.read_text().strip()] if pidfile.exists() else []
+    candidates += subprocess.run(
+        ["pidof", "dockerd"], capture_output=True, text=True
+    ).stdout.split()
+    for candidate in candidates:
+        proc = Path(f"/proc/{candidate}")
+        try:
+            alive = proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            if alive and proc.joinpath("cmdline").read_bytes().strip(b"\0"):
+                return int(candidate)
+        except (OSError, IndexError):
+            continue
+    raise RuntimeError(f"no live dockerd among {candidates}")
+
+
+def _running(pid: int) -> bool:
+    """Whether the process runs (a zombie, which nothing may reap here, does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+#: How long dockerd may take to stop its containers and exit (it stops each one first).
+DOCKERD_STOP_SECONDS = 240
+
+
+def restart_docker_daemon() -> None:
+    """Stop the running dockerd (SIGTERM, by its pid) and start it again with the same
+    command line, the way scripts/setup.sh started it. Whatever happens, an engine runs
+    afterwards: a dockerd that does not exit within DOCKERD_STOP_SECONDS is killed, and
+    it is started again even if stopping it failed half-way."""
+    pid = serving_dockerd()
+    command = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
+    try:
+        os.kill(pid, signal.SIGTERM)
+        try:
+            wait_for(lambda: not _running(pid), DOCKERD_STOP_SECONDS, "dockerd exiting", 0.5)
+        except TimeoutError:
+            os.kill(pid, signal.SIGKILL)
+            wait_for(lambda: not _running(pid), 30, "dockerd killed", 0.5)
+            # Its pid file names a pid that may linger as a zombie: the new one must not
+            # take it for a running daemon.
+            Path("/var/run/docker.pid").unlink(missing_ok=True)
+    finally:
+        if not _running(pid):
+            with DOCKERD_LOG.open("ab") as log:
+                subprocess.Popen(
+                    [part.decode() for part in command],
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+
+    def answers() -> bool:
+        try:
+            with closing(docker.from_env()) as client:
+                return client.ping()
+        except docker.errors.DockerException:
+            return False
+
+    wait_for(answers, 120, "dockerd answering again", 1)

@@ -1,7 +1,9 @@
 """A deployment from git with pip_packages, run by the managed worker in a capped container.
 
 Everything here is real: a Prefect server, `prefect worker start --type prefect:managed`,
-a Docker engine, a git daemon and a package index on loopback.
+a Docker engine, a git daemon and a package index on loopback. The runs' core paths run
+twice: on the project's runtime image and on the official image's stand-in
+(tests/images/official), the built-in default image, whose Python belongs to root.
 """
 
 from __future__ import annotations
@@ -27,6 +29,21 @@ pytestmark = pytest.mark.docker
 TWO_GIB = 2 * 1024**3
 
 
+@pytest.fixture(params=["runtime-image", "official-image"])
+def deploy_on(request, deploy):
+    """`deploy` to the pool whose worker's default image is the runtime image, or to the
+    one whose worker's default image is the official image's stand-in."""
+    if request.param == "runtime-image":
+        return deploy
+    pool = request.getfixturevalue("official_pool")
+    request.getfixturevalue("official_worker")
+
+    def _deploy(flow_name: str, name: str, job_variables: dict | None = None):
+        return deploy(flow_name, f"{name}-official", job_variables, pool=pool)
+
+    return _deploy
+
+
 def start_run(deployment_id, parameters=None):
     return run_deployment(deployment_id, parameters=parameters or {}, timeout=0).id
 
@@ -45,8 +62,8 @@ def test_pool_created_with_prefect_cli_offers_the_managed_form(prefect_server):
     assert properties["image"]["title"] == "Image"
 
 
-def test_git_deployment_installs_pip_packages_and_completes(deploy, docker_client):
-    deployment_id = deploy(
+def test_git_deployment_installs_pip_packages_and_completes(deploy_on, docker_client):
+    deployment_id = deploy_on(
         "probe", "probe-with-packages", {"pip_packages": [f"managed-probe=={PROBE_VERSION}"]}
     )
     flow_run_id = start_run(deployment_id)
@@ -58,10 +75,10 @@ def test_git_deployment_installs_pip_packages_and_completes(deploy, docker_clien
     wait_for(lambda: not run_containers(docker_client, flow_run_id), 30, "the container removed")
 
 
-def test_a_killed_container_s_exit_code_is_in_the_executed_event(deploy, docker_client):
+def test_a_killed_container_s_exit_code_is_in_the_executed_event(deploy_on, docker_client):
     """The exit code in Prefect's "executed flow run" event is the container's, read
     after it exited (prefect-docker's result, not read again after its wait, says 0)."""
-    flow_run_id = start_run(deploy("sleeper", "sleeper-exit-code"), {"seconds": 120})
+    flow_run_id = start_run(deploy_on("sleeper", "sleeper-exit-code"), {"seconds": 120})
     container = wait_for(
         lambda: next(iter(run_containers(docker_client, flow_run_id)), None),
         120,
@@ -77,8 +94,8 @@ def test_a_killed_container_s_exit_code_is_in_the_executed_event(deploy, docker_
     assert executed_status_code(flow_run_id) == "137"
 
 
-def test_container_memory_is_capped_at_two_gib_without_swap(deploy, docker_client):
-    deployment_id = deploy("probe", "probe-memory", {"pip_packages": ["managed-probe"]})
+def test_container_memory_is_capped_at_two_gib_without_swap(deploy_on, docker_client):
+    deployment_id = deploy_on("probe", "probe-memory", {"pip_packages": ["managed-probe"]})
     flow_run_id = start_run(deployment_id, {"sleep_seconds": 15})
 
     container = wait_for(
@@ -95,9 +112,9 @@ def test_container_memory_is_capped_at_two_gib_without_swap(deploy, docker_clien
 
 
 def test_failed_install_crashes_the_run_with_the_installer_output_in_its_logs(
-    deploy, docker_client
+    deploy_on, docker_client
 ):
-    deployment_id = deploy(
+    deployment_id = deploy_on(
         "hello", "hello-missing-package", {"pip_packages": ["managed-probe-missing==9.9.9"]}
     )
     flow_run_id = start_run(deployment_id)

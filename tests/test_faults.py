@@ -22,7 +22,13 @@ from pathlib import Path
 import docker
 import pytest
 from conftest import OUTPUT, restart_prefect_server, worker_policy
-from faults import read_runs, wait_for_records, wait_until_settled, workspace_containers
+from faults import (
+    read_runs,
+    restart_docker_daemon,
+    wait_for_records,
+    wait_until_settled,
+    workspace_containers,
+)
 from helpers import (
     create_pool,
     run_containers,
@@ -479,77 +485,6 @@ def test_the_prefect_server_down_while_a_taken_over_container_ends_leaves_nothin
 
 
 # -- the Docker daemon -------------------------------------------------------------------
-
-DOCKERD_LOG = Path("/var/log/prefect-managed-dockerd.log")
-
-
-def serving_dockerd() -> int:
-    """The pid of the dockerd that serves the engine: its pid file, else the one live
-    `dockerd` (a dockerd killed by an earlier restart may linger as a zombie, with no
-    command line, where nothing reaps it)."""
-    pidfile = Path("/var/run/docker.pid")
-    candidates = [pidfile.read_text().strip()] if pidfile.exists() else []
-    candidates += subprocess.run(
-        ["pidof", "dockerd"], capture_output=True, text=True
-    ).stdout.split()
-    for candidate in candidates:
-        proc = Path(f"/proc/{candidate}")
-        try:
-            alive = proc.joinpath("stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-            if alive and proc.joinpath("cmdline").read_bytes().strip(b"\0"):
-                return int(candidate)
-        except (OSError, IndexError):
-            continue
-    raise RuntimeError(f"no live dockerd among {candidates}")
-
-
-def _running(pid: int) -> bool:
-    """Whether the process runs (a zombie, which nothing may reap here, does not)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-#: How long dockerd may take to stop its containers and exit (it stops each one first).
-DOCKERD_STOP_SECONDS = 240
-
-
-def restart_docker_daemon() -> None:
-    """Stop the running dockerd (SIGTERM, by its pid) and start it again with the same
-    command line, the way scripts/setup.sh started it. Whatever happens, an engine runs
-    afterwards: a dockerd that does not exit within DOCKERD_STOP_SECONDS is killed, and
-    it is started again even if stopping it failed half-way."""
-    pid = serving_dockerd()
-    command = Path(f"/proc/{pid}/cmdline").read_bytes().rstrip(b"\0").split(b"\0")
-    try:
-        os.kill(pid, signal.SIGTERM)
-        try:
-            wait_for(lambda: not _running(pid), DOCKERD_STOP_SECONDS, "dockerd exiting", 0.5)
-        except TimeoutError:
-            os.kill(pid, signal.SIGKILL)
-            wait_for(lambda: not _running(pid), 30, "dockerd killed", 0.5)
-            # Its pid file names a pid that may linger as a zombie: the new one must not
-            # take it for a running daemon.
-            Path("/var/run/docker.pid").unlink(missing_ok=True)
-    finally:
-        if not _running(pid):
-            with DOCKERD_LOG.open("ab") as log:
-                subprocess.Popen(
-                    [part.decode() for part in command],
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-
-    def answers() -> bool:
-        try:
-            with closing(docker.from_env()) as client:
-                return client.ping()
-        except docker.errors.DockerException:
-            return False
-
-    wait_for(answers, 120, "dockerd answering again", 1)
 
 
 @pytest.mark.docker_restart

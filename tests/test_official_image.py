@@ -5,15 +5,18 @@ here: tests/images/official/Dockerfile builds a stand-in from its published cont
 (Prefect in the system interpreter's root-owned site-packages, a root-owned
 /opt/prefect, no non-root user, UV_SYSTEM_PYTHON=1, tini and an entrypoint that runs
 `uv pip install --system $EXTRA_PIP_PACKAGES`). Runs are forced to uid 1000, which has no
-home and cannot write where that image installs packages. Each test runs a core path
-through a worker whose default image is the stand-in, from git as users deploy.
+home and cannot write where that image installs packages. The test here runs the paths
+peculiar to that image (no packages, pip_packages built into an environment and a
+requirements.txt pull step, under a tier of 1 GiB) through a worker whose default image
+is the stand-in, from git as users deploy; the core end-to-end tests
+(tests/test_end_to_end.py) and a storage source (tests/test_sources_storage.py) run on it
+too.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import docker.errors
 import pytest
 from conftest import worker_policy
 from helpers import create_pool, wait_for_log, wait_for_settled_run, worker
@@ -21,41 +24,14 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.deployments import run_deployment
 
-from prefect_managed.runtime.builder import BASE_IMAGE
-
 pytestmark = pytest.mark.docker
-
-#: Matches the policy's default allowed_images ('prefecthq/prefect:3*').
-OFFICIAL_STANDIN = "prefecthq/prefect:3-managed-standin"
-DOCKERFILE = Path(__file__).parent / "images" / "official"
-
-
-@pytest.fixture(scope="session")
-def official_image(docker_client, runtime_image) -> str:
-    """The stand-in of the official image, built once (uv and the CA bundle are taken
-    from the runtime image, Prefect at the worker's version)."""
-    import prefect
-
-    try:
-        docker_client.images.get(OFFICIAL_STANDIN)
-    except docker.errors.ImageNotFound:
-        docker_client.images.build(
-            path=str(DOCKERFILE),
-            tag=OFFICIAL_STANDIN,
-            network_mode="host",
-            rm=True,
-            buildargs={
-                "BASE_IMAGE": BASE_IMAGE,
-                "RUNTIME_IMAGE": runtime_image,
-                "PREFECT_VERSION": prefect.__version__,
-            },
-        )
-    return OFFICIAL_STANDIN
 
 
 @pytest.fixture(scope="module")
-def official_pool(prefect_server) -> str:
-    return create_pool("official-pool")
+def official_1g_pool(prefect_server) -> str:
+    """A pool of its own: its worker runs on a tier of 1 GiB (the session's
+    `official_pool` has the default tier)."""
+    return create_pool("official-1g-pool")
 
 
 def _policy(tmp_path: Path, image: str, index_url: str, **runtime) -> Path:
@@ -108,22 +84,22 @@ def _requirements_deployment(git_server, pool: str) -> object:
 
 
 def test_the_official_image_runs_flows_as_uid_1000_with_and_without_pip_packages(
-    official_image, official_pool, deploy, package_index, git_server, docker_client, tmp_path
+    official_image, official_1g_pool, deploy, package_index, git_server, docker_client, tmp_path
 ):
     """Without packages, with pip_packages (built once into an environment: as the image's
     own user, as `docker build` would) and with a requirements.txt pull step (pip's user
     installation, in the HOME a root image's run is given), each run as uid 1000 with
     every capability dropped and under the tier's memory."""
     policy = _policy(tmp_path, official_image, package_index.url)
-    plain = deploy("inspect_self", "official-inspect", pool=official_pool)
+    plain = deploy("inspect_self", "official-inspect", pool=official_1g_pool)
     packages = deploy(
         "probe",
         "official-probe",
         {"pip_packages": ["managed-probe==1.0.0"]},
-        pool=official_pool,
+        pool=official_1g_pool,
     )
-    requirements = _requirements_deployment(git_server, official_pool)
-    with worker(official_pool, policy, "official-worker"):
+    requirements = _requirements_deployment(git_server, official_1g_pool)
+    with worker(official_1g_pool, policy, "official-1g-worker"):
         runs = {
             "plain": run_deployment(plain, timeout=0).id,
             "packages": run_deployment(packages, timeout=0).id,

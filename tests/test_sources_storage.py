@@ -84,6 +84,15 @@ def managed_worker(_sources):
 
 
 @pytest.fixture(scope="module")
+def official_sources(prefect_server, official_image, package_index, tmp_path_factory, s3):
+    """A pool and worker as `_sources`, the worker's default image the official image's
+    stand-in (tests/images/official)."""
+    yield from source_worker(
+        "test-sources-storage-official-pool", official_image, package_index, tmp_path_factory
+    )
+
+
+@pytest.fixture(scope="module")
 def storage_wheels(package_index, output_dir):
     """prefect-aws, prefect-gcp and prefect-azure with all their dependencies, for the
     containers' Python, offered by the loopback index."""
@@ -218,6 +227,28 @@ def test_from_source_with_a_storage_block_runs_to_completed(
     flow_run_id = run(deployment_id)
 
     assert_completed_from(flow_run_id, f"{store} block")
+
+
+def test_a_storage_block_source_runs_to_completed_on_the_official_image(
+    storage_wheels, official_sources
+):
+    """prefect-aws, from pip_packages, is built into an environment of the official image
+    as that image's own user; the run, as uid 1000, pulls its code from S3 with it."""
+    from prefect_aws import S3Bucket
+
+    pool, _ = official_sources
+    deployment_id = flow.from_source(
+        source=S3Bucket.load("moto-flows"), entrypoint="flows.py:from_storage"
+    ).deploy(
+        name="from-source-s3-official",
+        work_pool_name=pool,
+        job_variables=_job_variables("s3"),
+        parameters={"store": "s3 block on the official image"},
+        print_next_steps=False,
+    )
+    flow_run_id = run(deployment_id)
+
+    assert_completed_from(flow_run_id, "s3 block on the official image")
 
 
 # -- prefect.yaml pull steps ---------------------------------------------------------------

@@ -13,7 +13,8 @@ same schema form the wizard's Configuration step shows.
 
 A run finished by the session's managed worker shows its usage: the table artifact in
 its page's Artifacts tab and on the artifact's page, and the workspace's monthly summary
-under its key. docs/usage.md shows copies of those screenshots (docs/images/).
+under its key. docs/usage.md shows copies of those screenshots (docs/images/). A run is
+cancelled with its page's Cancel button, as a user would, on a flow that ignores SIGTERM.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from datetime import datetime
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,7 +32,18 @@ from uuid import UUID
 
 import httpx
 import pytest
-from helpers import wait_for_final_state, wait_for_usage_record
+from conftest import worker_policy
+from faults import wait_for_records, wait_until_settled
+from helpers import (
+    create_pool,
+    run_containers,
+    session_workspace,
+    usage_records,
+    wait_for_final_state,
+    wait_for_log,
+    wait_for_usage_record,
+    worker,
+)
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
 
 from prefect_managed import ManagedVariables
@@ -315,3 +328,84 @@ def test_the_work_pools_list_and_the_pools_page_show_the_months_usage_and_quota(
     expect(page.get_by_text(line).first).to_be_visible()
     page.wait_for_load_state("networkidle")
     page.screenshot(path=screenshots / "usage-work-pool-page.png", full_page=True)
+
+
+def test_a_run_cancelled_with_its_pages_button_is_stopped_though_its_flow_ignores_sigterm(
+    page: Page,
+    ui_url: str,
+    flows_repo: str,
+    runtime_image: str,
+    package_index,
+    docker_client,
+    tmp_path: Path,
+    screenshots: Path,
+):
+    """The Cancel button of a running run's page, then Confirm, as a user cancels: the
+    flow ignores the SIGTERM Prefect's runner passes on, so the worker stops its container
+    once the policy's grace is over; the page then shows Cancelled, no container is left
+    and the run's one usage record says `cancelled`."""
+    grace = 10
+    workspace = session_workspace("ui-cancel")
+    policy = worker_policy(
+        tmp_path / "ui-cancel.toml",
+        runtime_image,
+        package_index.url,
+        workspace,
+        {"cancel_grace_seconds": grace},
+        concurrency_limit=1,
+    )
+
+    # Prefect's sync calls in a thread of their own (Playwright's event loop runs in this one).
+    with ThreadPoolExecutor(max_workers=1) as background, ExitStack() as stack:
+
+        def start() -> UUID:
+            from prefect import flow
+            from prefect.deployments import run_deployment
+
+            pool = create_pool("ui-cancel-pool")
+            deployment = flow.from_source(
+                source=flows_repo, entrypoint="probe_flows.py:ignores_sigterm"
+            ).deploy(name="ignores-sigterm-ui-cancel", work_pool_name=pool, print_next_steps=False)
+            stack.enter_context(worker(pool, policy, "ui-cancel-worker"))
+            flow_run_id = run_deployment(deployment, parameters={"seconds": 600}, timeout=0).id
+            wait_for_log(flow_run_id, "ignores_sigterm: SIGTERM ignored", timeout=180)
+            return flow_run_id
+
+        flow_run_id = background.submit(start).result()
+
+        page.goto(f"{ui_url}/runs/flow-run/{flow_run_id}")
+        expect(page.get_by_text("Running", exact=True).first).to_be_visible()
+        page.get_by_role("button", name="Cancel", exact=True).click()
+        expect(page.get_by_text("Cancel Flow Run", exact=True)).to_be_visible()
+        page.screenshot(path=screenshots / "cancel-flow-run-modal.png")
+        page.get_by_role("button", name="Confirm", exact=True).click()
+        expect(page.get_by_text("Cancelling", exact=True).first).to_be_visible()
+
+        def container_running_after(seconds: float) -> bool:
+            import time
+
+            time.sleep(seconds)
+            return any(c.status == "running" for c in run_containers(docker_client, flow_run_id))
+
+        # Prefect's runner passed the cancel on; the flow ignored it.
+        assert background.submit(container_running_after, grace / 2).result()
+        run, records = background.submit(
+            lambda: (
+                wait_until_settled(docker_client, workspace, [flow_run_id], grace + 120)[0],
+                (wait_for_records([flow_run_id]), usage_records(flow_run_id)),
+            )
+        ).result()
+        logs = background.submit(
+            wait_for_log, flow_run_id, "the worker stops the container", 60
+        ).result()
+
+        page.reload()
+        expect(page.get_by_text("Cancelled", exact=True).first).to_be_visible()
+        page.wait_for_load_state("networkidle")
+        page.screenshot(path=screenshots / "cancel-flow-run-cancelled.png", full_page=True)
+
+    assert run.state.is_cancelled(), (run.state.name, run.state.message)
+    assert any("runtime.cancel_grace_seconds" in line for line in logs), logs
+    counts, found = records
+    assert counts == {flow_run_id: 1}
+    assert [record["outcome"] for record in found] == ["cancelled"]
