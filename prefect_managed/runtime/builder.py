@@ -31,6 +31,10 @@ DEBIAN_PACKAGES = ("python3", "python3-venv", "git", "ca-certificates", "tini")
 Progress = Callable[[str], None]
 
 
+#: The runtime image's build context, besides the extra CA bundle.
+RUNTIME_FILES = ("Dockerfile", "entrypoint.sh", "cache_evict.py", "prefect-managed-teardown.pth")
+
+
 def default_runtime_tag() -> str:
     """The runtime image's tag: it carries the worker's Prefect version."""
     return f"prefect-managed-runtime:{prefect.__version__}"
@@ -100,7 +104,7 @@ def build_runtime_image(
                 raise RuntimeImageError(f"The base image {base_image!r} does not exist locally.")
             _make_base_image(client, base_image, progress)
         files = resources.files("prefect_managed.runtime")
-        for name in ("Dockerfile", "entrypoint.sh", "cache_evict.py"):
+        for name in RUNTIME_FILES:
             (Path(ctx) / name).write_bytes(files.joinpath(name).read_bytes())
         ca = extra_ca_bundle.read_bytes() if extra_ca_bundle else b""
         (Path(ctx) / "extra-ca.crt").write_bytes(ca)

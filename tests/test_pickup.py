@@ -1,0 +1,62 @@
+"""Pickup on events, against a real server: with Prefect's polling set far beyond the
+test's reach, a run created ad hoc is still picked up (the pool's Scheduled event wakes
+the worker), and a run waiting for the workspace's only slot is admitted when the slot is
+released (the worker's own release wakes it)."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import OUTPUT, worker_policy
+from helpers import create_pool, session_workspace, wait_for_final_state
+from prefect.deployments import run_deployment
+from services import start_worker, wait_for
+
+pytestmark = pytest.mark.docker
+
+#: Prefect's poll interval for these workers: no run is found by polling during the test.
+QUERY_SECONDS = 3600
+
+
+def test_runs_are_picked_up_on_events_not_by_the_poll(
+    deploy, runtime_image, package_index, tmp_path
+):
+    pool = create_pool("pickup-pool")
+    policy = worker_policy(
+        tmp_path / "pickup.toml",
+        runtime_image,
+        package_index.url,
+        session_workspace("pickup"),
+        concurrency_limit=1,
+    )
+    hello = deploy("hello", "hello-pickup", pool=pool)
+    sleeper = deploy("sleeper", "sleeper-pickup", pool=pool)
+    running = start_worker(
+        pool,
+        OUTPUT,
+        {
+            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
+            "PREFECT_WORKER_QUERY_SECONDS": str(QUERY_SECONDS),
+        },
+        name="pickup-worker",
+    )
+    try:
+        start = len(running.service.log())
+        wait_for(
+            lambda: "Following the pool's events" in running.service.log()[start:],
+            120,
+            "the worker following its pool's events",
+        )
+        # The first poll (at start) is over: from here on only a wake finds a run.
+        ad_hoc = run_deployment(hello, timeout=0).id
+        run = wait_for_final_state(ad_hoc, timeout=300)
+        assert run.state.is_completed(), (run.state.name, run.state.message)
+
+        # One slot: the second run waits for it, and is admitted once it is released.
+        first = run_deployment(sleeper, parameters={"seconds": 5}, timeout=0).id
+        second = run_deployment(sleeper, parameters={"seconds": 1}, timeout=0).id
+        finals = [wait_for_final_state(run_id, timeout=300) for run_id in (first, second)]
+    finally:
+        running.service.stop()
+    for run in finals:
+        assert run.state.is_completed(), (run.state.name, run.state.message)
+    assert finals[1].start_time >= finals[0].end_time  # it waited for the slot
