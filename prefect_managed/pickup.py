@@ -23,8 +23,10 @@ from uuid import UUID
 import anyio
 
 #: The events that make a run of the pool due now: Prefect names a flow run's state
-#: events after the state (`prefect.flow-run.<state name>`).
-DUE_EVENTS = ("prefect.flow-run.Scheduled",)
+#: events after the state (`prefect.flow-run.<state name>`): a new run, and a run
+#: scheduled again at once after an infrastructure crash (`retries.INFRASTRUCTURE_RETRY`).
+#: Never `AwaitingConcurrencySlot`, which the worker's own poll sets.
+DUE_EVENTS = ("prefect.flow-run.Scheduled", "prefect.flow-run.AwaitingInfrastructureRetry")
 
 #: Seconds between a dropped subscription and the next attempt.
 RESUBSCRIBE_SECONDS = 5.0
@@ -32,8 +34,20 @@ RESUBSCRIBE_SECONDS = 5.0
 Subscribe = Callable[[UUID], AbstractAsyncContextManager[AsyncIterator[Any]]]
 
 
+def of_pool(event: Any, pool_id: UUID) -> bool:
+    """Whether the event names the pool as its run's `work-pool`. The server applies a
+    related-resource filter to the backfill it reads from its database, not to the live
+    stream, so the subscriber gets every pool's due events: this is the filter that holds."""
+    wanted = f"prefect.work-pool.{pool_id}"
+    return any(
+        related.id == wanted and related.role == "work-pool"
+        for related in getattr(event, "related", ())
+    )
+
+
 def pool_events(pool_id: UUID) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
-    """Prefect's subscriber to the due events of the runs of one work pool."""
+    """Prefect's subscriber to the due events of the runs of one work pool (filtered
+    again with `of_pool`)."""
     from prefect.events.clients import get_events_subscriber
     from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
 
@@ -99,8 +113,9 @@ class Pickup:
                     self.subscribed = True
                     # Runs scheduled while it was down: the loop may not have seen them.
                     self.wake()
-                    async for _ in events:
-                        self.wake()
+                    async for event in events:
+                        if of_pool(event, pool):
+                            self.wake()
             except Exception as exc:
                 if self.subscribed or first:
                     self._logger.warning(

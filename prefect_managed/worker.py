@@ -275,20 +275,26 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
     # -- which pools and runs are served ---------------------------------------------
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
-        if self._stop_requested:
-            self.abandon_runs()
-            raise WorkerStopped(self.name)
         assert self._pool_gate is not None
         async with self._poll_lock:
+            # Checked under the lock: a poll that waited for it admits nothing into the
+            # runs' task group once the worker is told to stop.
+            if self._stop_requested:
+                self.abandon_runs()
+                raise WorkerStopped(self.name)
             if not await self._pool_gate.is_served():
                 return []
             return await super().get_and_submit_flow_runs()
 
     async def _poll_on_wake(self) -> None:
         """A poll out of turn (`Pickup`): a run of the pool became due, or a slot was
-        released; none once the worker is told to stop."""
-        if not self._stop_requested:
+        released; none once the worker is told to stop (Prefect's loop stops it)."""
+        if self._stop_requested:
+            return
+        try:
             await self.get_and_submit_flow_runs()
+        except WorkerStopped:
+            return
 
     def _work_pool_id(self) -> UUID | None:
         """The pool's id once the worker has synced with the API (it may create the pool)."""

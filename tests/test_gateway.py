@@ -124,17 +124,16 @@ def test_an_ordinary_flow_runs_through_the_gateway(gated, docker_client):
 def test_a_hostile_flow_changes_nothing_through_or_around_the_gateway(gated, docker_client):
     with get_client(sync_client=True) as client:
         victim_deployment = gated["deploy"]("ordinary", "gateway-victim")
-        victim = client.create_flow_run_from_deployment(victim_deployment)  # Scheduled
-        # Keep it out of the worker's hands: paused deployments' runs are still picked
-        # up, so the run is moved far into the future.
+        # Kept out of the worker's hands: created scheduled far into the future (the
+        # worker picks up a run due now as soon as it is created, and paused
+        # deployments' runs are still picked up).
         from datetime import datetime, timedelta, timezone
 
         from prefect.states import Scheduled
 
-        client.set_flow_run_state(
-            victim.id,
-            Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=30)),
-            force=True,
+        victim = client.create_flow_run_from_deployment(
+            victim_deployment,
+            state=Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=30)),
         )
     deployment = gated["deploy"]("attack", "gateway-attack")
     flow_run_id = run_deployment(

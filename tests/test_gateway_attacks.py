@@ -140,11 +140,10 @@ def attacked(request, git_server, runtime_image, package_index, tmp_path_factory
         noop = deploy("gateway_flows.py:sleep_then_finish", f"noop-{mode}")
         earlier = run_deployment(noop, parameters={"seconds": 0}, timeout=0).id
         with get_client(sync_client=True) as client:
-            victim = client.create_flow_run_from_deployment(victim_deployment)
-            client.set_flow_run_state(
-                victim.id,
-                Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=30)),
-                force=True,
+            # Created for 30 days ahead: the worker picks up a run due now at once.
+            victim = client.create_flow_run_from_deployment(
+                victim_deployment,
+                state=Scheduled(scheduled_time=datetime.now(timezone.utc) + timedelta(days=30)),
             )
             victim_task_run = client.create_task_run(
                 victim_task, flow_run_id=victim.id, dynamic_key="0"

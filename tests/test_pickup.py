@@ -5,6 +5,8 @@ released (the worker's own release wakes it)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from conftest import OUTPUT, worker_policy
 from helpers import create_pool, session_workspace, wait_for_final_state
@@ -46,7 +48,9 @@ def test_runs_are_picked_up_on_events_not_by_the_poll(
             120,
             "the worker following its pool's events",
         )
-        # The first poll (at start) is over: from here on only a wake finds a run.
+        # The loop's first poll and the subscription's own are over (each takes well
+        # under a second here): from here on only a wake finds a run.
+        time.sleep(5)
         ad_hoc = run_deployment(hello, timeout=0).id
         run = wait_for_final_state(ad_hoc, timeout=300)
         assert run.state.is_completed(), (run.state.name, run.state.message)

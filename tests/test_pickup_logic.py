@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from uuid import uuid4
 
 import anyio
@@ -73,7 +74,14 @@ async def test_each_event_wakes_a_poll_and_a_dropped_stream_is_followed_again(ca
     pool = uuid4()
     subscribed: list[object] = []
     woken: list[str] = []
-    streams = [["run-1", "run-2"], RuntimeError("connection lost"), ["run-3"]]
+    other = uuid4()
+    streams = [["run-1", "other-pool", "run-2"], RuntimeError("connection lost"), ["run-3"]]
+
+    def event(name: str) -> SimpleNamespace:
+        """Prefect's event as far as the pickup reads it: its run's related resources."""
+        of = other if name == "other-pool" else pool
+        related = [SimpleNamespace(id=f"prefect.work-pool.{of}", role="work-pool")]
+        return SimpleNamespace(name=name, related=related)
 
     @asynccontextmanager
     async def subscribe(pool_id):
@@ -83,9 +91,9 @@ async def test_each_event_wakes_a_poll_and_a_dropped_stream_is_followed_again(ca
             raise stream
 
         async def events():
-            for event in stream:
-                woken.append(f"event {event}")
-                yield event
+            for name in stream:
+                woken.append(f"event {name}")
+                yield event(name)
                 await anyio.sleep(0.01)
             await anyio.sleep_forever() if not streams else None
             raise ConnectionError("the server went away")
@@ -112,6 +120,10 @@ async def test_each_event_wakes_a_poll_and_a_dropped_stream_is_followed_again(ca
         group.cancel_scope.cancel()
     assert subscribed == [pool, pool, pool]
     assert woken.count("event run-1") == woken.count("event run-3") == 1
+    # Another pool's event (the server's live stream does not filter on the pool) wakes
+    # nothing: the entry after it is the next event, not a poll.
+    after = woken[woken.index("event other-pool") + 1]
+    assert after == "event run-2", woken
     assert woken[-1] == "poll"
     assert pickup.polls >= 2
     messages = [record.getMessage() for record in caplog.records]
