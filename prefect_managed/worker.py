@@ -65,7 +65,6 @@ from prefect_managed.messages import awaiting_slot_message
 from prefect_managed.outcome import (
     docker_lost,
 )
-from prefect_managed.pickup import Pickup
 from prefect_managed.policy import Policy
 from prefect_managed.pools import PoolGate
 from prefect_managed.retries import (
@@ -159,9 +158,6 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         # Runs whose attempt crashed for an infrastructure reason, until their slot is
         # released and they are scheduled again (or not: `_retry_infrastructure_crash`).
         self._infrastructure_crashes: dict[UUID, InfrastructureCause] = {}
-        # Polls (Prefect's loop, and `_pickup`'s on an event) one at a time.
-        self._poll_lock = anyio.Lock()
-        self._pickup = Pickup(self._poll_on_wake, self._logger)
 
     def stop_soon(self) -> None:
         """Make `BaseWorker.start` return: its next poll abandons the runs in flight and
@@ -249,8 +245,6 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         self._background.start_soon(self._reconcile_forever)
         self._background.start_soon(self._enforce_cancels_forever)
         self._background.start_soon(self._accounting.show_on_pool, self._work_pool_name)
-        self._background.start_soon(self._pickup.poll_when_woken_forever)
-        self._background.start_soon(self._pickup.follow_forever, self._work_pool_id)
         self._logger.info(
             "Workspace %r, %s tier: %d concurrent flow runs, %d managed pools, "
             "%s memory and %g CPUs per run, %d s maximum run time",
@@ -275,30 +269,13 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
     # -- which pools and runs are served ---------------------------------------------
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
-        assert self._pool_gate is not None
-        async with self._poll_lock:
-            # Checked under the lock: a poll that waited for it admits nothing into the
-            # runs' task group once the worker is told to stop.
-            if self._stop_requested:
-                self.abandon_runs()
-                raise WorkerStopped(self.name)
-            if not await self._pool_gate.is_served():
-                return []
-            return await super().get_and_submit_flow_runs()
-
-    async def _poll_on_wake(self) -> None:
-        """A poll out of turn (`Pickup`): a run of the pool became due, or a slot was
-        released; none once the worker is told to stop (Prefect's loop stops it)."""
         if self._stop_requested:
-            return
-        try:
-            await self.get_and_submit_flow_runs()
-        except WorkerStopped:
-            return
-
-    def _work_pool_id(self) -> UUID | None:
-        """The pool's id once the worker has synced with the API (it may create the pool)."""
-        return self._work_pool.id if self._work_pool is not None else None
+            self.abandon_runs()
+            raise WorkerStopped(self.name)
+        assert self._pool_gate is not None
+        if not await self._pool_gate.is_served():
+            return []
+        return await super().get_and_submit_flow_runs()
 
     async def _submit_scheduled_flow_runs(
         self, flow_run_response: list[WorkerFlowRunResponse]
@@ -341,13 +318,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
     def _release_limit_slot(self, flow_run_id: Any) -> None:
         super()._release_limit_slot(flow_run_id)
         if self._slots is not None and self._runs_task_group is not None:
-            self._runs_task_group.start_soon(self._release_and_wake, flow_run_id)
-
-    async def _release_and_wake(self, flow_run_id: Any) -> None:
-        """Release the run's workspace slot, then poll at once: a run may wait for it."""
-        assert self._slots is not None
-        await self._slots.release(flow_run_id)
-        self._pickup.wake()
+            self._runs_task_group.start_soon(self._slots.release, flow_run_id)
 
     # -- one run ------------------------------------------------------------------
 
