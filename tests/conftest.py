@@ -236,7 +236,7 @@ def official_pool(prefect_server) -> str:
 def official_worker(official_pool, official_image, package_index, tmp_path_factory):
     """The managed worker of `official_pool`: the `tests` workspace, its default image the
     official image's stand-in, otherwise as `managed_worker`."""
-    from services import start_worker
+    from helpers import worker
 
     policy = worker_policy(
         tmp_path_factory.mktemp("official") / "policy.toml",
@@ -245,17 +245,8 @@ def official_worker(official_pool, official_image, package_index, tmp_path_facto
         workspace="tests",
         concurrency_limit=4,
     )
-    worker = start_worker(
-        official_pool,
-        OUTPUT,
-        {
-            "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
-            "PREFECT_WORKER_QUERY_SECONDS": "1",
-        },
-        name="official-worker",
-    )
-    yield worker
-    worker.service.stop()
+    with worker(official_pool, policy, "official-worker") as running:
+        yield running
 
 
 @pytest.fixture
