@@ -113,6 +113,11 @@ class Accounting:
             self._checked_at = time.monotonic()
         return self._month.hours >= self._policy.tier.compute_hours_per_month
 
+    @property
+    def month_hours(self) -> float | None:
+        """The month's compute hours as last read (None before the first read)."""
+        return None if self._month is None else self._month.hours
+
     def exhausted_message(self) -> str:
         assert self._month is not None, "quota_exhausted() first"
         return quota_exhausted_message(

@@ -338,6 +338,21 @@ def serve(
     poll_seconds: float = typer.Option(
         10.0, min=1.0, help="How often to look for managed pools created, paused or deleted."
     ),
+    http_port: int = typer.Option(
+        None,
+        min=0,
+        max=65535,
+        help="Serve GET /health (for a process supervisor) and GET /metrics (Prometheus) "
+        "on this port (0: any free port, printed at start). Default: not served.",
+        show_default=False,
+    ),
+    http_host: str = typer.Option("127.0.0.1", help="The address --http-port listens on."),
+    drain_on_sigterm: bool = typer.Option(
+        False,
+        "--drain-on-sigterm",
+        help="On SIGTERM, drain (as on SIGUSR1) instead of stopping at once; a second "
+        "SIGTERM stops. For supervisors that only send SIGTERM before an upgrade.",
+    ),
 ) -> None:
     """Serve every prefect:managed work pool of the workspace, in one process.
 
@@ -345,13 +360,16 @@ def serve(
     picks up pools created later and stops serving pools that are paused or deleted.
     Unlike `prefect worker start`, it needs no --pool and no --type. On SIGTERM or
     Ctrl-C it claims no new runs and exits; running containers keep running, and the
-    next start with the same --name finishes and records them.
+    next start with the same --name finishes and records them. On SIGUSR1 it drains:
+    it claims no new runs, lets the running ones end and records them, then exits.
 
     Examples:
 
         prefect-managed serve
 
         prefect-managed serve --name docker-host-2 --poll-seconds 5
+
+        prefect-managed serve --http-port 9464 --drain-on-sigterm
     """
     import signal
     import socket
@@ -360,6 +378,7 @@ def serve(
     from prefect.logging import get_logger
 
     from prefect_managed.gateway.host import check_boundary
+    from prefect_managed.metrics import HealthServer
     from prefect_managed.service import ManagedService
 
     try:
@@ -370,13 +389,39 @@ def serve(
     except ManagedError as exc:
         _fail(exc)
     service = ManagedService(name or socket.gethostname(), policy, poll_seconds)
+    http: HealthServer | None = None
+    if http_port is not None:
+        try:
+            http = HealthServer(service, http_host, http_port)
+        except OSError as exc:
+            typer.echo(
+                f"Error: cannot serve /health and /metrics on {http_host}:{http_port}: "
+                f"{exc.strerror or exc}. Choose another --http-port (0: any free port).",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+        http.start()
+        typer.echo(f"Serving /health and /metrics on http://{http_host}:{http.port}", err=True)
 
     async def serve_until_signalled() -> None:
         async with anyio.create_task_group() as group:
 
             async def stop_on_signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+                with anyio.open_signal_receiver(*wanted) as signals:
                     async for received in signals:
+                        drain = received == signal.SIGUSR1 or (
+                            drain_on_sigterm and received == signal.SIGTERM and not service.draining
+                        )
+                        if drain:
+                            typer.echo(
+                                f"Received {signal.Signals(received).name}: draining: "
+                                "claiming no new runs; exits once the running ones have "
+                                "ended and are recorded (SIGTERM stops at once).",
+                                err=True,
+                            )
+                            service.drain()
+                            continue
                         if service.stopping:  # a second signal: stop at once
                             group.cancel_scope.cancel()
                             return
@@ -394,7 +439,11 @@ def serve(
 
     # Returns normally, so Prefect flushes its logs and events at exit. The containers
     # left running are taken over by the next `prefect-managed serve --name <name>`.
-    anyio.run(serve_until_signalled)
+    try:
+        anyio.run(serve_until_signalled)
+    finally:
+        if http is not None:
+            http.stop()
 
 
 def main() -> None:

@@ -190,6 +190,16 @@ class Containers:
         found: list[dict[str, Any]] = await run_sync_in_worker_thread(self._with_client, _find)
         return [ContainerReport.from_inspect(attrs) for attrs in found]
 
+    async def running(self, labels: list[str]) -> list[ContainerReport]:
+        """Every running container carrying all of `labels` ("key=value")."""
+
+        def _running(client: docker.DockerClient) -> list[dict[str, Any]]:
+            found = client.api.containers(filters={"label": labels, "status": "running"})
+            return [a for a in (_inspect(client, item["Id"]) for item in found) if a]
+
+        found: list[dict[str, Any]] = await run_sync_in_worker_thread(self._with_client, _running)
+        return [ContainerReport.from_inspect(attrs) for attrs in found]
+
     async def output(self, container_id: str, tail: int) -> list[str]:
         def _output(client: docker.DockerClient) -> list[str]:
             try:

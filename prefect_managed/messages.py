@@ -7,6 +7,7 @@ from prefect_managed.policy import Policy, format_bytes, format_seconds
 
 __all__ = [
     "CANCELLED_AT_EXIT_MESSAGE",
+    "awaiting_room_message",
     "awaiting_slot_message",
     "cancel_enforced_message",
     "container_output_dropped_message",
@@ -83,6 +84,14 @@ def awaiting_slot_message(policy: Policy) -> str:
         f"Waiting for a concurrency slot: workspace {policy.workspace.name!r} is on the "
         f"{policy.workspace.tier} tier, which runs {limit} {runs} at a time across all "
         "managed work pools. This run starts when a running one finishes."
+    )
+
+
+def awaiting_room_message(why: str) -> str:
+    return (
+        f"Waiting for room on a Docker host: {why}. The run stays Scheduled: another host "
+        "of the workspace takes it, or this one once a running flow run ends. Add hosts, "
+        "or lower the tier's memory or cpus, if runs wait for room often."
     )
 
 

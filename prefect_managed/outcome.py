@@ -63,6 +63,7 @@ class ContainerReport:
     exit_code: int | None = None
     oom_killed: bool = False
     memory_limit: int = 0
+    nano_cpus: int = 0
     pids_limit: int = 0
     #: on the isolated network: the "host:port" destinations its tunnel was given
     isolated_destinations: tuple[str, ...] | None = None
@@ -86,6 +87,7 @@ class ContainerReport:
             exit_code=state.get("ExitCode"),
             oom_killed=bool(state.get("OOMKilled")),
             memory_limit=int(host.get("Memory") or 0),
+            nano_cpus=int(host.get("NanoCpus") or 0),
             pids_limit=int(host.get("PidsLimit") or 0),
             isolated_destinations=_isolated_destinations(config.get("Entrypoint")),
         )

@@ -36,6 +36,7 @@ from prefect_managed.policy_runtime import Runtime
 from prefect_managed.policy_values import (
     Count,
     DiskSize,
+    HostMemorySize,
     MemorySize,
     Number,
     OutputSize,
@@ -51,6 +52,7 @@ else:  # pragma: no cover
 
 __all__ = [
     "BUILTIN_TIERS",
+    "Host",
     "Policy",
     "Runtime",
     "Tier",
@@ -174,10 +176,46 @@ class Workspace(StrictModel):
     tier: str = Field(default="free", description="The tier the workspace is on.")
 
 
+class Host(StrictModel):
+    """What each Docker host keeps for itself. A host admits a flow run only while the
+    memory limits and CPU caps of the managed containers running on its engine, plus the
+    new run's, fit what the engine reports (`docker info`) less these reserves; a run
+    that does not fit stays Scheduled for another host."""
+
+    reserve_memory: HostMemorySize = Field(
+        default="512m",
+        description=(
+            "Memory of each Docker host that flow runs are never given (for the host, the "
+            "engine and the service), in Docker's units. 0: none kept."
+        ),
+    )
+    reserve_cpus: Number = Field(
+        default=0.0,
+        ge=0,
+        le=1024,
+        description="CPUs of each Docker host that flow runs are never given.",
+    )
+    cpu_overcommit: Number = Field(
+        default=4.0,
+        ge=0.1,
+        le=64,
+        description=(
+            "How many times its CPUs (less reserve_cpus) a host's running flow runs' CPU "
+            "caps may add up to. A cap is a ceiling, not a reservation: most runs wait on "
+            "I/O. 1 admits only runs whose caps together fit the host's CPUs."
+        ),
+    )
+
+    @property
+    def reserve_memory_bytes(self) -> int:
+        return parse_bytes(self.reserve_memory)
+
+
 class Policy(StrictModel):
     workspace: Workspace = Field(default_factory=Workspace)
     tiers: dict[str, Tier] = Field(default_factory=dict)
     runtime: Runtime = Field(default_factory=Runtime)
+    host: Host = Field(default_factory=Host)
 
     @model_validator(mode="before")
     @classmethod

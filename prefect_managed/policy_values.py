@@ -14,6 +14,7 @@ __all__ = [
     "CacheSize",
     "Count",
     "DiskSize",
+    "HostMemorySize",
     "LogSize",
     "MemorySize",
     "Number",
@@ -65,6 +66,9 @@ MemorySize = Annotated[str | int, BeforeValidator(_size_value), _size_between(6 
 CacheSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(256 * 2**10, 2**42)]
 LogSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(2**20, 2**30)]
 DiskSize = Annotated[str | int, BeforeValidator(_size_value), _size_between(2**30, 2**44)]
+HostMemorySize = Annotated[
+    str | int, BeforeValidator(_size_value), _size_between(2**20, 2**44, zero_is_off=True)
+]
 #: The same, or 0 for off.
 OutputSize = Annotated[
     str | int, BeforeValidator(_size_value), _size_between(2**10, 2**26, zero_is_off=True)

@@ -10,7 +10,10 @@ The service composes one `ManagedWorker` per pool, each running Prefect's own
   that is deleted, paused or pushed out of the tier's count loses its worker;
 - a worker is named `<service name>-<pool>`, so a restarted service takes over the
   containers its previous incarnation left behind (`ManagedWorker` reconciles them);
-- a worker that fails is started again after a pause.
+- a worker that fails is started again after a pause;
+- `drain()` (SIGUSR1 to `prefect-managed serve`) makes every worker claim no new runs
+  and the service return once no run or container of its workers is left;
+- `health()` and `workers()`/`stats()` are what `metrics.HealthServer` serves.
 
 Stopping a worker (pool gone, or the service shutting down) stops its loops: it claims
 no new runs, and running containers keep running; the next worker of that pool with the
@@ -20,8 +23,10 @@ them.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -31,6 +36,7 @@ from prefect.client.schemas.objects import WorkPool
 from prefect.logging import get_logger
 
 from prefect_managed.messages import served_pool_names
+from prefect_managed.metrics import PoolStats
 from prefect_managed.policy import Policy
 from prefect_managed.worker import ManagedWorker, stopped_on_request
 
@@ -40,6 +46,8 @@ logger = get_logger("managed.service")
 
 #: How long a failed worker waits before it is started again.
 RESTART_SECONDS = 10.0
+#: How often a draining service checks whether its workers are done.
+DRAIN_CHECK_SECONDS = 2.0
 
 
 def worker_name(service_name: str, pool: str) -> str:
@@ -90,8 +98,13 @@ class ManagedService:
         self._client_factory = client_factory
         self._running: dict[str, anyio.Event] = {}  # pool -> the event that stops its worker
         self._stop_requested = False
+        self._started_at: float | None = None
         self._stopping: anyio.Event | None = None  # made in `run`, inside the event loop
         self._reported: PoolPlan | None = None
+        self._workers: dict[str, ManagedWorker] = {}  # pool -> its worker now
+        self._stats: dict[str, PoolStats] = {}  # pool -> what its workers counted
+        self._draining = False
+        self._planned_at: float | None = None  # monotonic time of the last pool read
 
     @property
     def served(self) -> list[str]:
@@ -100,6 +113,60 @@ class ManagedService:
     @property
     def stopping(self) -> bool:
         return self._stop_requested
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        """Claim no new runs, let the running ones end (and be recorded), then return
+        from `run`. Pools are no longer looked for meanwhile."""
+        if self._draining:
+            return
+        self._draining = True
+        logger.info(
+            "Service %r draining: claiming no new flow runs; it stops once the runs of "
+            "its workers have ended",
+            self.name,
+        )
+        for worker in list(self._workers.values()):
+            worker.drain()
+        if self._stopping is not None:
+            self._stopping.set()  # wakes the loop, which then waits for the drain
+
+    def workers(self) -> list[tuple[str, ManagedWorker]]:
+        return sorted(self._workers.items())
+
+    def stats(self) -> list[tuple[str, PoolStats]]:
+        return sorted(self._stats.items())
+
+    def health(self) -> tuple[bool, dict[str, Any]]:
+        """Whether a process supervisor should keep this service, and what it says."""
+        age = None if self._planned_at is None else time.monotonic() - self._planned_at
+        body: dict[str, Any] = {
+            "service": self.name,
+            "status": "stopping"
+            if self._stop_requested
+            else "draining"
+            if self._draining
+            else "serving",
+            "pools": self.served,
+            "seconds_since_pools_read": None if age is None else round(age, 1),
+        }
+        if self._stop_requested:
+            return False, body
+        if self._draining:
+            return True, body  # reads no pools while it drains
+        stale = self.poll_seconds * 3 + 30
+        if age is None and self._started_at is not None:
+            age = time.monotonic() - self._started_at  # not read yet: since the start
+        if age is None or age > stale:
+            body["problem"] = (
+                f"the managed pools were not read from the Prefect API in the last "
+                f"{stale:g} s: is PREFECT_API_URL reachable?"
+            )
+            return False, body
+        return True, body
 
     def stop(self) -> None:
         """Stop every worker: no new runs; running containers keep running."""
@@ -116,8 +183,9 @@ class ManagedService:
             self.policy.workspace.tier,
             self.policy.tier.pool_limit,
         )
+        self._started_at = time.monotonic()
         self._stopping = stopping = anyio.Event()
-        if self._stop_requested:
+        if self._stop_requested or self._draining:
             stopping.set()
         async with self._client_factory() as client, anyio.create_task_group() as workers:
             while not stopping.is_set():
@@ -126,12 +194,30 @@ class ManagedService:
                 except Exception:  # the API may be unreachable for a while: keep serving
                     logger.warning("Could not read the managed work pools", exc_info=True)
                 else:
+                    self._planned_at = time.monotonic()
                     self._apply(plan, workers)
                 with anyio.move_on_after(self.poll_seconds):
                     await stopping.wait()
+            if self._draining and not self._stop_requested:
+                await self._wait_for_drain()
             for pool in list(self._running):
                 self._running.pop(pool).set()
         logger.info("Service %r stopped", self.name)
+
+    async def _wait_for_drain(self) -> None:
+        """Until every worker has nothing left, or `stop()` (a signal) ends the wait."""
+        while not self._stop_requested:
+            done = True
+            for pool, worker in list(self._workers.items()):
+                try:
+                    done = await worker.drained() and done
+                except Exception:  # the engine may be away for a while: ask again
+                    logger.warning("Could not tell whether %r drained", pool, exc_info=True)
+                    done = False
+            if done:
+                logger.info("Service %r drained: no flow run of its workers is left", self.name)
+                return
+            await anyio.sleep(DRAIN_CHECK_SECONDS)
 
     async def _plan(self, client: PrefectClient) -> PoolPlan:
         pools = await client.read_work_pools(
@@ -151,6 +237,7 @@ class ManagedService:
                 )
                 logger.info("Stopped serving work pool %r: %s", pool, reason)
                 self._running.pop(pool).set()
+                self._workers.pop(pool, None)
         for pool in plan.serve:
             if pool not in self._running:
                 stop = anyio.Event()
@@ -181,6 +268,10 @@ class ManagedService:
                 # A deleted pool must stay deleted: Prefect's worker would make it again.
                 create_pool_if_not_found=False,
             )
+            worker.stats = self._stats.setdefault(pool, PoolStats())
+            if self._draining:
+                worker.drain()
+            self._workers[pool] = worker
             try:
                 await _run_worker(worker, stop)
             except Exception:

@@ -36,10 +36,12 @@ from prefect_docker.worker import DockerWorker, DockerWorkerResult
 
 from prefect_managed.accounting import Accounting
 from prefect_managed.cancels import Cancels, runs_managed_container
+from prefect_managed.capacity import HostCapacity, Need, capacity_for
 from prefect_managed.concurrency import WorkspaceSlots
 from prefect_managed.configuration import (
     ManagedJobConfiguration,
     ManagedVariables,
+    api_label_value,
     disk_limit_unsupported,
 )
 from prefect_managed.containers import (
@@ -48,6 +50,7 @@ from prefect_managed.containers import (
     Watch,
     in_daemon_thread,
     is_root_user,
+    pool_labels,
 )
 from prefect_managed.environment_step import EnvironmentStep
 from prefect_managed.environments import Environments
@@ -61,7 +64,8 @@ from prefect_managed.exceptions import (
 from prefect_managed.finishing import Finishing
 from prefect_managed.gateway.host import check_boundary, serve_run_gateway
 from prefect_managed.ledger import UsageLedger
-from prefect_managed.messages import awaiting_slot_message
+from prefect_managed.messages import awaiting_room_message, awaiting_slot_message
+from prefect_managed.metrics import PoolStats
 from prefect_managed.outcome import (
     docker_lost,
 )
@@ -158,6 +162,53 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         # Runs whose attempt crashed for an infrastructure reason, until their slot is
         # released and they are scheduled again (or not: `_retry_infrastructure_crash`).
         self._infrastructure_crashes: dict[UUID, InfrastructureCause] = {}
+        self._capacity: HostCapacity = capacity_for(self._containers, self.policy.host)
+        self._told_no_room: deque[UUID] = deque(maxlen=1000)  # runs told they wait for room
+        self._draining = False
+        #: what the service's metrics read; the service gives each worker of a pool the same
+        self.stats = PoolStats()
+
+    def drain(self) -> None:
+        """Claim no new runs; the runs in flight go on to their end (`drained`)."""
+        if not self._draining:
+            self._logger.info("Draining: claiming no new flow runs; %d running", len(self._running))
+        self._draining = True
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    # -- what the service's metrics read ------------------------------------------
+
+    @property
+    def runs_in_flight(self) -> int:
+        return len(self._running)
+
+    @property
+    def slots_held(self) -> int:
+        return 0 if self._slots is None else len(self._slots.held_runs())
+
+    @property
+    def month_hours(self) -> float | None:
+        return None if self._accounting is None else self._accounting.month_hours
+
+    @property
+    def host_capacity(self) -> HostCapacity:
+        return self._capacity
+
+    async def drained(self) -> bool:
+        """Whether nothing of this worker is left: no run in flight, no container of its
+        name on the engine (an exited one is finished by a reconciliation first)."""
+        if self._running or self._active:
+            return False
+        labels = [
+            *pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name),
+            f"io.prefect.worker-name={self.name}",
+        ]
+        if not await self._containers.find(labels):
+            return True
+        await self._reconcile_guarded()
+        return False
 
     def stop_soon(self) -> None:
         """Make `BaseWorker.start` return: its next poll abandons the runs in flight and
@@ -273,6 +324,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
             self.abandon_runs()
             raise WorkerStopped(self.name)
         assert self._pool_gate is not None
+        if self._draining:
+            await self._take_waiting_slots()  # taken-over runs still get their slots
+            return []
         if not await self._pool_gate.is_served():
             return []
         return await super().get_and_submit_flow_runs()
@@ -298,22 +352,63 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         ours = {*self._submitting_flow_run_ids, *self._slots.held_runs()}
         waiting = [entry.flow_run.id for entry in queue if entry.flow_run.id not in ours]
         # No new run while a taken-over one waits for a slot.
-        acquired = set() if self._unslotted else await self._slots.acquire_in_order(waiting)
+        roomy: list[UUID] = []
+        if waiting and not self._unslotted:
+            try:
+                roomy, why = await self._capacity.admit(waiting, self._need(), anyio.current_time())
+            except Exception as exc:
+                # The engine does not answer: admitted as before there was a count, so
+                # the start fails as the infrastructure's (and may be retried).
+                self._logger.warning("Could not count the room on this host: %s", exc)
+                roomy, why = list(waiting), ""
+            if why:
+                await self._tell_no_room(
+                    [e.flow_run for e in queue if e.flow_run.id in waiting[len(roomy) :]], why
+                )
+        acquired = await self._slots.acquire_in_order(roomy) if roomy else set()
+        for run in roomy:
+            if run not in acquired:
+                self._capacity.release(run)
         admitted: list[WorkerFlowRunResponse] = []
+        self.stats.waiting_for_slot = self.stats.waiting_for_room = 0
         for entry in queue:
             flow_run = entry.flow_run
             if flow_run.id in ours or flow_run.id in acquired:
                 admitted.append(entry)
-            else:
+            elif flow_run.id in roomy or self._unslotted:
+                self.stats.waiting_for_slot += 1
                 await self._states.mark_awaiting_slot(
                     flow_run, _scheduled_time(flow_run), awaiting_slot_message(self.policy)
                 )
+            else:
+                # No room on this host: left Scheduled, without a slot, for another host.
+                self.stats.waiting_for_room += 1
         submitted = await super()._submit_scheduled_flow_runs(admitted)
         submitted_ids = {flow_run.id for flow_run in submitted}
+        self.stats.admitted += len(submitted_ids - ours)
         for entry in admitted:
             if entry.flow_run.id not in submitted_ids:
                 await self._slots.release(entry.flow_run.id)
+                self._capacity.release(entry.flow_run.id)
         return submitted
+
+    def _need(self) -> Need:
+        """What a new run may take: the tier's memory and CPUs (a run may ask for less
+        memory; the tier's is what it can use at most)."""
+        return Need(self.policy.tier.memory_bytes, self.policy.tier.cpus)
+
+    async def _tell_no_room(self, flow_runs: list[FlowRun], why: str) -> None:
+        """Say once per run, in its logs and the worker's, that it waits for room."""
+        for flow_run in flow_runs:
+            if flow_run.id in self._told_no_room:
+                continue
+            self._told_no_room.append(flow_run.id)
+            message = awaiting_room_message(why)
+            self._logger.info("Flow run %s: %s", flow_run.id, message)
+            try:
+                self.get_flow_run_logger(flow_run).info("%s", message)
+            except Exception:  # a log line never stops admission
+                self._logger.debug("Could not log to flow run %s", flow_run.id, exc_info=True)
 
     def _release_limit_slot(self, flow_run_id: Any) -> None:
         super()._release_limit_slot(flow_run_id)
@@ -334,6 +429,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
             await self._retry_infrastructure_crash(flow_run)
         finally:
             self._running.discard(flow_run.id)
+            self._capacity.release(flow_run.id)
         return result
 
     async def run(  # type: ignore[override]
@@ -515,6 +611,8 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         _, container_id = self._parse_infrastructure_pid(started.infrastructure_pid)
         # Watched here: the reconciliation must not take it over as an orphan.
         self._active.add(container_id)
+        waited = datetime.now(timezone.utc) - _scheduled_time(flow_run)
+        self.stats.observe_start(max(0.0, waited.total_seconds()))
         watch = Watch(container_id)
         watches.append(watch)
         await self._watch(flow_run, watch)

@@ -26,6 +26,7 @@ from pydantic_core import PydanticUndefined
 
 from prefect_managed.policy import (
     BUILTIN_TIERS,
+    Host,
     Runtime,
     Tier,
     Workspace,
@@ -215,7 +216,7 @@ def render_policy_page() -> str:
             "scripts/docs_hooks.py at build time; edit the models' field descriptions, not "
             "this page. -->",
             "",
-            "The policy file is TOML with three tables. Every table and every key is "
+            "The policy file is TOML with four tables. Every table and every key is "
             "optional; a key that is not listed here, a value of the wrong type, a limit "
             "of zero or less, or a workspace tier that is not defined makes the file "
             "unusable: `prefect-managed policy check` and the worker print one `Error:` "
@@ -251,6 +252,12 @@ def render_policy_page() -> str:
             "`allowed_images`.",
             "",
             *_policy_table(Runtime),
+            "",
+            "## `[host]`",
+            "",
+            f"{_cell(Host.__doc__ or '')} See [scale-out](scale-out.md#room-on-a-host).",
+            "",
+            *_policy_table(Host),
             "",
         ]
     )

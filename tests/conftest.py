@@ -181,17 +181,20 @@ def worker_policy(
     index_url: str,
     workspace: str,
     runtime: dict | None = None,
+    host: dict | None = None,
     **tier,
 ) -> Path:
-    """A policy file for a test worker: a tier named `test` with the given numbers, and
-    `runtime` settings besides the image and the package index."""
+    """A policy file for a test worker: a tier named `test` with the given numbers,
+    `runtime` settings besides the image and the package index, and a `[host]` table."""
     from services import write_policy
 
+    tables = {"host": host} if host else {}
     return write_policy(
         path,
         workspace={"name": workspace, "tier": "test"},
         tiers={"test": {"pool_limit": 100, **tier}},
         runtime={"default_image": runtime_image, "package_index_url": index_url, **(runtime or {})},
+        **tables,
     )
 
 

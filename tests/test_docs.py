@@ -24,7 +24,15 @@ from prefect_managed.messages import (
     pool_not_served_message,
     run_time_exceeded_message,
 )
-from prefect_managed.policy import BUILTIN_TIERS, Policy, Runtime, Tier, Workspace, load_policy
+from prefect_managed.policy import (
+    BUILTIN_TIERS,
+    Host,
+    Policy,
+    Runtime,
+    Tier,
+    Workspace,
+    load_policy,
+)
 from prefect_managed.usage import (
     MonthlyUsage,
     Outcome,
@@ -91,6 +99,7 @@ def test_the_operator_guides_complete_policy_example_sets_every_key(example_file
     assert set(data["workspace"]) == set(Workspace.model_fields), hint
     assert set(data["runtime"]) == set(Runtime.model_fields), hint
     assert tier_keys == set(Tier.model_fields), hint
+    assert set(data["host"]) == set(Host.model_fields), hint
 
 
 def test_policy_check_accepts_the_example_and_prints_what_the_guide_shows(example_file: Path):
@@ -119,6 +128,7 @@ def test_the_policy_reference_lists_every_key_of_every_table():
         ("`[workspace]`", Workspace),
         ("`[tiers.<name>]`", Tier),
         ("`[runtime]`", Runtime),
+        ("`[host]`", Host),
     ):
         for name, field in model.model_fields.items():
             row = next(

@@ -8,6 +8,7 @@ creates are the only managed pools the services see.
 
 from __future__ import annotations
 
+import re
 import signal
 import tempfile
 import threading
@@ -30,8 +31,10 @@ from helpers import (
 from postgres import start_postgres
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
+from prefect.client.schemas.filters import LogFilter
 from prefect.deployments import run_deployment
 from prefect.settings import PREFECT_API_URL, temporary_settings
+from prometheus_client.parser import text_string_to_metric_families
 from services import BIN, FILE_LEASES, Service, free_port, start, wait_for
 
 from prefect_managed import ManagedWorker
@@ -118,10 +121,18 @@ def deploy_to(flows_repo, api):
     return _deploy
 
 
-def start_serve(api: str, policy: Path, name: str) -> Service:
+def start_serve(api: str, policy: Path, name: str, *options: str) -> Service:
     return start(
         f"serve-{name}",
-        [str(BIN / "prefect-managed"), "serve", "--name", name, "--poll-seconds", POLL_SECONDS],
+        [
+            str(BIN / "prefect-managed"),
+            "serve",
+            "--name",
+            name,
+            "--poll-seconds",
+            POLL_SECONDS,
+            *options,
+        ],
         OUTPUT,
         {
             "PREFECT_API_URL": api,
@@ -280,6 +291,121 @@ def test_sigterm_leaves_running_containers_and_the_next_start_finishes_them(
     assert run.state.is_completed(), run.state
     assert f"Taking over container {container.name} of flow run {flow_run_id}" in second.log()
     assert len(records) == 1, records
+
+
+# -- drain, health and metrics, room on the host ---------------------------------------
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """The service's /metrics as Prometheus reads it: (sample name, labels) -> value."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def health(port: int) -> tuple[int, dict]:
+    response = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10)
+    return response.status_code, response.json()
+
+
+def test_drain_finishes_the_running_run_takes_no_new_one_then_exits_and_says_so(
+    api, deploy_to, policy_for, docker_client
+):
+    pool = create_pool("drained")
+    deployment = deploy_to(pool, "sleeper")
+    port = free_port()
+    workspace = session_workspace("serve-drain")
+    with container_creations(docker_client, workspace) as created:
+        service = start_serve(
+            api, policy_for("serve-drain", concurrency_limit=2), "drain", "--http-port", str(port)
+        )
+        try:
+            wait_for_log_line(service, f"Serving work pool {pool!r}")
+            before = wait_for(lambda: health(port)[0] == 200 and health(port), 60, "healthy")
+            running = start_run(deployment, seconds=20)
+            with get_client(sync_client=True) as client:
+                wait_for(
+                    lambda: client.read_flow_run(running).state.is_running(), 600, "run Running"
+                )
+            during = scrape(port)
+            service.process.send_signal(signal.SIGUSR1)
+            wait_for_log_line(service, "draining")
+            late = start_run(deployment, seconds=1)
+            draining = health(port)
+            drained_metrics = scrape(port)
+            exit_code = service.process.wait(timeout=600)
+        finally:
+            service.stop(timeout=60)
+    with get_client(sync_client=True) as client:
+        finished = client.read_flow_run(running).state
+        left = client.read_flow_run(late).state
+    records = usage_records(running)
+
+    assert before[1]["status"] == "serving" and before[1]["pools"] == [pool], before
+    labels = (("pool", pool),)
+    assert during[("prefect_managed_runs_admitted_total", labels)] == 1, during
+    assert during[("prefect_managed_runs_running", labels)] == 1
+    assert during[("prefect_managed_slots_held", labels)] == 1
+    assert during[("prefect_managed_start_latency_seconds_count", labels)] == 1
+    assert during[("prefect_managed_draining", ())] == 0
+    assert during[("prefect_managed_quota_hours", (("workspace", workspace),))] == 10
+    assert draining == (200, {**draining[1], "status": "draining"}), draining
+    assert drained_metrics[("prefect_managed_draining", ())] == 1
+
+    assert exit_code == 0, service.log()[-3000:]
+    assert "Service 'drain' drained" in service.log()
+    assert finished.is_completed(), finished
+    assert len(records) == 1, records
+    assert not run_containers(docker_client, running)
+    assert left.is_scheduled(), left
+    assert [labels["io.prefect.flow-run-id"] for labels in created] == [str(running)]
+
+
+def test_a_host_without_room_leaves_runs_waiting_and_says_why(
+    api, deploy_to, policy_for, docker_client
+):
+    """A host whose engine has room for one run of the tier (its reserve is set so) runs
+    three runs one at a time, though the workspace's cap is 3; the waiting runs' logs say
+    why."""
+    total = docker_client.info()["MemTotal"]
+    tier_memory = 1024**3
+    reserve = total - tier_memory - tier_memory // 2  # room for one run of 1 GiB
+    workspace = session_workspace("serve-room")
+    policy = policy_for(
+        "serve-room", concurrency_limit=3, memory="1g", host={"reserve_memory": reserve}
+    )
+    pool = create_pool("roomy")
+    deployment = deploy_to(pool, "sleeper")
+    with serving(api, policy, "room") as service:
+        wait_for_log_line(service, f"Serving work pool {pool!r}")
+        runs = [start_run(deployment, seconds=4) for _ in range(3)]
+        most_running = 0
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                found = docker_client.containers.list(
+                    filters={"label": f"{WORKSPACE_LABEL}={workspace}", "status": "running"}
+                )
+                most_running = max(most_running, len(found))
+                if all(client.read_flow_run(run).state.is_final() for run in runs):
+                    break
+                time.sleep(0.2)
+            states = [client.read_flow_run(run).state for run in runs]
+            told = [
+                [log.message for log in client.read_logs(LogFilter(flow_run_id={"any_": [run]}))]
+                for run in runs
+            ]
+    waited = [messages for messages in told if any("Waiting for room" in m for m in messages)]
+
+    assert [state.type.value for state in states] == ["COMPLETED"] * 3
+    assert most_running == 1
+    assert waited, told
+    message = next(m for m in waited[0] if "Waiting for room" in m)
+    assert re.search(r"room for [0-2] more of [1-3] waiting flow runs of 1 GiB", message), message
+    assert "[host] reserves" in message and "another host" in message, message
 
 
 # -- scale-out: two hosts, one PostgreSQL-backed server -------------------------------
