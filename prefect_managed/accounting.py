@@ -173,6 +173,11 @@ class Accounting:
         record = usage_record_of(report, flow_run, self._policy, meter, outcome, default_pool)
         if record is None:
             return  # the container never ran: no compute to count
+        await self.store(flow_run, record)
+
+    async def store(self, flow_run: FlowRun, record: UsageRecord) -> None:
+        """Store `record` once (kept on disk until the ledger has it); warn when it
+        crosses a quota threshold."""
         if self._spool is None:
             published = await self._publish(record)
         else:

@@ -44,10 +44,18 @@ from prefect_managed.sources import describe_pull_step_failure, redact_url_crede
 
 logger = get_logger("managed.run_states")
 
-__all__ = ["AWAITING_SLOT", "CONTAINER_OUTPUT_LOGGER", "QUOTA_EXHAUSTED", "RunStates"]
+__all__ = [
+    "AWAITING_SLOT",
+    "CONTAINER_OUTPUT_LOGGER",
+    "HOST_LOST",
+    "QUOTA_EXHAUSTED",
+    "RunStates",
+]
 
 AWAITING_SLOT = "AwaitingConcurrencySlot"
 QUOTA_EXHAUSTED = "QuotaExhausted"
+#: The Crashed state of a run whose Docker host was lost (`lost`).
+HOST_LOST = "HostLost"
 
 #: Logs read per page, and pages at most, when looking for the container's output.
 _LOG_PAGE = 200
@@ -92,8 +100,8 @@ class RunStates:
         """
         current = await self.state(flow_run.id)
         if current is not None and current.is_crashed():
-            if current.message == message:
-                return  # said already
+            if current.message == message or current.name == HOST_LOST:
+                return  # said already, or the run was taken as lost with its host
             await self._client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
             self._run_logger(flow_run).error("%s", message)
         elif current is None or not current.is_final():

@@ -21,7 +21,8 @@ from uuid import UUID
 import anyio
 import httpx
 from prefect.client.schemas.objects import FlowRun, WorkerStatus
-from prefect.exceptions import ObjectNotFound, PrefectHTTPStatusError
+from prefect.exceptions import InfrastructureNotFound, ObjectNotFound, PrefectHTTPStatusError
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from prefect_managed.configuration import api_label_value
 from prefect_managed.containers import Watch, orphans, pool_labels, workspace_labels
@@ -76,6 +77,10 @@ class TakeOver:
         ) -> ContainerReport | None: ...
 
         async def _retry_infrastructure_crash(self, flow_run: FlowRun) -> None: ...
+
+        def _stop_container(self, container_id: str, timeout: int) -> None: ...
+
+        async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None: ...
 
     async def _reconcile_forever(self) -> None:
         while True:
@@ -192,13 +197,33 @@ class TakeOver:
                 continue  # not a run of this Prefect server: not ours to touch
             self._active.add(report.id)
             self._running.add(flow_run.id)
+            # The run's worker label names who runs it now (the lost-host check reads it).
+            try:
+                await self._give_worker_labels_to_flow_run(flow_run.id)
+            except Exception:
+                self._logger.warning(
+                    "Could not label flow run %s with this worker", flow_run.id, exc_info=True
+                )
             self._logger.info(
                 "Taking over container %s of flow run %s, left by worker %r",
                 report.name,
                 report.flow_run_id,
                 report.labels.get("io.prefect.worker-name"),
             )
-            if report.running:
+            if report.running and flow_run.state is not None and flow_run.state.is_final():
+                # Its run is over (ended while its host was away, taken as lost): the
+                # container stops; it is then finished, and recorded only if it was not.
+                self._logger.warning(
+                    "Stopping container %s: its flow run %s is already %s",
+                    report.name,
+                    report.flow_run_id,
+                    flow_run.state.name,
+                )
+                try:
+                    await run_sync_in_worker_thread(self._stop_container, report.id, 10)
+                except InfrastructureNotFound:
+                    pass  # it exited meanwhile
+            elif report.running:
                 await self._hold_slot(flow_run.id)
             assert self._background is not None
             self._background.start_soon(self._adopt, flow_run, Watch(report.id))

@@ -51,6 +51,8 @@ class Outcome(str, Enum):
     OUT_OF_MEMORY = "out of memory"
     TIMED_OUT = "timed out"
     CANCELLED = "cancelled"
+    #: its Docker host was lost: counted up to its worker's last heartbeat (`lost`)
+    LOST = "lost"
 
 
 def billable_minutes(wall_seconds: float) -> int:

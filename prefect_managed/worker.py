@@ -64,6 +64,7 @@ from prefect_managed.exceptions import (
 from prefect_managed.finishing import Finishing
 from prefect_managed.gateway.host import check_boundary, serve_run_gateway
 from prefect_managed.ledger import UsageLedger
+from prefect_managed.lost import LostHosts
 from prefect_managed.messages import awaiting_room_message, awaiting_slot_message
 from prefect_managed.metrics import PoolStats
 from prefect_managed.outcome import (
@@ -116,7 +117,7 @@ class _StartedProxy:
             self._inner.started(value)  # type: ignore[arg-type]
 
 
-class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
+class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
     """Runs each flow run of a `prefect:managed` pool in a capped, hardened container."""
 
     type = "prefect:managed"
@@ -295,6 +296,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
         await self._reconcile_guarded()
         self._background.start_soon(self._reconcile_forever)
         self._background.start_soon(self._enforce_cancels_forever)
+        self._background.start_soon(self._find_lost_forever)
         self._background.start_soon(self._accounting.show_on_pool, self._work_pool_name)
         self._logger.info(
             "Workspace %r, %s tier: %d concurrent flow runs, %d managed pools, "
@@ -412,6 +414,8 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels):
 
     def _release_limit_slot(self, flow_run_id: Any) -> None:
         super()._release_limit_slot(flow_run_id)
+        # Also when Prefect aborted the submission (another host took the run first).
+        self._capacity.release(flow_run_id)
         if self._slots is not None and self._runs_task_group is not None:
             self._runs_task_group.start_soon(self._slots.release, flow_run_id)
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 from conftest import AUTH, OUTPUT, worker_policy
+from engines import start_engine
 from helpers import (
     create_pool,
     run_containers,
@@ -121,7 +122,9 @@ def deploy_to(flows_repo, api):
     return _deploy
 
 
-def start_serve(api: str, policy: Path, name: str, *options: str) -> Service:
+def start_serve(
+    api: str, policy: Path, name: str, *options: str, env: dict[str, str] | None = None
+) -> Service:
     return start(
         f"serve-{name}",
         [
@@ -138,13 +141,14 @@ def start_serve(api: str, policy: Path, name: str, *options: str) -> Service:
             "PREFECT_API_URL": api,
             "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy),
             "PREFECT_WORKER_QUERY_SECONDS": "1",
+            **(env or {}),
         },
     )
 
 
 @contextmanager
-def serving(api: str, policy: Path, name: str):
-    service = start_serve(api, policy, name)
+def serving(api: str, policy: Path, name: str, env: dict[str, str] | None = None):
+    service = start_serve(api, policy, name, env=env)
     try:
         yield service
     finally:
@@ -311,6 +315,14 @@ def health(port: int) -> tuple[int, dict]:
     return response.status_code, response.json()
 
 
+def answered(port: int) -> tuple[int, dict] | None:
+    try:
+        found = health(port)
+    except httpx.TransportError:  # not listening yet
+        return None
+    return found if found[0] == 200 else None
+
+
 def test_drain_finishes_the_running_run_takes_no_new_one_then_exits_and_says_so(
     api, deploy_to, policy_for, docker_client
 ):
@@ -324,7 +336,7 @@ def test_drain_finishes_the_running_run_takes_no_new_one_then_exits_and_says_so(
         )
         try:
             wait_for_log_line(service, f"Serving work pool {pool!r}")
-            before = wait_for(lambda: health(port)[0] == 200 and health(port), 60, "healthy")
+            before = wait_for(lambda: answered(port), 120, "/health answering 200")
             running = start_run(deployment, seconds=20)
             with get_client(sync_client=True) as client:
                 wait_for(
@@ -505,3 +517,145 @@ def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
     )
     for host, state in refused.items():
         assert state.is_failed() and state.name == "QuotaExhausted", (host, state)
+
+
+# -- two hosts, two Docker engines -----------------------------------------------------
+# host-a runs on this machine's engine, host-b on a second engine of its own
+# (tests/engines.py), so that each host sees only its own containers.
+
+HEARTBEAT = "5"  # PREFECT_WORKER_HEARTBEAT_SECONDS of these services
+LOST_AFTER = 30  # [host] lost_after_seconds
+
+
+@pytest.fixture(scope="module")
+def second_engine(runtime_image):
+    engine = start_engine(OUTPUT)
+    try:
+        engine.load(runtime_image)
+        yield engine
+    finally:
+        engine.remove()
+
+
+def room_for_one(docker_client, memory: int) -> int:
+    """A `[host]` reserve_memory that leaves room for one run of `memory` bytes."""
+    return docker_client.info()["MemTotal"] - memory - memory // 2
+
+
+def running_of(client, workspace: str) -> list:
+    return client.containers.list(
+        filters={"label": f"{WORKSPACE_LABEL}={workspace}", "status": "running"},
+        ignore_removed=True,
+    )
+
+
+@pytest.mark.timeout(1500)
+def test_a_full_host_leaves_runs_to_the_other_host(
+    api, deploy_to, policy_for, docker_client, second_engine
+):
+    workspace = session_workspace("serve-full")
+    policy = policy_for(
+        "serve-full",
+        concurrency_limit=4,
+        memory="1g",
+        host={"reserve_memory": room_for_one(docker_client, 1024**3)},
+    )
+    pool = create_pool("full-host")
+    deployment = deploy_to(pool, "sleeper")
+    engine_b = second_engine.client()
+    with (
+        container_creations(docker_client, workspace) as on_a,
+        container_creations(engine_b, workspace) as on_b,
+        serving(api, policy, "full-a") as host_a,
+        serving(api, policy, "full-b", env={"DOCKER_HOST": second_engine.host}) as host_b,
+    ):
+        for service in (host_a, host_b):
+            wait_for_log_line(service, f"Serving work pool {pool!r}")
+        runs = [start_run(deployment, seconds=4) for _ in range(4)]
+        most = {"a": 0, "b": 0}
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                most["a"] = max(most["a"], len(running_of(docker_client, workspace)))
+                most["b"] = max(most["b"], len(running_of(engine_b, workspace)))
+                if all(client.read_flow_run(run).state.is_final() for run in runs):
+                    break
+                time.sleep(0.2)
+            states = [client.read_flow_run(run).state for run in runs]
+        records = {
+            run: wait_for(lambda run=run: usage_records(run), 180, "a record") for run in runs
+        }
+    engine_b.close()
+
+    assert [state.type.value for state in states] == ["COMPLETED"] * 4
+    assert most == {"a": 1, "b": 1}, most
+    ran = Counter(labels["io.prefect.worker-name"] for labels in [*on_a, *on_b])
+    assert ran["full-a-full-host"] >= 1 and ran["full-b-full-host"] >= 1, ran
+    assert sum(ran.values()) == 4, ran
+    assert all(len(found) == 1 for found in records.values()), records
+
+
+@pytest.mark.timeout(1500)
+def test_a_lost_host_s_run_ends_crashed_with_one_record_and_its_return_counts_nothing_twice(
+    api, deploy_to, policy_for, docker_client, second_engine
+):
+    """host-b runs the only slot's run; its service is SIGKILLed and its engine stopped.
+    host-a ends the run Crashed (HostLost) within the documented time, records it once,
+    and then runs the next run on the slot that came back. host-b's return (engine and
+    service) finishes the dead container without a second record."""
+    policy = policy_for("serve-lost", concurrency_limit=1, host={"lost_after_seconds": LOST_AFTER})
+    pool = create_pool("lost-host")
+    deployment = deploy_to(pool, "sleeper")
+    beat = {"PREFECT_WORKER_HEARTBEAT_SECONDS": HEARTBEAT}
+    on_b = {**beat, "DOCKER_HOST": second_engine.host}
+    host_a = host_b = None
+    try:
+        host_b = start_serve(api, policy, "lost-b", env=on_b)
+        wait_for_log_line(host_b, f"Serving work pool {pool!r}")
+        lost = start_run(deployment, seconds=900)
+        with get_client(sync_client=True) as client:
+            wait_for(lambda: client.read_flow_run(lost).state.is_running(), 600, "run Running")
+        host_a = start_serve(api, policy, "lost-a", env=beat)
+        wait_for_log_line(host_a, f"Serving work pool {pool!r}")
+        time.sleep(LOST_AFTER)  # host-a watches the pool for as long as it takes to judge
+
+        host_b.process.kill()
+        host_b.process.wait(30)
+        second_engine.stop()
+        gone_at = time.monotonic()
+        with get_client(sync_client=True) as client:
+            ended = wait_for(
+                lambda: (state := client.read_flow_run(lost).state).is_final() and state,
+                300,
+                "the lost run final",
+            )
+        took = time.monotonic() - gone_at
+        records = wait_for(lambda: usage_records(lost), 120, "the lost run's record")
+        # The slot comes back (its lease expires): the next run starts on host-a.
+        after = start_run(deployment, seconds=1)
+        next_run = wait_for_final_state(after, 600, lambda: host_a.log()[-4000:])
+
+        second_engine.start()
+        host_b = start_serve(api, policy, "lost-b", env=on_b)
+        engine_b = second_engine.client()
+        wait_for(lambda: not run_containers(engine_b, lost), 300, "the dead container finished")
+        engine_b.close()
+        time.sleep(5)
+        records_after_return = usage_records(lost)
+        with get_client(sync_client=True) as client:
+            state_after_return = client.read_flow_run(lost).state
+    finally:
+        for service in (host_a, host_b):
+            if service is not None:
+                service.stop(timeout=60)
+
+    assert ended.is_crashed() and ended.name == "HostLost", ended
+    assert "'lost-b-lost-host'" in ended.message and "lost_after_seconds" in ended.message
+    # Documented bound: lost_after_seconds + lost_after_seconds / 4 + the heartbeat.
+    assert took <= LOST_AFTER + LOST_AFTER / 4 + int(HEARTBEAT) + 15, took
+    assert len(records) == 1 and records[0]["outcome"] == "lost", records
+    assert records[0]["cpu_seconds"] is None and records[0]["billable_minutes"] >= 1
+    assert next_run.state.is_completed(), next_run.state
+    assert "Waiting for a concurrency slot" not in str(next_run.state.message)
+    assert records_after_return == records
+    assert state_after_return.name == "HostLost"

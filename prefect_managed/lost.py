@@ -1,0 +1,217 @@
+"""Lost hosts: the runs of a Docker host that is gone for good end Crashed and are counted.
+
+A host can vanish with its engine (the machine died, was taken away): nothing on it will
+ever finish its runs, and Prefect would show them Running for good. What Prefect gives to
+tell is the worker's heartbeat (`BaseWorker` sends one every `PREFECT_WORKER_HEARTBEAT_SECONDS`,
+kept on the pool's worker as `last_heartbeat_time`) and the worker's name on each run it
+submitted (the `prefect.worker.name` label, which a flow cannot change through the run
+gateway: `prefect.` labels are refused). The slots such runs held come back by
+themselves: their leases are no longer renewed and expire on the server.
+
+Every `check_seconds`, the first online worker of a pool by name (one decides, so two
+hosts do not both act) reads the pool's Pending, Running and Cancelling runs. A run is
+lost when the worker named on it is not this one, has no container of it on this
+engine (those are taken over or finished by the reconciliation), and has sent no
+heartbeat for the policy's `[host] lost_after_seconds`. A lost run is set Crashed, in
+a state named `HostLost` whose message says which worker went silent and since when,
+and gets one usage record with what is known: from the run's start to the worker's
+last heartbeat, outcome `lost`, no memory or CPU samples.
+
+If the host comes back, its worker finds the containers of those runs: a running one is
+stopped (its run is over), every one is finished as usual, and its record is not stored
+again (the ledger keeps one record per run attempt); the `HostLost` state stays.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any
+
+import anyio
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
+from prefect.client.schemas.objects import StateType, WorkerStatus
+from prefect.client.schemas.responses import SetStateStatus
+from prefect.states import Crashed
+
+from prefect_managed.configuration import api_label_value
+from prefect_managed.containers import pool_labels
+from prefect_managed.retries import retries_done
+from prefect_managed.run_states import HOST_LOST
+from prefect_managed.usage import Outcome, UsageRecord
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import FlowRun
+
+__all__ = ["LostHosts", "decider", "lost_host_message", "lost_runs"]
+
+WORKER_LABEL = "prefect.worker.name"
+
+
+def lost_host_message(worker: str, last_heard: datetime, lost_after: int) -> str:
+    return (
+        f"Lost with its Docker host: worker {worker!r}, which ran this flow run, has sent "
+        f"no heartbeat since {last_heard.isoformat(timespec='seconds')} (more than the "
+        f"policy's [host] lost_after_seconds, {lost_after} s), so its host is taken as "
+        "gone. Its usage is recorded up to that heartbeat; if the host comes back, its "
+        "container is stopped and nothing is counted twice. Run the flow again."
+    )
+
+
+def decider(
+    online: list[str], heard: dict[str, datetime | None], now: datetime, lost_after: int
+) -> str | None:
+    """The one worker of a pool that looks for lost runs: the first by name of those
+    Prefect shows online that were heard from within `lost_after`."""
+    live = sorted(
+        name
+        for name in online
+        if (last := heard.get(name)) is not None and (now - last).total_seconds() < lost_after
+    )
+    return live[0] if live else None
+
+
+def lost_runs(
+    runs: list[FlowRun],
+    heard: dict[str, datetime | None],
+    me: str,
+    seen: set[str],
+    now: datetime,
+    watching_since: datetime,
+    lost_after: int,
+) -> list[tuple[FlowRun, str, datetime]]:
+    """The runs of `runs` whose worker has been silent for `lost_after` while this
+    worker watched (since `watching_since`), with that worker and its last heartbeat.
+    Not lost: a run of this worker `me`, one whose container or run is `seen` here, one
+    without a worker label."""
+    found = []
+    for flow_run in runs:
+        worker = (flow_run.labels or {}).get(WORKER_LABEL)
+        if not isinstance(worker, str) or worker == me or str(flow_run.id) in seen:
+            continue
+        # A worker Prefect no longer lists: silent since the run's last state.
+        last = heard.get(worker) or (flow_run.state.timestamp if flow_run.state else None)
+        if last is None or (now - max(last, watching_since)).total_seconds() < lost_after:
+            continue
+        found.append((flow_run, worker, last))
+    return found
+
+
+class LostHosts:
+    """Mixed into `ManagedWorker`: ends the runs of hosts that are gone."""
+
+    if TYPE_CHECKING:  # what it uses of the worker
+        from logging import Logger
+
+        from prefect.client.orchestration import PrefectClient
+
+        from prefect_managed.accounting import Accounting
+        from prefect_managed.containers import Containers
+        from prefect_managed.policy import Policy
+
+        client: PrefectClient
+        name: str
+        policy: Policy
+        _work_pool_name: str
+        _logger: Logger
+        _containers: Containers
+        _accounting: Accounting | None
+        _running: set[Any]
+
+        def get_flow_run_logger(self, flow_run: FlowRun) -> Any: ...
+
+    @property
+    def _lost_check_seconds(self) -> float:
+        return max(5.0, self.policy.host.lost_after_seconds / 4)
+
+    async def _find_lost_forever(self) -> None:
+        # Silence counts only while this worker could see it: from its start and from
+        # the end of any failure to ask (the API may have been down for everyone).
+        watching_since = datetime.now(timezone.utc)
+        while True:
+            await anyio.sleep(self._lost_check_seconds)
+            try:
+                await self._end_lost_runs(watching_since)
+            except Exception:  # the API or the engine may be away for a while
+                self._logger.warning("Could not look for runs of lost hosts", exc_info=True)
+                watching_since = datetime.now(timezone.utc)
+
+    async def _end_lost_runs(self, watching_since: datetime) -> list[FlowRun]:
+        """Crash and record the pool's runs whose worker went silent; those ended."""
+        lost_after = self.policy.host.lost_after_seconds
+        now = datetime.now(timezone.utc)
+        if (now - watching_since).total_seconds() < lost_after:
+            return []
+        workers = await self.client.read_workers_for_work_pool(self._work_pool_name)
+        heard = {w.name: w.last_heartbeat_time for w in workers}
+        online = [w.name for w in workers if w.status == WorkerStatus.ONLINE]
+        if decider(online, heard, now, lost_after) != self.name:
+            return []  # another online worker of the pool decides
+        runs = await self.client.read_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(
+                    type=FlowRunFilterStateType(
+                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
+                    )
+                )
+            ),
+        )
+        if not runs:
+            return []
+        here = {
+            report.flow_run_id
+            for report in await self._containers.find(
+                pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
+            )
+        }
+        ended = []
+        seen = {*here, *(str(run) for run in self._running)}
+        for flow_run, worker, last in lost_runs(
+            runs, heard, self.name, seen, now, watching_since, lost_after
+        ):
+            if await self._end_lost_run(flow_run, worker, last):
+                ended.append(flow_run)
+        return ended
+
+    async def _end_lost_run(self, flow_run: FlowRun, worker: str, last_heard: datetime) -> bool:
+        message = lost_host_message(worker, last_heard, self.policy.host.lost_after_seconds)
+        result = await self.client.set_flow_run_state(
+            flow_run.id, Crashed(name=HOST_LOST, message=message)
+        )
+        if result.status != SetStateStatus.ACCEPT:
+            return False  # it ended meanwhile (or another worker ended it)
+        self._logger.warning("Flow run %s: %s", flow_run.id, message)
+        self.get_flow_run_logger(flow_run).error("%s", message)
+        assert self._accounting is not None
+        attempt = retries_done(await self.client.read_flow_run_states(flow_run.id)) + 1
+        started = flow_run.start_time
+        if started is not None:
+            deployment = None
+            if flow_run.deployment_id is not None:
+                try:
+                    deployment = (await self.client.read_deployment(flow_run.deployment_id)).name
+                except Exception:  # the record matters more than its deployment's name
+                    deployment = None
+            record = UsageRecord.from_timestamps(
+                started,
+                max(started, last_heard),
+                flow_run_id=flow_run.id,
+                flow_run_name=flow_run.name,
+                workspace=self.policy.workspace.name,
+                tier=self.policy.workspace.tier,
+                pool=self._work_pool_name,
+                deployment=deployment,
+                image=str(
+                    (flow_run.job_variables or {}).get("image") or self.policy.runtime.default_image
+                ),
+                outcome=Outcome.LOST,
+                attempt=attempt,
+            )
+            await self._accounting.store(flow_run, record)
+        return True

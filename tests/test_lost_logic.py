@@ -1,0 +1,63 @@
+"""Which runs are lost with their host, and which worker decides (pure: Prefect's own
+FlowRun objects, no server). The lost host itself, for real: tests/test_topology.py."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from uuid import uuid4
+
+from prefect.client.schemas.objects import FlowRun
+from prefect.states import Running
+
+from prefect_managed.lost import decider, lost_host_message, lost_runs
+
+NOW = datetime(2026, 12, 5, 12, 0, tzinfo=timezone.utc)
+LONG_AGO = NOW - timedelta(hours=1)
+
+
+def run_of(worker: str | None, state_at: datetime = LONG_AGO) -> FlowRun:
+    labels = {"prefect.worker.name": worker} if worker else {}
+    return FlowRun(id=uuid4(), flow_id=uuid4(), labels=labels, state=Running(timestamp=state_at))
+
+
+def ago(seconds: float) -> datetime:
+    return NOW - timedelta(seconds=seconds)
+
+
+def test_one_worker_decides_the_first_online_one_heard_from_lately():
+    heard = {"a": ago(500), "b": ago(10), "c": ago(5), "d": None}
+
+    assert decider(["a", "b", "c", "d"], heard, NOW, lost_after=180) == "b"
+    assert decider(["c"], heard, NOW, lost_after=180) == "c"
+    assert decider(["a", "d"], heard, NOW, lost_after=180) is None
+
+
+def test_a_run_is_lost_only_when_its_worker_was_silent_for_the_whole_time_watched():
+    silent, alive, mine, here, unlabelled, forgotten, fresh = (
+        run_of("gone"),
+        run_of("alive"),
+        run_of("me"),
+        run_of("gone"),
+        run_of(None),
+        run_of("unknown"),
+        run_of("unknown", state_at=ago(30)),
+    )
+    heard = {"gone": ago(400), "alive": ago(20), "me": ago(1)}
+    runs = [silent, alive, mine, here, unlabelled, forgotten, fresh]
+
+    found = lost_runs(runs, heard, "me", {str(here.id)}, NOW, ago(3600), lost_after=180)
+    just_started = lost_runs(runs, heard, "me", set(), NOW, ago(100), lost_after=180)
+
+    assert [(run.id, worker, last) for run, worker, last in found] == [
+        (silent.id, "gone", ago(400)),
+        (forgotten.id, "unknown", LONG_AGO),
+    ]
+    # Watching for only 100 s (a start, or the API back after an outage): nothing yet.
+    assert just_started == []
+
+
+def test_the_message_names_the_worker_its_last_heartbeat_and_what_to_do():
+    message = lost_host_message("host-b-pool", ago(200), 180)
+
+    assert "'host-b-pool'" in message and "2026-12-05T11:56:40+00:00" in message
+    assert "lost_after_seconds, 180 s" in message and "Run the flow again" in message
