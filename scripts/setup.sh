@@ -18,6 +18,8 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 # Debian's PostgreSQL: tests/test_serve.py starts a throwaway cluster of its own with
 # initdb and pg_ctl (Debian keeps them in /usr/lib/postgresql/<version>/bin).
 ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing+=(postgresql)
+# Debian's Redis: tests/topology.py starts one for Prefect's HA topology (prefect-redis).
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "setup: installing ${missing[*]} from Debian's packages..." >&2
   $SUDO apt-get update -qq

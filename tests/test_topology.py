@@ -1,0 +1,287 @@
+"""Past one machine, on Prefect's own HA topology (tests/topology.py): PostgreSQL, Redis
+through prefect-redis, two API processes with --no-services behind a round-robin proxy,
+one process of background services; and two hosts, each a `prefect-managed serve` on
+its own Docker engine (host-a on this machine's engine, host-b on a second dockerd of its
+own: tests/engines.py), both reaching the API through the proxy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+import pytest
+from conftest import AUTH, OUTPUT
+from engines import start_engine
+from helpers import (
+    create_pool,
+    run_containers,
+    session_workspace,
+    usage_records,
+    wait_for_final_state,
+)
+from prefect.client.orchestration import get_client
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+from services import wait_for
+from test_serve import container_creations, serving, start_run, start_serve, wait_for_log_line
+from topology import start_topology
+
+from prefect_managed import ManagedWorker
+from prefect_managed.configuration import WORKSPACE_LABEL
+
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
+
+
+@pytest.fixture(scope="module")
+def topology():
+    up = start_topology(OUTPUT, auth=AUTH)
+    try:
+        yield up
+    finally:
+        up.stop()
+
+
+@pytest.fixture
+def api(topology):
+    """This process's Prefect client through the proxy; the test's pools deleted after."""
+    updates = {PREFECT_API_URL: topology.api_url, PREFECT_API_AUTH_STRING: AUTH}
+    with temporary_settings(updates=updates):
+        yield topology.api_url
+        with get_client(sync_client=True) as client:
+            for pool in client.read_work_pools():
+                if pool.type == ManagedWorker.type:
+                    client.delete_work_pool(pool.name)
+
+
+@pytest.fixture
+def policy_for(runtime_image, package_index, tmp_path):
+    from conftest import worker_policy
+
+    def _policy(name: str, host: dict | None = None, **tier):
+        return worker_policy(
+            tmp_path / f"{name}.toml",
+            runtime_image,
+            package_index.url,
+            session_workspace(name),
+            host=host,
+            **tier,
+        )
+
+    return _policy
+
+
+@pytest.fixture
+def deploy_to(flows_repo, api):
+    from prefect import flow
+
+    def _deploy(pool: str, flow_name: str = "sleeper"):
+        return flow.from_source(source=flows_repo, entrypoint=f"probe_flows.py:{flow_name}").deploy(
+            name=f"{flow_name}-{pool}", work_pool_name=pool, print_next_steps=False
+        )
+
+    return _deploy
+
+
+@pytest.fixture(scope="module")
+def second_engine(runtime_image):
+    engine = start_engine(OUTPUT)
+    try:
+        engine.load(runtime_image)
+        yield engine
+    finally:
+        engine.remove()
+
+
+def running_of(client, workspace: str) -> list:
+    return client.containers.list(
+        filters={"label": f"{WORKSPACE_LABEL}={workspace}", "status": "running"},
+        ignore_removed=True,
+    )
+
+
+CAP = 3
+RUNS = 8
+
+
+def test_the_cap_holds_across_hosts_and_api_processes_and_one_api_process_killed_loses_nothing(
+    api, topology, deploy_to, policy_for, docker_client, second_engine
+):
+    """Two hosts on two engines, a cap of 3, 8 runs; API process 0 is SIGKILLed once the
+    first runs are Running and started again 20 s later."""
+    workspace = session_workspace("ha-cap")
+    policy = policy_for("ha-cap", concurrency_limit=CAP)
+    pool = create_pool("ha-cap")
+    deployment = deploy_to(pool)
+    engine_b = second_engine.client()
+    before = dict(topology.proxy.connections)
+    with (
+        container_creations(docker_client, workspace) as on_a,
+        container_creations(engine_b, workspace) as on_b,
+        serving(api, policy, "ha-a", env=topology.env) as host_a,
+        serving(
+            api, policy, "ha-b", env={**topology.env, "DOCKER_HOST": second_engine.host}
+        ) as host_b,
+    ):
+        for service in (host_a, host_b):
+            wait_for_log_line(service, f"Serving work pool {pool!r}")
+        runs = [start_run(deployment, seconds=6) for _ in range(RUNS)]
+        most, killed_at, restarted = 0, None, False
+        deadline = time.monotonic() + 1200
+        with get_client(sync_client=True) as client:
+            while time.monotonic() < deadline:
+                running = len(running_of(docker_client, workspace)) + len(
+                    running_of(engine_b, workspace)
+                )
+                most = max(most, running)
+                if killed_at is None and running >= 2:
+                    topology.kill_api(0)
+                    killed_at = time.monotonic()
+                if killed_at and not restarted and time.monotonic() - killed_at > 20:
+                    topology.start_api(0)
+                    restarted = True
+                if restarted and all(client.read_flow_run(r).state.is_final() for r in runs):
+                    break
+                time.sleep(0.2)
+            states = [client.read_flow_run(run).state for run in runs]
+        records = {
+            run: wait_for(lambda run=run: usage_records(run), 180, "a record") for run in runs
+        }
+        for run in runs:
+            wait_for(lambda run=run: not run_containers(docker_client, run), 300, "removed")
+            wait_for(lambda run=run: not run_containers(engine_b, run), 300, "removed")
+    engine_b.close()
+    through = {
+        port: topology.proxy.connections[port] - before.get(port, 0) for port in topology.api_ports
+    }
+
+    assert [state.type.value for state in states] == ["COMPLETED"] * RUNS, states
+    assert killed_at is not None and restarted
+    assert most == CAP, most
+    per_run = Counter(labels["io.prefect.flow-run-id"] for labels in [*on_a, *on_b])
+    assert per_run == Counter({str(run): 1 for run in runs}), per_run
+    assert on_a and on_b, (len(on_a), len(on_b))  # both hosts ran runs
+    assert all(len(found) == 1 for found in records.values()), records
+    assert all(count > 0 for count in through.values()), through  # both API processes served
+
+
+# -- a full host, a lost host ------------------------------------------------------------
+
+HEARTBEAT = "5"  # PREFECT_WORKER_HEARTBEAT_SECONDS of these services
+LOST_AFTER = 30  # [host] lost_after_seconds
+
+
+def room_for_one(docker_client, memory: int) -> int:
+    """A `[host]` reserve_memory that leaves room for one run of `memory` bytes."""
+    return docker_client.info()["MemTotal"] - memory - memory // 2
+
+
+@pytest.mark.timeout(1500)
+def test_a_full_host_leaves_runs_to_the_other_host(
+    api, deploy_to, policy_for, docker_client, second_engine
+):
+    workspace = session_workspace("serve-full")
+    policy = policy_for(
+        "serve-full",
+        concurrency_limit=4,
+        memory="1g",
+        host={"reserve_memory": room_for_one(docker_client, 1024**3)},
+    )
+    pool = create_pool("full-host")
+    deployment = deploy_to(pool, "sleeper")
+    engine_b = second_engine.client()
+    with (
+        container_creations(docker_client, workspace) as on_a,
+        container_creations(engine_b, workspace) as on_b,
+        serving(api, policy, "full-a") as host_a,
+        serving(api, policy, "full-b", env={"DOCKER_HOST": second_engine.host}) as host_b,
+    ):
+        for service in (host_a, host_b):
+            wait_for_log_line(service, f"Serving work pool {pool!r}")
+        runs = [start_run(deployment, seconds=4) for _ in range(4)]
+        most = {"a": 0, "b": 0}
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 900
+            while time.monotonic() < deadline:
+                most["a"] = max(most["a"], len(running_of(docker_client, workspace)))
+                most["b"] = max(most["b"], len(running_of(engine_b, workspace)))
+                if all(client.read_flow_run(run).state.is_final() for run in runs):
+                    break
+                time.sleep(0.2)
+            states = [client.read_flow_run(run).state for run in runs]
+        records = {
+            run: wait_for(lambda run=run: usage_records(run), 180, "a record") for run in runs
+        }
+    engine_b.close()
+
+    assert [state.type.value for state in states] == ["COMPLETED"] * 4
+    assert most == {"a": 1, "b": 1}, most
+    ran = Counter(labels["io.prefect.worker-name"] for labels in [*on_a, *on_b])
+    assert ran["full-a-full-host"] >= 1 and ran["full-b-full-host"] >= 1, ran
+    assert sum(ran.values()) == 4, ran
+    assert all(len(found) == 1 for found in records.values()), records
+
+
+@pytest.mark.timeout(1500)
+def test_a_lost_host_s_run_ends_crashed_with_one_record_and_its_return_counts_nothing_twice(
+    api, deploy_to, policy_for, docker_client, second_engine
+):
+    """host-b runs the only slot's run; its service is SIGKILLed and its engine stopped.
+    host-a ends the run Crashed (HostLost) within the documented time, records it once,
+    and then runs the next run on the slot that came back. host-b's return (engine and
+    service) finishes the dead container without a second record."""
+    policy = policy_for("serve-lost", concurrency_limit=1, host={"lost_after_seconds": LOST_AFTER})
+    pool = create_pool("lost-host")
+    deployment = deploy_to(pool, "sleeper")
+    beat = {"PREFECT_WORKER_HEARTBEAT_SECONDS": HEARTBEAT}
+    on_b = {**beat, "DOCKER_HOST": second_engine.host}
+    host_a = host_b = None
+    try:
+        host_b = start_serve(api, policy, "lost-b", env=on_b)
+        wait_for_log_line(host_b, f"Serving work pool {pool!r}")
+        lost = start_run(deployment, seconds=900)
+        with get_client(sync_client=True) as client:
+            wait_for(lambda: client.read_flow_run(lost).state.is_running(), 600, "run Running")
+        host_a = start_serve(api, policy, "lost-a", env=beat)
+        wait_for_log_line(host_a, f"Serving work pool {pool!r}")
+        time.sleep(LOST_AFTER)  # host-a watches the pool for as long as it takes to judge
+
+        host_b.process.kill()
+        host_b.process.wait(30)
+        second_engine.stop()
+        gone_at = time.monotonic()
+        with get_client(sync_client=True) as client:
+            ended = wait_for(
+                lambda: (state := client.read_flow_run(lost).state).is_final() and state,
+                300,
+                "the lost run final",
+            )
+        took = time.monotonic() - gone_at
+        records = wait_for(lambda: usage_records(lost), 120, "the lost run's record")
+        # The slot comes back (its lease expires): the next run starts on host-a.
+        after = start_run(deployment, seconds=1)
+        next_run = wait_for_final_state(after, 600, lambda: host_a.log()[-4000:])
+
+        second_engine.start()
+        host_b = start_serve(api, policy, "lost-b", env=on_b)
+        engine_b = second_engine.client()
+        wait_for(lambda: not run_containers(engine_b, lost), 300, "the dead container finished")
+        engine_b.close()
+        time.sleep(5)
+        records_after_return = usage_records(lost)
+        with get_client(sync_client=True) as client:
+            state_after_return = client.read_flow_run(lost).state
+    finally:
+        for service in (host_a, host_b):
+            if service is not None:
+                service.stop(timeout=60)
+
+    assert ended.is_crashed() and ended.name == "HostLost", ended
+    assert "'lost-b-lost-host'" in ended.message and "lost_after_seconds" in ended.message
+    # Documented bound: lost_after_seconds + lost_after_seconds / 4 + the heartbeat.
+    assert took <= LOST_AFTER + LOST_AFTER / 4 + int(HEARTBEAT) + 15, took
+    assert len(records) == 1 and records[0]["outcome"] == "lost", records
+    assert records[0]["cpu_seconds"] is None and records[0]["billable_minutes"] >= 1
+    assert next_run.state.is_completed(), next_run.state
+    assert "Waiting for a concurrency slot" not in str(next_run.state.message)
+    assert records_after_return == records
+    assert state_after_return.name == "HostLost"
