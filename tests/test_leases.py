@@ -2,7 +2,7 @@
 a server: a lease forgotten by a restarted server (gone well within its duration) gives
 its slot back; a lease that ran out (the server gave its slot back already) does not give
 it back twice, which would let the workspace run one flow run over its limit. The same is
-proven for real by the fault tests and the two-hosts serve test."""
+proven for real by the fault tests and the two-hosts tests of tests/test_topology.py."""
 
 from __future__ import annotations
 

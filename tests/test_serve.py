@@ -13,7 +13,6 @@ import signal
 import tempfile
 import threading
 import time
-from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -25,7 +24,6 @@ from helpers import (
     run_containers,
     session_workspace,
     usage_records,
-    usage_report,
     wait_for_final_state,
 )
 from postgres import start_postgres
@@ -39,7 +37,6 @@ from services import BIN, FILE_LEASES, Service, free_port, start, wait_for
 
 from prefect_managed import ManagedWorker
 from prefect_managed.configuration import WORKSPACE_LABEL
-from prefect_managed.service import worker_name
 
 # Generous time limits: the runs share a 2-core machine with other test sessions.
 pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
@@ -417,102 +414,3 @@ def test_a_host_without_room_leaves_runs_waiting_and_says_why(
     message = next(m for m in waited[0] if "Waiting for room" in m)
     assert re.search(r"room for [0-2] more of [1-3] waiting flow runs of 1 GiB", message), message
     assert "[host] reserves" in message and "another host" in message, message
-
-
-# -- scale-out: two hosts, one PostgreSQL-backed server -------------------------------
-# Both services run on this machine's Docker engine, each standing in for a host.
-
-CAP = 3
-RUNS = 10
-SCALE = "scale"  # the policy's workspace is session_workspace(SCALE)
-
-
-@pytest.mark.timeout(1800)
-def test_two_hosts_share_the_cap_and_the_quota_and_run_each_flow_run_once(
-    api, deploy_to, policy_for, docker_client, runtime_image, package_index, tmp_path
-):
-    policy = policy_for(SCALE, concurrency_limit=CAP)
-    pools = [create_pool("scale-a"), create_pool("scale-b")]
-    deployments = [deploy_to(pool, "sleeper") for pool in pools]
-    # Phase 2's refused runs must create no container either.
-    with container_creations(docker_client, session_workspace(SCALE)) as created:
-        hosts = {name: start_serve(api, policy, name) for name in ("host-a", "host-b")}
-        try:
-            for service in hosts.values():
-                for pool in pools:
-                    wait_for_log_line(service, f"Serving work pool {pool!r}")
-            runs = [start_run(deployments[n % 2], seconds=3) for n in range(RUNS)]
-            most_running = 0
-            with get_client(sync_client=True) as client:
-                deadline = time.monotonic() + 1200
-                while time.monotonic() < deadline:
-                    running = docker_client.containers.list(
-                        filters={
-                            "label": f"{WORKSPACE_LABEL}={session_workspace(SCALE)}",
-                            "status": "running",
-                        }
-                    )
-                    most_running = max(most_running, len(running))
-                    states = [client.read_flow_run(run).state for run in runs]
-                    if all(state.is_final() for state in states):
-                        break
-                    time.sleep(0.2)
-            for run in runs:
-                wait_for(lambda run=run: usage_records(run), 180, f"the usage record of {run}")
-            records = {run: usage_records(run) for run in runs}
-            wait_for(
-                lambda: (
-                    not docker_client.containers.list(
-                        all=True, filters={"label": f"{WORKSPACE_LABEL}={session_workspace(SCALE)}"}
-                    )
-                ),
-                300,
-                "every container of the workspace removed",
-            )
-            usage = usage_report(policy, api)
-            for service in hosts.values():
-                service.stop(timeout=60)
-
-            # Quota shared: a quota of exactly the minutes both hosts used; each host alone
-            # then refuses the next run. At least one of them ran fewer runs than there are
-            # records, so it counts the other host's records too.
-            used_up = worker_policy(
-                tmp_path / "used-up.toml",
-                runtime_image,
-                package_index.url,
-                session_workspace(SCALE),
-                concurrency_limit=CAP,
-                compute_hours_per_month=usage["billable_minutes"] / 60,
-            )
-            refused = {}
-            for name in ("host-b", "host-a"):
-                hosts[name] = start_serve(api, used_up, name)
-                over = start_run(deployments[0], seconds=1)
-                refused[name] = wait_for_final_state(over, timeout=600).state
-                hosts[name].stop(timeout=60)
-        finally:
-            for service in hosts.values():
-                service.stop(timeout=60)
-
-    assert [state.type.value for state in states] == ["COMPLETED"] * RUNS
-    assert most_running == CAP
-    per_run = Counter(labels["io.prefect.flow-run-id"] for labels in created)
-    assert per_run == Counter({str(run): 1 for run in runs})
-    # How many each host ran is up to the race between them (both poll every second),
-    # but with 10 runs, 3 at a time, both ran some.
-    per_host = Counter(
-        host
-        for labels in created
-        for host in ("host-a", "host-b")
-        if labels["io.prefect.worker-name"]
-        == worker_name(host, labels["io.prefect.work-pool-name"])
-    )
-    assert sum(per_host.values()) == RUNS, created
-    assert set(per_host) == {"host-a", "host-b"}, per_host
-    assert all(len(found) == 1 for found in records.values()), records
-    assert usage["runs"] == RUNS
-    assert usage["billable_minutes"] == sum(
-        found[0]["billable_minutes"] for found in records.values()
-    )
-    for host, state in refused.items():
-        assert state.is_failed() and state.name == "QuotaExhausted", (host, state)

@@ -18,6 +18,7 @@ from helpers import (
     run_containers,
     session_workspace,
     usage_records,
+    usage_report,
     wait_for_final_state,
 )
 from prefect.client.orchestration import get_client
@@ -149,6 +150,21 @@ def test_the_cap_holds_across_hosts_and_api_processes_and_one_api_process_killed
         for run in runs:
             wait_for(lambda run=run: not run_containers(docker_client, run), 300, "removed")
             wait_for(lambda run=run: not run_containers(engine_b, run), 300, "removed")
+        usage = usage_report(policy, api)
+        # The quota is shared: with a quota of exactly the minutes both hosts used, the
+        # next run is refused, whichever host polls first (each counts the other's records).
+        for service in (host_a, host_b):
+            service.stop(timeout=60)
+        used_up = policy_for(
+            "ha-cap",
+            concurrency_limit=CAP,
+            compute_hours_per_month=usage["billable_minutes"] / 60,
+        )
+        with (
+            serving(api, used_up, "ha-a", env=topology.env) as host_a,
+            serving(api, used_up, "ha-b", env={"DOCKER_HOST": second_engine.host}) as host_b,
+        ):
+            refused = wait_for_final_state(start_run(deployment, seconds=1), 600).state
     engine_b.close()
     through = {
         port: topology.proxy.connections[port] - before.get(port, 0) for port in topology.api_ports
@@ -162,6 +178,11 @@ def test_the_cap_holds_across_hosts_and_api_processes_and_one_api_process_killed
     assert on_a and on_b, (len(on_a), len(on_b))  # both hosts ran runs
     assert all(len(found) == 1 for found in records.values()), records
     assert all(count > 0 for count in through.values()), through  # both API processes served
+    assert usage["runs"] == RUNS
+    assert usage["billable_minutes"] == sum(
+        found[0]["billable_minutes"] for found in records.values()
+    )
+    assert refused.is_failed() and refused.name == "QuotaExhausted", refused
 
 
 # -- a full host, a lost host ------------------------------------------------------------
