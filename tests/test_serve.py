@@ -402,6 +402,8 @@ def test_a_host_without_room_leaves_runs_waiting_and_says_why(
                     break
                 time.sleep(0.2)
             states = [client.read_flow_run(run).state for run in runs]
+            for run in runs:
+                wait_for(lambda run=run: not run_containers(docker_client, run), 300, "removed")
             told = [
                 [log.message for log in client.read_logs(LogFilter(flow_run_id={"any_": [run]}))]
                 for run in runs
