@@ -198,6 +198,12 @@ def policy_check(
     if runtime.network_mode == "isolated":
         reached = ", ".join(sorted({str(d) for d in runtime.isolated_destinations()}))
         console.print(f"Isolated runs reach: the run gateway{', ' + reached if reached else ''}")
+    host = policy.host
+    console.print(
+        f"Each host keeps {format_bytes(host.reserve_memory_bytes)} and {host.reserve_cpus:g} "
+        f"CPUs; runs' CPU caps overcommitted {host.cpu_overcommit:g}x; a run whose worker is "
+        f"silent {format_seconds(host.lost_after_seconds)} is lost with its host"
+    )
     boundary = Table(title="Trust boundary (\\[runtime], see docs/security.md)")
     for column in ("setting", "this policy", "secure default", "opt-out", "the opt-out gives away"):
         boundary.add_column(column)
