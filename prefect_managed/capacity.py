@@ -94,7 +94,8 @@ class HostCapacity:
         self._host = host
         self._capacity: Capacity | None = None
         self._asked_at = -math.inf
-        self._pending: dict[UUID, Need] = {}  # admitted, container not running yet
+        # admitted, container not running yet: what each needs, and which worker took it
+        self._pending: dict[UUID, tuple[Need, str]] = {}
         self.held = NOTHING  # as last counted, for the log and the metrics
 
     @property
@@ -102,7 +103,7 @@ class HostCapacity:
         return self._capacity
 
     async def admit(
-        self, runs: list[UUID], each: Need, now: float, refresh: bool = True
+        self, runs: list[UUID], each: Need, now: float, owner: str = "", refresh: bool = True
     ) -> tuple[list[UUID], str]:
         """The first runs of `runs` this host has room for, reserved until `release`;
         and, when some do not fit, why (for the log)."""
@@ -118,15 +119,16 @@ class HostCapacity:
         held = NOTHING
         for report in running:
             held += Need(report.memory_limit, report.nano_cpus / 1e9)
-        for run, need in self._pending.items():
-            if str(run) not in started:
+        offered = set(runs)  # offered again: not counted twice
+        for run, (need, _) in self._pending.items():
+            if str(run) not in started and run not in offered:
                 held += need
         self.held = held
         assert self._capacity is not None
         count = fits(self._capacity, held, each, len(runs))
         admitted = runs[:count]
         for run in admitted:
-            self._pending[run] = each
+            self._pending[run] = (each, owner)
         why = ""
         if count < len(runs):
             why = (
@@ -142,6 +144,13 @@ class HostCapacity:
     def release(self, run: UUID) -> None:
         """The run ended or was not started: its reservation goes."""
         self._pending.pop(run, None)
+
+    def sweep(self, owner: str, keep: set[UUID]) -> None:
+        """Drop `owner`'s reservations for runs it no longer submits nor runs (a path
+        that gave none back: a submission Prefect dropped, an error, an abandon)."""
+        for run, (_, by) in list(self._pending.items()):
+            if by == owner and run not in keep:
+                del self._pending[run]
 
 
 _shared: dict[tuple[str, Host], HostCapacity] = {}

@@ -186,8 +186,8 @@ class UsageLedger:
         # The month's records are read anyway (for the summary): a valid record of this
         # attempt among them, every version of every key read, means it is stored.
         before = await self.month_usage(record.month)
-        if (record.flow_run_id, record.attempt) in before.records:
-            return None
+        if not MonthlyUsage(before.workspace, before.month, dict(before.records)).add(record):
+            return None  # stored already (a `lost` record gives way to the real one)
         key = run_key(self.workspace, record.month, record.flow_run_id, record.attempt)
         record_json = record.model_dump_json()
         parts = [record_json[i : i + _PART] for i in range(0, len(record_json), _PART)]

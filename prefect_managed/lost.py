@@ -51,6 +51,8 @@ if TYPE_CHECKING:
 __all__ = ["LostHosts", "decider", "lost_host_message", "lost_runs"]
 
 WORKER_LABEL = "prefect.worker.name"
+#: The states of a run whose host may be gone under it (a paused run waits in its container).
+ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING, StateType.PAUSED]
 
 
 def lost_host_message(worker: str, last_heard: datetime, lost_after: int) -> str:
@@ -144,22 +146,20 @@ class LostHosts:
     async def _end_lost_runs(self, watching_since: datetime) -> list[FlowRun]:
         """Crash and record the pool's runs whose worker went silent; those ended."""
         lost_after = self.policy.host.lost_after_seconds
-        now = datetime.now(timezone.utc)
-        if (now - watching_since).total_seconds() < lost_after:
+        if (datetime.now(timezone.utc) - watching_since).total_seconds() < lost_after:
             return []
         workers = await self.client.read_workers_for_work_pool(self._work_pool_name)
         heard = {w.name: w.last_heartbeat_time for w in workers}
+        # The server's clock, not this host's: this worker's own last heartbeat as the
+        # server stamped it (at most a heartbeat old), against the others' stamps.
+        now = heard.get(self.name) or datetime.now(timezone.utc)
         online = [w.name for w in workers if w.status == WorkerStatus.ONLINE]
         if decider(online, heard, now, lost_after) != self.name:
             return []  # another online worker of the pool decides
         runs = await self.client.read_flow_runs(
             work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])),
             flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(
-                    type=FlowRunFilterStateType(
-                        any_=[StateType.PENDING, StateType.RUNNING, StateType.CANCELLING]
-                    )
-                )
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE))
             ),
         )
         if not runs:
@@ -180,6 +180,10 @@ class LostHosts:
         return ended
 
     async def _end_lost_run(self, flow_run: FlowRun, worker: str, last_heard: datetime) -> bool:
+        assert self._accounting is not None
+        # The record is made before the state: a run set Crashed is not looked at again.
+        history = await self.client.read_flow_run_states(flow_run.id)
+        record = await self._lost_record(flow_run, history, last_heard)
         message = lost_host_message(worker, last_heard, self.policy.host.lost_after_seconds)
         result = await self.client.set_flow_run_state(
             flow_run.id, Crashed(name=HOST_LOST, message=message)
@@ -188,30 +192,38 @@ class LostHosts:
             return False  # it ended meanwhile (or another worker ended it)
         self._logger.warning("Flow run %s: %s", flow_run.id, message)
         self.get_flow_run_logger(flow_run).error("%s", message)
-        assert self._accounting is not None
-        attempt = retries_done(await self.client.read_flow_run_states(flow_run.id)) + 1
-        started = flow_run.start_time
-        if started is not None:
-            deployment = None
-            if flow_run.deployment_id is not None:
-                try:
-                    deployment = (await self.client.read_deployment(flow_run.deployment_id)).name
-                except Exception:  # the record matters more than its deployment's name
-                    deployment = None
-            record = UsageRecord.from_timestamps(
-                started,
-                max(started, last_heard),
-                flow_run_id=flow_run.id,
-                flow_run_name=flow_run.name,
-                workspace=self.policy.workspace.name,
-                tier=self.policy.workspace.tier,
-                pool=self._work_pool_name,
-                deployment=deployment,
-                image=str(
-                    (flow_run.job_variables or {}).get("image") or self.policy.runtime.default_image
-                ),
-                outcome=Outcome.LOST,
-                attempt=attempt,
-            )
-            await self._accounting.store(flow_run, record)
+        if record is not None:
+            await self._accounting.store(flow_run, record)  # on disk until the ledger has it
         return True
+
+    async def _lost_record(
+        self, flow_run: FlowRun, history: list[Any], last_heard: datetime
+    ) -> UsageRecord | None:
+        """The attempt's record from what is known: from its last Pending state (when its
+        worker made its container, as a container's own record starts then too) to its
+        worker's last heartbeat; no memory or CPU samples. None: it never got that far."""
+        pending = [state.timestamp for state in history if state.type == StateType.PENDING]
+        started = max(pending) if pending else flow_run.start_time
+        if started is None:
+            return None
+        deployment = None
+        if flow_run.deployment_id is not None:
+            try:
+                deployment = (await self.client.read_deployment(flow_run.deployment_id)).name
+            except Exception:  # the record matters more than its deployment's name
+                deployment = None
+        return UsageRecord.from_timestamps(
+            started,
+            max(started, last_heard),
+            flow_run_id=flow_run.id,
+            flow_run_name=flow_run.name,
+            workspace=self.policy.workspace.name,
+            tier=self.policy.workspace.tier,
+            pool=self._work_pool_name,
+            deployment=deployment,
+            image=str(
+                (flow_run.job_variables or {}).get("image") or self.policy.runtime.default_image
+            ),
+            outcome=Outcome.LOST,
+            attempt=retries_done(history) + 1,
+        )

@@ -164,6 +164,8 @@ class HealthServer:
         registry = self.registry
 
         class Handler(BaseHTTPRequestHandler):
+            timeout = 10  # an idle connection is closed, not kept by a thread for good
+
             def do_GET(self) -> None:  # noqa: N802 (http.server's name)
                 if self.path == "/metrics":
                     self._send(200, generate_latest(registry), CONTENT_TYPE_LATEST)

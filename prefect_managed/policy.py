@@ -207,15 +207,17 @@ class Host(StrictModel):
     )
 
     lost_after_seconds: Count = Field(
-        default=180,
+        default=300,
         ge=30,
         le=7 * 24 * 3600,
         description=(
             "A flow run whose worker has sent no heartbeat for this long, and whose "
             "container no live worker can see, is taken as lost with its host: another "
             "host's worker sets it Crashed (HostLost) and records its usage up to that "
-            "heartbeat (outcome lost). Keep it well above PREFECT_WORKER_HEARTBEAT_SECONDS "
-            "and above how long a service is ever down for an upgrade (30 s to 7 days)."
+            "heartbeat (outcome lost; a record from the run's container, if one comes, "
+            "replaces it). Keep it above 3 x PREFECT_WORKER_HEARTBEAT_SECONDS + 120 s (when "
+            "another worker takes over a dead worker's containers) and above how long a "
+            "service is ever down for an upgrade (30 s to 7 days)."
         ),
     )
 

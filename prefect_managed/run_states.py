@@ -100,8 +100,8 @@ class RunStates:
         """
         current = await self.state(flow_run.id)
         if current is not None and current.is_crashed():
-            if current.message == message or current.name == HOST_LOST:
-                return  # said already, or the run was taken as lost with its host
+            if current.message == message:
+                return  # said already
             await self._client.set_flow_run_state(flow_run.id, Crashed(message=message), force=True)
             self._run_logger(flow_run).error("%s", message)
         elif current is None or not current.is_final():

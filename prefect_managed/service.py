@@ -188,7 +188,11 @@ class ManagedService:
         if self._stop_requested or self._draining:
             stopping.set()
         async with self._client_factory() as client, anyio.create_task_group() as workers:
-            while not stopping.is_set():
+            # A drain asked for before the first read still starts the workers, which
+            # finish what an earlier service of this name left; a stop does not.
+            first = not self._stop_requested
+            while first or not stopping.is_set():
+                first = False
                 try:
                     plan = await self._plan(client)
                 except Exception:  # the API may be unreachable for a while: keep serving

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
 
     from prefect_managed.accounting import Accounting
+    from prefect_managed.capacity import HostCapacity
     from prefect_managed.concurrency import WorkspaceSlots
     from prefect_managed.containers import Containers
     from prefect_managed.outcome import ContainerReport
@@ -82,12 +83,25 @@ class TakeOver:
 
         async def _give_worker_labels_to_flow_run(self, flow_run_id: UUID) -> None: ...
 
+        _reconcile_lock: anyio.Lock
+        _unlabelled: set[UUID]
+        _capacity: HostCapacity
+        _submitting_flow_run_ids: set[UUID]
+
     async def _reconcile_forever(self) -> None:
         while True:
             await anyio.sleep(RECONCILE_SECONDS)
             await self._reconcile_guarded()
 
     async def _reconcile_guarded(self) -> None:
+        """One reconciliation at a time (the drain asks for them too)."""
+        async with self._reconcile_lock:
+            await self._reconcile_once()
+
+    async def _reconcile_once(self) -> None:
+        # Room reserved for runs this worker no longer submits nor runs goes back.
+        self._capacity.sweep(self.name, {*self._submitting_flow_run_ids, *self._running})
+        await self._relabel_taken_over()
         try:
             sent = await self._accounting.send_spooled() if self._accounting else 0
             if sent:
@@ -187,6 +201,25 @@ class TakeOver:
                 # Its pool's workers schedule an infrastructure retry, not this one.
                 self._infrastructure_crashes.pop(flow_run.id, None)
 
+    async def _relabel_taken_over(self) -> None:
+        """Label the taken-over runs with this worker, again at each reconciliation until
+        it worked and while they run (else another host could take them as lost)."""
+        for flow_run_id in list(self._unlabelled):
+            if flow_run_id not in self._running:
+                self._unlabelled.discard(flow_run_id)
+                continue
+            try:
+                await self._give_worker_labels_to_flow_run(flow_run_id)
+            except Exception:
+                self._logger.warning(
+                    "Could not label flow run %s with this worker; trying again at the next "
+                    "reconciliation",
+                    flow_run_id,
+                    exc_info=True,
+                )
+            else:
+                self._unlabelled.discard(flow_run_id)
+
     async def _take_over(self, found: list[ContainerReport]) -> None:
         online = await self._online_workers(self._work_pool_name)
         watched = {*self._active, *self._finished}
@@ -198,12 +231,8 @@ class TakeOver:
             self._active.add(report.id)
             self._running.add(flow_run.id)
             # The run's worker label names who runs it now (the lost-host check reads it).
-            try:
-                await self._give_worker_labels_to_flow_run(flow_run.id)
-            except Exception:
-                self._logger.warning(
-                    "Could not label flow run %s with this worker", flow_run.id, exc_info=True
-                )
+            self._unlabelled.add(flow_run.id)
+            await self._relabel_taken_over()
             self._logger.info(
                 "Taking over container %s of flow run %s, left by worker %r",
                 report.name,

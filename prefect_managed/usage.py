@@ -190,10 +190,18 @@ class MonthlyUsage:
     records: dict[tuple[UUID, int], UsageRecord] = field(default_factory=dict)
 
     def add(self, record: UsageRecord) -> bool:
-        """Count a record; False when this attempt of this run was already counted."""
-        if (record.flow_run_id, record.attempt) in self.records:
+        """Count a record; False when this attempt of this run was already counted.
+
+        A `lost` record (its host taken as gone) is provisional: the attempt's record
+        from its container, if one comes, counts instead, in whichever order they are
+        read."""
+        key = (record.flow_run_id, record.attempt)
+        known = self.records.get(key)
+        if known is not None and not (
+            known.outcome is Outcome.LOST and record.outcome is not Outcome.LOST
+        ):
             return False
-        self.records[(record.flow_run_id, record.attempt)] = record
+        self.records[key] = record
         return True
 
     @property

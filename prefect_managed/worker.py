@@ -165,6 +165,8 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._infrastructure_crashes: dict[UUID, InfrastructureCause] = {}
         self._capacity: HostCapacity = capacity_for(self._containers, self.policy.host)
         self._told_no_room: deque[UUID] = deque(maxlen=1000)  # runs told they wait for room
+        self._reconcile_lock = anyio.Lock()
+        self._unlabelled: set[UUID] = set()  # taken-over runs not labelled with this worker yet
         self._draining = False
         #: what the service's metrics read; the service gives each worker of a pool the same
         self.stats = PoolStats()
@@ -200,7 +202,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
     async def drained(self) -> bool:
         """Whether nothing of this worker is left: no run in flight, no container of its
         name on the engine (an exited one is finished by a reconciliation first)."""
-        if self._running or self._active:
+        if self._running or self._active or self._submitting_flow_run_ids:
             return False
         labels = [
             *pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name),
@@ -357,7 +359,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         roomy: list[UUID] = []
         if waiting and not self._unslotted:
             try:
-                roomy, why = await self._capacity.admit(waiting, self._need(), anyio.current_time())
+                roomy, why = await self._capacity.admit(
+                    waiting, self._need(), anyio.current_time(), owner=self.name
+                )
             except Exception as exc:
                 # The engine does not answer: admitted as before there was a count, so
                 # the start fails as the infrastructure's (and may be retried).
@@ -367,10 +371,21 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
                 await self._tell_no_room(
                     [e.flow_run for e in queue if e.flow_run.id in waiting[len(roomy) :]], why
                 )
+        try:
+            return await self._admit_with_slots(queue, ours, roomy)
+        finally:
+            # Reserved room of a run not being submitted goes back, whatever happened.
+            for run in roomy:
+                if run not in self._submitting_flow_run_ids and run not in self._running:
+                    self._capacity.release(run)
+
+    async def _admit_with_slots(
+        self, queue: list[WorkerFlowRunResponse], ours: set[UUID], roomy: list[UUID]
+    ) -> list[FlowRun]:
+        """Slots for the runs with room (`roomy`); the others marked waiting for a slot or
+        left for another host; the runs with both submitted through Prefect."""
+        assert self._slots is not None and self._states is not None
         acquired = await self._slots.acquire_in_order(roomy) if roomy else set()
-        for run in roomy:
-            if run not in acquired:
-                self._capacity.release(run)
         admitted: list[WorkerFlowRunResponse] = []
         self.stats.waiting_for_slot = self.stats.waiting_for_room = 0
         for entry in queue:
@@ -391,7 +406,6 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         for entry in admitted:
             if entry.flow_run.id not in submitted_ids:
                 await self._slots.release(entry.flow_run.id)
-                self._capacity.release(entry.flow_run.id)
         return submitted
 
     def _need(self) -> Need:

@@ -10,6 +10,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.states import Running
 
 from prefect_managed.lost import decider, lost_host_message, lost_runs
+from prefect_managed.usage import MonthlyUsage, Outcome, UsageRecord
 
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=timezone.utc)
 LONG_AGO = NOW - timedelta(hours=1)
@@ -61,3 +62,29 @@ def test_the_message_names_the_worker_its_last_heartbeat_and_what_to_do():
 
     assert "'host-b-pool'" in message and "2026-12-05T11:56:40+00:00" in message
     assert "lost_after_seconds, 180 s" in message and "Run the flow again" in message
+
+
+def record(outcome: Outcome, minutes: int, run=None) -> UsageRecord:
+    return UsageRecord.from_timestamps(
+        LONG_AGO,
+        LONG_AGO + timedelta(minutes=minutes),
+        flow_run_id=run or uuid4(),
+        flow_run_name="lost-one",
+        workspace="w",
+        tier="free",
+        pool="p",
+        image="i",
+        outcome=outcome,
+    )
+
+
+def test_a_lost_record_gives_way_to_the_containers_own_in_either_order():
+    run = uuid4()
+    lost, real = record(Outcome.LOST, 2, run), record(Outcome.CRASHED, 5, run)
+    first_lost, first_real = MonthlyUsage("w", lost.month), MonthlyUsage("w", lost.month)
+
+    assert first_lost.add(lost) and first_lost.add(real)
+    assert first_real.add(real) and not first_real.add(lost)
+    assert not first_lost.add(record(Outcome.COMPLETED, 9, run))  # the real one stays
+    for usage in (first_lost, first_real):
+        assert (usage.runs, usage.minutes) == (1, 5)

@@ -9,6 +9,7 @@ creates are the only managed pools the services see.
 from __future__ import annotations
 
 import re
+import shutil
 import signal
 import tempfile
 import threading
@@ -78,6 +79,7 @@ def postgres_api():
     finally:
         server.stop()
         database.stop()
+        shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture

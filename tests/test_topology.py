@@ -243,13 +243,14 @@ def test_a_full_host_leaves_runs_to_the_other_host(
 
 
 @pytest.mark.timeout(1500)
-def test_a_lost_host_s_run_ends_crashed_with_one_record_and_its_return_counts_nothing_twice(
+def test_a_lost_host_s_run_ends_crashed_with_one_record_and_its_return_counts_it_once(
     api, deploy_to, policy_for, docker_client, second_engine
 ):
     """host-b runs the only slot's run; its service is SIGKILLed and its engine stopped.
-    host-a ends the run Crashed (HostLost) within the documented time, records it once,
-    and then runs the next run on the slot that came back. host-b's return (engine and
-    service) finishes the dead container without a second record."""
+    host-a ends the run Crashed (HostLost) within the documented time, records it once
+    (outcome lost), and then runs the next run on the slot that came back. host-b's
+    return (engine and service) finishes the dead container: its own record replaces the
+    lost one, and the month counts the run once."""
     policy = policy_for("serve-lost", concurrency_limit=1, host={"lost_after_seconds": LOST_AFTER})
     pool = create_pool("lost-host")
     deployment = deploy_to(pool, "sleeper")
@@ -287,8 +288,10 @@ def test_a_lost_host_s_run_ends_crashed_with_one_record_and_its_return_counts_no
         engine_b = second_engine.client()
         wait_for(lambda: not run_containers(engine_b, lost), 300, "the dead container finished")
         engine_b.close()
-        time.sleep(5)
-        records_after_return = usage_records(lost)
+        records_after_return = wait_for(
+            lambda: len(found := usage_records(lost)) == 2 and found, 120, "the container's record"
+        )
+        usage = usage_report(policy, api)
         with get_client(sync_client=True) as client:
             state_after_return = client.read_flow_run(lost).state
     finally:
@@ -304,5 +307,10 @@ def test_a_lost_host_s_run_ends_crashed_with_one_record_and_its_return_counts_no
     assert records[0]["cpu_seconds"] is None and records[0]["billable_minutes"] >= 1
     assert next_run.state.is_completed(), next_run.state
     assert "Waiting for a concurrency slot" not in str(next_run.state.message)
-    assert records_after_return == records
-    assert state_after_return.name == "HostLost"
+    container_record = next(r for r in records_after_return if r["outcome"] != "lost")
+    assert container_record["wall_seconds"] >= records[0]["wall_seconds"], records_after_return
+    assert usage["runs"] == 2  # the lost run once, and the next run
+    assert usage["billable_minutes"] == (
+        container_record["billable_minutes"] + usage_records(after)[0]["billable_minutes"]
+    )
+    assert state_after_return.is_crashed(), state_after_return

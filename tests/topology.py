@@ -5,7 +5,7 @@ What Prefect's guide to scaling a self-hosted server prescribes, started for rea
 - PostgreSQL (Debian's, a throwaway cluster: tests/postgres.py), one database;
 - Redis (Debian's `redis-server`, no persistence) through `prefect-redis`, for
   messaging and its cache, the events' causal ordering, the concurrency lease storage
-  and docket (`REDIS_SETTINGS` below);
+  and docket (`redis_settings` below);
 - two API processes, `prefect server start --no-services`, on that database and Redis;
 - one process of background services, `prefect server services start`;
 - a round-robin proxy of our own in front of the two API processes (`RoundRobin`): each
@@ -13,7 +13,10 @@ What Prefect's guide to scaling a self-hosted server prescribes, started for rea
   skipped, websockets pass unchanged. Workers use `PREFECT_API_URL` through it.
 
 `python tests/topology.py up --dir D` brings it up, prints the environment a worker
-needs (also written to D/topology.env) and keeps it up until Ctrl-C or SIGTERM.
+needs (also written to D/topology.env) and keeps it up until Ctrl-C or SIGTERM, then
+takes it all down. With `--hosts N --policy FILE` it also starts N hosts
+(`prefect-managed serve --name host-K`), host-1 on this machine's Docker engine and each
+other one on a second engine of its own with the runtime image loaded.
 """
 
 from __future__ import annotations
@@ -273,26 +276,68 @@ def start_topology(log_dir: Path, auth: str | None = None) -> Topology:
         raise
 
 
+def start_hosts(topology: Topology, policy: Path, image: str, count: int, parts: list) -> None:
+    """`count` hosts: `prefect-managed serve --name host-N`, host-1 on this machine's
+    Docker engine, each other one on a second engine of its own (tests/engines.py) with
+    `image` loaded. What was started goes into `parts` (to stop, last first)."""
+    from engines import start_engine
+
+    for number in range(1, count + 1):
+        env = {**topology.env, "PREFECT_INTEGRATIONS_MANAGED_POLICY_FILE": str(policy)}
+        if number > 1:
+            engine = start_engine(topology.log_dir)
+            parts.append(engine)
+            engine.load(image)
+            env["DOCKER_HOST"] = engine.host
+        command = [str(BIN / "prefect-managed"), "serve", "--name", f"host-{number}"]
+        parts.append(start(f"topology-host-{number}", command, topology.log_dir, env))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("command", choices=["up"])
     parser.add_argument("--dir", type=Path, required=True, help="where the logs and env go")
+    parser.add_argument(
+        "--hosts",
+        type=int,
+        default=0,
+        help="also start this many hosts (prefect-managed serve), the second and later "
+        "each on a Docker engine of its own; needs --policy",
+    )
+    parser.add_argument("--policy", type=Path, help="the hosts' policy file")
+    parser.add_argument(
+        "--image", default=None, help="the runtime image loaded into the hosts' engines"
+    )
     args = parser.parse_args()
+    if args.hosts and args.policy is None:
+        parser.error("--hosts needs --policy (the policy file every host reads)")
     args.dir.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     topology = start_topology(args.dir)
-    lines = [f"{key}={value}" for key, value in topology.env.items()]
-    lines += [f"# API process {i}: {url}" for i, url in enumerate(topology.api_urls)]
-    (args.dir / "topology.env").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"# up in {time.monotonic() - began:.1f} s; Ctrl-C takes it down", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    hosts: list = []
     try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
+        if args.hosts:
+            from prefect_managed.runtime.builder import default_runtime_tag
+
+            image = args.image or default_runtime_tag()
+            start_hosts(topology, args.policy.resolve(), image, args.hosts, hosts)
+        lines = [f"{key}={value}" for key, value in topology.env.items()]
+        lines += [f"# API process {i}: {url}" for i, url in enumerate(topology.api_urls)]
+        lines += [
+            f"# host-{n + 1}: log {args.dir}/topology-host-{n + 1}.log" for n in range(args.hosts)
+        ]
+        (args.dir / "topology.env").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        print(f"# up in {time.monotonic() - began:.1f} s; Ctrl-C takes it down", flush=True)
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
     finally:
+        for part in reversed(hosts):  # services first, then their engines
+            (part.stop if isinstance(part, Service) else part.remove)()
         topology.stop()
 
 
