@@ -103,13 +103,13 @@ class HostCapacity:
         return self._capacity
 
     async def admit(
-        self, runs: list[UUID], each: Need, now: float, owner: str = "", refresh: bool = True
+        self, runs: list[UUID], each: Need, now: float, owner: str = ""
     ) -> tuple[list[UUID], str]:
         """The first runs of `runs` this host has room for, reserved until `release`;
         and, when some do not fit, why (for the log)."""
         if not runs:
             return [], ""
-        if refresh and (self._capacity is None or now - self._asked_at >= INFO_SECONDS):
+        if self._capacity is None or now - self._asked_at >= INFO_SECONDS:
             self._capacity = Capacity.of_engine(await self._containers.info(), self._host)
             self._asked_at = now
         running = await self._containers.running([f"{MANAGED_LABEL}=true"])
