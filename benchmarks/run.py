@@ -865,7 +865,7 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1.0,
         help="both workers' PREFECT_WORKER_QUERY_SECONDS (default 1; Prefect's own default "
-        "is 10, what users run with)",
+        "is 10, what users run with: ManagedWorker picks runs up on events meanwhile)",
     )
     parser.add_argument(
         "--registry",

@@ -70,6 +70,7 @@ from prefect_managed.metrics import PoolStats
 from prefect_managed.outcome import (
     docker_lost,
 )
+from prefect_managed.pickup import Pickup
 from prefect_managed.policy import Policy
 from prefect_managed.pools import PoolGate
 from prefect_managed.retries import (
@@ -170,6 +171,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._draining = False
         #: what the service's metrics read; the service gives each worker of a pool the same
         self.stats = PoolStats()
+        # Polls (Prefect's loop, and `_pickup`'s on an event) one at a time.
+        self._poll_lock = anyio.Lock()
+        self._pickup = Pickup(self._poll_on_wake, self._logger)
 
     def drain(self) -> None:
         """Claim no new runs; the runs in flight go on to their end (`drained`)."""
@@ -300,6 +304,8 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._background.start_soon(self._enforce_cancels_forever)
         self._background.start_soon(self._find_lost_forever)
         self._background.start_soon(self._accounting.show_on_pool, self._work_pool_name)
+        self._background.start_soon(self._pickup.poll_when_woken_forever)
+        self._background.start_soon(self._pickup.follow_forever, self._work_pool_id)
         self._logger.info(
             "Workspace %r, %s tier: %d concurrent flow runs, %d managed pools, "
             "%s memory and %g CPUs per run, %d s maximum run time",
@@ -324,16 +330,33 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
     # -- which pools and runs are served ---------------------------------------------
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
-        if self._stop_requested:
-            self.abandon_runs()
-            raise WorkerStopped(self.name)
         assert self._pool_gate is not None
-        if self._draining:
-            await self._take_waiting_slots()  # taken-over runs still get their slots
-            return []
-        if not await self._pool_gate.is_served():
-            return []
-        return await super().get_and_submit_flow_runs()
+        async with self._poll_lock:
+            # Checked under the lock: a poll that waited for it admits nothing into the
+            # runs' task group once the worker is told to stop.
+            if self._stop_requested:
+                self.abandon_runs()
+                raise WorkerStopped(self.name)
+            if self._draining:
+                await self._take_waiting_slots()  # taken-over runs still get their slots
+                return []
+            if not await self._pool_gate.is_served():
+                return []
+            return await super().get_and_submit_flow_runs()
+
+    async def _poll_on_wake(self) -> None:
+        """A poll out of turn (`Pickup`): a run of the pool became due; none once the
+        worker is told to stop (Prefect's loop stops it)."""
+        if self._stop_requested:
+            return
+        try:
+            await self.get_and_submit_flow_runs()
+        except WorkerStopped:
+            return
+
+    def _work_pool_id(self) -> UUID | None:
+        """The pool's id once the worker has synced with the API (it may create the pool)."""
+        return self._work_pool.id if self._work_pool is not None else None
 
     async def _submit_scheduled_flow_runs(
         self, flow_run_response: list[WorkerFlowRunResponse]
@@ -431,6 +454,8 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         # Also when Prefect aborted the submission (another host took the run first).
         self._capacity.release(flow_run_id)
         if self._slots is not None and self._runs_task_group is not None:
+            # No poll out of turn here: a host woken by its own release would always win
+            # the waiting runs over the other hosts of the pool.
             self._runs_task_group.start_soon(self._slots.release, flow_run_id)
 
     # -- one run ------------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""Pickup on events: the worker polls at once when one of its pool's runs becomes due.
+
+Prefect's worker looks for scheduled runs every `PREFECT_WORKER_QUERY_SECONDS` (10 s by
+default), so an ad-hoc run (`run_deployment`, the UI's Run button) waits up to that long
+before a worker sees it. The managed worker also follows the server's event stream for
+its pool, with Prefect's own subscriber (what `prefect events stream` reads), and polls as
+soon as one of the pool's runs is Scheduled. A workspace slot it releases does not wake
+it: a host woken by its own release would always win the waiting runs over the pool's
+other hosts. Polling stays as it is: it is the fallback while
+the subscription is down, and the subscription is opened again after a pause.
+
+A poll on an event is the same poll as the loop's, under the same lock: a run is never
+admitted twice, and wakes that come while a poll runs make one more poll, not many.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+from uuid import UUID
+
+import anyio
+
+#: The events that make a run of the pool due now: Prefect names a flow run's state
+#: events after the state (`prefect.flow-run.<state name>`): a new run, and a run
+#: scheduled again at once after an infrastructure crash (`retries.INFRASTRUCTURE_RETRY`).
+#: Never `AwaitingConcurrencySlot`, which the worker's own poll sets.
+DUE_EVENTS = ("prefect.flow-run.Scheduled", "prefect.flow-run.AwaitingInfrastructureRetry")
+
+#: Seconds between a dropped subscription and the next attempt.
+RESUBSCRIBE_SECONDS = 5.0
+
+Subscribe = Callable[[UUID], AbstractAsyncContextManager[AsyncIterator[Any]]]
+
+
+def of_pool(event: Any, pool_id: UUID) -> bool:
+    """Whether the event names the pool as its run's `work-pool`. The server applies a
+    related-resource filter to the backfill it reads from its database, not to the live
+    stream, so the subscriber gets every pool's due events: this is the filter that holds."""
+    wanted = f"prefect.work-pool.{pool_id}"
+    return any(
+        related.id == wanted and related.role == "work-pool"
+        for related in getattr(event, "related", ())
+    )
+
+
+def pool_events(pool_id: UUID) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+    """Prefect's subscriber to the due events of the runs of one work pool (filtered
+    again with `of_pool`)."""
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+
+    return get_events_subscriber(
+        filter=EventFilter(
+            event=EventNameFilter(name=list(DUE_EVENTS)),
+            related=EventRelatedFilter(
+                resources_in_roles=[(f"prefect.work-pool.{pool_id}", "work-pool")]
+            ),
+        ),
+        reconnect_on_clean_close=True,
+    )
+
+
+class Pickup:
+    """Wakes `poll` for each due event of the pool, and when `wake` is called."""
+
+    def __init__(
+        self,
+        poll: Callable[[], Awaitable[object]],
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        subscribe: Subscribe = pool_events,
+        resubscribe_seconds: float = RESUBSCRIBE_SECONDS,
+    ) -> None:
+        self._poll = poll
+        self._logger = logger
+        self._subscribe = subscribe
+        self._resubscribe_seconds = resubscribe_seconds
+        self._due = anyio.Event()
+        #: Whether the subscription is up (polling alone serves the pool while it is not).
+        self.subscribed = False
+        #: Polls made because of a wake (an event).
+        self.polls = 0
+
+    def wake(self) -> None:
+        """Poll as soon as the poll under way, if any, is over."""
+        self._due.set()
+
+    async def poll_when_woken_forever(self) -> None:
+        while True:
+            await self._due.wait()
+            self._due = anyio.Event()
+            self.polls += 1
+            try:
+                await self._poll()
+            except Exception:  # the loop's next poll tries again, as Prefect's does
+                self._logger.warning("A poll on an event failed", exc_info=True)
+
+    async def follow_forever(self, pool_id: Callable[[], UUID | None]) -> None:
+        """Follow the pool's due events, once the pool is known (the worker's first
+        sync with the API makes or reads it), subscribing again whenever the stream
+        drops."""
+        while (pool := pool_id()) is None:
+            await anyio.sleep(1)
+        first = True
+        while True:
+            try:
+                async with self._subscribe(pool) as events:
+                    if not self.subscribed:
+                        self._logger.info(
+                            "Following the pool's events: a scheduled flow run is picked up at once"
+                        )
+                    self.subscribed = True
+                    # Runs scheduled while it was down: the loop may not have seen them.
+                    self.wake()
+                    async for event in events:
+                        if of_pool(event, pool):
+                            self.wake()
+            except Exception as exc:
+                if self.subscribed or first:
+                    self._logger.warning(
+                        "Could not follow the pool's events (%s: %s): flow runs are picked "
+                        "up by polling until it is back (subscribing again every %g s)",
+                        type(exc).__name__,
+                        exc,
+                        self._resubscribe_seconds,
+                    )
+                else:
+                    self._logger.debug("Could not follow the pool's events", exc_info=True)
+            first = False
+            self.subscribed = False
+            await anyio.sleep(self._resubscribe_seconds)
