@@ -35,6 +35,14 @@ if [ -n "$EXTRA_PIP_PACKAGES" ]; then
   set +f
 fi
 
+# Prefect's executor, started by the pre-fork executor (prefork.py: Prefect imported once
+# for the runner, the workspace supervisor and the engine). PREFECT_MANAGED_EXECUTOR=stock
+# in a run's environment keeps Prefect's own command.
+if [ "$*" = "prefect flow-run execute" ] && [ "${PREFECT_MANAGED_EXECUTOR:-prefork}" != stock ] \
+    && [ -f /opt/prefect/prefork.py ]; then
+  exec python /opt/prefect/prefork.py
+fi
+
 if [ -z "$*" ]; then
   exec bash --login
 else

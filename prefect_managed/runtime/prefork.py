@@ -1,0 +1,385 @@
+"""The pre-fork executor: `prefect flow-run execute` with Prefect imported once.
+
+Prefect 3.9's executor starts three interpreters per run, each importing Prefect: the
+runner (`prefect flow-run execute`), the workspace supervisor (`python -m
+prefect.runner._workspace_supervisor`, which runs the pull steps and then replaces itself
+with) the engine (`python -m prefect.engine`). This script imports what all three need
+once, before any event loop or thread exists, and then:
+
+- forks a *zygote*: an idle copy of the clean, already-imported interpreter;
+- runs Prefect's own runner in this process, unchanged, except that the command it
+  starts the supervisor with is a small *stub* (a Python started with `-I -S`, no
+  Prefect): the stub hands its arguments, environment, working directory and standard
+  streams to the zygote, which forks the supervisor. The stub is the process the runner
+  watches: it passes the runner's signals on to the supervisor's process group, and ends
+  as the supervisor ended (its exit code, or the same signal). If the stub is killed, the
+  zygote kills the supervisor's group, as the runner's SIGKILL to the group would;
+- in the supervisor, the pull steps run in a short-lived child (they start an event
+  loop and threads); the supervisor itself stays clean and, where the stock supervisor
+  would `exec` `python -m prefect.engine`, runs the engine in-process with the
+  working directory, `sys.argv`, `sys.path`, environment and Prefect settings a new
+  interpreter would have had. Its PID and process group are the supervisor's, as with
+  `exec`.
+
+It falls back to Prefect's own commands whenever it would not do exactly what they do:
+another Prefect version than the one it was written for (for example one installed from
+`pip_packages`), threads after the imports, a workspace whose command is not
+`python -m prefect.engine` (a uv project, an explicit command), a workspace that shadows
+a module already imported here, or Prefect's plugins enabled.
+
+Runs in the runtime image as `python /opt/prefect/prefork.py`; the image's entrypoint
+starts it in place of `prefect flow-run execute` unless the run's environment has
+`PREFECT_MANAGED_EXECUTOR=stock`. Uses only the standard library and Prefect.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import sys
+import tempfile
+
+#: The Prefect version whose executor this mirrors; any other runs the stock command.
+PREFECT_VERSION = "3.9.1"
+
+STOCK_COMMAND = ["prefect", "flow-run", "execute"]
+SUPERVISOR_MODULE = "prefect.runner._workspace_supervisor"
+ENGINE_MODULE = "prefect.engine"
+
+#: What the runner, the supervisor and the engine import, imported once here.
+PRELOAD = (
+    "prefect",
+    "prefect.main",
+    "prefect.cli",
+    "prefect.cli.flow_run",
+    "prefect.runner._workspace_supervisor",
+    "prefect.runner._workspace_starter",
+    "prefect.engine",
+    "prefect.flow_engine",
+    "prefect.task_engine",
+    "prefect._internal.metrics",
+    "prefect.deployments.steps",
+    "prefect.deployments.steps.core",
+    "prefect.deployments.steps.pull",
+    "prefect.runner.storage",
+)
+
+#: Signals the stub passes on to the supervisor's process group.
+FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+)
+
+STUB = r"""import os, signal, socket, struct, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect({path!r})
+body = repr((sys.argv[1:], os.getcwd(), dict(os.environ))).encode()
+socket.send_fds(s, [struct.pack("!I", len(body)) + body], [0, 1, 2])
+f = s.makefile("rb")
+pid = int(f.readline())
+def forward(signum, frame):
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        pass
+for signum in {forwarded!r}:
+    signal.signal(signum, forward)
+kind, value = f.readline().split()
+if kind == b"signal":
+    signal.signal(int(value), signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [int(value)])
+    os.kill(os.getpid(), int(value))
+os._exit(int(value))
+"""
+
+
+def stock(reason: str | None = None) -> None:
+    """Replace this process with Prefect's own executor."""
+    if reason:
+        print(
+            f"prefect-managed: starting the flow run with Prefect's own executor: {reason}",
+            file=sys.stderr,
+        )
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvp(STOCK_COMMAND[0], STOCK_COMMAND + sys.argv[1:])
+
+
+def fresh_interpreter_signals() -> None:
+    """The signal dispositions a new CPython process starts with."""
+    for signum in range(1, signal.NSIG):
+        if signum in (signal.SIGKILL, signal.SIGSTOP):
+            continue
+        try:
+            signal.signal(signum, signal.SIG_DFL)
+        except (OSError, ValueError, RuntimeError):
+            pass
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
+class Interpreter:
+    """What a new `python -m module` would start with, given its environment."""
+
+    def __init__(self) -> None:
+        own = os.environ.get("PYTHONPATH", "")
+        own_entries = [entry for entry in own.split(os.pathsep) if entry]
+        # This script's own directory first, then PYTHONPATH, then the interpreter's.
+        base = list(sys.path[1:])
+        for entry in own_entries:
+            if entry in base:
+                base.remove(entry)
+        self.base_path = base
+
+    def become(
+        self, module_file: str, args: list[str], cwd: str, environment: dict[str, str]
+    ) -> None:
+        os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environment)
+        sys.argv = [module_file, *args]
+        pythonpath = [
+            entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry
+        ]
+        sys.path[:] = [os.getcwd(), *pythonpath, *self.base_path]
+        import importlib
+
+        importlib.invalidate_caches()
+        from prefect.context import refresh_global_settings_context
+        from prefect.logging.configuration import setup_logging
+
+        refresh_global_settings_context()
+        setup_logging(incremental=False)
+
+    def run_module(self, module: str) -> None:
+        """`python -m module` in this process (the caller has called `become`)."""
+        import runpy
+        import types
+
+        main = types.ModuleType("__main__")
+        main.__dict__["__builtins__"] = __builtins__
+        sys.modules["__main__"] = main
+        runpy._run_module_as_main(module, alter_argv=False)  # type: ignore[attr-defined]
+
+
+def shadowed(paths: list[str]) -> str | None:
+    """A module imported here that one of `paths` would provide instead, if any."""
+    top = {name.partition(".")[0] for name in sys.modules}
+    for directory in paths:
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            full = os.path.join(directory, name)
+            if os.path.isdir(full):
+                # A directory without __init__.py is a namespace portion: it does not
+                # shadow a module found further on the path.
+                stem = name if os.path.exists(os.path.join(full, "__init__.py")) else ""
+            else:
+                stem = name.split(".", 1)[0] if name.endswith((".py", ".pyc", ".so")) else ""
+            if stem and stem != "__main__" and stem in top:
+                return full
+    return None
+
+
+def read_message(conn: socket.socket) -> tuple[object, list[int]]:
+    data, fds, _flags, _address = socket.recv_fds(conn, 1 << 20, 8)
+    (length,) = struct.unpack("!I", data[:4])
+    body = data[4:]
+    while len(body) < length:
+        chunk = conn.recv(length - len(body))
+        if not chunk:
+            raise EOFError("the stub closed its connection")
+        body += chunk
+    import ast
+
+    return ast.literal_eval(body.decode()), fds
+
+
+def wait_status_line(status: int) -> bytes:
+    if os.WIFSIGNALED(status):
+        return b"signal %d\n" % os.WTERMSIG(status)
+    return b"exit %d\n" % os.waitstatus_to_exitcode(status)
+
+
+def zygote(listener: socket.socket, parent_alive: int) -> tuple | None:
+    """Serve one supervisor. Returns its request in the supervisor, None in the zygote."""
+    ready, _, _ = select.select([listener, parent_alive], [], [])
+    if listener not in ready:
+        return None  # the runner is gone before it asked
+    conn, _ = listener.accept()
+    listener.close()
+    (argv, cwd, environment), fds = read_message(conn)
+    pid = os.fork()
+    if pid == 0:
+        os.close(parent_alive)
+        for target, fd in enumerate(fds[:3]):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        # Its own session and group (the stock supervisor's start_new_session) before the
+        # stub learns the PID it sends the runner's signals to.
+        os.setsid()
+        conn.sendall(b"%d\n" % os.getpid())
+        conn.close()
+        return argv, cwd, environment
+    for fd in fds:
+        os.close(fd)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        pidfd = None
+    while True:
+        watched = [conn] + ([pidfd] if pidfd is not None else [])
+        ready, _, _ = select.select(watched, [], [], None if pidfd is not None else 0.05)
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            try:
+                conn.sendall(wait_status_line(status))
+            except OSError:
+                pass
+            return None
+        if conn in ready and not conn.recv(1):
+            # The stub was killed (the runner's SIGKILL to its group): so is the group.
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            os.waitpid(pid, 0)
+            return None
+
+
+def supervise(request: tuple, interpreter: Interpreter) -> None:
+    """The workspace supervisor, then the engine, in this (clean) process."""
+    argv, cwd, environment = request
+    fresh_interpreter_signals()
+    if argv[:2] != ["-m", SUPERVISOR_MODULE]:
+        os.execvpe(sys.executable, [sys.executable, *argv], environment)
+    import prefect.runner._workspace_supervisor as supervisor_module
+
+    interpreter.become(supervisor_module.__file__, argv[2:], cwd, environment)
+
+    # The pull steps start an event loop and threads: they run in a child, which hands
+    # back what the stock supervisor would `exec` and ends as `exec` would end it.
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.close(read_end)
+
+        async def hand_back(command: list[str], *, cwd, environment: dict[str, str]) -> int:
+            with os.fdopen(write_end, "w") as out:
+                json.dump({"command": command, "cwd": str(cwd), "environment": environment}, out)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+        supervisor_module._launch_engine = hand_back
+        sys.exit(supervisor_module.main(argv[2:]))
+    os.close(write_end)
+    with os.fdopen(read_end) as handed:
+        message = handed.read()
+    _, status = os.waitpid(child, 0)
+    if not message:
+        if os.WIFSIGNALED(status):
+            os.kill(os.getpid(), os.WTERMSIG(status))
+        os._exit(os.waitstatus_to_exitcode(status) or 1)
+    launch = json.loads(message)
+    command, cwd, environment = launch["command"], launch["cwd"], launch["environment"]
+    pythonpath = [entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    reason = None
+    if command != [sys.executable, "-m", ENGINE_MODULE]:
+        reason = "the workspace runs its own command"
+    elif (found := shadowed([cwd, *pythonpath])) is not None:
+        reason = f"the workspace provides {found}, a module the executor has already imported"
+    if reason is not None:
+        print(f"prefect-managed: {reason}; starting it as Prefect does", file=sys.stderr)
+        sys.stderr.flush()
+        os.chdir(cwd)
+        os.execvpe(command[0], command, environment)
+    import prefect.engine
+
+    interpreter.become(prefect.engine.__file__, [], cwd, environment)
+    interpreter.run_module(ENGINE_MODULE)
+
+
+def main() -> None:
+    if os.environ.get("PREFECT_MANAGED_EXECUTOR", "prefork") == "stock":
+        stock()
+    try:
+        version = importlib.metadata.version("prefect")
+    except importlib.metadata.PackageNotFoundError:
+        version = None
+    if version != PREFECT_VERSION:
+        stock(f"it was written for Prefect {PREFECT_VERSION}, this is {version}")
+    if os.environ.get("PREFECT_PLUGINS_ENABLED", "").lower() in ("1", "true", "yes", "on"):
+        stock("Prefect's plugins are enabled")
+    interpreter = Interpreter()
+    import threading
+
+    for module in PRELOAD:
+        importlib.import_module(module)
+    if threading.active_count() != 1:
+        stock("importing Prefect started threads")
+
+    private = tempfile.mkdtemp(prefix="prefect-managed-prefork-")
+    address = os.path.join(private, "zygote")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(address)
+    listener.listen(1)
+    stub_path = os.path.join(private, "stub")
+    with open(stub_path, "w") as stub:
+        stub.write(
+            f"#!{sys.executable} -IS\n"
+            + STUB.format(path=address, forwarded=[int(s) for s in FORWARDED])
+        )
+    os.chmod(stub_path, 0o700)
+    if os.statvfs(private).f_flag & os.ST_NOEXEC:
+        shutil.rmtree(private, ignore_errors=True)
+        stock(f"{private} is on a noexec mount")
+    alive_read, alive_write = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+
+    if os.fork() == 0:
+        # The zygote: out of the runner's process group (a `docker stop` reaches the runner
+        # alone, as with the stock command), serving one supervisor.
+        os.close(alive_write)
+        os.setsid()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        request = zygote(listener, alive_read)
+        if request is None:
+            os._exit(0)
+        supervise(request, interpreter)
+        return
+
+    os.close(alive_read)
+    listener.close()
+    import prefect.runner._workspace_starter as starter
+    from prefect.cli import app
+
+    starter.get_sys_executable = lambda: stub_path
+    script = os.path.join(os.path.dirname(sys.executable), "prefect")
+    sys.argv = [script, *STOCK_COMMAND[1:], *sys.argv[1:]]
+    sys.path[0] = os.path.dirname(script)  # as for the `prefect` console script
+    try:
+        sys.exit(app())
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
