@@ -330,13 +330,13 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
     # -- which pools and runs are served ---------------------------------------------
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
-        assert self._pool_gate is not None
         async with self._poll_lock:
             # Checked under the lock: a poll that waited for it admits nothing into the
             # runs' task group once the worker is told to stop.
             if self._stop_requested:
                 self.abandon_runs()
                 raise WorkerStopped(self.name)
+            assert self._pool_gate is not None
             if self._draining:
                 await self._take_waiting_slots()  # taken-over runs still get their slots
                 return []

@@ -5,4 +5,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/pytest -p no:cacheprovider -ra "$@"
+exec .venv/bin/pytest -p no:cacheprovider -ra --durations=30 "$@"

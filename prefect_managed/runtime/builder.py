@@ -32,7 +32,13 @@ Progress = Callable[[str], None]
 
 
 #: The runtime image's build context, besides the extra CA bundle.
-RUNTIME_FILES = ("Dockerfile", "entrypoint.sh", "cache_evict.py", "prefork.py", "prefect-managed-teardown.pth")
+RUNTIME_FILES = (
+    "Dockerfile",
+    "entrypoint.sh",
+    "cache_evict.py",
+    "prefork.py",
+    "prefect-managed-teardown.pth",
+)
 
 
 def default_runtime_tag() -> str:

@@ -38,8 +38,9 @@ fi
 # Prefect's executor, started by the pre-fork executor (prefork.py: Prefect imported once
 # for the runner, the workspace supervisor and the engine). PREFECT_MANAGED_EXECUTOR=stock
 # in a run's environment keeps Prefect's own command.
+# (An image derived from this one without `python` on the PATH keeps Prefect's command.)
 if [ "$*" = "prefect flow-run execute" ] && [ "${PREFECT_MANAGED_EXECUTOR:-prefork}" != stock ] \
-    && [ -f /opt/prefect/prefork.py ]; then
+    && [ -f /opt/prefect/prefork.py ] && command -v python >/dev/null 2>&1; then
   exec python /opt/prefect/prefork.py
 fi
 

@@ -80,7 +80,7 @@ FORWARDED = (
     signal.SIGUSR2,
 )
 
-STUB = r"""import os, signal, socket, struct, sys
+STUB = r"""import os, signal, socket, struct, sys, time
 s = socket.socket(socket.AF_UNIX)
 s.connect({path!r})
 body = repr((sys.argv[1:], os.getcwd(), dict(os.environ))).encode()
@@ -94,12 +94,83 @@ def forward(signum, frame):
         pass
 for signum in {forwarded!r}:
     signal.signal(signum, forward)
-kind, value = f.readline().split()
+def group_alive():
+    try:
+        os.killpg(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+try:
+    kind, value = f.readline().split()
+    value = int(value)
+except (OSError, ValueError):
+    # The supervisor's waiter is gone without a status: wait for the supervisor instead.
+    while group_alive():
+        time.sleep(0.1)
+    os._exit(1)
+if group_alive() and os.fork() == 0:
+    # Members of the supervisor's group outlive it (processes the flow left behind): a
+    # keeper stays in this group while they live, so the runner's checks of the group
+    # see them, its signals to the group reach them, and its SIGKILL (the keeper's
+    # connection closes) makes the waiter kill them, as with Prefect's own command.
+    while group_alive():
+        time.sleep(0.2)
+    os._exit(0)
 if kind == b"signal":
-    signal.signal(int(value), signal.SIG_DFL)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [int(value)])
-    os.kill(os.getpid(), int(value))
-os._exit(int(value))
+    if value != signal.SIGKILL:
+        try:
+            signal.signal(value, signal.SIG_DFL)
+        except (OSError, ValueError):
+            pass
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, [value])
+    os.kill(os.getpid(), value)
+    time.sleep(1)
+    os._exit(1)
+os._exit(value)
+"""
+
+#: What the zygote becomes once it has forked the supervisor (`exec`, so it stays the
+#: supervisor's parent and drops its copy of Prefect): it reports how the supervisor
+#: ended to the stub, and kills the supervisor's group when the stub's side is killed.
+WAITER = r"""import os, select, signal, socket, sys
+pid, conn = int(sys.argv[1]), socket.socket(fileno=int(sys.argv[2]))
+def closed():
+    try:
+        return not conn.recv(1)
+    except OSError:
+        return True
+def kill_group():
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+try:
+    pidfd = os.pidfd_open(pid)
+except (AttributeError, OSError):
+    pidfd = None
+while True:
+    watched = [conn] + ([pidfd] if pidfd is not None else [])
+    ready, _, _ = select.select(watched, [], [], None if pidfd is not None else 0.05)
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    if conn in ready and closed():
+        kill_group()  # the stub was killed: the runner's SIGKILL to its group
+        os.waitpid(pid, 0)
+        os._exit(0)
+if os.WIFSIGNALED(status):
+    line = b"signal %d\n" % os.WTERMSIG(status)
+else:
+    line = b"exit %d\n" % os.waitstatus_to_exitcode(status)
+try:
+    conn.sendall(line)
+except OSError:
+    pass
+while not closed():  # the stub, or its keeper, still stands for the group
+    pass
+kill_group()
 """
 
 
@@ -130,18 +201,60 @@ def fresh_interpreter_signals() -> None:
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+def startup_environment(environment: dict[str, str]) -> dict[str, str]:
+    """The variables read once when a process starts (the interpreter's, the dynamic
+    loader's, the locale and time zone; PYTHONPATH aside, which `Interpreter.become`
+    applies): a process forked from this one started with ours."""
+    return {
+        key: value
+        for key, value in environment.items()
+        if key.startswith(("PYTHON", "LD_", "LC_"))
+        and key != "PYTHONPATH"
+        or key in ("LANG", "LANGUAGE", "TZ")
+    }
+
+
+def site_directories() -> dict[str, float]:
+    """The interpreter's package directories and when their entries last changed: a pull
+    step that installs or removes a package (`pip_install_requirements`) changes one."""
+    import site
+    import sysconfig
+
+    found = {}
+    paths = sysconfig.get_paths()
+    for directory in {paths["purelib"], paths["platlib"], *site.getsitepackages()}:
+        try:
+            found[directory] = os.stat(directory).st_mtime
+        except OSError:
+            pass
+    return found
+
+
+def pythonpath_entries(environment: dict[str, str]) -> list[str]:
+    return [entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry]
+
+
+def absolute_path(entries: list[str]) -> list[str]:
+    """`sys.path` entries as `site` leaves them: absolute (from the current directory),
+    each once."""
+    seen, result = set(), []
+    for entry in entries:
+        absolute = os.path.abspath(entry)
+        key = os.path.normcase(absolute)
+        if key not in seen:
+            seen.add(key)
+            result.append(absolute)
+    return result
+
+
 class Interpreter:
     """What a new `python -m module` would start with, given its environment."""
 
     def __init__(self) -> None:
-        own = os.environ.get("PYTHONPATH", "")
-        own_entries = [entry for entry in own.split(os.pathsep) if entry]
+        self.startup = startup_environment(dict(os.environ))
+        own = set(absolute_path(pythonpath_entries(dict(os.environ))))
         # This script's own directory first, then PYTHONPATH, then the interpreter's.
-        base = list(sys.path[1:])
-        for entry in own_entries:
-            if entry in base:
-                base.remove(entry)
-        self.base_path = base
+        self.base_path = [entry for entry in sys.path[1:] if entry not in own]
 
     def become(
         self, module_file: str, args: list[str], cwd: str, environment: dict[str, str]
@@ -150,17 +263,31 @@ class Interpreter:
         os.environ.clear()
         os.environ.update(environment)
         sys.argv = [module_file, *args]
-        pythonpath = [
-            entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry
+        sys.orig_argv = [sys.executable, "-m", module_name(module_file), *args]
+        # `-m` puts the directory first after `site` has made PYTHONPATH's entries and
+        # the interpreter's absolute and unique (so the directory may appear twice).
+        sys.path[:] = [
+            os.getcwd(),
+            *absolute_path([*pythonpath_entries(environment), *self.base_path]),
         ]
-        sys.path[:] = [os.getcwd(), *pythonpath, *self.base_path]
+        import tempfile
+
+        tempfile.tempdir = None  # TMPDIR is read again, as by a new interpreter
         import importlib
+        import logging
 
         importlib.invalidate_caches()
         from prefect.context import refresh_global_settings_context
         from prefect.logging.configuration import setup_logging
 
         refresh_global_settings_context()
+        # setup_logging adds the `prefect.extra` handlers to the extra loggers each time:
+        # the copies from this process's own setup go first.
+        extra = logging.getLogger("prefect.extra").handlers
+        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+            if isinstance(logger, logging.Logger) and logger.name != "prefect.extra":
+                for handler in [h for h in logger.handlers if h in extra]:
+                    logger.removeHandler(handler)
         setup_logging(incremental=False)
 
     def run_module(self, module: str) -> None:
@@ -171,7 +298,19 @@ class Interpreter:
         main = types.ModuleType("__main__")
         main.__dict__["__builtins__"] = __builtins__
         sys.modules["__main__"] = main
+        # A new interpreter has not imported it before running it as __main__ (and runpy
+        # warns when it has).
+        sys.modules.pop(module, None)
         runpy._run_module_as_main(module, alter_argv=False)  # type: ignore[attr-defined]
+
+
+def module_name(module_file: str) -> str:
+    """The dotted name of a module of Prefect's, from its file."""
+    import prefect
+
+    root = os.path.dirname(os.path.dirname(prefect.__file__))
+    relative = os.path.relpath(module_file, root)
+    return relative.removesuffix(".py").replace(os.sep, ".")
 
 
 def shadowed(paths: list[str]) -> str | None:
@@ -209,14 +348,9 @@ def read_message(conn: socket.socket) -> tuple[object, list[int]]:
     return ast.literal_eval(body.decode()), fds
 
 
-def wait_status_line(status: int) -> bytes:
-    if os.WIFSIGNALED(status):
-        return b"signal %d\n" % os.WTERMSIG(status)
-    return b"exit %d\n" % os.waitstatus_to_exitcode(status)
-
-
 def zygote(listener: socket.socket, parent_alive: int) -> tuple | None:
-    """Serve one supervisor. Returns its request in the supervisor, None in the zygote."""
+    """Serve one supervisor: returns its request in the supervisor; the zygote becomes
+    the supervisor's waiter. None if the runner ended without asking."""
     ready, _, _ = select.select([listener, parent_alive], [], [])
     if listener not in ready:
         return None  # the runner is gone before it asked
@@ -239,35 +373,25 @@ def zygote(listener: socket.socket, parent_alive: int) -> tuple | None:
         return argv, cwd, environment
     for fd in fds:
         os.close(fd)
-    try:
-        pidfd = os.pidfd_open(pid)
-    except (AttributeError, OSError):
-        pidfd = None
-    while True:
-        watched = [conn] + ([pidfd] if pidfd is not None else [])
-        ready, _, _ = select.select(watched, [], [], None if pidfd is not None else 0.05)
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            try:
-                conn.sendall(wait_status_line(status))
-            except OSError:
-                pass
-            return None
-        if conn in ready and not conn.recv(1):
-            # The stub was killed (the runner's SIGKILL to its group): so is the group.
-            try:
-                os.killpg(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            os.waitpid(pid, 0)
-            return None
+    os.close(parent_alive)
+    os.set_inheritable(conn.fileno(), True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(
+        sys.executable,
+        [sys.executable, "-I", "-S", "-c", WAITER, str(pid), str(conn.fileno())],
+    )
 
 
 def supervise(request: tuple, interpreter: Interpreter) -> None:
     """The workspace supervisor, then the engine, in this (clean) process."""
     argv, cwd, environment = request
     fresh_interpreter_signals()
-    if argv[:2] != ["-m", SUPERVISOR_MODULE]:
+    if (
+        argv[:2] != ["-m", SUPERVISOR_MODULE]
+        or startup_environment(environment) != interpreter.startup
+    ):
+        os.chdir(cwd)
         os.execvpe(sys.executable, [sys.executable, *argv], environment)
     import prefect.runner._workspace_supervisor as supervisor_module
 
@@ -275,6 +399,7 @@ def supervise(request: tuple, interpreter: Interpreter) -> None:
 
     # The pull steps start an event loop and threads: they run in a child, which hands
     # back what the stock supervisor would `exec` and ends as `exec` would end it.
+    packages = site_directories()
     read_end, write_end = os.pipe()
     child = os.fork()
     if child == 0:
@@ -282,7 +407,17 @@ def supervise(request: tuple, interpreter: Interpreter) -> None:
 
         async def hand_back(command: list[str], *, cwd, environment: dict[str, str]) -> int:
             with os.fdopen(write_end, "w") as out:
-                json.dump({"command": command, "cwd": str(cwd), "environment": environment}, out)
+                mask = os.umask(0)
+                os.umask(mask)
+                json.dump(
+                    {
+                        "command": command,
+                        "cwd": str(cwd),
+                        "environment": environment,
+                        "umask": mask,
+                    },
+                    out,
+                )
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(0)
@@ -293,16 +428,28 @@ def supervise(request: tuple, interpreter: Interpreter) -> None:
     with os.fdopen(read_end) as handed:
         message = handed.read()
     _, status = os.waitpid(child, 0)
-    if not message:
+    if not message:  # the pull steps failed or were killed: end as they did
         if os.WIFSIGNALED(status):
-            os.kill(os.getpid(), os.WTERMSIG(status))
+            signum = os.WTERMSIG(status)
+            if signum != signal.SIGKILL:
+                signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
         os._exit(os.waitstatus_to_exitcode(status) or 1)
     launch = json.loads(message)
     command, cwd, environment = launch["command"], launch["cwd"], launch["environment"]
-    pythonpath = [entry for entry in environment.get("PYTHONPATH", "").split(os.pathsep) if entry]
+    os.chdir(cwd)
+    pythonpath = absolute_path(pythonpath_entries(environment))
+    os.umask(launch["umask"])  # a pull step's umask stays, as across Prefect's exec
     reason = None
     if command != [sys.executable, "-m", ENGINE_MODULE]:
         reason = "the workspace runs its own command"
+    elif startup_environment(environment) != interpreter.startup:
+        reason = (
+            "the workspace's environment changes variables read when a process starts "
+            "(PYTHON*, LD_*, LC_*, LANG, TZ)"
+        )
+    elif site_directories() != packages:
+        reason = "the pull steps installed or removed packages"
     elif (found := shadowed([cwd, *pythonpath])) is not None:
         reason = f"the workspace provides {found}, a module the executor has already imported"
     if reason is not None:
@@ -332,7 +479,11 @@ def main() -> None:
 
     for module in PRELOAD:
         importlib.import_module(module)
-    if threading.active_count() != 1:
+    try:
+        tasks = len(os.listdir("/proc/self/task"))  # threads started outside `threading` too
+    except OSError:
+        tasks = 1
+    if threading.active_count() != 1 or tasks != 1:
         stock("importing Prefect started threads")
 
     private = tempfile.mkdtemp(prefix="prefect-managed-prefork-")

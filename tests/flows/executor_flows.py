@@ -3,12 +3,17 @@ what it saw as one JSON line (`OBSERVED ...`), and its hooks log one line each."
 
 import asyncio
 import ctypes
+import faulthandler
 import json
+import locale
 import logging
 import os
 import signal
+import subprocess
 import sys
+import tempfile
 import time
+import warnings
 
 from prefect import flow, get_run_logger
 from prefect.settings import get_current_settings
@@ -39,6 +44,9 @@ def observe() -> dict:
         "cwd": os.getcwd(),
         "sys.path": sys.path,
         "sys.argv": sys.argv,
+        "sys.orig_argv": sys.orig_argv,
+        "sys.flags": repr(sys.flags),
+        "gc frozen": __import__("gc").get_freeze_count(),
         "environment": dict(os.environ),
         "settings": get_current_settings().to_environment_variables(exclude_unset=True),
         "signals": {
@@ -60,13 +68,29 @@ def observe() -> dict:
         "main module": getattr(sys.modules["__main__"], "__spec__", None) is not None
         and sys.modules["__main__"].__spec__.name,
         "logging": {
-            name or "root": _logger(name) for name in (None, "prefect", "prefect.flow_runs")
+            name or "root": _logger(name)
+            for name in (None, "prefect", "prefect.flow_runs", "probe_extra")
         },
+        "tempdir": tempfile.gettempdir(),
         "stdout unbuffered": not sys.stdout.line_buffering and os.environ.get("PYTHONUNBUFFERED"),
         "umask": _umask(),
+        "warnings filters": [repr(f) for f in warnings.filters],
+        "recursion limit": sys.getrecursionlimit(),
+        "switch interval": sys.getswitchinterval(),
+        "faulthandler": faulthandler.is_enabled(),
+        "encodings": [sys.stdout.encoding, sys.stderr.encoding, sys.getfilesystemencoding()],
+        "locale": locale.setlocale(locale.LC_ALL),
+        "stdin": _stdin(),
         # Not compared: the pre-fork executor has imported Prefect's CLI before the fork.
         "preloaded": "prefect.cli.flow_run" in sys.modules,
     }
+
+
+def _stdin() -> str:
+    try:
+        return f"{os.fstat(0).st_mode:o} inheritable={os.get_inheritable(0)}"
+    except OSError as exc:
+        return f"closed ({exc.errno})"
 
 
 def _umask() -> int:
@@ -103,6 +127,18 @@ HOOKS = {
 def ordinary() -> str:
     _report(get_run_logger(), "ordinary")
     return "done"
+
+
+@flow(**HOOKS)
+def imports_webbrowser() -> str:
+    """Imports a module the pre-fork executor has imported before the fork; the
+    repository this flow comes from in the shadowing test has its own."""
+    import webbrowser
+
+    _report(get_run_logger(), "imports_webbrowser")
+    found = getattr(webbrowser, "SHADOW", "the standard library's")
+    get_run_logger().info("WEBBROWSER %s", found)
+    return found
 
 
 @flow(**HOOKS)
@@ -168,3 +204,11 @@ def eats_memory(megabytes: int = 2048) -> None:
     blocks = []
     for _ in range(megabytes):
         blocks.append(bytearray(1024 * 1024))
+
+
+@flow(**HOOKS)
+def leaves_a_child(seconds: float = 300.0) -> None:
+    """Starts a process that ignores SIGTERM (in the flow's process group) and waits."""
+    subprocess.Popen(["sh", "-c", "trap '' TERM; sleep 600"])
+    get_run_logger().info("WAITING")
+    time.sleep(seconds)
