@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import logging
 import os
 import select
 import shutil
@@ -270,12 +271,7 @@ class Interpreter:
             os.getcwd(),
             *absolute_path([*pythonpath_entries(environment), *self.base_path]),
         ]
-        import tempfile
-
         tempfile.tempdir = None  # TMPDIR is read again, as by a new interpreter
-        import importlib
-        import logging
-
         importlib.invalidate_caches()
         from prefect.context import refresh_global_settings_context
         from prefect.logging.configuration import setup_logging
