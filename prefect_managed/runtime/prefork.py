@@ -451,8 +451,7 @@ def supervise(request: tuple, interpreter: Interpreter) -> None:
     if reason is not None:
         print(f"prefect-managed: {reason}; starting it as Prefect does", file=sys.stderr)
         sys.stderr.flush()
-        os.chdir(cwd)
-        os.execvpe(command[0], command, environment)
+        os.execvpe(command[0], command, environment)  # in `cwd` already
     import prefect.engine
 
     interpreter.become(prefect.engine.__file__, [], cwd, environment)
