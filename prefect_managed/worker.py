@@ -61,6 +61,7 @@ from prefect_managed.exceptions import (
     PolicyError,
     WorkerNotStarted,
 )
+from prefect_managed.executor import use_prefork
 from prefect_managed.finishing import Finishing
 from prefect_managed.gateway.host import check_boundary, serve_run_gateway
 from prefect_managed.ledger import UsageLedger
@@ -487,6 +488,10 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         await self._containers.pull_if_missing(configuration.image or "")
         await self._isolate_or_fall_back(flow_run, configuration)
         await self._give_a_home(configuration)
+        # Before the environment step, which may give the run an image built from this one.
+        command = use_prefork(configuration.image or "", configuration.command, configuration.env)
+        if command is not None:
+            configuration.command = command
         step = self._environment_step
         if step is not None and step.wanted(configuration):
             if not await step.prepare(flow_run, configuration):

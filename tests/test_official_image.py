@@ -15,6 +15,7 @@ too.
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -114,6 +115,11 @@ def test_the_official_image_runs_flows_as_uid_1000_with_and_without_pip_packages
     logs = wait_for_log(runs["plain"], "inspect_self:")
     seen = next(line for line in logs if "inspect_self:" in line)
     assert "'uid': 1000" in seen and "'cap_eff': '0000000000000000'" in seen, seen
+    # The image carries no executor of ours: the worker gives the run one through its
+    # command, so the engine was forked by the executor, not started by Prefect's runner.
+    parent = ast.literal_eval(seen.split("inspect_self:", 1)[1].strip())["parent"]
+    assert parent[1:] == ["-I", "-S"], parent
+    assert not any("Prefect's own executor" in line for line in logs), logs
     for name in ("packages", "requirements"):
         logs = wait_for_log(runs[name], "probe says:")
         assert any("cgroup memory limit: 1073741824" in line for line in logs), logs

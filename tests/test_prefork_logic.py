@@ -5,10 +5,16 @@ engine, against Prefect's own command, is in tests/test_executor.py."""
 
 from __future__ import annotations
 
+import os
+import shlex
+import subprocess
 import sys
+from pathlib import Path
 
 import prefect.engine
+import pytest
 
+from prefect_managed.executor import PREFORK_VARIABLE, use_prefork
 from prefect_managed.runtime import prefork
 
 
@@ -58,3 +64,59 @@ def test_path_entries_are_made_absolute_and_unique_as_site_does(tmp_path, monkey
         "/a",
         str(tmp_path),
     ]
+
+
+@pytest.mark.parametrize(
+    "image, command, env, uses",
+    [
+        ("prefecthq/prefect:3-latest", "prefect flow-run execute", {}, True),
+        ("docker.io/prefecthq/prefect:3.9.1-python3.12", "prefect flow-run execute", {}, True),
+        ("prefect-managed-runtime:3.9.1", "prefect flow-run execute", {}, False),
+        ("registry.example/team/flows:1", "prefect flow-run execute", {}, False),
+        ("prefecthq/prefect:2-latest", "prefect flow-run execute", {}, False),
+        ("prefecthq/prefect:3-latest", "python my_runner.py", {}, False),
+        ("prefecthq/prefect:3-latest", None, {}, False),
+        (
+            "prefecthq/prefect:3-latest",
+            "prefect flow-run execute",
+            {"PREFECT_MANAGED_EXECUTOR": "stock"},
+            False,
+        ),
+    ],
+    ids=[
+        "official",
+        "official by digest of docker.io",
+        "runtime image",
+        "another image",
+        "Prefect 2",
+        "another command",
+        "no command",
+        "the run's switch",
+    ],
+)
+def test_the_worker_gives_only_official_image_runs_of_prefects_command_the_executor(
+    image, command, env, uses
+):
+    before = dict(env)
+    started = use_prefork(image, command, env)
+    if not uses:
+        assert started is None and env == before
+        return
+    assert shlex.split(started)[:2] == ["python", "-c"]
+    assert env[PREFORK_VARIABLE] == Path(prefork.__file__).read_text()
+
+
+def test_the_bootstrap_runs_the_source_as_main_without_its_variable(tmp_path):
+    """What `python -c` runs in the container: the source from the environment, as the
+    main module, and the variable gone before the runner and its children read it."""
+    env: dict[str, str | None] = {}
+    command = use_prefork("prefecthq/prefect:3-latest", "prefect flow-run execute", env)
+    env[PREFORK_VARIABLE] = (
+        "import os, sys\n"
+        "print(__name__, sys.argv, os.environ.get('PREFECT_MANAGED_PREFORK', 'gone'))\n"
+    )
+    argv = [sys.executable, *shlex.split(command)[1:], "--extra"]
+    out = subprocess.run(
+        argv, env={**os.environ, **env}, capture_output=True, text=True, check=True
+    ).stdout
+    assert out.split() == ["__main__", "['-c',", "'--extra']", "gone"]

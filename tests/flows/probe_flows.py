@@ -62,6 +62,12 @@ def inspect_self(sleep_seconds: float = 0.0) -> dict:
         "no_new_privs": next(
             line.split()[1] for line in status.splitlines() if line.startswith("NoNewPrivs")
         ),
+        # The process that started the engine: Prefect's runner (`prefect flow-run
+        # execute`) on Prefect's executor, the executor's waiter (`python -I -S`) on ours.
+        "parent": [
+            arg.decode()
+            for arg in Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:3]
+        ],
     }
     get_run_logger().info("inspect_self: %s", seen)
     time.sleep(sleep_seconds)
