@@ -217,13 +217,19 @@ def startup_environment(environment: dict[str, str]) -> dict[str, str]:
 
 def site_directories() -> dict[str, float]:
     """The interpreter's package directories and when their entries last changed: a pull
-    step that installs or removes a package (`pip_install_requirements`) changes one."""
+    step that installs or removes a package (`pip_install_requirements`) changes one. The
+    user's site directory counts where the interpreter reads it (not in a virtual
+    environment): pip installs there when it cannot write the others (the official
+    image), and a new interpreter puts it on `sys.path` only if it exists at start."""
     import site
     import sysconfig
 
     found = {}
     paths = sysconfig.get_paths()
-    for directory in {paths["purelib"], paths["platlib"], *site.getsitepackages()}:
+    directories = {paths["purelib"], paths["platlib"], *site.getsitepackages()}
+    if site.ENABLE_USER_SITE:
+        directories.add(site.getusersitepackages())
+    for directory in directories:
         try:
             found[directory] = os.stat(directory).st_mtime
         except OSError:
