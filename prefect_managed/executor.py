@@ -22,11 +22,9 @@ import shlex
 from importlib import resources
 
 from prefect_managed.policy_runtime import OFFICIAL_IMAGES
+from prefect_managed.runtime.prefork import STOCK_COMMAND
 
-__all__ = ["PREFORK_VARIABLE", "STOCK_COMMAND", "use_prefork"]
-
-#: Prefect's command for a deployment's run (`BaseJobConfiguration`'s default).
-STOCK_COMMAND = "prefect flow-run execute"
+__all__ = ["PREFORK_VARIABLE", "use_prefork"]
 
 #: The environment variable that carries the executor's source to the bootstrap.
 PREFORK_VARIABLE = "PREFECT_MANAGED_PREFORK"
@@ -51,7 +49,7 @@ def use_prefork(image: str, command: str | None, env: dict[str, str | None]) -> 
     that is not the official one, a command that is not Prefect's, or the run's switch."""
     if not any(fnmatch.fnmatchcase(image, pattern) for pattern in OFFICIAL_IMAGES):
         return None
-    if (command or "").split() != STOCK_COMMAND.split():
+    if (command or "").split() != STOCK_COMMAND:
         return None
     if env.get("PREFECT_MANAGED_EXECUTOR", "prefork") == "stock":
         return None
