@@ -232,6 +232,15 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         if self._runs_task_group is not None:
             self._runs_task_group.cancel_scope.cancel()
 
+    async def teardown(self, *exc_info: Any) -> None:
+        """Prefect's teardown, with the runs in flight abandoned first.
+
+        `prefect worker start` stopped by a signal tears the worker down without a poll
+        that would abandon them (`stop_soon`): the threads that wait on their containers
+        would keep the process alive until every container ended."""
+        self.abandon_runs()
+        await super().teardown(*exc_info)
+
     def _get_client(self) -> Any:
         """prefect-docker's client for each of its calls and ours, without asking the
         engine for its API version each time (`DockerClients`)."""
