@@ -85,6 +85,9 @@ class Results:
     #: The Prefect server's requests during each worker's throughput phase (its runs'
     #: containers included): worker -> {"METHOD /api/path": count}, ids as {id}.
     throughput_requests: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Of `throughput_cpu_seconds["managed"]`, what the run gateway's threads used (the
+    #: proxy every API call of the managed runs goes through; the DockerWorker has none).
+    throughput_gateway_cpu_seconds: dict[str, float] = field(default_factory=dict)
     #: py-spy over the throughput phase: worker -> {"samples": n, "top": [[frame, n]...]}
     profile: dict[str, dict[str, object]] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
@@ -249,11 +252,49 @@ def cpu_seconds(service: Service) -> float:
 
 def process_cpu_seconds(pid: int | None) -> float | None:
     """User + system CPU time of a process so far; None when it cannot be read."""
+    return None if pid is None else process_cpu_seconds_at(Path(f"/proc/{pid}/stat"))
+
+
+def process_cpu_seconds_at(stat: Path) -> float | None:
+    """User + system CPU time from a process's or thread's `stat` file."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, TypeError):
+        fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+#: The run gateway's threads (prefect_managed/gateway/host.py and tunnel.py), by name.
+GATEWAY_THREADS = ("prefect-managed-gateway", "prefect-managed-tunnel")
+
+
+def named_threads(pid: int, names: tuple[str, ...]) -> list[int]:
+    """The native ids of a Python process's threads with these names, from `py-spy
+    dump` (Python does not give its threads' names to the kernel); [] if unreadable."""
+    try:
+        dump = subprocess.run(
+            [str(BIN / "py-spy"), "dump", "--pid", str(pid)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = re.findall(r'^Thread (\d+) \([^)]*\): "([^"]*)"$', dump, re.MULTILINE)
+    return [int(tid) for tid, name in found if name in names]
+
+
+def threads_cpu_seconds(pid: int, tids: list[int]) -> float | None:
+    """User + system CPU time of some threads of a process so far (None for none)."""
+    if not tids:
+        return None
+    total = 0.0
+    for tid in tids:
+        seconds = process_cpu_seconds_at(Path(f"/proc/{pid}/task/{tid}/stat"))
+        if seconds is None:
+            return None
+        total += seconds
+    return total
 
 
 def dockerd_pid() -> int | None:
@@ -553,6 +594,14 @@ def cpu_per_run(results: Results) -> dict[str, float]:
     }
 
 
+def gateway_cpu_per_run(results: Results) -> dict[str, float]:
+    """The run gateway's CPU seconds per managed run during (c)."""
+    return {
+        key: seconds / (results.throughput.get(key, {}).get("runs") or 1)
+        for key, seconds in results.throughput_gateway_cpu_seconds.items()
+    }
+
+
 def machine_cpu_per_run(results: Results) -> dict[str, float]:
     """The machine's CPU seconds per run during each worker's part of (c)."""
     return {
@@ -566,6 +615,7 @@ def summarize(results: Results) -> dict[str, object]:
     tp = results.throughput
     rss = results.peak_rss_bytes
     cpu = cpu_per_run(results)
+    gateway = gateway_cpu_per_run(results)
     machine = machine_cpu_per_run(results)
     # The targets of issue 14 ("start in near the floor"), where it sets one.
     checks = {
@@ -619,6 +669,15 @@ def summarize(results: Results) -> dict[str, object]:
         ),
         "d_rss_managed_over_docker": (ratio(rss.get("managed"), rss.get("docker")), "<=", 1.2),
         "e_cpu_managed_over_docker": (ratio(cpu.get("managed"), cpu.get("docker")), "<=", 1.2),
+        # The same without the run gateway's threads: what the boundary costs, apart.
+        "e_cpu_without_gateway_managed_over_docker": (
+            ratio(
+                cpu["managed"] - gateway["managed"] if "managed" in gateway else None,
+                cpu.get("docker"),
+            ),
+            "",
+            None,
+        ),
         # Issue 26: the pre-fork executor, against our own worker on Prefect's executor
         # and the machine's CPU for a run.
         "f_prefork_over_stock_executor": (
@@ -741,6 +800,15 @@ def table(results: Results, summary: dict[str, object]) -> str:
         fmt(cpu["docker"] * 1000 if "docker" in cpu else None, "ms"),
         "e_cpu_managed_over_docker",
     )
+    gateway = gateway_cpu_per_run(results)
+    if "managed" in cpu and "managed" in gateway:
+        row(
+            "(e) the same without the run gateway's threads (the DockerWorker's runs call "
+            f"the API directly; the gateway used {gateway['managed'] * 1000:.0f} ms a run)",
+            fmt((cpu["managed"] - gateway["managed"]) * 1000, "ms"),
+            fmt(cpu["docker"] * 1000 if "docker" in cpu else None, "ms"),
+            "e_cpu_without_gateway_managed_over_docker",
+        )
     row(
         "(f) trivial run, pre-fork executor vs Prefect's own (both ManagedWorker)",
         fmt(m.get("managed_noop")),
@@ -1192,6 +1260,8 @@ def main(argv: list[str] | None = None) -> int:
             else {}
         )
         engine = dockerd_pid()
+        # The run gateway is served by the first managed worker process of the host.
+        gateway = named_threads(workers["managed"].process.pid, GATEWAY_THREADS)
         requests: dict[str, Counter[str]] = {key: Counter() for key in workers}
         for key, count in order:
             before = (
@@ -1200,10 +1270,19 @@ def main(argv: list[str] | None = None) -> int:
                 process_cpu_seconds(engine),
             )
             machine_before = machine_cpu_seconds()
+            gateway_before = threads_cpu_seconds(workers["managed"].process.pid, gateway)
             _, log_offset = server_requests(server.log_path, 0)
             part = throughput(d[f"{key}_noop"], count, deadline)
             after = (cpu_seconds(workers[key]), cpu_seconds(server), process_cpu_seconds(engine))
             machine_after = machine_cpu_seconds()
+            gateway_after = threads_cpu_seconds(workers["managed"].process.pid, gateway)
+            if key == "managed" and gateway_before is not None and gateway_after is not None:
+                results.throughput_gateway_cpu_seconds[key] = round(
+                    results.throughput_gateway_cpu_seconds.get(key, 0.0)
+                    + gateway_after
+                    - gateway_before,
+                    2,
+                )
             # Runs still reporting (or released) after the last final state are counted.
             time.sleep(2 * float(QUERY_SECONDS))
             requests[key].update(server_requests(server.log_path, log_offset)[0])

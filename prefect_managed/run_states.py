@@ -257,6 +257,23 @@ class RunStates:
             return
         self._run_logger(flow_run).info("%s", message)
 
+    async def schedule_again(self, flow_run: FlowRun, message: str) -> bool:
+        """Put a run whose container never started back in Scheduled, due now, for any
+        worker of the pool (only from Pending: a run that went on is left as it is)."""
+        current = await self.state(flow_run.id)
+        if current is None or not current.is_pending():
+            return False
+        try:
+            result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
+                flow_run.id, Scheduled(message=message, scheduled_time=datetime.now(timezone.utc))
+            )
+        except Abort:
+            return False
+        if result.status != SetStateStatus.ACCEPT:
+            return False
+        self._run_logger(flow_run).warning("%s", message)
+        return True
+
     async def retry_for_infrastructure(
         self, flow_run: FlowRun, cause: InfrastructureCause, retries: int, tier: str
     ) -> int | None:

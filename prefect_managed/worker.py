@@ -92,6 +92,10 @@ __all__ = ["ManagedWorker", "WorkerStopped", "stopped_on_request"]
 DOCKER_WAIT_SECONDS = 600.0
 
 
+#: How long a stopping worker takes to put back a run whose container never started.
+RESCHEDULE_SECONDS = 10
+
+
 class WorkerStopped(Exception):
     """Raised in Prefect's polling loop to end `BaseWorker.start` after `stop_soon`."""
 
@@ -463,6 +467,10 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         super()._release_limit_slot(flow_run_id)
         # Also when Prefect aborted the submission (another host took the run first).
         self._capacity.release(flow_run_id)
+        if self._abandoned.is_set():
+            # Stopping: the slot of a run left running is the next worker's to take over
+            # (this lease expires); a run scheduled again gives it back itself.
+            return
         if self._slots is not None and self._runs_task_group is not None:
             # No poll out of turn here: a host woken by its own release would always win
             # the waiting runs over the other hosts of the pool.
@@ -480,10 +488,34 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         try:
             result = await super()._submit_run_and_capture_errors(flow_run, task_status)
             await self._retry_infrastructure_crash(flow_run)
+        except anyio.get_cancelled_exc_class():
+            if self._abandoned.is_set():
+                with anyio.move_on_after(RESCHEDULE_SECONDS, shield=True):
+                    await self._schedule_unstarted_again(flow_run)
+            raise
         finally:
             self._running.discard(flow_run.id)
             self._capacity.release(flow_run.id)
         return result
+
+    async def _schedule_unstarted_again(self, flow_run: FlowRun) -> None:
+        """A run abandoned before its container was made: nothing on the engine would
+        ever start it, so it goes back to Scheduled (its slot released) for the pool's
+        next worker. One with a container is left to the worker that takes it over."""
+        assert self._states is not None
+        try:
+            if await self._containers.find([f"io.prefect.flow-run-id={flow_run.id}"]):
+                return
+            message = (
+                f"Worker {self.name!r} stopped before this flow run's container started; "
+                "it is scheduled again for the next worker of the pool."
+            )
+            if await self._states.schedule_again(flow_run, message) and self._slots is not None:
+                await self._slots.release(flow_run.id)
+        except Exception:  # the API or the engine gone: the lost-host check ends it later
+            self._logger.warning(
+                "Could not schedule flow run %s again after stopping", flow_run.id, exc_info=True
+            )
 
     async def run(  # type: ignore[override]
         self,
