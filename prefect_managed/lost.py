@@ -41,6 +41,7 @@ from prefect.states import Crashed
 
 from prefect_managed.configuration import api_label_value
 from prefect_managed.containers import pool_labels
+from prefect_managed.messages import stopped_before_start_message
 from prefect_managed.retries import retries_done
 from prefect_managed.run_states import HOST_LOST
 from prefect_managed.usage import Outcome, UsageRecord
@@ -115,6 +116,7 @@ class LostHosts:
         from prefect_managed.accounting import Accounting
         from prefect_managed.containers import Containers
         from prefect_managed.policy import Policy
+        from prefect_managed.run_states import RunStates
 
         client: PrefectClient
         name: str
@@ -123,6 +125,7 @@ class LostHosts:
         _logger: Logger
         _containers: Containers
         _accounting: Accounting | None
+        _states: RunStates | None
         _running: set[Any]
 
         def get_flow_run_logger(self, flow_run: FlowRun) -> Any: ...
@@ -178,6 +181,37 @@ class LostHosts:
             if await self._end_lost_run(flow_run, worker, last):
                 ended.append(flow_run)
         return ended
+
+    async def _schedule_unstarted_of_predecessor(self) -> list[FlowRun]:
+        """At start, before the first poll: the pool's Pending runs named for this worker
+        were left by a previous process of the same name (killed while it submitted
+        them). Those without a container will never start: they go back to Scheduled.
+        Their slots come back when that process's leases expire."""
+        assert self._states is not None
+        runs = await self.client.read_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING]))
+            ),
+        )
+        ours = [run for run in runs if (run.labels or {}).get(WORKER_LABEL) == self.name]
+        if not ours:
+            return []
+        here = {
+            report.flow_run_id
+            for report in await self._containers.find(
+                pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
+            )
+        }
+        message = stopped_before_start_message(self.name)
+        again = []
+        for flow_run in ours:
+            if str(flow_run.id) in here or flow_run.id in self._running:
+                continue
+            if await self._states.schedule_again(flow_run, message):
+                self._logger.warning("Flow run %s: %s", flow_run.id, message)
+                again.append(flow_run)
+        return again
 
     async def _end_lost_run(self, flow_run: FlowRun, worker: str, last_heard: datetime) -> bool:
         assert self._accounting is not None

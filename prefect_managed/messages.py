@@ -16,6 +16,7 @@ __all__ = [
     "pool_not_served_message",
     "run_time_exceeded_message",
     "served_pool_names",
+    "stopped_before_start_message",
 ]
 
 
@@ -109,4 +110,12 @@ def pool_not_served_message(policy: Policy, pool: str, served: list[str]) -> str
         f"{policy.workspace.tier} tier, which allows {limit} {pools} (the oldest: {kept}). "
         "Its flow runs stay Scheduled and start once the pool is served. Delete a managed "
         "pool you no longer use, or move the workspace to a tier with more pools."
+    )
+
+
+def stopped_before_start_message(worker: str) -> str:
+    """A run its worker was still submitting when it stopped (or was killed)."""
+    return (
+        f"Worker {worker!r} stopped before this flow run's container started; the flow "
+        "run is scheduled again for the next worker of its pool."
     )

@@ -66,7 +66,11 @@ from prefect_managed.finishing import Finishing
 from prefect_managed.gateway.host import check_boundary, serve_run_gateway
 from prefect_managed.ledger import UsageLedger
 from prefect_managed.lost import LostHosts
-from prefect_managed.messages import awaiting_room_message, awaiting_slot_message
+from prefect_managed.messages import (
+    awaiting_room_message,
+    awaiting_slot_message,
+    stopped_before_start_message,
+)
 from prefect_managed.metrics import PoolStats
 from prefect_managed.outcome import (
     docker_lost,
@@ -314,6 +318,12 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         # Before the first admission: containers a dead predecessor left take their
         # slots first.
         await self._reconcile_guarded()
+        try:
+            await self._schedule_unstarted_of_predecessor()
+        except Exception:  # the API or the engine away: the runs wait for the next start
+            self._logger.warning(
+                "Could not look for flow runs a previous worker left Pending", exc_info=True
+            )
         self._background.start_soon(self._reconcile_forever)
         self._background.start_soon(self._enforce_cancels_forever)
         self._background.start_soon(self._find_lost_forever)
@@ -506,10 +516,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         try:
             if await self._containers.find([f"io.prefect.flow-run-id={flow_run.id}"]):
                 return
-            message = (
-                f"Worker {self.name!r} stopped before this flow run's container started; "
-                "it is scheduled again for the next worker of the pool."
-            )
+            message = stopped_before_start_message(self.name)
             if await self._states.schedule_again(flow_run, message) and self._slots is not None:
                 await self._slots.release(flow_run.id)
         except Exception:  # the API or the engine gone: the lost-host check ends it later

@@ -7,9 +7,11 @@ import base64
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -18,6 +20,22 @@ from pathlib import Path
 import httpx
 
 BIN = Path(sys.executable).parent
+
+
+def _take_sigint_back() -> None:
+    """A process started in the background by a non-interactive shell (`cmd &` in a CI
+    script) has SIGINT ignored, and passes that on to every process it starts. `prefect
+    worker start` stops on the SIGINT its own SIGTERM handler sends itself: ignored, a
+    stopped worker would run on until killed. Services started from here get SIGINT's
+    default back."""
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    ):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+_take_sigint_back()
 
 #: Prefect's file lease storage: concurrency leases survive a server restart (the default
 #: keeps them in memory; see docs/scale-out.md).

@@ -39,6 +39,7 @@ from helpers import (
 )
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
+from prefect.states import Pending
 from services import BIN, start_worker, wait_for
 
 from prefect_managed.retries import INFRASTRUCTURE_RETRY
@@ -543,3 +544,28 @@ def test_a_worker_stopped_with_sigterm_while_runs_go_on_exits_and_loses_nothing(
         restarted.service.stop()
     assert [run.state.type.value for run in runs] == ["COMPLETED"] * 3
     assert wait_for_records(in_flight) == {run: 1 for run in in_flight}
+
+
+def test_a_run_a_killed_worker_left_pending_without_a_container_is_started_again(
+    docker_client, fault_setup
+):
+    """A worker killed after setting a run Pending and before making its container
+    leaves the run Pending with its name on it (Prefect's `prefect.worker.name` label),
+    and nothing would ever start it. The next worker of that name schedules it again at
+    start, says so in the run's logs, and the run completes, recorded once."""
+    pool, env, deployment = fault_setup("fault-pending")
+    flow_run_id = start_run(deployment, seconds=1)
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run_id, Pending())
+        client.update_flow_run_labels(flow_run_id, {"prefect.worker.name": "fault-pending-worker"})
+    worker = start_worker(pool, OUTPUT, env, name="fault-pending-worker")
+    try:
+        wait_for(lambda: "started!" in worker.service.log(), 120, "the worker started")
+        (run,) = wait_until_settled(
+            docker_client, session_workspace("fault-pending"), [flow_run_id], 180
+        )
+    finally:
+        worker.service.stop()
+    assert run.state.is_completed(), run.state
+    wait_for_log(flow_run_id, "stopped before this flow run's container started")
+    assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
