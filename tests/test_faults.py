@@ -558,9 +558,11 @@ def test_a_run_a_killed_worker_left_pending_without_a_container_is_started_again
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(flow_run_id, Pending())
         client.update_flow_run_labels(flow_run_id, {"prefect.worker.name": "fault-pending-worker"})
+    log = OUTPUT / "fault-pending-worker.log"  # appended to by each session
+    starts = log.read_text().count("started!") if log.exists() else 0
     worker = start_worker(pool, OUTPUT, env, name="fault-pending-worker")
     try:
-        wait_for(lambda: "started!" in worker.service.log(), 120, "the worker started")
+        wait_for(lambda: worker.service.log().count("started!") > starts, 120, "the worker started")
         (run,) = wait_until_settled(
             docker_client, session_workspace("fault-pending"), [flow_run_id], 180
         )
