@@ -159,20 +159,10 @@ class LostHosts:
         online = [w.name for w in workers if w.status == WorkerStatus.ONLINE]
         if decider(online, heard, now, lost_after) != self.name:
             return []  # another online worker of the pool decides
-        runs = await self.client.read_flow_runs(
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=ACTIVE))
-            ),
-        )
+        runs = await self._pool_runs(ACTIVE)
         if not runs:
             return []
-        here = {
-            report.flow_run_id
-            for report in await self._containers.find(
-                pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
-            )
-        }
+        here = await self._runs_with_containers()
         ended = []
         seen = {*here, *(str(run) for run in self._running)}
         for flow_run, worker, last in lost_runs(
@@ -188,21 +178,11 @@ class LostHosts:
         them). Those without a container will never start: they go back to Scheduled.
         Their slots come back when that process's leases expire."""
         assert self._states is not None
-        runs = await self.client.read_flow_runs(
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.PENDING]))
-            ),
-        )
+        runs = await self._pool_runs([StateType.PENDING])
         ours = [run for run in runs if (run.labels or {}).get(WORKER_LABEL) == self.name]
         if not ours:
             return []
-        here = {
-            report.flow_run_id
-            for report in await self._containers.find(
-                pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
-            )
-        }
+        here = await self._runs_with_containers()
         message = stopped_before_start_message(self.name)
         again = []
         for flow_run in ours:
@@ -212,6 +192,24 @@ class LostHosts:
                 self._logger.warning("Flow run %s: %s", flow_run.id, message)
                 again.append(flow_run)
         return again
+
+    async def _pool_runs(self, types: list[StateType]) -> list[FlowRun]:
+        """The pool's flow runs in a state of one of `types`."""
+        return await self.client.read_flow_runs(
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=types))
+            ),
+        )
+
+    async def _runs_with_containers(self) -> set[str | None]:
+        """The ids of the flow runs with a container of this pool on this engine."""
+        return {
+            report.flow_run_id
+            for report in await self._containers.find(
+                pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
+            )
+        }
 
     async def _end_lost_run(self, flow_run: FlowRun, worker: str, last_heard: datetime) -> bool:
         assert self._accounting is not None
