@@ -202,14 +202,12 @@ class LostHosts:
             ),
         )
 
-    async def _runs_with_containers(self) -> set[str | None]:
+    async def _runs_with_containers(self) -> set[str]:
         """The ids of the flow runs with a container of this pool on this engine."""
-        return {
-            report.flow_run_id
-            for report in await self._containers.find(
-                pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
-            )
-        }
+        reports = await self._containers.find(
+            pool_labels(self.policy.workspace.name, api_label_value(), self._work_pool_name)
+        )
+        return {report.flow_run_id for report in reports if report.flow_run_id}
 
     async def _end_lost_run(self, flow_run: FlowRun, worker: str, last_heard: datetime) -> bool:
         assert self._accounting is not None
