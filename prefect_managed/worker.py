@@ -519,7 +519,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             message = stopped_before_start_message(self.name)
             if await self._states.schedule_again(flow_run, message) and self._slots is not None:
                 await self._slots.release(flow_run.id)
-        except Exception:  # the API or the engine gone: the lost-host check ends it later
+        except Exception:  # the API or the engine gone: the next start of this worker does it
             self._logger.warning(
                 "Could not schedule flow run %s again after stopping", flow_run.id, exc_info=True
             )
