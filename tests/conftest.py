@@ -45,6 +45,24 @@ from source_services import GitHttpServer, build_image_trusting, make_test_ca  #
 
 RUNTIME_IMAGE = os.environ.get("PREFECT_MANAGED_TEST_IMAGE", "")
 
+#: Seconds spent in each test file (setup, call and teardown), for the suite's time budget.
+_FILE_SECONDS: dict[str, float] = {}
+
+
+def pytest_runtest_logreport(report) -> None:
+    path = report.nodeid.split("::", 1)[0]
+    _FILE_SECONDS[path] = _FILE_SECONDS.get(path, 0.0) + report.duration
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """The 20 slowest test files, before pytest's slowest tests: where the time goes."""
+    if not _FILE_SECONDS:
+        return
+    total = sum(_FILE_SECONDS.values())
+    terminalreporter.section(f"slowest 20 test files (of {total:.0f} s in tests)")
+    for path, seconds in sorted(_FILE_SECONDS.items(), key=lambda item: -item[1])[:20]:
+        terminalreporter.write_line(f"{seconds:8.1f}s {path}")
+
 
 @pytest.fixture(scope="session")
 def output_dir() -> Path:

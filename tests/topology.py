@@ -40,7 +40,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 
 from postgres import Postgres, start_postgres  # noqa: E402
-from services import BIN, Service, free_port, start, wait_for  # noqa: E402
+from services import BIN, REPOSSESS_SOON, Service, free_port, start, wait_for  # noqa: E402
 
 
 def redis_settings(url: str) -> dict[str, str]:
@@ -160,6 +160,7 @@ class Topology:
             "PREFECT_SERVER_API_AUTH_STRING": self.auth,
             "PREFECT_API_AUTH_STRING": self.auth,
             **redis_settings(self.redis_url),
+            **REPOSSESS_SOON,
         }
 
     def start_api(self, index: int) -> None:
