@@ -169,6 +169,13 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._environment_step: EnvironmentStep | None = None
         # Set when the runs are abandoned: the threads that wait on their containers end.
         self._abandoned = threading.Event()
+        # prefect-docker makes a run's container in a thread that a cancel does not stop:
+        # the runs whose container is being made (set when made or refused), and the runs
+        # a stopping worker scheduled again, whose container must never be made. Both
+        # under `_creations` (`_create_and_start_container`, `_schedule_unstarted_again`).
+        self._creations = threading.Lock()
+        self._creating: dict[str, threading.Event] = {}
+        self._withdrawn: set[str] = set()
         self._stop_requested = False
         # Runs whose attempt crashed for an infrastructure reason, until their slot is
         # released and they are scheduled again (or not: `_retry_infrastructure_crash`).
@@ -511,10 +518,27 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
     async def _schedule_unstarted_again(self, flow_run: FlowRun) -> None:
         """A run abandoned before its container was made: nothing on the engine would
         ever start it, so it goes back to Scheduled (its slot released) for the pool's
-        next worker. One with a container is left to the worker that takes it over."""
+        next worker. One with a container is left to the worker that takes it over, and
+        so is one whose container is still being made when this gives up waiting."""
         assert self._states is not None
+        run = str(flow_run.id)
+        with self._creations:
+            creating = self._creating.get(run)
+            if creating is None:
+                self._withdrawn.add(run)  # from here its container is never made
+        if creating is not None:
+            made = await anyio.to_thread.run_sync(
+                creating.wait, RESCHEDULE_SECONDS, abandon_on_cancel=True
+            )
+            with self._creations:
+                if not made or run in self._creating:
+                    return  # still being made: the pool's next worker takes it over
+                self._withdrawn.add(run)
         try:
-            if await self._containers.find([f"io.prefect.flow-run-id={flow_run.id}"]):
+            labels = pool_labels(
+                self.policy.workspace.name, api_label_value(), self._work_pool_name
+            )
+            if await self._containers.find([*labels, f"io.prefect.flow-run-id={run}"]):
                 return
             message = stopped_before_start_message(self.name)
             if await self._states.schedule_again(flow_run, message) and self._slots is not None:
@@ -683,6 +707,26 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
                 f"container {container_id} is not flow run {flow_run_id}'s managed container"
             )
         await super().kill_infrastructure(infrastructure_pid, configuration, grace_seconds)
+
+    def _create_and_start_container(self, configuration: Any) -> Any:
+        """prefect-docker's create and start (in a worker thread), never for a run that a
+        stopping worker scheduled again: a cancel leaves this thread going, and the run's
+        container would start beside the one the pool's next worker makes."""
+        run = (configuration.labels or {}).get("io.prefect.flow-run-id", "")
+        done = threading.Event()
+        with self._creations:
+            if run in self._withdrawn:
+                raise RuntimeError(
+                    f"flow run {run} was scheduled again when its worker stopped; "
+                    "its container is not made"
+                )
+            self._creating[run] = done
+        try:
+            return super()._create_and_start_container(configuration)
+        finally:
+            with self._creations:
+                self._creating.pop(run, None)
+            done.set()
 
     def _watch_container_safe(self, container: Any, configuration: Any, created_event: Any) -> Any:
         """prefect-docker's watch, in a daemon thread that an abandoned run leaves behind.

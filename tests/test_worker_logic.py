@@ -194,3 +194,93 @@ def test_a_stop_request_abandons_the_runs_and_ends_prefects_loops_at_the_next_po
     assert stopped_on_request(BaseExceptionGroup("loops", [raised.value]))
     assert not stopped_on_request(BaseExceptionGroup("loops", [raised.value, ValueError()]))
     assert not stopped_on_request(ValueError())
+
+
+# -- a stopping worker and the container being made --------------------------------------
+
+
+class FakeEngine:
+    """Stands in for `Containers.find`: the runs whose container has been made."""
+
+    def __init__(self) -> None:
+        self.made: set[str] = set()
+
+    async def find(self, labels: list[str]) -> list[Any]:
+        (run,) = [label.split("=", 1)[1] for label in labels if "flow-run-id=" in label]
+        return [SimpleNamespace(flow_run_id=run)] if run in self.made else []
+
+
+class FakeStates:
+    def __init__(self) -> None:
+        self.scheduled_again: list[UUID] = []
+
+    async def schedule_again(self, flow_run: Any, message: str) -> bool:
+        self.scheduled_again.append(flow_run.id)
+        return True
+
+
+@pytest.fixture
+def stopping(worker, monkeypatch):
+    """A stopping worker whose engine makes a container only when `proceed` is set."""
+    import threading
+
+    from prefect_docker.worker import DockerWorker
+
+    engine, proceed, made = FakeEngine(), threading.Event(), []
+
+    def create(self, configuration):
+        proceed.wait(10)
+        run = configuration.labels["io.prefect.flow-run-id"]
+        engine.made.add(run)
+        made.append(run)
+        return f"container of {run}"
+
+    monkeypatch.setattr(DockerWorker, "_create_and_start_container", create)
+    worker._containers = engine  # type: ignore[assignment]
+    worker._states = FakeStates()  # type: ignore[assignment]
+    worker._slots = FakeSlots(free=1)  # type: ignore[assignment]
+    worker._abandoned.set()
+    return SimpleNamespace(worker=worker, engine=engine, proceed=proceed, made=made)
+
+
+def _configuration(run: UUID) -> Any:
+    return SimpleNamespace(labels={"io.prefect.flow-run-id": str(run)})
+
+
+def test_a_run_scheduled_again_at_stop_never_gets_the_container_a_late_thread_would_make(
+    stopping,
+):
+    """The cancel of a run leaves prefect-docker's create thread going: once the run is
+    Scheduled again, that thread must not make its container (two would run)."""
+    worker, run = stopping.worker, uuid4()
+    asyncio.run(worker._slots.try_acquire(run))
+    asyncio.run(worker._schedule_unstarted_again(SimpleNamespace(id=run)))
+    assert worker._states.scheduled_again == [run]
+    assert worker._slots.released == [run]
+
+    stopping.proceed.set()
+    with pytest.raises(RuntimeError, match="scheduled again when its worker stopped"):
+        worker._create_and_start_container(_configuration(run))
+    assert stopping.made == []
+
+
+def test_a_run_whose_container_is_being_made_at_stop_is_left_for_the_next_worker(stopping):
+    """A stop that finds the run's container being made waits for it, then leaves the
+    run (and its slot) to the worker that takes the container over."""
+    import threading
+
+    worker, run = stopping.worker, uuid4()
+    asyncio.run(worker._slots.try_acquire(run))
+    created: list[Any] = []
+    thread = threading.Thread(
+        target=lambda: created.append(worker._create_and_start_container(_configuration(run)))
+    )
+    thread.start()
+    while str(run) not in worker._creating:
+        thread.join(0.01)
+    threading.Timer(0.3, stopping.proceed.set).start()
+    asyncio.run(worker._schedule_unstarted_again(SimpleNamespace(id=run)))
+    thread.join(10)
+    assert created == [f"container of {run}"]
+    assert worker._states.scheduled_again == []
+    assert worker._slots.released == [] and worker._slots.holds(run)
