@@ -52,6 +52,9 @@ if TYPE_CHECKING:
 __all__ = ["LostHosts", "decider", "lost_host_message", "lost_runs"]
 
 WORKER_LABEL = "prefect.worker.name"
+#: How long a run named for this worker must have been Pending before a starting worker
+#: takes it as left by its predecessor (see `_schedule_unstarted_of_predecessor`).
+SETTLED_PENDING_SECONDS = 10.0
 #: The states of a run whose host may be gone under it (a paused run waits in its container).
 ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING, StateType.PAUSED]
 
@@ -127,6 +130,7 @@ class LostHosts:
         _accounting: Accounting | None
         _states: RunStates | None
         _running: set[Any]
+        _submitting_flow_run_ids: set[Any]
 
         def get_flow_run_logger(self, flow_run: FlowRun) -> Any: ...
 
@@ -173,25 +177,51 @@ class LostHosts:
         return ended
 
     async def _schedule_unstarted_of_predecessor(self) -> list[FlowRun]:
-        """At start, before the first poll: the pool's Pending runs named for this worker
-        were left by a previous process of the same name (killed while it submitted
-        them). Those without a container will never start: they go back to Scheduled.
-        Their slots come back when that process's leases expire."""
+        """At start: the pool's Pending runs named for this worker were left by a previous
+        process of the same name (killed while it submitted them). Those without a
+        container will never start: they go back to Scheduled. Their slots come back when
+        that process's leases expire.
+
+        A run Pending for less than `SETTLED_PENDING_SECONDS` is looked at once more that
+        much later: another worker may have just set it Pending and not yet put its own
+        name on it (Prefect sets the state first), while the name an earlier attempt left
+        still names this worker."""
+        again, young = await self._schedule_settled_unstarted()
+        if young:
+            await anyio.sleep(SETTLED_PENDING_SECONDS)
+            again += (await self._schedule_settled_unstarted())[0]
+        return again
+
+    async def _schedule_settled_unstarted(self) -> tuple[list[FlowRun], bool]:
+        """One pass of `_schedule_unstarted_of_predecessor`: the runs scheduled again,
+        and whether one was Pending too recently to tell."""
         assert self._states is not None
         runs = await self._pool_runs([StateType.PENDING])
-        ours = [run for run in runs if (run.labels or {}).get(WORKER_LABEL) == self.name]
+        ours = [
+            run
+            for run in runs
+            if (run.labels or {}).get(WORKER_LABEL) == self.name
+            and run.id not in self._running
+            and run.id not in self._submitting_flow_run_ids
+        ]
         if not ours:
-            return []
+            return [], False
         here = await self._runs_with_containers()
+        now = datetime.now(timezone.utc)
         message = stopped_before_start_message(self.name)
-        again = []
+        again: list[FlowRun] = []
+        young = False
         for flow_run in ours:
-            if str(flow_run.id) in here or flow_run.id in self._running:
+            if str(flow_run.id) in here:
+                continue
+            since = flow_run.state.timestamp if flow_run.state is not None else None
+            if since is None or (now - since).total_seconds() < SETTLED_PENDING_SECONDS:
+                young = True
                 continue
             if await self._states.schedule_again(flow_run, message):
                 self._logger.warning("Flow run %s: %s", flow_run.id, message)
                 again.append(flow_run)
-        return again
+        return again, young
 
     async def _pool_runs(self, types: list[StateType]) -> list[FlowRun]:
         """The pool's flow runs in a state of one of `types`."""

@@ -325,12 +325,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         # Before the first admission: containers a dead predecessor left take their
         # slots first.
         await self._reconcile_guarded()
-        try:
-            await self._schedule_unstarted_of_predecessor()
-        except Exception:  # the API or the engine away: the runs wait for the next start
-            self._logger.warning(
-                "Could not look for flow runs a previous worker left Pending", exc_info=True
-            )
+        self._background.start_soon(self._schedule_predecessors_unstarted_guarded)
         self._background.start_soon(self._reconcile_forever)
         self._background.start_soon(self._enforce_cancels_forever)
         self._background.start_soon(self._find_lost_forever)
@@ -514,6 +509,14 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             self._running.discard(flow_run.id)
             self._capacity.release(flow_run.id)
         return result
+
+    async def _schedule_predecessors_unstarted_guarded(self) -> None:
+        try:
+            await self._schedule_unstarted_of_predecessor()
+        except Exception:  # the API or the engine away: the runs wait for the next start
+            self._logger.warning(
+                "Could not look for flow runs a previous worker left Pending", exc_info=True
+            )
 
     async def _schedule_unstarted_again(self, flow_run: FlowRun) -> None:
         """A run abandoned before its container was made: nothing on the engine would

@@ -284,3 +284,45 @@ def test_a_run_whose_container_is_being_made_at_stop_is_left_for_the_next_worker
     assert created == [f"container of {run}"]
     assert worker._states.scheduled_again == []
     assert worker._slots.released == [] and worker._slots.holds(run)
+
+
+def test_a_starting_worker_takes_only_settled_pending_runs_of_its_name_as_its_predecessors(
+    worker,
+):
+    """Prefect sets a run Pending before it names the worker: a run another worker just
+    set Pending may still carry this worker's name from an earlier attempt. Only a run
+    Pending for a while, with no container and not this worker's own, goes back."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect_managed.lost import SETTLED_PENDING_SECONDS
+
+    now = datetime.now(timezone.utc)
+
+    def pending(seconds_ago: float, name: str = "unit-worker") -> Any:
+        return SimpleNamespace(
+            id=uuid4(),
+            labels={"prefect.worker.name": name},
+            state=SimpleNamespace(timestamp=now - timedelta(seconds=seconds_ago)),
+        )
+
+    settled, fresh, other, own, contained = (
+        pending(SETTLED_PENDING_SECONDS + 30),
+        pending(1),
+        pending(SETTLED_PENDING_SECONDS + 30, name="another-worker"),
+        pending(SETTLED_PENDING_SECONDS + 30),
+        pending(SETTLED_PENDING_SECONDS + 30),
+    )
+
+    async def pool_runs(types):
+        return [settled, fresh, other, own, contained]
+
+    async def with_containers():
+        return {str(contained.id)}
+
+    worker._pool_runs = pool_runs  # type: ignore[method-assign]
+    worker._runs_with_containers = with_containers  # type: ignore[method-assign]
+    worker._states = FakeStates()  # type: ignore[assignment]
+    worker._submitting_flow_run_ids.add(own.id)
+    again, young = asyncio.run(worker._schedule_settled_unstarted())
+    assert [run.id for run in again] == [settled.id] == worker._states.scheduled_again
+    assert young  # looked at again later
