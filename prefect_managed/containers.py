@@ -433,6 +433,19 @@ def orphans(
     ]
 
 
+#: The runs whose container this process is making (prefect-docker makes it in a thread
+#: that a cancel leaves going), each with an event set when that ended: shared by the
+#: workers of the process, so that a worker restarted in it (`prefect-managed serve`)
+#: does not take such a run for one whose container will never be made.
+CREATIONS = threading.Lock()
+CREATING: dict[str, threading.Event] = {}
+
+
+def being_made(flow_run_id: str) -> bool:
+    with CREATIONS:
+        return flow_run_id in CREATING
+
+
 def in_daemon_thread(
     call: Callable[[], Any], abandoned: threading.Event, name: str, abandoned_result: Any
 ) -> Any:

@@ -40,7 +40,7 @@ from prefect.client.schemas.responses import SetStateStatus
 from prefect.states import Crashed
 
 from prefect_managed.configuration import api_label_value
-from prefect_managed.containers import pool_labels
+from prefect_managed.containers import being_made, pool_labels
 from prefect_managed.messages import stopped_before_start_message
 from prefect_managed.retries import retries_done
 from prefect_managed.run_states import HOST_LOST
@@ -52,8 +52,9 @@ if TYPE_CHECKING:
 __all__ = ["LostHosts", "decider", "lost_host_message", "lost_runs"]
 
 WORKER_LABEL = "prefect.worker.name"
-#: How long a run named for this worker must have been Pending before a starting worker
-#: takes it as left by its predecessor (see `_schedule_unstarted_of_predecessor`).
+#: How long a run named for this worker must stay in one Pending state, without a
+#: container, before a starting worker takes it as left by its predecessor (see
+#: `_schedule_unstarted_of_predecessor`).
 SETTLED_PENDING_SECONDS = 10.0
 #: The states of a run whose host may be gone under it (a paused run waits in its container).
 ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING, StateType.PAUSED]
@@ -177,25 +178,44 @@ class LostHosts:
         return ended
 
     async def _schedule_unstarted_of_predecessor(self) -> list[FlowRun]:
-        """At start: the pool's Pending runs named for this worker were left by a previous
-        process of the same name (killed while it submitted them). Those without a
-        container will never start: they go back to Scheduled. Their slots come back when
-        that process's leases expire.
+        """At start (in the background): the pool's Pending runs named for this worker
+        were left by a previous process of the same name (killed while it submitted
+        them). Those without a container will never start: they go back to Scheduled.
+        Their slots come back when that process's leases expire.
 
-        A run Pending for less than `SETTLED_PENDING_SECONDS` is looked at once more that
-        much later: another worker may have just set it Pending and not yet put its own
-        name on it (Prefect sets the state first), while the name an earlier attempt left
-        still names this worker."""
-        again, young = await self._schedule_settled_unstarted()
-        if young:
-            await anyio.sleep(SETTLED_PENDING_SECONDS)
-            again += (await self._schedule_settled_unstarted())[0]
+        A run is taken as left only when it is still in the same Pending state, still
+        named for this worker and still without a container `SETTLED_PENDING_SECONDS`
+        after it was first seen so: another worker that has just set it Pending (Prefect
+        sets the state first) puts its own name on it within moments, while the name an
+        earlier attempt left still names this worker. Two looks, no clocks compared."""
+        assert self._states is not None
+        first = {run.id: run.state_id for run in await self._unstarted_named_here()}
+        if not first:
+            return []
+        await anyio.sleep(SETTLED_PENDING_SECONDS)
+        message = stopped_before_start_message(self.name)
+        again: list[FlowRun] = []
+        for flow_run in await self._unstarted_named_here():
+            if flow_run.state_id is None or first.get(flow_run.id) != flow_run.state_id:
+                continue
+            try:
+                moved = await self._states.schedule_again(
+                    flow_run, message, pending_state_id=flow_run.state_id
+                )
+            except Exception:  # the next start of this worker looks again
+                self._logger.warning(
+                    "Could not schedule flow run %s again", flow_run.id, exc_info=True
+                )
+                continue
+            if moved:
+                self._logger.warning("Flow run %s: %s", flow_run.id, message)
+                again.append(flow_run)
         return again
 
-    async def _schedule_settled_unstarted(self) -> tuple[list[FlowRun], bool]:
-        """One pass of `_schedule_unstarted_of_predecessor`: the runs scheduled again,
-        and whether one was Pending too recently to tell."""
-        assert self._states is not None
+    async def _unstarted_named_here(self) -> list[FlowRun]:
+        """The pool's Pending runs named for this worker that it is not submitting or
+        running, and whose container is neither on this engine nor being made by this
+        process (`containers.being_made`: a worker restarted in the same process)."""
         runs = await self._pool_runs([StateType.PENDING])
         ours = [
             run
@@ -203,25 +223,12 @@ class LostHosts:
             if (run.labels or {}).get(WORKER_LABEL) == self.name
             and run.id not in self._running
             and run.id not in self._submitting_flow_run_ids
+            and not being_made(str(run.id))
         ]
         if not ours:
-            return [], False
+            return []
         here = await self._runs_with_containers()
-        now = datetime.now(timezone.utc)
-        message = stopped_before_start_message(self.name)
-        again: list[FlowRun] = []
-        young = False
-        for flow_run in ours:
-            if str(flow_run.id) in here:
-                continue
-            since = flow_run.state.timestamp if flow_run.state is not None else None
-            if since is None or (now - since).total_seconds() < SETTLED_PENDING_SECONDS:
-                young = True
-                continue
-            if await self._states.schedule_again(flow_run, message):
-                self._logger.warning("Flow run %s: %s", flow_run.id, message)
-                again.append(flow_run)
-        return again, young
+        return [run for run in ours if str(run.id) not in here]
 
     async def _pool_runs(self, types: list[StateType]) -> list[FlowRun]:
         """The pool's flow runs in a state of one of `types`."""

@@ -257,11 +257,16 @@ class RunStates:
             return
         self._run_logger(flow_run).info("%s", message)
 
-    async def schedule_again(self, flow_run: FlowRun, message: str) -> bool:
+    async def schedule_again(
+        self, flow_run: FlowRun, message: str, pending_state_id: UUID | None = None
+    ) -> bool:
         """Put a run whose container never started back in Scheduled, due now, for any
-        worker of the pool (only from Pending: a run that went on is left as it is)."""
+        worker of the pool (only from Pending, and only from the Pending state
+        `pending_state_id` when given: a run that went on is left as it is)."""
         current = await self.state(flow_run.id)
         if current is None or not current.is_pending():
+            return False
+        if pending_state_id is not None and current.id != pending_state_id:
             return False
         try:
             result: OrchestrationResult[Any] = await self._client.set_flow_run_state(

@@ -45,6 +45,8 @@ from prefect_managed.configuration import (
     disk_limit_unsupported,
 )
 from prefect_managed.containers import (
+    CREATING,
+    CREATIONS,
     Containers,
     DockerClients,
     Watch,
@@ -169,12 +171,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._environment_step: EnvironmentStep | None = None
         # Set when the runs are abandoned: the threads that wait on their containers end.
         self._abandoned = threading.Event()
-        # prefect-docker makes a run's container in a thread that a cancel does not stop:
-        # the runs whose container is being made (set when made or refused), and the runs
-        # a stopping worker scheduled again, whose container must never be made. Both
-        # under `_creations` (`_create_and_start_container`, `_schedule_unstarted_again`).
-        self._creations = threading.Lock()
-        self._creating: dict[str, threading.Event] = {}
+        # The runs this worker scheduled again when it stopped, whose container must never
+        # be made by the thread a cancel left going; under `containers.CREATIONS`, with
+        # the runs being made (`_create_and_start_container`, `_schedule_unstarted_again`).
         self._withdrawn: set[str] = set()
         self._stop_requested = False
         # Runs whose attempt crashed for an infrastructure reason, until their slot is
@@ -525,16 +524,17 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         so is one whose container is still being made when this gives up waiting."""
         assert self._states is not None
         run = str(flow_run.id)
-        with self._creations:
-            creating = self._creating.get(run)
+        with CREATIONS:
+            creating = CREATING.get(run)
             if creating is None:
                 self._withdrawn.add(run)  # from here its container is never made
         if creating is not None:
+            # Half the time this has: the rest is for the lookup and the state.
             made = await anyio.to_thread.run_sync(
-                creating.wait, RESCHEDULE_SECONDS, abandon_on_cancel=True
+                creating.wait, RESCHEDULE_SECONDS / 2, abandon_on_cancel=True
             )
-            with self._creations:
-                if not made or run in self._creating:
+            with CREATIONS:
+                if not made or run in CREATING:
                     return  # still being made: the pool's next worker takes it over
                 self._withdrawn.add(run)
         try:
@@ -717,18 +717,19 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         container would start beside the one the pool's next worker makes."""
         run = (configuration.labels or {}).get("io.prefect.flow-run-id", "")
         done = threading.Event()
-        with self._creations:
+        with CREATIONS:
             if run in self._withdrawn:
                 raise RuntimeError(
                     f"flow run {run} was scheduled again when its worker stopped; "
                     "its container is not made"
                 )
-            self._creating[run] = done
+            CREATING[run] = done
         try:
             return super()._create_and_start_container(configuration)
         finally:
-            with self._creations:
-                self._creating.pop(run, None)
+            with CREATIONS:
+                if CREATING.get(run) is done:
+                    del CREATING[run]
             done.set()
 
     def _watch_container_safe(self, container: Any, configuration: Any, created_event: Any) -> Any:

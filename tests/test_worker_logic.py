@@ -276,7 +276,9 @@ def test_a_run_whose_container_is_being_made_at_stop_is_left_for_the_next_worker
         target=lambda: created.append(worker._create_and_start_container(_configuration(run)))
     )
     thread.start()
-    while str(run) not in worker._creating:
+    from prefect_managed.containers import being_made
+
+    while not being_made(str(run)):
         thread.join(0.01)
     threading.Timer(0.3, stopping.proceed.set).start()
     asyncio.run(worker._schedule_unstarted_again(SimpleNamespace(id=run)))
@@ -286,43 +288,57 @@ def test_a_run_whose_container_is_being_made_at_stop_is_left_for_the_next_worker
     assert worker._slots.released == [] and worker._slots.holds(run)
 
 
-def test_a_starting_worker_takes_only_settled_pending_runs_of_its_name_as_its_predecessors(
-    worker,
+def test_a_starting_worker_takes_as_its_predecessors_only_runs_that_stay_pending_in_its_name(
+    worker, monkeypatch
 ):
     """Prefect sets a run Pending before it names the worker: a run another worker just
     set Pending may still carry this worker's name from an earlier attempt. Only a run
-    Pending for a while, with no container and not this worker's own, goes back."""
-    from datetime import datetime, timedelta, timezone
+    seen twice in the same Pending state in this worker's name, with no container and
+    not this worker's own, goes back to Scheduled."""
+    import prefect_managed.lost as lost_module
 
-    from prefect_managed.lost import SETTLED_PENDING_SECONDS
+    monkeypatch.setattr(lost_module, "SETTLED_PENDING_SECONDS", 0)
 
-    now = datetime.now(timezone.utc)
+    def pending(name: str = "unit-worker") -> Any:
+        return SimpleNamespace(id=uuid4(), state_id=uuid4(), labels={"prefect.worker.name": name})
 
-    def pending(seconds_ago: float, name: str = "unit-worker") -> Any:
-        return SimpleNamespace(
-            id=uuid4(),
-            labels={"prefect.worker.name": name},
-            state=SimpleNamespace(timestamp=now - timedelta(seconds=seconds_ago)),
-        )
+    left, renamed, restarted, other, own, contained, making = (pending() for _ in range(7))
+    other.labels["prefect.worker.name"] = "another-worker"
+    looks: list[list[Any]] = [
+        [left, renamed, restarted, other, own, contained, making],
+        [
+            left,
+            SimpleNamespace(**{**vars(renamed), "labels": {"prefect.worker.name": "w2"}}),
+            SimpleNamespace(**{**vars(restarted), "state_id": uuid4()}),  # Pending anew
+            other,
+            own,
+            contained,
+            making,
+        ],
+    ]
+    # Its container being made by an earlier worker of this process (`serve` restarts
+    # a failed worker in the same process): the thread a cancel left going makes it.
+    import threading
 
-    settled, fresh, other, own, contained = (
-        pending(SETTLED_PENDING_SECONDS + 30),
-        pending(1),
-        pending(SETTLED_PENDING_SECONDS + 30, name="another-worker"),
-        pending(SETTLED_PENDING_SECONDS + 30),
-        pending(SETTLED_PENDING_SECONDS + 30),
-    )
+    from prefect_managed.containers import CREATING
+
+    monkeypatch.setitem(CREATING, str(making.id), threading.Event())
 
     async def pool_runs(types):
-        return [settled, fresh, other, own, contained]
+        return looks.pop(0)
 
     async def with_containers():
         return {str(contained.id)}
 
+    class States(FakeStates):
+        async def schedule_again(self, flow_run, message, pending_state_id=None):
+            assert pending_state_id == flow_run.state_id  # only from the state it saw
+            return await super().schedule_again(flow_run, message)
+
     worker._pool_runs = pool_runs  # type: ignore[method-assign]
     worker._runs_with_containers = with_containers  # type: ignore[method-assign]
-    worker._states = FakeStates()  # type: ignore[assignment]
+    worker._states = States()  # type: ignore[assignment]
     worker._submitting_flow_run_ids.add(own.id)
-    again, young = asyncio.run(worker._schedule_settled_unstarted())
-    assert [run.id for run in again] == [settled.id] == worker._states.scheduled_again
-    assert young  # looked at again later
+    again = asyncio.run(worker._schedule_unstarted_of_predecessor())
+    assert [run.id for run in again] == [left.id] == worker._states.scheduled_again
+    assert not looks  # looked twice
