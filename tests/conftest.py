@@ -17,6 +17,10 @@ from services import free_port
 ROOT = Path(__file__).resolve().parent.parent
 OUTPUT = Path(os.environ.get("PREFECT_MANAGED_TEST_OUTPUT", ROOT / "test-output"))
 OUTPUT.mkdir(parents=True, exist_ok=True)
+# Each service appends to its log (a worker restarted under its name goes on in the same
+# file), and tests count lines in them: a run starts from no logs, as a clean clone does.
+for _old_log in OUTPUT.glob("*.log"):
+    _old_log.unlink(missing_ok=True)
 _HOME = Path(tempfile.mkdtemp(prefix="prefect-managed-tests-"))
 _PORT = free_port()
 os.environ["PREFECT_HOME"] = str(_HOME / "client-home")
