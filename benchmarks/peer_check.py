@@ -8,23 +8,21 @@ new httpx client per check (what it did before), side by side in one run.
 from __future__ import annotations
 
 import secrets
-import socket
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 
 from prefect_managed.gateway.app import HEALTH_PATH, Gateway
 from prefect_managed.gateway.host import RunGateway
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from services import free_port  # noqa: E402
+
 CHECKS = 40
 KEY = b"k" * 32
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _gateway(port: int) -> RunGateway:
@@ -41,7 +39,7 @@ def _cpu_ms(check: Callable[[], object]) -> float:
 
 
 def main() -> None:
-    port = _free_port()
+    port = free_port()
     holder = _gateway(port)
     assert holder.ensure() == "bound"
     peer = _gateway(port)

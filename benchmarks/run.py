@@ -808,14 +808,14 @@ def table(results: Results, summary: dict[str, object]) -> str:
         fmt(cpu["docker"] * 1000 if "docker" in cpu else None, "ms"),
         "e_cpu_managed_over_docker",
     )
-    gateway = gateway_cpu_per_run(results)
-    if "managed" in without_gateway(results):
+    gateway, without = gateway_cpu_per_run(results), without_gateway(results)
+    if "managed" in without:
         where = "in this worker" if results.gateway_in_worker else "in another worker process"
         row(
             "(e) the same without the run gateway's threads (the DockerWorker's runs call "
             f"the API directly; the gateway, {where}, used {gateway['managed'] * 1000:.0f} ms "
             "a run)",
-            fmt(without_gateway(results)["managed"] * 1000, "ms"),
+            fmt(without["managed"] * 1000, "ms"),
             fmt(cpu["docker"] * 1000 if "docker" in cpu else None, "ms"),
             "e_cpu_without_gateway_managed_over_docker",
         )
