@@ -15,7 +15,12 @@ from pathlib import Path
 from services import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-OUTPUT = Path(os.environ.get("PREFECT_MANAGED_TEST_OUTPUT", ROOT / "test-output"))
+#: What the tests leave for a reader (service logs, screenshots) and the wheels they download
+#: once (`SHARED_OUTPUT / "wheelhouse"`, shared by concurrent test processes).
+SHARED_OUTPUT = Path(os.environ.get("PREFECT_MANAGED_TEST_OUTPUT", ROOT / "test-output"))
+#: This process's part: each pytest-xdist worker (scripts/test.sh runs two) starts its own
+#: services, under names that would collide in one directory.
+OUTPUT = SHARED_OUTPUT / os.environ.get("PYTEST_XDIST_WORKER", "")
 OUTPUT.mkdir(parents=True, exist_ok=True)
 # Each service appends to its log (a worker restarted under its name goes on in the same
 # file), and tests count lines in them: a run starts from no logs, as a clean clone does.
@@ -71,6 +76,13 @@ def pytest_terminal_summary(terminalreporter) -> None:
 @pytest.fixture(scope="session")
 def output_dir() -> Path:
     return OUTPUT
+
+
+@pytest.fixture(scope="session")
+def wheelhouse() -> Path:
+    """Where `source_services.ensure_wheelhouse` keeps downloaded wheels, for every test
+    process of a run (and the runs after it)."""
+    return SHARED_OUTPUT / "wheelhouse"
 
 
 @pytest.fixture(scope="session")
@@ -342,7 +354,10 @@ def test_ca(tmp_path_factory):
 def ca_image(docker_client, runtime_image, test_ca) -> str:
     """The runtime image trusting the test CA (allowed by the default policy's
     ``prefect-managed-runtime:*``)."""
-    tag = build_image_trusting(docker_client, runtime_image, test_ca, f"{runtime_image}-test-ca")
+    # Its own tag: another test process builds (and removes) its own at the same time.
+    tag = build_image_trusting(
+        docker_client, runtime_image, test_ca, f"{runtime_image}-test-ca-{secrets.token_hex(4)}"
+    )
     yield tag
     docker_client.images.remove(tag, force=True)
 

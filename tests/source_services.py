@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import fcntl
 import hashlib
 import importlib.metadata
 import ipaddress
@@ -600,8 +601,17 @@ def ensure_wheelhouse(directory: Path, requirements: list[str]) -> Path:
     once: a later call with the same requirements finds them in `directory`."""
     digest = hashlib.sha256("\n".join([*requirements, *CONTAINER_PLATFORM]).encode()).hexdigest()
     wheels = directory / digest[:16]
-    if (wheels / ".complete").exists():
-        return wheels
+    directory.mkdir(parents=True, exist_ok=True)
+    # Another test process may be downloading the same wheels: one downloads, the other
+    # waits for it and finds them complete.
+    with open(directory / f"{digest[:16]}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (wheels / ".complete").exists():
+            _download_wheels(wheels, requirements)
+    return wheels
+
+
+def _download_wheels(wheels: Path, requirements: list[str]) -> None:
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir(parents=True)
     done = subprocess.run(
@@ -625,7 +635,6 @@ def ensure_wheelhouse(directory: Path, requirements: list[str]) -> Path:
     if done.returncode != 0:
         raise RuntimeError(f"pip download {' '.join(requirements)} failed:\n{done.stderr[-3000:]}")
     (wheels / ".complete").write_text("\n".join(requirements) + "\n")
-    return wheels
 
 
 def link_wheels(wheels: Path, index_root: Path) -> None:

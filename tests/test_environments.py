@@ -40,7 +40,8 @@ from prefect_managed.environments import (
 )
 from prefect_managed.usage import Outcome
 
-pytestmark = pytest.mark.docker
+# serial: it reads the engine's events after the fact, and Docker keeps only 256.
+pytestmark = [pytest.mark.docker, pytest.mark.serial]
 
 FLOWS = Path(__file__).parent / "flows"
 

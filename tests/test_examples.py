@@ -171,14 +171,14 @@ def examples_pool(stores, prefect_server) -> str:
 
 
 @pytest.fixture(scope="module")
-def examples_worker(examples_pool, ca_image, package_index, output_dir, tmp_path_factory):
+def examples_worker(examples_pool, ca_image, package_index, wheelhouse, tmp_path_factory):
     """A managed worker for the pool. Its default image is the runtime image trusting the
     HTTPS git server's CA, as an operator's `image build --ca-bundle` would be."""
     link_wheels(
-        ensure_wheelhouse(output_dir / "wheelhouse", [REQUIREMENTS_TXT.strip()]),
+        ensure_wheelhouse(wheelhouse, [REQUIREMENTS_TXT.strip()]),
         package_index.root,
     )
-    link_wheels(ensure_wheelhouse(output_dir / "wheelhouse", STORAGE_WHEELS), package_index.root)
+    link_wheels(ensure_wheelhouse(wheelhouse, STORAGE_WHEELS), package_index.root)
     policy = worker_policy(
         tmp_path_factory.mktemp("examples") / "policy.toml",
         ca_image,

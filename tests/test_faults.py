@@ -44,7 +44,8 @@ from services import BIN, start_worker, wait_for
 
 from prefect_managed.retries import INFRASTRUCTURE_RETRY
 
-pytestmark = pytest.mark.docker
+# serial: it restarts the Docker daemon and counts a workspace's containers on the engine.
+pytestmark = [pytest.mark.docker, pytest.mark.serial]
 
 
 def start_run(deployment_id, **parameters):

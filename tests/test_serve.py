@@ -40,7 +40,8 @@ from prefect_managed import ManagedWorker
 from prefect_managed.configuration import WORKSPACE_LABEL
 
 # Generous time limits: the runs share a 2-core machine with other test sessions.
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200)]
+# serial: its `[host]` room counts every managed container on the engine.
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1200), pytest.mark.serial]
 
 POLL_SECONDS = "2"
 

@@ -129,8 +129,8 @@ def token_secret(git_https, prefect_server) -> Secret:
 
 
 @pytest.fixture(scope="module")
-def requirement_wheels(package_index, output_dir):
-    link_wheels(ensure_wheelhouse(output_dir / "wheelhouse", [REQUIREMENT]), package_index.root)
+def requirement_wheels(package_index, wheelhouse):
+    link_wheels(ensure_wheelhouse(wheelhouse, [REQUIREMENT]), package_index.root)
 
 
 def deploy_from(storage, name: str, pool: str, image: str, entry: str = "which_code") -> UUID:

@@ -93,10 +93,10 @@ def official_sources(prefect_server, official_image, package_index, tmp_path_fac
 
 
 @pytest.fixture(scope="module")
-def storage_wheels(package_index, output_dir):
+def storage_wheels(package_index, wheelhouse):
     """prefect-aws, prefect-gcp and prefect-azure with all their dependencies, for the
     containers' Python, offered by the loopback index."""
-    link_wheels(ensure_wheelhouse(output_dir / "wheelhouse", STORAGE_WHEELS), package_index.root)
+    link_wheels(ensure_wheelhouse(wheelhouse, STORAGE_WHEELS), package_index.root)
 
 
 @pytest.fixture(scope="module")

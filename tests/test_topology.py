@@ -30,7 +30,8 @@ from topology import start_topology
 from prefect_managed import ManagedWorker
 from prefect_managed.configuration import WORKSPACE_LABEL
 
-pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500)]
+# serial: its `[host]` room counts every managed container on the engine.
+pytestmark = [pytest.mark.docker, pytest.mark.timeout(1500), pytest.mark.serial]
 
 
 @pytest.fixture(scope="module")
