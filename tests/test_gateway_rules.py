@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
-from uuid import UUID, uuid4
+from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 import anyio
 import pytest
@@ -21,8 +21,10 @@ from prefect_managed.gateway.routes import ROUTES, Check, Refusal, decide
 from prefect_managed.gateway.tokens import run_token, token_from_authorization, token_run
 
 KEY = b"k" * 32
-RUN = uuid4()
-OTHER = uuid4()
+# Fixed ids: they are in parametrized tests' ids, which every pytest-xdist process must
+# collect alike.
+RUN = uuid5(NAMESPACE_URL, "prefect-managed:tests:run")
+OTHER = uuid5(NAMESPACE_URL, "prefect-managed:tests:other")
 NOW = 1_800_000_000.0
 
 
@@ -507,21 +509,21 @@ def test_the_payloads_flow_run_is_the_one_checked():
         ("my.event", "my.thing", [("prefect-managed.worker.x", "worker")], {}, "may name"),
         (
             "prefect.task-run.Completed",
-            f"prefect.task-run.{uuid4()}",
+            f"prefect.task-run.{uuid5(NAMESPACE_URL, 'task-1')}",
             [(f"prefect.flow-run.{RUN}", "flow-run")],
             {},
             "carry its task_run",
         ),
         (
             "prefect.task-run.Completed",
-            f"prefect.task-run.{uuid4()}",
+            f"prefect.task-run.{uuid5(NAMESPACE_URL, 'task-2')}",
             [(f"prefect.flow-run.{RUN}", "flow-run")],
             {"task_run": {"id": str(OTHER)}},
             "not the event's resource",
         ),
         (
             "prefect.task-run.Completed",
-            f"prefect.task-run.{uuid4()}",
+            f"prefect.task-run.{uuid5(NAMESPACE_URL, 'task-3')}",
             [],
             {"task_run": {"name": "t"}},
             "task run's flow run",
