@@ -3,10 +3,15 @@ and what a run's container is given. No Docker, no server."""
 
 from __future__ import annotations
 
+import asyncio
+import importlib.util
+import socket
 import uuid
+from pathlib import Path
 
 import pytest
 
+from prefect_managed.gateway.host import tcp_listener
 from prefect_managed.gateway.tunnel import (
     ISOLATED_MOUNT,
     Destination,
@@ -110,3 +115,45 @@ def test_the_package_index_is_an_isolated_runs_destination():
         Destination("127.0.0.1", 9418),
         Destination("index.example.com", 443),
     ]
+
+
+def _forward_listener(address: str, port: int) -> socket.socket:
+    """The listener of the container's end of the tunnel (runtime/forward.py)."""
+    path = Path(__file__).resolve().parent.parent / "prefect_managed" / "runtime" / "forward.py"
+    spec = importlib.util.spec_from_file_location("forward", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.listener(address, port)
+
+
+def _gateway_listener(address: str, port: int) -> socket.socket:
+    sock = tcp_listener()
+    sock.bind((address, port))
+    sock.listen(8)
+    return sock
+
+
+@pytest.mark.parametrize("listener", [_gateway_listener, _forward_listener])
+def test_an_answer_is_sent_at_once_not_after_the_clients_delayed_ack(listener):
+    """The gateway's and the container's listeners: each connection asyncio accepts on
+    them has Nagle's algorithm off (with it on, every API answer written in two parts
+    waited about 40 ms for the client's delayed ACK; `python -m benchmarks.gateway`)."""
+    sock = listener("127.0.0.1", 0)
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            accepted = writer.get_extra_info("socket")
+            seen.set_result(accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(handle, sock=sock)
+        async with server:
+            _, writer = await asyncio.open_connection(*sock.getsockname())
+            try:
+                return await asyncio.wait_for(seen, 10)
+            finally:
+                writer.close()
+
+    assert asyncio.run(accepted_nodelay()) != 0
