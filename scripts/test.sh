@@ -22,6 +22,11 @@ status=0
 "${pytest[@]}" -m "not serial" -n "${PREFECT_MANAGED_TEST_PROCESSES:-2}" --dist loadfile \
     || status=$?
 shared_seconds=$((SECONDS - started))
+if [ "$status" -ge 2 ] && [ "$status" -le 4 ]; then
+    # Interrupted, or pytest could not run: not the moment for a Docker restart.
+    echo "tests: the shared phase stopped with pytest's exit status ${status}; no serial phase"
+    exit "$status"
+fi
 "${pytest[@]}" -m serial || { code=$?; [ "$status" -ne 0 ] || status=$code; }
 echo "tests: the shared phase took ${shared_seconds} s, the serial phase" \
     "$((SECONDS - started - shared_seconds)) s; pytest's exit status ${status}"

@@ -12,7 +12,9 @@ from helpers import create_pool, session_workspace, wait_for_final_state
 from prefect.deployments import run_deployment
 from services import start_worker, wait_for
 
-pytestmark = pytest.mark.docker
+# serial: its workers poll hourly, so a run the engine has no room for when its event
+# comes (room counts every managed container on the engine) would wait an hour.
+pytestmark = [pytest.mark.docker, pytest.mark.serial]
 
 #: Prefect's poll interval for these workers: no run is found by polling during the test.
 QUERY_SECONDS = 3600

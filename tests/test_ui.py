@@ -32,7 +32,7 @@ from uuid import UUID
 
 import httpx
 import pytest
-from conftest import worker_policy
+from conftest import SHARED_OUTPUT, worker_policy
 from faults import wait_for_records, wait_until_settled
 from helpers import (
     create_pool,
@@ -103,8 +103,8 @@ def browser() -> Browser:
 
 
 @pytest.fixture(scope="session")
-def screenshots(output_dir: Path) -> Path:
-    directory = output_dir / "screenshots"
+def screenshots() -> Path:
+    directory = SHARED_OUTPUT / "screenshots"  # in any test process: one place
     directory.mkdir(parents=True, exist_ok=True)
     return directory
 
