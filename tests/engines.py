@@ -8,6 +8,7 @@ image is copied into it with `docker save | docker load` (no registry here).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -57,6 +58,7 @@ class Engine:
             "--containerd-namespace", f"pm-{self.root.name}",
             "--containerd-plugins-namespace", f"pm-{self.root.name}-plugins",
         ]  # fmt: skip
+        bridge = default_bridge()
         log = self.log_path.open("ab")
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
@@ -66,6 +68,11 @@ class Engine:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the second dockerd did not answer within {timeout} s")
             time.sleep(0.5)
+        # A dockerd started with --bridge=none deletes the link `docker0` at its start, and
+        # this one shares the host's network namespace: the machine's own engine would
+        # then start no container on its default bridge until it restarted.
+        if bridge is not None and default_bridge() is None:
+            restore_default_bridge(bridge)
 
     def stop(self, timeout: float = 300) -> None:
         """Stop the engine (and with it its containers); SIGKILL after `timeout`."""
@@ -101,6 +108,29 @@ class Engine:
         self.stop()
         # Its container layers are mounted under the data root until it stops.
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def default_bridge() -> list[str] | None:
+    """The IPv4 addresses (CIDR) of the default engine's bridge `docker0`; None when the
+    link is not there."""
+    found = subprocess.run(
+        ["ip", "-j", "-4", "addr", "show", "dev", "docker0"], capture_output=True, text=True
+    )
+    if found.returncode != 0:
+        return None
+    return [
+        f"{address['local']}/{address['prefixlen']}"
+        for link in json.loads(found.stdout or "[]")
+        for address in link.get("addr_info", [])
+    ]
+
+
+def restore_default_bridge(addresses: list[str]) -> None:
+    """Make `docker0` again as it was (the default engine finds its bridge by name)."""
+    subprocess.run(["ip", "link", "add", "docker0", "type", "bridge"], check=True)
+    for address in addresses:
+        subprocess.run(["ip", "addr", "add", address, "dev", "docker0"], check=True)
+    subprocess.run(["ip", "link", "set", "docker0", "up"], check=True)
 
 
 def start_engine(log_dir: Path) -> Engine:
