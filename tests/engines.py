@@ -113,6 +113,8 @@ class Engine:
 def default_bridge() -> list[str] | None:
     """The IPv4 addresses (CIDR) of the default engine's bridge `docker0`; None when the
     link is not there."""
+    if shutil.which("ip") is None:  # no iproute2: nothing can be put back anyway
+        return None
     found = subprocess.run(
         ["ip", "-j", "-4", "addr", "show", "dev", "docker0"], capture_output=True, text=True
     )
