@@ -5,7 +5,7 @@ A real Prefect server (SQLite, with a credential) and the gateway served in this
 one flow run, and its token; then the same requests as a trivial run makes, sent through
 the gateway, with the gateway thread's CPU read from the kernel (`/proc`) before and after.
 Side by side, in one run: the gateway's listening socket as it is made now
-(`host.tcp_listener`, Nagle's algorithm off) and as it was before (protocol 0, so asyncio left
+(`runtime/forward.py` `listener`, Nagle's algorithm off) and as it was before (protocol 0, so asyncio left
 Nagle's algorithm on), and the same requests sent straight to the server.
 
     python -m benchmarks.gateway                 # 200 rounds of each request
@@ -76,18 +76,14 @@ def _send_all(client: httpx.Client, base: str, requests: dict, rounds: int) -> N
                 raise RuntimeError(f"{method} {path}: {response.status_code} {response.text}")
 
 
-def _old_listener() -> socket.socket:
-    """The gateway's listening socket before `host.tcp_listener`: protocol 0, so asyncio
+def _old_listener(address: str, port: int) -> socket.socket:
+    """The gateway's listening socket before `forward.listener`: protocol 0, so asyncio
     left Nagle's algorithm on for its connections."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen(128)
     return sock
-
-
-def _serve(gateway, listener: socket.socket) -> None:
-    listener.bind(("127.0.0.1", gateway.port))
-    listener.listen(128)
-    gateway._start(listener)
 
 
 def main() -> None:
@@ -97,8 +93,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from prefect_managed.gateway.app import Gateway
-    from prefect_managed.gateway.host import RunGateway, auth_headers, tcp_listener
+    from prefect_managed.gateway.host import RunGateway, auth_headers
     from prefect_managed.gateway.tokens import run_token
+    from prefect_managed.runtime.forward import listener as new_listener
 
     home = Path(tempfile.mkdtemp(prefix="prefect-managed-gateway-bench-"))
     port = free_port()
@@ -106,7 +103,7 @@ def main() -> None:
     server = start_prefect_server(
         port, home / "server", home, {"PREFECT_SERVER_API_AUTH_STRING": AUTH}
     )
-    listeners = {"now": tcp_listener, "before (Nagle on)": _old_listener}
+    listeners = {"now": new_listener, "before (Nagle on)": _old_listener}
     rows: list[tuple[str, str, float, float, float, float]] = []
     profiler = cProfile.Profile() if args.profile else None
     try:
@@ -114,7 +111,10 @@ def main() -> None:
         with httpx.Client(headers=headers, timeout=30) as admin:
             flow = admin.post(f"{api}/flows/", json={"name": "gateway-bench"})
             created = admin.post(f"{api}/flow_runs/", json={"flow_id": flow.json()["id"]})
-            created.raise_for_status()
+            if created.status_code >= 400:
+                raise RuntimeError(
+                    f"creating the flow run: {created.status_code} {created.text[:500]}"
+                )
             run = UUID(created.json()["id"])
         token = run_token(KEY, run, 3600)
         requests = _requests(run)
@@ -122,7 +122,7 @@ def main() -> None:
         gateways = {}
         for which, listener in listeners.items():
             gateway = RunGateway(free_port(), Gateway(api, headers, AUTH, KEY, "bench"))
-            _serve(gateway, listener())
+            gateway._start(listener("127.0.0.1", gateway.port))
             client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30)
             _send_all(client, gateway.url, requests, 5)  # warm: connections, caches
             gateways[which] = (gateway, client)

@@ -4,14 +4,11 @@ and what a run's container is given. No Docker, no server."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import socket
 import uuid
-from pathlib import Path
 
 import pytest
 
-from prefect_managed.gateway.host import tcp_listener
 from prefect_managed.gateway.tunnel import (
     ISOLATED_MOUNT,
     Destination,
@@ -22,6 +19,7 @@ from prefect_managed.gateway.tunnel import (
     tunnel_directory,
 )
 from prefect_managed.policy import Runtime
+from prefect_managed.runtime.forward import listener
 
 KEY = b"k" * 32
 
@@ -117,26 +115,10 @@ def test_the_package_index_is_an_isolated_runs_destination():
     ]
 
 
-def _forward_listener(address: str, port: int) -> socket.socket:
-    """The listener of the container's end of the tunnel (runtime/forward.py)."""
-    path = Path(__file__).resolve().parent.parent / "prefect_managed" / "runtime" / "forward.py"
-    spec = importlib.util.spec_from_file_location("forward", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.listener(address, port)
-
-
-def _gateway_listener(address: str, port: int) -> socket.socket:
-    sock = tcp_listener()
-    sock.bind((address, port))
-    sock.listen(8)
-    return sock
-
-
-@pytest.mark.parametrize("listener", [_gateway_listener, _forward_listener])
-def test_an_answer_is_sent_at_once_not_after_the_clients_delayed_ack(listener):
-    """The gateway's and the container's listeners: each connection asyncio accepts on
-    them has Nagle's algorithm off (with it on, every API answer written in two parts
+def test_an_answer_is_sent_at_once_not_after_the_clients_delayed_ack():
+    """The listener of the gateway and of the container's end of the tunnel (one
+    function, `runtime/forward.py`): each connection asyncio accepts on it has Nagle's
+    algorithm off (with it on, every API answer written in two parts
     waited about 40 ms for the client's delayed ACK; `python -m benchmarks.gateway`)."""
     sock = listener("127.0.0.1", 0)
 

@@ -36,6 +36,7 @@ from prefect_managed.gateway.app import (
 from prefect_managed.gateway.port import run_gateway_port
 from prefect_managed.gateway.tunnel import TunnelServer, tunnel_directory
 from prefect_managed.policy_runtime import Runtime
+from prefect_managed.runtime.forward import listener
 
 __all__ = [
     "RunGateway",
@@ -44,7 +45,6 @@ __all__ = [
     "check_boundary",
     "serve_run_gateway",
     "start_run_gateway",
-    "tcp_listener",
 ]
 
 logger = get_logger("managed.gateway")
@@ -57,20 +57,6 @@ def auth_headers(auth_string: str | None, api_key: str | None) -> dict[str, str]
     if api_key:
         return {"Authorization": f"Bearer {api_key}"}
     return {}
-
-
-def tcp_listener() -> socket.socket:
-    """A TCP socket to listen on whose connections send each write at once.
-
-    Nagle's algorithm off: asyncio turns it off on accepted connections only when the
-    listening socket was made with `IPPROTO_TCP` (not the default 0, which they inherit),
-    and Linux copies `TCP_NODELAY` from the listening socket to them; either does. With it
-    on, an answer written in two parts (uvicorn writes the head, then the body) waited for
-    the client's delayed ACK: about 40 ms for each API call on a busy connection."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
 
 
 class RunGateway:
@@ -120,12 +106,9 @@ class RunGateway:
         something else holds the port."""
         if self.serving:
             return "bound"
-        sock = tcp_listener()
         try:
-            sock.bind(("127.0.0.1", self.port))
-            sock.listen(128)
+            sock = listener("127.0.0.1", self.port)
         except OSError as exc:
-            sock.close()
             if exc.errno != errno.EADDRINUSE:
                 raise
             if self._peer_serves():

@@ -57,14 +57,23 @@ async def _serve(grant, listeners):
 def listener(address, port):
     """A listening TCP socket whose connections send each write at once.
 
-    Nagle's algorithm off (asyncio does so on connections of an `IPPROTO_TCP` socket, and
-    Linux copies `TCP_NODELAY` to them): with it on, an answer relayed in two parts waits
-    for the flow's delayed ACK, as the gateway's did (about 40 ms an API call)."""
+    Nagle's algorithm off: asyncio turns it off on accepted connections only when the
+    listening socket was made with `IPPROTO_TCP` (not the default 0, which they inherit),
+    and Linux copies `TCP_NODELAY` from the listening socket to them; either does. With it
+    on, an answer written in two parts (uvicorn writes the head, then the body) waited for
+    the client's delayed ACK: about 40 ms for each API call on a busy connection. The run
+    gateway's listener on the worker's host is made here too (standard library only, so
+    that this file also runs in a run's container). The socket is closed when it cannot
+    be bound."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((address, port))
-    sock.listen(128)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((address, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
     return sock
 
 
