@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -71,19 +72,35 @@ def run_containers(docker_client, flow_run_id: UUID) -> list:
     )
 
 
-def containers_created_since(docker_client, flow_run_id: UUID, since: int) -> list[dict]:
-    """Docker's `create` events for the run's containers from `since` (epoch s) to now."""
+@contextmanager
+def container_creations(docker_client, label: str):
+    """The labels of every container Docker creates with `label` ("key=value") meanwhile.
+
+    Read live from Docker's event stream, subscribed before the block runs: the engine
+    keeps only its last 256 events for later queries, fewer than a busy machine (or the
+    suite's other process) makes during a test, so a query after the fact can miss a
+    creation and find nothing.
+    """
+    created: list[dict] = []
     events = docker_client.api.events(
-        since=since,
-        until=int(time.time()) + 1,
-        filters={
-            "type": "container",
-            "event": "create",
-            "label": f"io.prefect.flow-run-id={flow_run_id}",
-        },
-        decode=True,
+        filters={"type": "container", "event": "create", "label": label}, decode=True
     )
-    return list(events)
+
+    def read() -> None:
+        try:
+            for event in events:
+                created.append(event["Actor"]["Attributes"])
+        except Exception:  # the stream is closed when the block ends
+            pass
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    try:
+        yield created
+    finally:
+        time.sleep(1)  # let the last events arrive
+        events.close()
+        reader.join(10)
 
 
 def wait_for_settled_run(docker_client, flow_run_id: UUID, timeout: float = 240) -> FlowRun:

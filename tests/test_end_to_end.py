@@ -8,12 +8,10 @@ twice: on the project's runtime image and on the official image's stand-in
 
 from __future__ import annotations
 
-import time
-
 import pytest
 from conftest import PROBE_MESSAGE, PROBE_VERSION
 from helpers import (
-    containers_created_since,
+    container_creations,
     create_pool_with_cli,
     executed_status_code,
     run_containers,
@@ -138,11 +136,10 @@ def test_failed_install_crashes_the_run_with_the_installer_output_in_its_logs(
 )
 def test_invalid_pip_package_is_rejected_before_any_container_starts(deploy, docker_client, entry):
     deployment_id = deploy("hello", "hello-invalid-package", {"pip_packages": ["six", entry]})
-    since = int(time.time()) - 1
-    flow_run_id = start_run(deployment_id)
-
-    run = wait_for_final_state(flow_run_id)
+    with container_creations(docker_client, f"io.prefect.deployment-id={deployment_id}") as made:
+        flow_run_id = start_run(deployment_id)
+        run = wait_for_final_state(flow_run_id)
 
     assert run.state.is_crashed(), run.state
     assert f"pip_packages entry {entry!r} was rejected" in run.state.message
-    assert containers_created_since(docker_client, flow_run_id, since) == []
+    assert made == []

@@ -14,13 +14,13 @@ from __future__ import annotations
 import io
 import secrets
 import tarfile
-import time
 import uuid
 from pathlib import Path
 
 import pytest
 from conftest import worker_policy
 from helpers import (
+    container_creations,
     create_pool,
     flow_run_logs,
     wait_for_final_state,
@@ -40,8 +40,7 @@ from prefect_managed.environments import (
 )
 from prefect_managed.usage import Outcome
 
-# serial: it reads the engine's events after the fact, and Docker keeps only 256.
-pytestmark = [pytest.mark.docker, pytest.mark.serial]
+pytestmark = pytest.mark.docker
 
 FLOWS = Path(__file__).parent / "flows"
 
@@ -112,21 +111,6 @@ def deploy(env_flows: str, pool: str, name: str, pip_packages: list[str]):
     )
 
 
-def created(docker_client, workspace: str, since: int) -> list[dict]:
-    """Docker's `create` events of the workspace's builders and environment-started runs."""
-    events = docker_client.api.events(
-        since=since,
-        until=int(time.time()) + 1,
-        filters={
-            "type": "container",
-            "event": "create",
-            "label": f"{ENVIRONMENT_WORKSPACE_LABEL}={workspace}",
-        },
-        decode=True,
-    )
-    return [event["Actor"]["Attributes"] for event in events]
-
-
 def test_a_second_run_installs_nothing_and_cannot_change_the_environment(
     env_flows, package_index, env_workspace, docker_client
 ):
@@ -140,15 +124,14 @@ def test_a_second_run_installs_nothing_and_cannot_change_the_environment(
         assert first_run.state.is_completed(), first_run.state
         wait_for_log(first.id, "Built the environment")
         wait_for_log(first.id, "rewrote ")
-        since = int(time.time())
-        second = run_deployment(deployment, parameters={"module": module}, timeout=0)
-        second_run = wait_for_settled_run(docker_client, second.id, 300)
+        with container_creations(docker_client, f"{ENVIRONMENT_WORKSPACE_LABEL}={name}") as made:
+            second = run_deployment(deployment, parameters={"module": module}, timeout=0)
+            second_run = wait_for_settled_run(docker_client, second.id, 300)
     assert second_run.state.is_completed(), second_run.state
     logs = flow_run_logs(second.id)
     # The first run's rewrite stayed in its own container.
     assert any("environment says: pristine" in line for line in logs), logs
     assert any("nothing to install" in line for line in logs), logs
-    made = created(docker_client, name, since)
     assert [a["name"].startswith(BUILDER_PREFIX) for a in made] == [False], made
     assert made[0]["image"].startswith(f"{ENVIRONMENT_REPOSITORY}:"), made
     first_record = wait_for_usage_record(first.id)
@@ -163,16 +146,16 @@ def test_two_first_runs_at_once_build_once(env_flows, package_index, env_workspa
     name, policy = env_workspace("env-once")
     pool = create_pool(f"pool-{name}")
     deployment = deploy(env_flows, pool, "env-once", ["env-once==1.0"])
-    since = int(time.time())
-    with worker(pool, policy, f"worker-{name}"):
+    with (
+        container_creations(docker_client, f"{ENVIRONMENT_WORKSPACE_LABEL}={name}") as made,
+        worker(pool, policy, f"worker-{name}"),
+    ):
         runs = [
             run_deployment(deployment, parameters={"module": module}, timeout=0) for _ in range(2)
         ]
         settled = [wait_for_settled_run(docker_client, run.id, 300) for run in runs]
     assert all(run.state.is_completed() for run in settled), [r.state for r in settled]
-    builders = [
-        a for a in created(docker_client, name, since) if a["name"].startswith(BUILDER_PREFIX)
-    ]
+    builders = [a for a in made if a["name"].startswith(BUILDER_PREFIX)]
     assert len(builders) == 1, builders
     assert len(environment_images(docker_client, name)) == 1
 
@@ -211,8 +194,10 @@ def test_a_build_over_the_memory_cap_crashes_the_run_with_the_install_log(
     name, policy = env_workspace("env-hog", tier={"memory": "256m"})
     pool = create_pool(f"pool-{name}")
     deployment = deploy(env_flows, pool, "env-hog", ["env-hog==1.0"])
-    since = int(time.time())
-    with worker(pool, policy, f"worker-{name}"):
+    with (
+        container_creations(docker_client, f"{ENVIRONMENT_WORKSPACE_LABEL}={name}") as made,
+        worker(pool, policy, f"worker-{name}"),
+    ):
         run = run_deployment(deployment, parameters={"module": "env_hog"}, timeout=0)
         final = wait_for_final_state(run.id, 300)
         record = wait_for_usage_record(run.id)
@@ -223,9 +208,7 @@ def test_a_build_over_the_memory_cap_crashes_the_run_with_the_install_log(
     assert record["outcome"] == Outcome.OUT_OF_MEMORY.value and record["billable_minutes"] >= 1, (
         record
     )
-    builders = [
-        a for a in created(docker_client, name, since) if a["name"].startswith(BUILDER_PREFIX)
-    ]
+    builders = [a for a in made if a["name"].startswith(BUILDER_PREFIX)]
     assert len(builders) == 1
     wait_for(
         lambda: (

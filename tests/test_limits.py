@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import OUTPUT, worker_policy
 from helpers import (
-    containers_created_since,
+    container_creations,
     create_pool,
     run_containers,
     wait_for_final_state,
@@ -169,12 +169,12 @@ def test_an_image_outside_the_allow_list_is_refused_before_a_container_starts(
     deploy, docker_client
 ):
     deployment = deploy("hello", "hello-foreign-image", {"image": "python:3.12"})
-    since = int(time.time()) - 1
-    flow_run_id = start_run(deployment)
-    run = wait_for_final_state(flow_run_id)
+    with container_creations(docker_client, f"io.prefect.deployment-id={deployment}") as made:
+        flow_run_id = start_run(deployment)
+        run = wait_for_final_state(flow_run_id)
     assert run.state.is_crashed(), run.state
     assert "Image 'python:3.12' is not allowed in this workspace" in run.state.message
-    assert containers_created_since(docker_client, flow_run_id, since) == []
+    assert made == []
 
 
 HOSTILE = {

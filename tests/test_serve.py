@@ -12,7 +12,6 @@ import re
 import shutil
 import signal
 import tempfile
-import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,7 @@ import httpx
 import pytest
 from conftest import AUTH, OUTPUT, worker_policy
 from helpers import (
+    container_creations,
     create_pool,
     run_containers,
     session_workspace,
@@ -162,42 +162,14 @@ def wait_for_log_line(service: Service, text: str, timeout: float = 180) -> None
     wait_for(lambda: text in service.log(), timeout, f"{text!r} in the log of {service.name}")
 
 
-@contextmanager
-def container_creations(docker_client, workspace: str):
-    """The labels of every container Docker creates for the workspace meanwhile.
-
-    Read live from Docker's event stream: the engine keeps only its last 256 events for
-    later queries, fewer than a busy machine makes during a test.
-    """
-    created: list[dict] = []
-    events = docker_client.api.events(
-        filters={"type": "container", "event": "create", "label": f"{WORKSPACE_LABEL}={workspace}"},
-        decode=True,
-    )
-
-    def read() -> None:
-        try:
-            for event in events:
-                created.append(event["Actor"]["Attributes"])
-        except Exception:  # the stream is closed when the block ends
-            pass
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    try:
-        yield created
-    finally:
-        time.sleep(1)  # let the last events arrive
-        events.close()
-        reader.join(10)
-
-
 def test_serve_runs_flows_of_every_managed_pool_including_one_created_after_it_started(
     api, deploy_to, policy_for, docker_client
 ):
     early = create_pool("serve-early")
     with (
-        container_creations(docker_client, session_workspace("serve-all")) as creations,
+        container_creations(
+            docker_client, f"{WORKSPACE_LABEL}={session_workspace('serve-all')}"
+        ) as creations,
         serving(api, policy_for("serve-all"), "svc") as service,
     ):
         wait_for_log_line(service, "Serving work pool 'serve-early' with worker 'svc-serve-early'")
@@ -329,7 +301,7 @@ def test_drain_finishes_the_running_run_takes_no_new_one_then_exits_and_says_so(
     deployment = deploy_to(pool, "sleeper")
     port = free_port()
     workspace = session_workspace("serve-drain")
-    with container_creations(docker_client, workspace) as created:
+    with container_creations(docker_client, f"{WORKSPACE_LABEL}={workspace}") as created:
         service = start_serve(
             api, policy_for("serve-drain", concurrency_limit=2), "drain", "--http-port", str(port)
         )

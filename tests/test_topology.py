@@ -14,6 +14,7 @@ import pytest
 from conftest import AUTH, OUTPUT
 from engines import start_engine
 from helpers import (
+    container_creations,
     create_pool,
     run_containers,
     session_workspace,
@@ -24,7 +25,7 @@ from helpers import (
 from prefect.client.orchestration import get_client
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from services import wait_for
-from test_serve import container_creations, serving, start_run, start_serve, wait_for_log_line
+from test_serve import serving, start_run, start_serve, wait_for_log_line
 from topology import start_topology
 
 from prefect_managed import ManagedWorker
@@ -130,8 +131,8 @@ def test_the_cap_holds_across_hosts_and_api_processes_and_one_api_process_killed
     deployment = deploy_to(pool)
     before = dict(topology.proxy.connections)
     with (
-        container_creations(docker_client, workspace) as on_a,
-        container_creations(engine_b, workspace) as on_b,
+        container_creations(docker_client, f"{WORKSPACE_LABEL}={workspace}") as on_a,
+        container_creations(engine_b, f"{WORKSPACE_LABEL}={workspace}") as on_b,
         serving(api, policy_a, "ha-a", env=topology.env) as host_a,
         serving(
             api, policy_b, "ha-b", env={**topology.env, "DOCKER_HOST": second_engine.host}
@@ -232,8 +233,8 @@ def test_a_full_host_leaves_runs_to_the_other_host(
     deployment = deploy_to(pool, "sleeper")
     engine_b = second_engine.client()
     with (
-        container_creations(docker_client, workspace) as on_a,
-        container_creations(engine_b, workspace) as on_b,
+        container_creations(docker_client, f"{WORKSPACE_LABEL}={workspace}") as on_a,
+        container_creations(engine_b, f"{WORKSPACE_LABEL}={workspace}") as on_b,
         serving(api, policy, "full-a") as host_a,
         serving(api, policy, "full-b", env={"DOCKER_HOST": second_engine.host}) as host_b,
     ):
