@@ -93,6 +93,11 @@ class Results:
     gateway_in_worker: bool = True
     #: py-spy over the throughput phase: worker -> {"samples": n, "top": [[frame, n]...]}
     profile: dict[str, dict[str, object]] = field(default_factory=dict)
+    #: Opens of the isolated runs' CA file (`NO_TLS_CA`) during each trivial run: the TLS
+    #: contexts its Prefect clients made (benchmarks/tls_contexts.py).
+    tls_contexts_per_run: list[int] = field(default_factory=list)
+    #: CPU milliseconds of one TLS context: {"bundle": ..., "one_certificate": ...}.
+    tls_context_ms: dict[str, float] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     #: Before (c): the throughput phase loads the machine itself, by design.
@@ -503,6 +508,17 @@ def add_throughput(total: dict[str, float] | None, part: dict[str, float]) -> di
     }
 
 
+def image_certifi_bundle(image: str) -> str:
+    """Where Prefect's default CA file (certifi's bundle) is in `image`."""
+    return subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "--entrypoint", "python", image]
+        + ["-c", "import certifi; print(certifi.where())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
 def floor_sample(image: str) -> float:
     start_time = time.perf_counter()
     subprocess.run(
@@ -698,6 +714,12 @@ def summarize(results: Results) -> dict[str, object]:
             "<=",
             0.5,
         ),
+        # The run's TLS contexts from one certificate, against Prefect's default bundle.
+        "g_one_certificate_over_bundle": (
+            ratio(m.get("managed_noop"), m.get("managed_noop_bundle")),
+            "",
+            None,
+        ),
     }
     verdicts = {}
     for key, (value, op, target) in checks.items():
@@ -832,6 +854,24 @@ def table(results: Results, summary: dict[str, object]) -> str:
         fmt(machine.get("docker"), "s"),
         "f_machine_cpu_managed_over_docker",
     )
+    if m.get("managed_noop_bundle") is not None:
+        row(
+            "(g) trivial run, its TLS contexts from one certificate vs Prefect's default "
+            "bundle (both ManagedWorker)",
+            fmt(m.get("managed_noop")),
+            f"default bundle {fmt(m.get('managed_noop_bundle'))}",
+            "g_one_certificate_over_bundle",
+        )
+    opens, cost = results.tls_contexts_per_run, results.tls_context_ms
+    if opens and cost:
+        contexts = statistics.median(opens)
+        saved = contexts * (cost["bundle"] - cost["one_certificate"])
+        lines.append(
+            f"\nTLS contexts a trivial run made (opens of its CA file, median of {len(opens)}): "
+            f"{contexts:g}; CPU per context {cost['one_certificate']:.2f} ms from one "
+            f"certificate, {cost['bundle']:.2f} ms from Prefect's default bundle: "
+            f"{saved:.0f} ms of CPU a run saved."
+        )
     return "\n".join(lines)
 
 
@@ -1090,9 +1130,13 @@ def main(argv: list[str] | None = None) -> int:
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect_docker.worker import DockerWorker
 
+        from benchmarks.tls_contexts import FileOpens, context_cost
         from prefect_managed import ManagedWorker
         from prefect_managed.configuration import api_label_value
         from prefect_managed.dependencies import cache_volume_name
+        from prefect_managed.gateway.port import run_gateway_port
+        from prefect_managed.gateway.tunnel import NO_TLS_CA, tunnel_directory
+        from prefect_managed.policy import load_policy
 
         with get_client(sync_client=True) as client:
             for name, worker_cls in (
@@ -1192,6 +1236,14 @@ def main(argv: list[str] | None = None) -> int:
                 "noop", "managed-noop-stock", "bench-managed", {"env": docker_vars["env"]}
             ),
             "docker_noop": deploy("noop", "docker-noop", "bench-docker", docker_vars),
+            # Prefect's default CA file (certifi's bundle in the image), as before the run's
+            # TLS contexts were made from one certificate.
+            "managed_noop_bundle": deploy(
+                "noop",
+                "managed-noop-bundle",
+                "bench-managed",
+                {"env": {"PREFECT_API_SSL_CERT_FILE": image_certifi_bundle(image)}},
+            ),
             "managed_pandas": deploy(
                 "uses_pandas", "managed-pandas", "bench-managed", {"pip_packages": [PANDAS]}
             ),
@@ -1233,10 +1285,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  floor median {median([s.seconds for s in results.samples['floor']]):.2f} s")
 
         print(f"(a) trivial flow, {runs} runs each, interleaved", flush=True)
+        ca_file = tunnel_directory(run_gateway_port(load_policy(policy).runtime)) / NO_TLS_CA
         for _ in range(runs):
-            sample("managed_noop", "managed_noop")
+            with FileOpens(ca_file) as opens:
+                sample("managed_noop", "managed_noop")
+            results.tls_contexts_per_run.append(opens.count)
             sample("docker_noop", "docker_noop")
             sample("managed_noop_stock", "managed_noop_stock")
+            sample("managed_noop_bundle", "managed_noop_bundle")
+        results.tls_context_ms = context_cost(image, 100)
 
         print(f"(b) {PANDAS}: {cold_runs} cold, {runs} warm, {runs} DockerWorker", flush=True)
         for _ in range(cold_runs):

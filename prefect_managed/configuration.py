@@ -62,6 +62,8 @@ RUN_ENV_FROM_WORKER = (
     "PREFECT_API_REQUEST_TIMEOUT",
     "PREFECT_API_ENABLE_HTTP2",
 )
+#: The CA file of the run's Prefect client.
+API_CA_FILE = "PREFECT_API_SSL_CERT_FILE"
 RUN_ENV_FROM_WORKER_PREFIXES = ("PREFECT_LOGGING_", "PREFECT_CLIENT_")
 #: Of those, what is a path or file on the worker's host, not the run's.
 RUN_ENV_NOT_FROM_WORKER = ("PREFECT_LOGGING_SETTINGS_PATH",)
@@ -299,6 +301,13 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
                 ledger_key(), flow_run.id, gateway_port, runtime.isolated_destinations()
             )
             self.volumes.append(isolated.volume)
+            if gateway_port and isolated.no_tls_ca is not None:
+                # The run reaches the API over plain HTTP, so its Prefect client's TLS
+                # contexts are never used: made from a one-certificate file instead of the
+                # worker's bundle (a host path besides). A deployment's own file is kept.
+                own = self.env.get(API_CA_FILE)
+                if own is None or own == base.get(API_CA_FILE):
+                    self.env[API_CA_FILE] = isolated.no_tls_ca
         self.registry_credentials = None
         self.image_pull_policy = "IfNotPresent"
         self.auto_remove = False  # the worker removes containers once it has read them
@@ -338,6 +347,8 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
         server on the host's loopback, which answers nothing without the server's credential."""
         self.network_mode = "host"
         self.volumes = [v for v in self.volumes if not v.endswith(f":{ISOLATED_MOUNT}:ro")]
+        if self.env.get(API_CA_FILE, "").startswith(f"{ISOLATED_MOUNT}/"):
+            del self.env[API_CA_FILE]  # not mounted any more
         for key in ("extra_hosts", "sysctls", "entrypoint"):
             (self.container_create_kwargs or {}).pop(key, None)
 

@@ -6,6 +6,8 @@ attempts are made against a real worker and Docker engine in test_limits.py.
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -14,7 +16,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect_managed.configuration import MANAGED_LABEL, ManagedJobConfiguration
 from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable, InvalidPipPackage
 from prefect_managed.gateway.port import run_gateway_port
-from prefect_managed.gateway.tunnel import granted, tunnel_directory
+from prefect_managed.gateway.tunnel import NO_TLS_CA, granted, tunnel_directory
 from prefect_managed.policy import Policy
 from prefect_managed.settings import ledger_key
 
@@ -22,6 +24,7 @@ POLICY = Policy.model_validate(
     {"runtime": {"default_image": "prefect-managed-runtime:3.9.1", "pids_limit": 256}}
 )
 TWO_GIB = 2 * 1024**3
+RUNTIME = Path(__file__).parent.parent / "prefect_managed" / "runtime"
 
 
 def configuration(**values) -> ManagedJobConfiguration:
@@ -258,3 +261,60 @@ def test_which_storage_drivers_can_limit_the_writable_layer():
     assert disk_limit_unsupported("btrfs", []) is None
     why = disk_limit_unsupported("overlay2", [["Backing Filesystem", "extfs"]])
     assert why is not None and "'overlay2' on a 'extfs' file system" in why
+
+
+@pytest.fixture
+def tunnel_holding_the_ca(tmp_path, monkeypatch):
+    """The tunnel's directory as a gateway's holder leaves it: with the CA file."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    directory = tunnel_directory(run_gateway_port(POLICY.runtime))
+    directory.mkdir()
+    (directory / NO_TLS_CA).write_bytes((RUNTIME / NO_TLS_CA).read_bytes())
+    return directory
+
+
+def test_an_isolated_runs_prefect_client_loads_one_certificate_not_the_workers_bundle(
+    tunnel_holding_the_ca,
+):
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_SSL_CERT_FILE: "/etc/worker/ca.pem"}):
+        config = configuration()
+        config.env = config._base_environment()
+        apply(config)
+    assert config.env["PREFECT_API_SSL_CERT_FILE"] == f"/run/prefect-managed/{NO_TLS_CA}"
+    assert config.env["PREFECT_API_URL"].startswith("http://127.0.0.1:")
+    # One certificate, whose key was never kept: a TLS context from it trusts no server.
+    context = ssl.create_default_context(cafile=str(tunnel_holding_the_ca / NO_TLS_CA))
+    assert len(context.get_ca_certs()) == 1
+
+    # Off the isolated network (an image without python3), the mount and the file go.
+    config.leave_isolation()
+    assert "PREFECT_API_SSL_CERT_FILE" not in config.env
+
+
+def test_a_deployments_own_ca_file_is_kept(tunnel_holding_the_ca):
+    config = configuration(env={"PREFECT_API_SSL_CERT_FILE": "/etc/ssl/certs/mine.pem"})
+    apply(config)
+    assert config.env["PREFECT_API_SSL_CERT_FILE"] == "/etc/ssl/certs/mine.pem"
+
+
+def test_no_ca_file_is_named_that_the_tunnels_directory_does_not_hold(tmp_path, monkeypatch):
+    # A gateway holder of an earlier version copied no CA file: Prefect's default stays.
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    config = configuration()
+    apply(config)
+    assert "PREFECT_API_SSL_CERT_FILE" not in config.env
+
+
+def test_a_run_on_the_hosts_network_keeps_prefects_default(tunnel_holding_the_ca):
+    policy = Policy.model_validate(
+        {"runtime": {"default_image": "prefect-managed-runtime:3.9.1", "network_mode": "host"}}
+    )
+    config = configuration()
+    config.apply_policy(policy, FlowRun(id=uuid4(), flow_id=uuid4(), name="host"))
+    assert "PREFECT_API_SSL_CERT_FILE" not in config.env

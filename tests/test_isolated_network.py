@@ -148,6 +148,10 @@ def test_an_isolated_run_reaches_what_it_was_given_and_nothing_else(
     # the git server through it) and the API (through the gateway: the logs read here).
     assert results["package"] == PROBE_MESSAGE
     assert results["had_grant"], results
+    # Its Prefect client, which reached the gateway over plain HTTP, made its TLS
+    # contexts from one certificate (a run's start saves a dozen loads of a full bundle).
+    assert results["api_ca_file"] == "/run/prefect-managed/no-tls-ca.pem", results
+    assert results["api_ca_certificates"] == 1, results
     # Nothing else: not the server, not another service of the host, directly or through
     # the tunnel, with its own grant or a forged one.
     assert results["server_direct"].startswith("nothing"), results

@@ -6,6 +6,7 @@ import base64
 import json
 import os
 import socket
+import ssl
 
 from prefect import flow, task
 
@@ -63,6 +64,10 @@ def isolated_probe(server_port: int, canary_port: int) -> dict:
         "canary_with_own_grant": _through_tunnel(grant, canary_port),
         "server_with_forged_grant": _through_tunnel(forged, server_port),
         "had_grant": bool(grant),
+        "api_ca_file": os.environ.get("PREFECT_API_SSL_CERT_FILE"),
     }
+    if results["api_ca_file"]:
+        context = ssl.create_default_context(cafile=results["api_ca_file"])
+        results["api_ca_certificates"] = len(context.get_ca_certs())
     print("isolated results: " + json.dumps(results, sort_keys=True))
     return results
