@@ -35,6 +35,8 @@ _IN_OPEN = 0x20
 #: Watched too: inotify merges an event into an identical one not yet read, and an open's
 #: close between two opens keeps them apart.
 _IN_CLOSE_NOWRITE = 0x10
+_IN_Q_OVERFLOW = 0x4000  # events were lost
+_IN_IGNORED = 0x8000  # the watch is gone (the file was replaced or removed)
 _EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then the name)
 
 #: Run in the container: CPU milliseconds of one context from each file (process time).
@@ -79,7 +81,9 @@ def context_cost(image: str, samples: int) -> dict[str, float]:
 
 
 class FileOpens:
-    """Counts the opens of one file (by any process, in any container) while in the block."""
+    """Counts the opens of one file (by any process, in any container) while in the block:
+    a lower bound, as two opens at the same moment are one event. Raises when events were
+    lost or the file was replaced meanwhile (its new inode is not watched)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -109,6 +113,8 @@ class FileOpens:
                 offset = 0
                 while offset < len(data):
                     _, mask, _, length = _EVENT.unpack_from(data, offset)
+                    if mask & (_IN_Q_OVERFLOW | _IN_IGNORED):
+                        raise RuntimeError(f"the opens of {self.path} were not all seen")
                     if mask & _IN_OPEN:
                         self.count += 1
                     offset += _EVENT.size + length

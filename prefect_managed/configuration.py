@@ -305,8 +305,11 @@ class ManagedJobConfiguration(DockerWorkerJobConfiguration):
                 # The run reaches the API over plain HTTP, so its Prefect client's TLS
                 # contexts are never used: made from a one-certificate file instead of the
                 # worker's bundle (a host path besides). A deployment's own file is kept.
-                own = self.env.get(API_CA_FILE)
-                if own is None or own == base.get(API_CA_FILE):
+                # (Prefect reads its settings from the environment in any case.)
+                own = [k for k in self.env if k.upper() == API_CA_FILE]
+                if all(self.env[k] == base.get(k) for k in own):
+                    for key in own:
+                        del self.env[key]
                     self.env[API_CA_FILE] = isolated.no_tls_ca
         self.registry_credentials = None
         self.image_pull_policy = "IfNotPresent"

@@ -82,8 +82,12 @@ def container_creations(docker_client, label: str):
     creation and find nothing.
     """
     created: list[dict] = []
+    # From a second back: the engine answers before it subscribes the stream, and its
+    # buffer covers that gap.
     events = docker_client.api.events(
-        filters={"type": "container", "event": "create", "label": label}, decode=True
+        since=int(time.time()) - 1,
+        filters={"type": "container", "event": "create", "label": label},
+        decode=True,
     )
 
     def read() -> None:
@@ -97,8 +101,10 @@ def container_creations(docker_client, label: str):
     reader.start()
     try:
         yield created
-    finally:
         time.sleep(1)  # let the last events arrive
+        # A stream that broke ends like an empty one: never a silent "nothing created".
+        assert reader.is_alive(), "Docker's event stream ended before the test did"
+    finally:
         events.close()
         reader.join(10)
 

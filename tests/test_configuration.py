@@ -286,19 +286,26 @@ def test_an_isolated_runs_prefect_client_loads_one_certificate_not_the_workers_b
         apply(config)
     assert config.env["PREFECT_API_SSL_CERT_FILE"] == f"/run/prefect-managed/{NO_TLS_CA}"
     assert config.env["PREFECT_API_URL"].startswith("http://127.0.0.1:")
-    # One certificate, whose key was never kept: a TLS context from it trusts no server.
+    # One certificate, not a CA's, whose key was never kept: a TLS context from it trusts
+    # no server.
     context = ssl.create_default_context(cafile=str(tunnel_holding_the_ca / NO_TLS_CA))
-    assert len(context.get_ca_certs()) == 1
+    assert context.cert_store_stats() == {"x509": 1, "crl": 0, "x509_ca": 0}
 
     # Off the isolated network (an image without python3), the mount and the file go.
     config.leave_isolation()
     assert "PREFECT_API_SSL_CERT_FILE" not in config.env
 
 
-def test_a_deployments_own_ca_file_is_kept(tunnel_holding_the_ca):
-    config = configuration(env={"PREFECT_API_SSL_CERT_FILE": "/etc/ssl/certs/mine.pem"})
+@pytest.mark.parametrize("key", ["PREFECT_API_SSL_CERT_FILE", "prefect_api_ssl_cert_file"])
+@pytest.mark.parametrize("value", ["/etc/ssl/certs/mine.pem", ""])
+def test_a_deployments_own_ca_file_is_kept(tunnel_holding_the_ca, key, value):
+    # "" is Prefect's default (certifi's bundle): a flow that opens a client to an https
+    # API of its own asks for it so.
+    config = configuration(env={key: value})
     apply(config)
-    assert config.env["PREFECT_API_SSL_CERT_FILE"] == "/etc/ssl/certs/mine.pem"
+    assert [(k, v) for k, v in config.env.items() if k.upper() == "PREFECT_API_SSL_CERT_FILE"] == [
+        (key, value)
+    ]
 
 
 def test_no_ca_file_is_named_that_the_tunnels_directory_does_not_hold(tmp_path, monkeypatch):

@@ -64,11 +64,13 @@ def test_git_deployment_installs_pip_packages_and_completes(deploy_on, docker_cl
     deployment_id = deploy_on(
         "probe", "probe-with-packages", {"pip_packages": [f"managed-probe=={PROBE_VERSION}"]}
     )
-    flow_run_id = start_run(deployment_id)
-
-    run = wait_for_final_state(flow_run_id)
+    # The filter the "no container" checks below use, seen to match a run's container.
+    with container_creations(docker_client, f"io.prefect.deployment-id={deployment_id}") as made:
+        flow_run_id = start_run(deployment_id)
+        run = wait_for_final_state(flow_run_id)
 
     assert run.state.is_completed(), run.state
+    assert [labels["io.prefect.flow-run-id"] for labels in made] == [str(flow_run_id)]
     wait_for_log(flow_run_id, f"probe says: {PROBE_MESSAGE}")
     wait_for(lambda: not run_containers(docker_client, flow_run_id), 30, "the container removed")
 

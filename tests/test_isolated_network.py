@@ -151,7 +151,7 @@ def test_an_isolated_run_reaches_what_it_was_given_and_nothing_else(
     # Its Prefect client, which reached the gateway over plain HTTP, made its TLS
     # contexts from one certificate (a run's start saves a dozen loads of a full bundle).
     assert results["api_ca_file"] == "/run/prefect-managed/no-tls-ca.pem", results
-    assert results["api_ca_certificates"] == 1, results
+    assert results["api_ca_store"] == {"x509": 1, "crl": 0, "x509_ca": 0}, results
     # Nothing else: not the server, not another service of the host, directly or through
     # the tunnel, with its own grant or a forged one.
     assert results["server_direct"].startswith("nothing"), results

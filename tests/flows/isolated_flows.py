@@ -68,6 +68,6 @@ def isolated_probe(server_port: int, canary_port: int) -> dict:
     }
     if results["api_ca_file"]:
         context = ssl.create_default_context(cafile=results["api_ca_file"])
-        results["api_ca_certificates"] = len(context.get_ca_certs())
+        results["api_ca_store"] = context.cert_store_stats()
     print("isolated results: " + json.dumps(results, sort_keys=True))
     return results
