@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from datetime import datetime
 
 import pytest
 from conftest import AUTH, OUTPUT
@@ -330,7 +331,15 @@ def test_a_lost_host_s_run_ends_crashed_with_one_record_and_its_return_counts_it
     assert next_run.state.is_completed(), next_run.state
     assert "Waiting for a concurrency slot" not in str(next_run.state.message)
     container_record = next(r for r in records_after_return if r["outcome"] != "lost")
-    assert container_record["wall_seconds"] >= records[0]["wall_seconds"], records_after_return
+    # The lost record spans the run's last Pending state to host-b's last heartbeat: it
+    # began before the container started and ended before the container did (its wall
+    # time may still be the longer one, by the container's start).
+    span = {
+        key: {edge: datetime.fromisoformat(str(r[edge])) for edge in ("started_at", "finished_at")}
+        for key, r in (("lost", records[0]), ("container", container_record))
+    }
+    assert span["lost"]["started_at"] <= span["container"]["started_at"], records_after_return
+    assert span["lost"]["finished_at"] <= span["container"]["finished_at"], records_after_return
     assert usage["runs"] == 2  # the lost run once, and the next run
     assert usage["billable_minutes"] == (
         container_record["billable_minutes"] + usage_records(after)[0]["billable_minutes"]
