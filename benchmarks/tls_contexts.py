@@ -27,9 +27,9 @@ import struct
 import subprocess
 from pathlib import Path
 
-from prefect_managed.gateway.tunnel import NO_TLS_CA
+from prefect_managed.gateway.tunnel import NO_TLS_CA_SOURCE
 
-CA_FILE = Path(__file__).resolve().parent.parent / "prefect_managed" / "runtime" / NO_TLS_CA
+CA_FILE = NO_TLS_CA_SOURCE
 
 _IN_OPEN = 0x20
 #: Watched too: inotify merges an event into an identical one not yet read, and an open's

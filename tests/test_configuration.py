@@ -7,7 +7,6 @@ attempts are made against a real worker and Docker engine in test_limits.py.
 from __future__ import annotations
 
 import ssl
-from pathlib import Path
 from uuid import uuid4
 
 import pytest
@@ -16,7 +15,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect_managed.configuration import MANAGED_LABEL, ManagedJobConfiguration
 from prefect_managed.exceptions import ImageNotAllowed, InvalidJobVariable, InvalidPipPackage
 from prefect_managed.gateway.port import run_gateway_port
-from prefect_managed.gateway.tunnel import NO_TLS_CA, granted, tunnel_directory
+from prefect_managed.gateway.tunnel import NO_TLS_CA, NO_TLS_CA_SOURCE, granted, tunnel_directory
 from prefect_managed.policy import Policy
 from prefect_managed.settings import ledger_key
 
@@ -24,7 +23,6 @@ POLICY = Policy.model_validate(
     {"runtime": {"default_image": "prefect-managed-runtime:3.9.1", "pids_limit": 256}}
 )
 TWO_GIB = 2 * 1024**3
-RUNTIME = Path(__file__).parent.parent / "prefect_managed" / "runtime"
 
 
 def configuration(**values) -> ManagedJobConfiguration:
@@ -271,7 +269,7 @@ def tunnel_holding_the_ca(tmp_path, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     directory = tunnel_directory(run_gateway_port(POLICY.runtime))
     directory.mkdir()
-    (directory / NO_TLS_CA).write_bytes((RUNTIME / NO_TLS_CA).read_bytes())
+    (directory / NO_TLS_CA).write_bytes(NO_TLS_CA_SOURCE.read_bytes())
     return directory
 
 

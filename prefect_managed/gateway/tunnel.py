@@ -48,6 +48,8 @@ from prefect.logging import get_logger
 
 __all__ = [
     "ISOLATED_MOUNT",
+    "NO_TLS_CA",
+    "NO_TLS_CA_SOURCE",
     "Destination",
     "Isolation",
     "TunnelServer",
@@ -72,6 +74,8 @@ NO_TLS_CA = "no-tls-ca.pem"
 #: The in-container files, copied next to the socket by the server's holder.
 _SCRIPTS = ("isolate.sh", "forward.py", NO_TLS_CA)
 _RUNTIME = Path(__file__).parent.parent / "runtime"
+#: The certificate as the package ships it (copied into the tunnel's directory).
+NO_TLS_CA_SOURCE = _RUNTIME / NO_TLS_CA
 GRANT_PREFIX = "pmt1"
 _GRANT_CONTEXT = b"prefect-managed tunnel grant\0"
 #: Named destinations get container addresses from here (never 127.0.0.1).
