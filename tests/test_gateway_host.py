@@ -110,3 +110,109 @@ def test_the_worker_stops_only_the_runs_own_managed_container(
     finally:
         for container in containers.values():
             container.remove(force=True)
+
+
+class _DyingApi(BaseHTTPRequestHandler):
+    """An API process killed mid-handshake, as a proxy in front of it passes it on: reads
+    of a flow run are answered (the run is Running), a websocket handshake gets the
+    connection closed before any answer."""
+
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        if self.headers.get("Upgrade", "").lower() == "websocket":
+            self.close_connection = True
+            return
+        body = json.dumps({"id": self.path.rsplit("/", 1)[-1], "state": {"type": "RUNNING"}})
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body.encode())
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def dying_api_gateway():
+    """A gateway in front of `_DyingApi`: its port."""
+    api = ThreadingHTTPServer(("127.0.0.1", free_port()), _DyingApi)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    port = free_port()
+    gateway = RunGateway(
+        port, Gateway(f"http://127.0.0.1:{api.server_port}/api", {}, None, KEY, "api-label")
+    )
+    assert gateway.ensure() == "bound"
+    try:
+        yield port
+    finally:
+        gateway.stop()
+        api.shutdown()
+        api.server_close()
+
+
+@pytest.mark.parametrize("path", ["/api/events/out", "/api/events/in"])
+def test_a_websocket_whose_api_dies_mid_handshake_is_closed_as_gone_away(
+    dying_api_gateway, path, caplog
+):
+    """The API process behind the gateway is killed while the gateway opens the run's
+    websocket upstream (the connection closes before the handshake's answer): the run's
+    websocket is closed as gone away (1001) with the reason, as when the API refuses
+    the connection, and not left to the ASGI server as an unhandled error."""
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect
+
+    from prefect_managed.gateway.tokens import run_token
+
+    token = run_token(KEY, uuid4(), 600)
+    url = f"ws://127.0.0.1:{dying_api_gateway}{path}"
+    with connect(url, subprotocols=["prefect"]) as websocket:
+        websocket.send(json.dumps({"type": "auth", "token": token}))
+        with pytest.raises(ConnectionClosed) as closed:
+            websocket.recv(timeout=30)
+    assert closed.value.rcvd is not None
+    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
+        1001,
+        "the Prefect API did not answer",
+    )
+    assert "Exception in ASGI application" not in caplog.text
+
+
+def test_a_runner_whose_events_websocket_cannot_reach_the_api_starts_anyway(
+    dying_api_gateway,
+):
+    """What the close means to Prefect: its events client connects again (the failure is
+    one it retries) and, when the API stays away, the runner's event emitter goes on
+    without events, as it does when it cannot reach the API itself. With an error close
+    during the auth handshake, Prefect gives up at once and the runner exits before the
+    flow starts ("An exception occurred.")."""
+    from prefect.events.clients import RETRYABLE_EXCEPTIONS, PrefectEventsClient
+    from prefect.runner._event_emitter import EventEmitter
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    from prefect_managed.gateway.tokens import run_token
+
+    token = run_token(KEY, uuid4(), 600)
+    api_url = f"http://127.0.0.1:{dying_api_gateway}/api"
+
+    def events_client() -> PrefectEventsClient:  # as the run's container has it
+        return PrefectEventsClient(api_url=api_url, reconnection_attempts=1)
+
+    async def connect() -> BaseException | None:
+        try:
+            async with events_client():
+                return None
+        except Exception as exc:
+            return exc
+
+    async def start_emitter() -> None:
+        async with EventEmitter(
+            runner_name="gateway-test", client=None, get_events_client=events_client
+        ):
+            pass
+
+    with temporary_settings(updates={PREFECT_API_AUTH_STRING: token}):
+        failure = anyio.run(connect)
+        assert isinstance(failure, RETRYABLE_EXCEPTIONS), repr(failure)
+        anyio.run(start_emitter)  # raises on a failure Prefect does not retry

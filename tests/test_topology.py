@@ -17,6 +17,7 @@ from engines import start_engine
 from helpers import (
     container_creations,
     create_pool,
+    flow_run_logs,
     run_containers,
     session_workspace,
     usage_records,
@@ -162,6 +163,15 @@ def test_the_cap_holds_across_hosts_and_api_processes_and_one_api_process_killed
                     break  # (never killed: the assertions below say so)
                 time.sleep(0.2)
             states = [client.read_flow_run(run).state for run in runs]
+            # a run that did not complete, or had more than one container: what it and its
+            # containers said, for the message
+            created = Counter(labels["io.prefect.flow-run-id"] for labels in [*on_a, *on_b])
+            unfinished = "\n".join(
+                f"flow run {run} ({state.name}, {created[str(run)]} containers):\n  "
+                + "\n  ".join(flow_run_logs(run)[-60:])
+                for run, state in zip(runs, states, strict=True)
+                if not state.is_completed() or created[str(run)] != 1
+            )
         records = {
             run: wait_for(lambda run=run: usage_records(run), 180, "a record") for run in runs
         }
@@ -193,11 +203,11 @@ def test_the_cap_holds_across_hosts_and_api_processes_and_one_api_process_killed
         port: topology.proxy.connections[port] - before.get(port, 0) for port in topology.api_ports
     }
 
-    assert [state.type.value for state in states] == ["COMPLETED"] * RUNS, states
+    assert [state.type.value for state in states] == ["COMPLETED"] * RUNS, unfinished
     assert killed_at is not None and restarted, (len(on_a), len(on_b), told)
     assert most == CAP, (most, len(on_a), len(on_b), told)
     per_run = Counter(labels["io.prefect.flow-run-id"] for labels in [*on_a, *on_b])
-    assert per_run == Counter({str(run): 1 for run in runs}), per_run
+    assert per_run == Counter({str(run): 1 for run in runs}), unfinished
     assert on_a and on_b, (len(on_a), len(on_b))  # both hosts ran runs
     assert all(len(found) == 1 for found in records.values()), records
     assert all(count > 0 for count in through.values()), through  # both API processes served

@@ -630,6 +630,7 @@ class Gateway:
         scheme = "wss" if self.api_url.startswith("https") else "ws"
         url = scheme + self.api_url.removeprefix("https").removeprefix("http") + path
         from prefect._internal.websockets import websocket_connect
+        from websockets.exceptions import WebSocketException
         from websockets.typing import Subprotocol
 
         try:
@@ -645,9 +646,15 @@ class Gateway:
                     return
                 await websocket.send_json({"type": "auth_success"})
                 await self._relay(websocket, upstream, run, events_in=path == "/events/in")
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
+            # Refused, or closed mid-handshake (an API process killed behind a proxy).
             logger.warning("The Prefect API's websocket %s did not answer: %s", url, exc)
-            await self._close(websocket, 1011, "the Prefect API did not answer")
+            # 1001 (going away), not an error code: the run's client is waiting for the
+            # answer to its auth message, and Prefect's events clients take an error
+            # close there for a refused credential and give up (a runner then exits
+            # before its flow starts), but connect again after one that went away, as
+            # they do when the API itself cannot be reached.
+            await self._close(websocket, 1001, "the Prefect API did not answer")
 
     async def _relay(self, websocket: WebSocket, upstream: Any, run: UUID, events_in: bool) -> None:
         from websockets.exceptions import ConnectionClosed
