@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -98,6 +99,9 @@ class Results:
     tls_contexts_per_run: list[int] = field(default_factory=list)
     #: CPU milliseconds of one TLS context: {"bundle": ..., "one_certificate": ...}.
     tls_context_ms: dict[str, float] = field(default_factory=dict)
+    #: CPU seconds of a trivial run's container, by process (benchmarks/container_cpu.py):
+    #: deployment key -> medians over its (a) samples of {"total": s, role: s, ...}.
+    container_cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     load_before: tuple[float, float, float] = (0.0, 0.0, 0.0)
     load_after: tuple[float, float, float] = (0.0, 0.0, 0.0)
     #: Before (c): the throughput phase loads the machine itself, by design.
@@ -872,7 +876,32 @@ def table(results: Results, summary: dict[str, object]) -> str:
             f"certificate, {cost['bundle']:.2f} ms from Prefect's default bundle: "
             f"{saved:.0f} ms of CPU a run saved."
         )
+    lines.append(_container_cpu(results))
     return "\n".join(lines)
+
+
+def _container_cpu(results: Results) -> str:
+    """A trivial run's container CPU by process, side by side (medians over (a))."""
+    found = results.container_cpu
+    if not found:
+        return ""
+    columns = [
+        ("managed_noop", "pre-fork executor"),
+        ("managed_noop_stock", "Prefect's executor (ours)"),
+        ("docker_noop", "DockerWorker"),
+    ]
+    columns = [(key, name) for key, name in columns if key in found]
+    roles = sorted({role for key, _ in columns for role in found[key]} - {"total", "unseen"})
+    out = [
+        "\n(h) a trivial run's container CPU by process (s, medians; "
+        "benchmarks/container_cpu.py)\n",
+        "| process | " + " | ".join(name for _, name in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for role in [*roles, "unseen", "total"]:
+        cells = [f"{found[key].get(role, 0.0):.2f}" for key, _ in columns]
+        out.append(f"| {role} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
 
 
 def _worker_cpu(results: Results) -> str:
@@ -1125,11 +1154,13 @@ def main(argv: list[str] | None = None) -> int:
         services.append(index.service)
         repo = publish_flows(git)
 
+        import docker
         from prefect import flow
         from prefect.client.orchestration import get_client
         from prefect.client.schemas.actions import WorkPoolCreate
         from prefect_docker.worker import DockerWorker
 
+        from benchmarks.container_cpu import ContainerCpu, medians
         from benchmarks.tls_contexts import FileOpens, context_cost
         from prefect_managed import ManagedWorker
         from prefect_managed.configuration import api_label_value
@@ -1286,13 +1317,25 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"(a) trivial flow, {runs} runs each, interleaved", flush=True)
         ca_file = tunnel_directory(run_gateway_port(load_policy(policy).runtime)) / NO_TLS_CA
-        for _ in range(runs):
-            with FileOpens(ca_file) as opens:
-                sample("managed_noop", "managed_noop")
-            results.tls_contexts_per_run.append(opens.count)
-            sample("docker_noop", "docker_noop")
-            sample("managed_noop_stock", "managed_noop_stock")
-            sample("managed_noop_bundle", "managed_noop_bundle")
+        followed = ("managed_noop", "docker_noop", "managed_noop_stock")
+        docker_client = docker.from_env()
+        watches = {
+            key: ContainerCpu(docker_client, f"io.prefect.deployment-id={d[key]}")
+            for key in followed
+        }
+        with ExitStack() as following:
+            for watch in watches.values():
+                following.enter_context(watch)
+            for _ in range(runs):
+                with FileOpens(ca_file) as opens:
+                    sample("managed_noop", "managed_noop")
+                results.tls_contexts_per_run.append(opens.count)
+                sample("docker_noop", "docker_noop")
+                sample("managed_noop_stock", "managed_noop_stock")
+                sample("managed_noop_bundle", "managed_noop_bundle")
+        results.container_cpu = {
+            key: medians(watch.found) for key, watch in watches.items() if watch.found
+        }
         results.tls_context_ms = context_cost(image, 100)
 
         print(f"(b) {PANDAS}: {cold_runs} cold, {runs} warm, {runs} DockerWorker", flush=True)

@@ -1,0 +1,181 @@
+"""Where a run's container spends its CPU, read from the host while it runs.
+
+`ContainerCpu` follows Docker's start events for containers with a given label and, for
+each, reads every 10 ms its cgroup's CPU counter and the CPU of each of its processes
+(`/proc/<pid>/stat`, all threads of the process), until the cgroup is gone. A process
+that lives less than a read's interval may be missed; what the processes seen do not
+account for is reported as `unseen`. Processes are named by what they are in a run:
+
+- the pre-fork executor's processes by their depth in its tree (they share one command
+  line): `runner` (imports Prefect, runs Prefect's runner), `zygote`, `supervisor+engine`
+  (forked by the zygote; runs the engine in-process), `pull steps` (forked by the
+  supervisor);
+- Prefect's own executor's by their command: `runner` (`prefect flow-run execute`),
+  `supervisor+engine` (the workspace supervisor, which `exec`s the engine);
+- `stub` (the pre-fork executor's stand-in for the supervisor), `git`, `tunnel`
+  (`forward.py`), `entrypoint` (the image's shell scripts) and `other`.
+
+Used by `python -m benchmarks` around each trivial run.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+_TICK = os.sysconf("SC_CLK_TCK")
+_CGROUP_CANDIDATES = (
+    "/sys/fs/cgroup/cpuacct/docker/{id}",  # cgroup v1, cgroupfs driver
+    "/sys/fs/cgroup/cpu,cpuacct/docker/{id}",
+    "/sys/fs/cgroup/docker/{id}",  # cgroup v2, cgroupfs driver
+    "/sys/fs/cgroup/system.slice/docker-{id}.scope",  # cgroup v2, systemd driver
+)
+
+
+def _cgroup_dir(container_id: str) -> Path | None:
+    for candidate in _CGROUP_CANDIDATES:
+        path = Path(candidate.format(id=container_id))
+        if path.is_dir():
+            return path
+    return None
+
+
+def _cgroup_cpu_seconds(path: Path) -> float | None:
+    try:
+        if (path / "cpuacct.usage").exists():
+            return int((path / "cpuacct.usage").read_text()) / 1e9
+        for line in (path / "cpu.stat").read_text().splitlines():
+            if line.startswith("usage_usec "):
+                return int(line.split()[1]) / 1e6
+    except (OSError, ValueError):
+        return None
+    return None
+
+
+def _process(pid: int) -> tuple[int, float, str] | None:
+    """(parent pid, CPU seconds of all its threads, command line) of a live process."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK, cmdline.strip()
+
+
+def _roles(processes: dict[int, tuple[int, float, str]]) -> dict[str, float]:
+    """CPU seconds by role (see the module's docstring)."""
+    depth: dict[int, int] = {}
+
+    def prefork_depth(pid: int) -> int:
+        if pid not in depth:
+            parent = processes[pid][0]
+            in_tree = parent in processes and "prefork.py" in processes[parent][2]
+            depth[pid] = prefork_depth(parent) + 1 if in_tree else 0
+        return depth[pid]
+
+    names = {0: "runner", 1: "zygote", 2: "supervisor+engine"}
+    roles: dict[str, float] = defaultdict(float)
+    for pid, (_, cpu, cmdline) in processes.items():
+        if "prefork.py" in cmdline:
+            role = names.get(prefork_depth(pid), "pull steps")
+        elif "flow-run execute" in cmdline:
+            role = "runner"
+        elif "_workspace_supervisor" in cmdline or "prefect.engine" in cmdline:
+            role = "supervisor+engine"
+        elif " -I -S " in f" {cmdline} ":
+            role = "stub"
+        elif cmdline.startswith("git") or "/git" in cmdline.split(" ")[0]:
+            role = "git"
+        elif "forward.py" in cmdline:
+            role = "tunnel"
+        elif cmdline.split(" ")[0].endswith("sh") or ".sh" in cmdline:
+            role = "entrypoint"
+        else:
+            role = "other"
+        roles[role] += cpu
+    return dict(roles)
+
+
+class ContainerCpu:
+    """Follows the containers started with `label` (a `key=value` filter) while in its
+    `with` block; `.found` holds, per container, `{"total": s, "unseen": s, role: s}`."""
+
+    def __init__(self, docker_client: Any, label: str, interval: float = 0.01) -> None:
+        self._docker = docker_client
+        self._label = label
+        self._interval = interval
+        self.found: list[dict[str, float]] = []
+        self._threads: list[threading.Thread] = []
+        self._events: Any = None
+
+    def __enter__(self) -> ContainerCpu:
+        since = time.time() - 1  # the engine answers before it subscribes
+        self._events = self._docker.events(
+            decode=True,
+            since=since,
+            filters={"type": "container", "event": "start", "label": self._label},
+        )
+        reader = threading.Thread(target=self._read, daemon=True)
+        reader.start()
+        self._threads.append(reader)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        time.sleep(0.5)  # a start event that is still on its way
+        self._events.close()
+        for thread in list(self._threads):
+            thread.join(30)
+
+    def _read(self) -> None:
+        try:
+            for event in self._events:
+                watcher = threading.Thread(target=self._follow, args=(event["id"],), daemon=True)
+                watcher.start()
+                self._threads.append(watcher)
+        except Exception:  # closed by __exit__
+            return
+
+    def _follow(self, container_id: str) -> None:
+        path = None
+        deadline = time.monotonic() + 5
+        while path is None and time.monotonic() < deadline:
+            path = _cgroup_dir(container_id)
+            if path is None:
+                time.sleep(self._interval)
+        if path is None:
+            return
+        total: float | None = None
+        seen: dict[int, tuple[int, float, str]] = {}
+        while True:
+            now = _cgroup_cpu_seconds(path)
+            if now is None:
+                break  # the cgroup is gone: the container exited
+            total = now
+            try:
+                pids = [int(p) for p in (path / "cgroup.procs").read_text().split()]
+            except (OSError, ValueError):
+                break
+            for pid in pids:
+                process = _process(pid)
+                if process is not None:
+                    if not process[2] and pid in seen:  # exiting: its command line is gone
+                        process = (*process[:2], seen[pid][2])
+                    seen[pid] = process
+            time.sleep(self._interval)
+        if total is None:
+            return
+        roles = _roles(seen)
+        self.found.append(
+            {"total": total, "unseen": max(0.0, total - sum(roles.values())), **roles}
+        )
+
+
+def medians(found: list[dict[str, float]]) -> dict[str, float]:
+    """The median of each figure over containers (a role a container lacks counts 0)."""
+    keys = {key for item in found for key in item}
+    return {key: median(item.get(key, 0.0) for item in found) for key in sorted(keys)}
