@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from uuid import uuid4
 
 import anyio
+import httpx
 import pytest
 from prefect.exceptions import InfrastructureNotFound
 from services import free_port
@@ -112,76 +113,93 @@ def test_the_worker_stops_only_the_runs_own_managed_container(
             container.remove(force=True)
 
 
-class _DyingApi(BaseHTTPRequestHandler):
-    """An API process killed mid-handshake, as a proxy in front of it passes it on: reads
-    of a flow run are answered (the run is Running), a websocket handshake gets the
-    connection closed before any answer."""
+class _FailingApi(BaseHTTPRequestHandler):
+    """An API whose websocket fails the gateway: reads of a flow run are answered (the
+    run is Running; anything else is not found), and a websocket handshake is closed
+    before any answer (`dying`: an API process killed mid-handshake, as a proxy in front
+    of it passes it on) or refused with 401 (`refusing`: the gateway's credential)."""
 
     protocol_version = "HTTP/1.1"
+    websocket = "dying"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         if self.headers.get("Upgrade", "").lower() == "websocket":
+            if self.websocket == "refusing":
+                self._answer(401, {"detail": "Unauthorized"})
             self.close_connection = True
             return
-        body = json.dumps({"id": self.path.rsplit("/", 1)[-1], "state": {"type": "RUNNING"}})
-        self.send_response(200)
+        if self.path.startswith("/api/flow_runs/") and self.websocket == "garbled":
+            self._answer(200, None)  # not JSON: a proxy's error page, say
+        elif self.path.startswith("/api/flow_runs/"):
+            run = self.path.rsplit("/", 1)[-1]
+            self._answer(200, {"id": run, "state": {"type": "RUNNING"}})
+        else:
+            self._answer(404, {"detail": "Not Found"})
+
+    def _answer(self, status: int, body: dict | None) -> None:
+        data = json.dumps(body).encode() if body is not None else b"<html>Bad gateway</html>"
+        self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(body.encode())
+        self.wfile.write(data)
 
     def log_message(self, *args: object) -> None:
         pass
 
 
-@pytest.fixture
-def dying_api_gateway():
-    """A gateway in front of `_DyingApi`: its port."""
-    api = ThreadingHTTPServer(("127.0.0.1", free_port()), _DyingApi)
-    threading.Thread(target=api.serve_forever, daemon=True).start()
+@pytest.fixture(params=["dying", "refused"])
+def api_away_gateway(request):
+    """A gateway whose API does not answer a run's websocket: one that dies in the
+    handshake, or none at all on its port (then the run's status cannot be read either);
+    the gateway's port."""
+    api = None
+    if request.param == "dying":
+        api = ThreadingHTTPServer(("127.0.0.1", 0), _FailingApi)
+        threading.Thread(target=api.serve_forever, daemon=True).start()
+        api_port = api.server_port
+    else:
+        api_port = free_port()  # nothing listens there
     port = free_port()
     gateway = RunGateway(
-        port, Gateway(f"http://127.0.0.1:{api.server_port}/api", {}, None, KEY, "api-label")
+        port, Gateway(f"http://127.0.0.1:{api_port}/api", {}, None, KEY, "api-label")
     )
     assert gateway.ensure() == "bound"
     try:
         yield port
     finally:
         gateway.stop()
-        api.shutdown()
-        api.server_close()
+        if api is not None:
+            api.shutdown()
+            api.server_close()
 
 
-@pytest.mark.parametrize("path", ["/api/events/out", "/api/events/in"])
-def test_a_websocket_whose_api_dies_mid_handshake_is_closed_as_gone_away(
-    dying_api_gateway, path, caplog
-):
-    """The API process behind the gateway is killed while the gateway opens the run's
-    websocket upstream (the connection closes before the handshake's answer): the run's
-    websocket is closed as gone away (1001) with the reason, as when the API refuses
-    the connection, and not left to the ASGI server as an unhandled error."""
+def _websocket_close(port: int, path: str, token: str):
+    """How the gateway closes a run's websocket after its auth message."""
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect
 
-    from prefect_managed.gateway.tokens import run_token
-
-    token = run_token(KEY, uuid4(), 600)
-    url = f"ws://127.0.0.1:{dying_api_gateway}{path}"
-    with connect(url, subprotocols=["prefect"]) as websocket:
+    with connect(f"ws://127.0.0.1:{port}{path}", subprotocols=["prefect"]) as websocket:
         websocket.send(json.dumps({"type": "auth", "token": token}))
         with pytest.raises(ConnectionClosed) as closed:
             websocket.recv(timeout=30)
-    assert closed.value.rcvd is not None
-    assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (
-        1001,
-        "the Prefect API did not answer",
-    )
-    assert "Exception in ASGI application" not in caplog.text
+    return closed.value.rcvd
 
 
-def test_a_runner_whose_events_websocket_cannot_reach_the_api_starts_anyway(
-    dying_api_gateway,
-):
+@pytest.mark.parametrize("path", ["/api/events/out", "/api/events/in"])
+def test_a_websocket_whose_api_does_not_answer_is_closed_as_gone_away(api_away_gateway, path):
+    """The API behind the gateway does not answer (its process killed while the gateway
+    opens the run's websocket upstream, or not there at all): the run's websocket is
+    closed as gone away (1001) with the reason, not as a refused token, and not left
+    to the ASGI server as an unhandled error (which closes it without a close frame)."""
+    from prefect_managed.gateway.tokens import run_token
+
+    received = _websocket_close(api_away_gateway, path, run_token(KEY, uuid4(), 600))
+    assert received is not None
+    assert (received.code, received.reason) == (1001, "the Prefect API did not answer")
+
+
+def test_a_runner_whose_events_websocket_cannot_reach_the_api_starts_anyway(api_away_gateway):
     """What the close means to Prefect: its events client connects again (the failure is
     one it retries) and, when the API stays away, the runner's event emitter goes on
     without events, as it does when it cannot reach the API itself. With an error close
@@ -194,7 +212,7 @@ def test_a_runner_whose_events_websocket_cannot_reach_the_api_starts_anyway(
     from prefect_managed.gateway.tokens import run_token
 
     token = run_token(KEY, uuid4(), 600)
-    api_url = f"http://127.0.0.1:{dying_api_gateway}/api"
+    api_url = f"http://127.0.0.1:{api_away_gateway}/api"
 
     def events_client() -> PrefectEventsClient:  # as the run's container has it
         return PrefectEventsClient(api_url=api_url, reconnection_attempts=1)
@@ -216,3 +234,62 @@ def test_a_runner_whose_events_websocket_cannot_reach_the_api_starts_anyway(
         failure = anyio.run(connect)
         assert isinstance(failure, RETRYABLE_EXCEPTIONS), repr(failure)
         anyio.run(start_emitter)  # raises on a failure Prefect does not retry
+
+
+def test_an_api_that_refuses_the_gateways_credential_on_a_websocket_is_said_so(caplog):
+    """The API refuses the gateway's own credential on the websocket (a 401 to the
+    handshake): not an outage to wait out. The run's websocket is closed with an error
+    and the reason, and the worker's log says what to fix."""
+    from prefect_managed.gateway.tokens import run_token
+
+    handler = type("_RefusingApi", (_FailingApi,), {"websocket": "refusing"})
+    api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    port = free_port()
+    gateway = RunGateway(
+        port, Gateway(f"http://127.0.0.1:{api.server_port}/api", {}, None, KEY, "api-label")
+    )
+    assert gateway.ensure() == "bound"
+    try:
+        with caplog.at_level("ERROR", logger="prefect.managed.gateway"):
+            received = _websocket_close(port, "/api/events/in", run_token(KEY, uuid4(), 600))
+    finally:
+        gateway.stop()
+        api.shutdown()
+        api.server_close()
+    assert received is not None
+    assert (received.code, received.reason) == (
+        1011,
+        "the Prefect API refused the gateway's credential",
+    )
+    assert "refused the gateway's credential: server rejected WebSocket connection: HTTP 401" in (
+        caplog.text
+    )
+
+
+def test_a_run_whose_status_reads_as_no_json_gets_a_502_it_retries():
+    """The run's status read answers 200 with something that is not JSON (a proxy's
+    page): the run's request gets 502, which Prefect's client retries, not a 500."""
+    from prefect_managed.gateway.tokens import run_token
+
+    handler = type("_GarbledApi", (_FailingApi,), {"websocket": "garbled"})
+    api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=api.serve_forever, daemon=True).start()
+    port = free_port()
+    gateway = RunGateway(
+        port, Gateway(f"http://127.0.0.1:{api.server_port}/api", {}, None, KEY, "api-label")
+    )
+    assert gateway.ensure() == "bound"
+    run = uuid4()
+    try:
+        response = httpx.get(
+            f"http://127.0.0.1:{port}/api/flow_runs/{run}",
+            headers={"Authorization": f"Bearer {run_token(KEY, run, 600)}"},
+            timeout=30,
+        )
+    finally:
+        gateway.stop()
+        api.shutdown()
+        api.server_close()
+    assert response.status_code == 502, response.text
+    assert "the Prefect API could not be read" in response.json()["detail"]

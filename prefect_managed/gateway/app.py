@@ -28,6 +28,7 @@ import hmac
 import json
 import time
 from collections import Counter, OrderedDict
+from contextlib import AsyncExitStack
 from typing import Any
 from uuid import UUID
 
@@ -84,6 +85,15 @@ _DEPTH = 16  # subflows of subflows: deeper than anything a run does
 MAX_NAMED = 2000
 MAX_READS = 64
 _INLINE_BODY_BYTES = 256 * 1024
+#: How a run's websocket is closed when the API does not answer the gateway. 1001 (going
+#: away), not an error code: the run's client is waiting for the answer to its auth
+#: message, and Prefect's events clients take an error close there for a refused
+#: credential and give up (a runner starting then exits before its flow starts), but
+#: connect again after one that went away, as when the API itself cannot be reached.
+_API_AWAY = (1001, "the Prefect API did not answer")
+#: ... and when the API refuses the gateway's own credential (the worker's): an error
+#: close, as the run's requests get the API's 401 (connecting again would not help).
+_CREDENTIAL_REFUSED = "the Prefect API refused the gateway's credential"
 _LEASES_PER_RUN = 1000
 _FORWARDED_HEADERS = frozenset(
     {"accept", "user-agent", "x-prefect-api-version", "prefect-csrf-token", "prefect-csrf-client"}
@@ -300,6 +310,16 @@ class GuardedH11(H11Protocol):
         super().connection_lost(exc)
 
 
+def _refused_credential(exc: BaseException) -> bool:
+    """Whether the API's websocket refused the gateway's credential: a 401 or 403 to the
+    handshake, or Prefect's close 1008 to the auth message."""
+    response = getattr(exc, "response", None)
+    if response is not None and getattr(response, "status_code", None) in (401, 403):
+        return True
+    received = getattr(exc, "rcvd", None)
+    return received is not None and received.code == 1008
+
+
 def _refusal(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
@@ -350,7 +370,10 @@ class Gateway:
         if response.status_code == 404:
             return None
         response.raise_for_status()
-        body = response.json()
+        try:
+            body = response.json()
+        except ValueError as exc:  # read as the API not answering (a 502 to the run)
+            raise httpx.DecodingError(str(exc), request=response.request) from exc
         return body if isinstance(body, dict) else None
 
     async def _find_task_runs(self, ids: list[UUID]) -> dict[UUID, dict[str, Any]]:
@@ -540,8 +563,12 @@ class Gateway:
             if key.lower() in ("content-type", "location", "retry-after")
         }
         if decision.route in (LEASE_ROUTE, LEASE_RELEASE_ROUTE):
-            content = await upstream.aread()
-            await upstream.aclose()
+            try:
+                content = await upstream.aread()
+            except httpx.HTTPError as exc:
+                return _refusal(502, f"the Prefect API did not answer: {exc}")
+            finally:
+                await upstream.aclose()
             self._remember_lease(run, decision, upstream.status_code, content)
             return Response(content, upstream.status_code, reply_headers)
         # Streamed back: a large answer (a run's logs) never sits whole in the worker.
@@ -596,11 +623,15 @@ class Gateway:
         try:
             with anyio.fail_after(HEAD_SECONDS):
                 message = await websocket.receive_json()
-        except (WebSocketDisconnect, ValueError, TimeoutError, KeyError):
+        except (WebSocketDisconnect, ValueError, RecursionError, TimeoutError, KeyError):
             await self._close(websocket, 1008, "authenticate first")
             return
         token = message.get("token") if isinstance(message, dict) else None
         bearer = await self._bearer(f"Bearer {token}" if isinstance(token, str) else None)
+        if isinstance(bearer, JSONResponse) and bearer.status_code == 502:
+            # The run's status could not be read: the API is away, the token not refused.
+            await self._close(websocket, *_API_AWAY)
+            return
         if (
             not isinstance(message, dict)
             or message.get("type") != "auth"
@@ -633,28 +664,38 @@ class Gateway:
         from websockets.exceptions import WebSocketException
         from websockets.typing import Subprotocol
 
-        try:
-            async with websocket_connect(
-                url, subprotocols=[Subprotocol("prefect")], additional_headers=self._auth_headers
-            ) as upstream:
+        async with AsyncExitStack() as stack:
+            try:
+                upstream = await stack.enter_async_context(
+                    websocket_connect(
+                        url,
+                        subprotocols=[Subprotocol("prefect")],
+                        additional_headers=self._auth_headers,
+                    )
+                )
                 await upstream.send(json.dumps({"type": "auth", "token": self._auth_string}))
                 reply = json.loads(await upstream.recv())
-                if reply.get("type") != "auth_success":
-                    await self._close(
-                        websocket, 1011, "the gateway could not authenticate upstream"
-                    )
+            except (OSError, asyncio.TimeoutError, WebSocketException, ValueError) as exc:
+                if not _refused_credential(exc):
+                    # Refused, or closed mid-handshake (an API process killed behind a
+                    # proxy), or an answer that is not Prefect's.
+                    logger.warning("The Prefect API's websocket %s did not answer: %s", url, exc)
+                    await self._close(websocket, *_API_AWAY)
                     return
+                reply = str(exc)  # a 401 or 403, or Prefect's close for a bad token
+            if not isinstance(reply, dict) or reply.get("type") != "auth_success":
+                logger.error(
+                    "The Prefect API's websocket %s refused the gateway's credential: %s",
+                    url,
+                    str(reply)[:300],
+                )
+                await self._close(websocket, 1011, _CREDENTIAL_REFUSED)
+                return
+            try:
                 await websocket.send_json({"type": "auth_success"})
-                await self._relay(websocket, upstream, run, events_in=path == "/events/in")
-        except (OSError, asyncio.TimeoutError, WebSocketException) as exc:
-            # Refused, or closed mid-handshake (an API process killed behind a proxy).
-            logger.warning("The Prefect API's websocket %s did not answer: %s", url, exc)
-            # 1001 (going away), not an error code: the run's client is waiting for the
-            # answer to its auth message, and Prefect's events clients take an error
-            # close there for a refused credential and give up (a runner then exits
-            # before its flow starts), but connect again after one that went away, as
-            # they do when the API itself cannot be reached.
-            await self._close(websocket, 1001, "the Prefect API did not answer")
+            except (WebSocketDisconnect, RuntimeError):
+                return  # the run went away meanwhile
+            await self._relay(websocket, upstream, run, events_in=path == "/events/in")
 
     async def _relay(self, websocket: WebSocket, upstream: Any, run: UUID, events_in: bool) -> None:
         from websockets.exceptions import ConnectionClosed
@@ -695,7 +736,7 @@ class Gateway:
             event, checks, flow_runs, context = check_event(json.loads(text))
             await self._check(run, checks)
             await self._check_context(flow_runs, context)
-        except ValueError:
+        except (ValueError, RecursionError):
             reason = "not JSON"
         except Refusal as exc:
             reason = exc.reason
