@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 from uuid import uuid4
@@ -148,18 +149,16 @@ class _FailingApi(BaseHTTPRequestHandler):
         pass
 
 
-@pytest.fixture(params=["dying", "refused"])
-def api_away_gateway(request):
-    """A gateway whose API does not answer a run's websocket: one that dies in the
-    handshake, or none at all on its port (then the run's status cannot be read either);
-    the gateway's port."""
+@contextmanager
+def _gateway_before(websocket: str | None):
+    """A gateway in front of a `_FailingApi` whose websocket is `websocket`, or of no API
+    at all (None: nothing listens on its port); the gateway's port."""
     api = None
-    if request.param == "dying":
-        api = ThreadingHTTPServer(("127.0.0.1", 0), _FailingApi)
+    if websocket is not None:
+        handler = type("_Api", (_FailingApi,), {"websocket": websocket})
+        api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=api.serve_forever, daemon=True).start()
-        api_port = api.server_port
-    else:
-        api_port = free_port()  # nothing listens there
+    api_port = api.server_port if api is not None else free_port()
     port = free_port()
     gateway = RunGateway(
         port, Gateway(f"http://127.0.0.1:{api_port}/api", {}, None, KEY, "api-label")
@@ -172,6 +171,14 @@ def api_away_gateway(request):
         if api is not None:
             api.shutdown()
             api.server_close()
+
+
+@pytest.fixture(params=["dying", None], ids=["dying", "refused"])
+def api_away_gateway(request):
+    """A gateway whose API does not answer a run's websocket: one that dies in the
+    handshake, or none at all (then the run's status cannot be read either)."""
+    with _gateway_before(request.param) as port:
+        yield port
 
 
 def _websocket_close(port: int, path: str, token: str):
@@ -242,21 +249,11 @@ def test_an_api_that_refuses_the_gateways_credential_on_a_websocket_is_said_so(c
     and the reason, and the worker's log says what to fix."""
     from prefect_managed.gateway.tokens import run_token
 
-    handler = type("_RefusingApi", (_FailingApi,), {"websocket": "refusing"})
-    api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=api.serve_forever, daemon=True).start()
-    port = free_port()
-    gateway = RunGateway(
-        port, Gateway(f"http://127.0.0.1:{api.server_port}/api", {}, None, KEY, "api-label")
-    )
-    assert gateway.ensure() == "bound"
-    try:
-        with caplog.at_level("ERROR", logger="prefect.managed.gateway"):
-            received = _websocket_close(port, "/api/events/in", run_token(KEY, uuid4(), 600))
-    finally:
-        gateway.stop()
-        api.shutdown()
-        api.server_close()
+    with (
+        _gateway_before("refusing") as port,
+        caplog.at_level("ERROR", logger="prefect.managed.gateway"),
+    ):
+        received = _websocket_close(port, "/api/events/in", run_token(KEY, uuid4(), 600))
     assert received is not None
     assert (received.code, received.reason) == (
         1011,
@@ -272,24 +269,12 @@ def test_a_run_whose_status_reads_as_no_json_gets_a_502_it_retries():
     page): the run's request gets 502, which Prefect's client retries, not a 500."""
     from prefect_managed.gateway.tokens import run_token
 
-    handler = type("_GarbledApi", (_FailingApi,), {"websocket": "garbled"})
-    api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=api.serve_forever, daemon=True).start()
-    port = free_port()
-    gateway = RunGateway(
-        port, Gateway(f"http://127.0.0.1:{api.server_port}/api", {}, None, KEY, "api-label")
-    )
-    assert gateway.ensure() == "bound"
     run = uuid4()
-    try:
+    with _gateway_before("garbled") as port:
         response = httpx.get(
             f"http://127.0.0.1:{port}/api/flow_runs/{run}",
             headers={"Authorization": f"Bearer {run_token(KEY, run, 600)}"},
             timeout=30,
         )
-    finally:
-        gateway.stop()
-        api.shutdown()
-        api.server_close()
     assert response.status_code == 502, response.text
     assert "the Prefect API could not be read" in response.json()["detail"]
