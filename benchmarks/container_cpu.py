@@ -6,14 +6,16 @@ each, reads every 10 ms its cgroup's CPU counter and the CPU of each of its proc
 that lives less than a read's interval may be missed; what the processes seen do not
 account for is reported as `unseen`. Processes are named by what they are in a run:
 
-- the pre-fork executor's processes by their depth in its tree (they share one command
-  line): `runner` (imports Prefect, runs Prefect's runner), `zygote`, `supervisor+engine`
-  (forked by the zygote; runs the engine in-process), `pull steps` (forked by the
-  supervisor);
+- the pre-fork executor's processes by their session (they share one command line):
+  `runner` is the first started (it imports Prefect and runs Prefect's runner; it may be
+  the container's first process, which leads its session), `supervisor+engine` leads a
+  session of its own (the zygote forks it with `setsid`; it runs the supervisor, then
+  the engine in-process), `pull steps` is in that session (the supervisor's child);
 - Prefect's own executor's by their command: `runner` (`prefect flow-run execute`),
   `supervisor+engine` (the workspace supervisor, which `exec`s the engine);
-- `stub` (the pre-fork executor's stand-in for the supervisor), `git`, `tunnel`
-  (`forward.py`), `entrypoint` (the image's shell scripts) and `other`.
+- `stub, waiter` (`python -I -S`: the pre-fork executor's stand-in for the supervisor,
+  and the zygote once it has forked the supervisor), `git`, `tunnel` (`forward.py`),
+  `entrypoint` (the image's shell scripts) and `other`.
 
 Used by `python -m benchmarks` around each trivial run.
 """
@@ -57,42 +59,44 @@ def _cgroup_cpu_seconds(path: Path) -> float | None:
     return None
 
 
-def _process(pid: int) -> tuple[int, float, str] | None:
-    """(parent pid, CPU seconds of all its threads, command line) of a live process."""
+def _process(pid: int) -> tuple[int, int, float, str] | None:
+    """(start time, session id, CPU seconds of all its threads, command line) of a live
+    process."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
     except (OSError, IndexError, UnicodeDecodeError):
         return None
-    return int(fields[1]), (int(fields[11]) + int(fields[12])) / _TICK, cmdline.strip()
+    cpu = (int(fields[11]) + int(fields[12])) / _TICK
+    return int(fields[19]), int(fields[3]), cpu, cmdline.strip()
 
 
-def _roles(processes: dict[int, tuple[int, float, str]]) -> dict[str, float]:
+def _roles(processes: dict[int, tuple[int, int, float, str]]) -> dict[str, float]:
     """CPU seconds by role (see the module's docstring)."""
-    depth: dict[int, int] = {}
-
-    def prefork_depth(pid: int) -> int:
-        if pid not in depth:
-            parent = processes[pid][0]
-            in_tree = parent in processes and "prefork.py" in processes[parent][2]
-            depth[pid] = prefork_depth(parent) + 1 if in_tree else 0
-        return depth[pid]
-
-    names = {0: "runner", 1: "zygote", 2: "supervisor+engine"}
+    prefork = {pid: p for pid, p in processes.items() if "prefork.py" in p[3]}
+    runner = min(prefork, key=lambda pid: (prefork[pid][0], pid), default=None)
+    supervisors = {pid for pid, p in prefork.items() if p[1] == pid and pid != runner}
     roles: dict[str, float] = defaultdict(float)
-    for pid, (_, cpu, cmdline) in processes.items():
-        if "prefork.py" in cmdline:
-            role = names.get(prefork_depth(pid), "pull steps")
+    for pid, (_, session, cpu, cmdline) in processes.items():
+        if pid in prefork:
+            if pid == runner:
+                role = "runner"
+            elif pid in supervisors:
+                role = "supervisor+engine"
+            elif session in supervisors:
+                role = "pull steps"
+            else:
+                role = "zygote"  # not yet the waiter
         elif "flow-run execute" in cmdline:
             role = "runner"
         elif "_workspace_supervisor" in cmdline or "prefect.engine" in cmdline:
             role = "supervisor+engine"
-        elif " -I -S " in f" {cmdline} ":
-            role = "stub"
-        elif cmdline.startswith("git") or "/git" in cmdline.split(" ")[0]:
-            role = "git"
         elif "forward.py" in cmdline:
             role = "tunnel"
+        elif " -I -S " in f" {cmdline} ":
+            role = "stub, waiter"
+        elif cmdline.startswith("git") or "/git" in cmdline.split(" ")[0]:
+            role = "git"
         elif cmdline.split(" ")[0].endswith("sh") or ".sh" in cmdline:
             role = "entrypoint"
         else:
@@ -150,7 +154,7 @@ class ContainerCpu:
         if path is None:
             return
         total: float | None = None
-        seen: dict[int, tuple[int, float, str]] = {}
+        seen: dict[int, tuple[int, int, float, str]] = {}
         while True:
             now = _cgroup_cpu_seconds(path)
             if now is None:
@@ -163,8 +167,8 @@ class ContainerCpu:
             for pid in pids:
                 process = _process(pid)
                 if process is not None:
-                    if not process[2] and pid in seen:  # exiting: its command line is gone
-                        process = (*process[:2], seen[pid][2])
+                    if not process[3] and pid in seen:  # exiting: its command line is gone
+                        process = (*process[:3], seen[pid][3])
                     seen[pid] = process
             time.sleep(self._interval)
         if total is None:
