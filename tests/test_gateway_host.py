@@ -115,21 +115,22 @@ def test_the_worker_stops_only_the_runs_own_managed_container(
 
 
 class _FailingApi(BaseHTTPRequestHandler):
-    """An API whose websocket fails the gateway: reads of a flow run are answered (the
-    run is Running; anything else is not found), and a websocket handshake is closed
-    before any answer (`dying`: an API process killed mid-handshake, as a proxy in front
-    of it passes it on) or refused with 401 (`refusing`: the gateway's credential)."""
+    """An API that fails the gateway as its `mode` says. Reads of a flow run are answered
+    (the run is Running; anything else is not found), except in `garbled`, where they
+    answer a page that is not JSON; a websocket handshake is closed before any answer
+    (`dying`: an API process killed mid-handshake, as a proxy in front of it passes it
+    on) or refused with 401 (`refusing`: the gateway's credential)."""
 
     protocol_version = "HTTP/1.1"
-    websocket = "dying"
+    mode = "dying"
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         if self.headers.get("Upgrade", "").lower() == "websocket":
-            if self.websocket == "refusing":
+            if self.mode == "refusing":
                 self._answer(401, {"detail": "Unauthorized"})
             self.close_connection = True
             return
-        if self.path.startswith("/api/flow_runs/") and self.websocket == "garbled":
+        if self.path.startswith("/api/flow_runs/") and self.mode == "garbled":
             self._answer(200, None)  # not JSON: a proxy's error page, say
         elif self.path.startswith("/api/flow_runs/"):
             run = self.path.rsplit("/", 1)[-1]
@@ -150,12 +151,12 @@ class _FailingApi(BaseHTTPRequestHandler):
 
 
 @contextmanager
-def _gateway_before(websocket: str | None):
-    """A gateway in front of a `_FailingApi` whose websocket is `websocket`, or of no API
-    at all (None: nothing listens on its port); the gateway's port."""
+def _gateway_before(mode: str | None):
+    """A gateway in front of a `_FailingApi` in `mode`, or of no API at all (None:
+    nothing listens on its port); the gateway's port."""
     api = None
-    if websocket is not None:
-        handler = type("_Api", (_FailingApi,), {"websocket": websocket})
+    if mode is not None:
+        handler = type("_Api", (_FailingApi,), {"mode": mode})
         api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=api.serve_forever, daemon=True).start()
     api_port = api.server_port if api is not None else free_port()
