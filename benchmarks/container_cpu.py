@@ -59,16 +59,31 @@ def _cgroup_cpu_seconds(path: Path) -> float | None:
     return None
 
 
+def stat_fields(stat: Path) -> list[str] | None:
+    """A process's or thread's `stat` file from its third field (the state) on, past the
+    command name; None when it cannot be read."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def cpu_seconds_of(fields: list[str]) -> float:
+    """User + system CPU time from `stat_fields`."""
+    return (int(fields[11]) + int(fields[12])) / _TICK
+
+
 def _process(pid: int) -> tuple[int, int, float, str] | None:
     """(start time, session id, CPU seconds of all its threads, command line) of a live
     process."""
+    fields = stat_fields(Path(f"/proc/{pid}/stat"))
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except (OSError, IndexError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError):
         return None
-    cpu = (int(fields[11]) + int(fields[12])) / _TICK
-    return int(fields[19]), int(fields[3]), cpu, cmdline.strip()
+    if fields is None:
+        return None
+    return int(fields[19]), int(fields[3]), cpu_seconds_of(fields), cmdline.strip()
 
 
 def _roles(processes: dict[int, tuple[int, int, float, str]]) -> dict[str, float]:

@@ -42,6 +42,8 @@ PANDAS = "pandas==2.2.3"
 RUN_TIMEOUT = 300.0
 QUERY_SECONDS = "1"
 
+from benchmarks.container_cpu import cpu_seconds_of, stat_fields  # noqa: E402
+
 sys.path.insert(0, str(ROOT / "tests"))
 from postgres import Postgres, start_postgres  # noqa: E402
 from services import (  # noqa: E402
@@ -269,11 +271,8 @@ def process_cpu_seconds(pid: int | None) -> float | None:
 
 def process_cpu_seconds_at(stat: Path) -> float | None:
     """User + system CPU time from a process's or thread's `stat` file."""
-    try:
-        fields = stat.read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    fields = stat_fields(stat)
+    return None if fields is None else cpu_seconds_of(fields)
 
 
 #: The run gateway's threads (prefect_managed/gateway/host.py and tunnel.py), by name.
