@@ -39,6 +39,26 @@ _CGROUP_CANDIDATES = (
 )
 
 
+#: The cgroup that holds every container of the engine (cgroupfs driver); its counter keeps
+#: the CPU of containers that have gone. With the systemd driver, containers share
+#: system.slice with the machine's services, and no such figure is read.
+_ALL_CONTAINERS = (
+    "/sys/fs/cgroup/cpuacct/docker",
+    "/sys/fs/cgroup/cpu,cpuacct/docker",
+    "/sys/fs/cgroup/docker",
+)
+
+
+def all_containers_cpu_seconds() -> float | None:
+    """CPU seconds all of the engine's containers have used so far, the ones that have
+    exited included; None where they cannot be told apart from the machine's services."""
+    for candidate in _ALL_CONTAINERS:
+        path = Path(candidate)
+        if path.is_dir():
+            return _cgroup_cpu_seconds(path)
+    return None
+
+
 def _cgroup_dir(container_id: str) -> Path | None:
     for candidate in _CGROUP_CANDIDATES:
         path = Path(candidate.format(id=container_id))

@@ -47,6 +47,8 @@ def observe() -> dict:
         "sys.orig_argv": sys.orig_argv,
         "sys.flags": repr(sys.flags),
         "gc frozen": __import__("gc").get_freeze_count(),
+        "gc enabled": __import__("gc").isenabled(),
+        "gc thresholds": __import__("gc").get_threshold(),
         "environment": dict(os.environ),
         "settings": get_current_settings().to_environment_variables(exclude_unset=True),
         "signals": {
