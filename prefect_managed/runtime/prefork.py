@@ -458,12 +458,9 @@ def supervise(request: tuple, interpreter: Interpreter) -> None:
         print(f"prefect-managed: {reason}; starting it as Prefect does", file=sys.stderr)
         sys.stderr.flush()
         os.execvpe(command[0], command, environment)  # in `cwd` already
-    import gc
-
     import prefect.engine
 
     interpreter.become(prefect.engine.__file__, [], cwd, environment)
-    gc.unfreeze()  # as in a new interpreter: the flow's collector sees every object
     interpreter.run_module(ENGINE_MODULE)
 
 
@@ -479,22 +476,10 @@ def main() -> None:
     if os.environ.get("PREFECT_PLUGINS_ENABLED", "").lower() in ("1", "true", "yes", "on"):
         stock("Prefect's plugins are enabled")
     interpreter = Interpreter()
-    import gc
     import threading
 
-    # The imports make some 200,000 objects that live as long as the process: the
-    # collector's passes over them while they are made, and later over the whole heap,
-    # are work a run does not need (measured: `import prefect` and the rest of PRELOAD,
-    # 0.93 CPU s with the collector, 0.81 s without). They are frozen once made; the
-    # engine unfreezes them before the flow runs (`supervise`), so the flow's collector
-    # is as a new interpreter's.
-    collecting = gc.isenabled()
-    gc.disable()
     for module in PRELOAD:
         importlib.import_module(module)
-    gc.freeze()
-    if collecting:
-        gc.enable()
     try:
         tasks = len(os.listdir("/proc/self/task"))  # threads started outside `threading` too
     except OSError:
