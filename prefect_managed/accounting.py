@@ -14,6 +14,7 @@ from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
+import anyio
 from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.client.schemas.objects import FlowRun
 from prefect.events import emit_event
@@ -38,12 +39,16 @@ from prefect_managed.usage import (
     with_pool_usage,
 )
 
-__all__ = ["QUOTA_CHECK_SECONDS", "Accounting", "usage_record_of"]
+__all__ = ["POOL_LINE_SECONDS", "QUOTA_CHECK_SECONDS", "Accounting", "usage_record_of"]
 
 logger = get_logger("managed.accounting")
 
 #: How long the worker trusts the month's usage it read before reading it again.
 QUOTA_CHECK_SECONDS = 10.0
+#: At most one update of a pool's usage line (a read and a write of the pool) in this
+#: many seconds: the first record after a quiet spell shows at once, a burst's last
+#: record within this time.
+POOL_LINE_SECONDS = 5.0
 
 
 def usage_record_of(
@@ -103,6 +108,9 @@ class Accounting:
         self._spool = spool
         self._month: MonthlyUsage | None = None
         self._checked_at = -QUOTA_CHECK_SECONDS
+        #: Pools whose usage line is due, with the usage it is to show.
+        self._lines_due: dict[str, MonthlyUsage] = {}
+        self._line_due: anyio.Event | None = None  # set while `keep_pool_lines` runs
 
     async def quota_exhausted(self) -> bool:
         """Whether the month's compute quota is used up (read at most every few seconds)."""
@@ -147,6 +155,40 @@ class Accounting:
         except Exception:
             logger.warning("Could not show the month's usage on work pool %r", pool, exc_info=True)
 
+    async def keep_pool_lines(self) -> None:
+        """Show the usage of records stored meanwhile on their pools, at most once in
+        `POOL_LINE_SECONDS`, until cancelled (then what is still due, within a few
+        seconds). While this runs, a stored record's line is shown from here, off its
+        run's finish."""
+        self._line_due = due = anyio.Event()
+        try:
+            while True:
+                await due.wait()
+                self._line_due = due = anyio.Event()
+                await self._show_due_lines()
+                await anyio.sleep(POOL_LINE_SECONDS)
+        finally:
+            self._line_due = None
+            with anyio.move_on_after(5, shield=True):
+                await self._show_due_lines()
+
+    async def _show_due_lines(self) -> None:
+        for pool in list(self._lines_due):
+            usage = self._lines_due[pool]
+            await self.show_on_pool(pool, usage)
+            if self._lines_due.get(pool) is usage:  # else a later record's is due
+                del self._lines_due[pool]
+
+    def _line_is_due(self, due: anyio.Event, pool: str, usage: MonthlyUsage) -> None:
+        shown = self._lines_due.get(pool)
+        # Records finish in any order: the usage with the most records of the latest month.
+        if shown is None or (usage.month, len(usage.records)) >= (
+            shown.month,
+            len(shown.records),
+        ):
+            self._lines_due[pool] = usage
+        due.set()
+
     async def send_spooled(self) -> int:
         """Store the records a worker of this host kept on disk but did not store (it
         stopped, or the API failed); how many were sent."""
@@ -187,7 +229,10 @@ class Accounting:
             return
         before, after = published
         self._month = after
-        await self.show_on_pool(record.pool, after)
+        if self._line_due is not None:
+            self._line_is_due(self._line_due, record.pool, after)
+        else:
+            await self.show_on_pool(record.pool, after)
         quota = self._policy.tier.compute_hours_per_month
         tier = self._policy.workspace.tier
         for threshold in crossed_thresholds(before.hours, after.hours, quota):

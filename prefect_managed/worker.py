@@ -329,6 +329,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._background.start_soon(self._enforce_cancels_forever)
         self._background.start_soon(self._find_lost_forever)
         self._background.start_soon(self._accounting.show_on_pool, self._work_pool_name)
+        self._background.start_soon(self._accounting.keep_pool_lines)
         self._background.start_soon(self._pickup.poll_when_woken_forever)
         self._background.start_soon(self._pickup.follow_forever, self._work_pool_id)
         self._logger.info(

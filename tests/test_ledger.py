@@ -8,6 +8,7 @@ import asyncio
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import anyio
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
@@ -250,3 +251,85 @@ def test_a_record_left_on_disk_is_stored_once_by_the_next_worker(prefect_server,
     assert result["files_after"] == []
     assert result["records"] == {(run, 1): 90}
     assert oct(directory.stat().st_mode & 0o777) == "0o700"
+
+
+class PoolWrites(CountingClient):
+    """The Prefect client, keeping each description it wrote to a pool."""
+
+    def __init__(self, client) -> None:
+        super().__init__(client)
+        self.written: list[str] = []
+
+    async def update_work_pool(self, name, work_pool):
+        self.written.append(work_pool.description)
+        return await self._client.update_work_pool(name, work_pool)
+
+
+async def _pool_line_scenario(workspace: str, pool: str) -> dict[str, object]:
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from prefect_managed.accounting import Accounting
+    from prefect_managed.policy import load_policy
+
+    policy = load_policy(None)
+    async with get_client() as client:
+        await client.create_work_pool(
+            WorkPoolCreate(name=pool, type="prefect:managed", description="The team's pool.")
+        )
+        writes = PoolWrites(client)
+        accounting = Accounting(UsageLedger(writes, workspace), policy, lambda _: None)
+
+        async def store() -> None:
+            run = (await client.create_flow_run(ledger_probe)).id
+            record = _record(workspace, run, 60).model_copy(update={"pool": pool})
+            await accounting.store(None, record)  # type: ignore[arg-type]
+
+        async def shown() -> str:
+            return (await client.read_work_pool(pool)).description or ""
+
+        async with anyio.create_task_group() as background:
+            background.start_soon(accounting.keep_pool_lines)
+            await anyio.sleep(0.1)
+            await store()  # after a quiet spell: shown at once
+            with anyio.fail_after(5):
+                while "by 1 flow run(s)" not in await shown():
+                    await anyio.sleep(0.05)
+            for _ in range(5):  # a burst: its last record shown within the interval
+                await store()
+            writes_after_burst = len(writes.written)
+            with anyio.fail_after(POOL_LINE_SECONDS_IN_TEST * 3):
+                while "by 6 flow run(s)" not in await shown():
+                    await anyio.sleep(0.05)
+            await anyio.sleep(POOL_LINE_SECONDS_IN_TEST * 1.5)
+            await store()  # quiet again: at once
+            with anyio.fail_after(5):
+                while "by 7 flow run(s)" not in await shown():
+                    await anyio.sleep(0.05)
+            await store()  # within the interval, and the worker stops: shown as it stops
+            background.cancel_scope.cancel()
+        return {
+            "writes": writes.written,
+            "writes_after_burst": writes_after_burst,
+            "last": await shown(),
+        }
+
+
+POOL_LINE_SECONDS_IN_TEST = 1.0
+
+
+def test_a_pools_usage_line_is_updated_at_once_then_once_per_burst(prefect_server, monkeypatch):
+    """The pool's description shows the month's usage: the first record after a quiet
+    spell at once, a burst of records with one update after the interval, and a record
+    stored just before the worker stops as it stops; the operator's text stays."""
+    import prefect_managed.accounting
+
+    monkeypatch.setattr(prefect_managed.accounting, "POOL_LINE_SECONDS", POOL_LINE_SECONDS_IN_TEST)
+    workspace = f"lines-{uuid.uuid4().hex[:8]}"
+    result = anyio.run(_pool_line_scenario, workspace, f"lines-{uuid.uuid4().hex[:8]}")
+    writes = result["writes"]
+    # The first record, the burst of five as one (its last), a record after a quiet
+    # spell, the record stored just before the stop.
+    assert [w.split("by ")[-1].split(" flow")[0] for w in writes] == ["1", "6", "7", "8"], writes
+    assert result["writes_after_burst"] == 1, writes
+    assert result["last"].startswith("The team's pool.\n\nCompute this month"), result["last"]
+    assert "by 8 flow run(s)" in result["last"], result["last"]

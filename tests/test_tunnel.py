@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import time
 import uuid
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from prefect_managed.gateway.tunnel import (
     ISOLATED_MOUNT,
     Destination,
+    _relay,
     grant,
     granted,
     isolation,
@@ -139,3 +141,54 @@ def test_an_answer_is_sent_at_once_not_after_the_clients_delayed_ack():
                 writer.close()
 
     assert asyncio.run(accepted_nodelay()) != 0
+
+
+async def _relayed(traffic_seconds: float, idle: float) -> tuple[list[bytes], float, float, bool]:
+    """A relay between two socket pairs: the client sends a byte every tenth of
+    `idle` for `traffic_seconds`, the far side echoes each one; then both fall silent.
+    What came back, when the last byte came back and when the relay ended (seconds from
+    its start), and whether the client then saw it closed."""
+    client, near = socket.socketpair()
+    far, upstream = socket.socketpair()
+    for sock in (client, upstream):
+        sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    reader, writer = await asyncio.open_unix_connection(sock=near)
+    up_reader, up_writer = await asyncio.open_unix_connection(sock=far)
+    started = time.monotonic()
+    relay = asyncio.create_task(_relay(reader, writer, up_reader, up_writer, idle=idle))
+    echoed: list[bytes] = []
+    last = 0.0
+    while time.monotonic() - started < traffic_seconds:
+        await loop.sock_sendall(client, b"x")
+        await loop.sock_sendall(upstream, await loop.sock_recv(upstream, 1))
+        echoed.append(await loop.sock_recv(client, 1))
+        last = time.monotonic() - started
+        await asyncio.sleep(idle / 10)
+    await asyncio.wait_for(relay, idle * 10)
+    stood = time.monotonic() - started
+    writer.close()
+    up_writer.close()
+    closed = await asyncio.wait_for(loop.sock_recv(client, 1), idle * 10) == b""
+    for sock in (client, upstream):
+        sock.close()
+    return echoed, last, stood, closed
+
+
+def test_a_relay_carries_bytes_while_they_flow_and_closes_once_idle():
+    """The tunnel's relay: bytes pass both ways for as long as they flow (here three
+    idle periods), and a connection with nothing either way for one idle period ends."""
+    idle = 0.3
+    echoed, last, stood, closed = asyncio.run(_relayed(traffic_seconds=3 * idle, idle=idle))
+    assert len(echoed) >= 5 and set(echoed) == {b"x"}, echoed
+    assert last >= 2 * idle  # it carried bytes for longer than one idle period
+    assert last + idle <= stood < last + idle + 2, (last, stood)
+    assert closed
+
+
+def test_a_relay_with_no_traffic_ends_after_one_idle_period():
+    idle = 0.3
+    echoed, _, stood, closed = asyncio.run(_relayed(traffic_seconds=0, idle=idle))
+    assert echoed == []
+    assert idle <= stood < idle + 2, stood
+    assert closed

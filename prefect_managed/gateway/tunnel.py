@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -393,20 +394,13 @@ async def _relay(
     idle: float = IDLE_SECONDS,
 ) -> None:
     """Both directions until each ends, or until no byte has passed either way for
-    `idle` seconds."""
+    `idle` seconds. One watch per connection keeps the idle clock (a timeout around each
+    read would make a task and a timer for every chunk relayed)."""
     last = [time.monotonic()]
 
     async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
         try:
-            while True:
-                try:
-                    chunk = await asyncio.wait_for(source.read(65536), idle)
-                except (TimeoutError, asyncio.TimeoutError):
-                    if time.monotonic() - last[0] >= idle:
-                        break
-                    continue
-                if not chunk:
-                    break
+            while chunk := await source.read(65536):
                 last[0] = time.monotonic()
                 sink.write(chunk)
                 await sink.drain()
@@ -415,4 +409,17 @@ async def _relay(
         except (ConnectionError, OSError):
             pass
 
-    await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    pipes = asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    try:
+        while True:
+            quiet_until = last[0] + idle
+            try:
+                await asyncio.wait_for(asyncio.shield(pipes), quiet_until - time.monotonic())
+                return
+            except (TimeoutError, asyncio.TimeoutError):
+                if time.monotonic() - last[0] >= idle:
+                    return  # idle both ways: closed by the caller
+    finally:
+        pipes.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await pipes
