@@ -4,12 +4,22 @@ flow run's container, by kind of request, and where it goes.
 A real Prefect server (SQLite, with a credential) and the gateway served in this process;
 one flow run, and its token; then the same requests as a trivial run makes, sent through
 the gateway, with the gateway thread's CPU read from the kernel (`/proc`) before and after.
-Side by side, in one run: the gateway's listening socket as it is made now
-(`runtime/forward.py` `listener`, Nagle's algorithm off) and as it was before (protocol 0, so asyncio left
-Nagle's algorithm on), and the same requests sent straight to the server.
+Side by side, in one run, three gateways:
+
+- `now`: as the worker serves it (`runtime/forward.py` `listener`, Nagle's algorithm
+  off; an answer of known, bounded size read whole and sent in one piece; answers asked
+  for uncompressed);
+- `streamed, compressed`: every answer streamed, and compressed by the server for the
+  gateway to decompress (`Gateway.inline_answer_bytes = 0`, `upstream_encoding = None`:
+  how it forwarded before);
+- `... and Nagle on`: the same, with the listening socket made with protocol 0, so
+  asyncio left Nagle's algorithm on (before that);
+
+and the same requests sent straight to the server.
 
     python -m benchmarks.gateway                 # 200 rounds of each request
     python -m benchmarks.gateway --profile 30    # and cProfile's 30 costliest functions
+                                                 # (by the gateway thread's CPU time)
 
 Only loopback traffic.
 """
@@ -103,9 +113,15 @@ def main() -> None:
     server = start_prefect_server(
         port, home / "server", home, {"PREFECT_SERVER_API_AUTH_STRING": AUTH}
     )
-    listeners = {"now": new_listener, "before (Nagle on)": _old_listener}
+    # name -> (listening socket, Gateway.inline_answer_bytes, Gateway.upstream_encoding)
+    variants = {
+        "now": (new_listener, Gateway.inline_answer_bytes, Gateway.upstream_encoding),
+        "streamed, compressed": (new_listener, 0, None),
+        "... and Nagle on": (_old_listener, 0, None),
+    }
     rows: list[tuple[str, str, float, float, float, float]] = []
-    profiler = cProfile.Profile() if args.profile else None
+    # The thread's CPU clock: the time it waits in epoll is not counted.
+    profiler = cProfile.Profile(time.thread_time) if args.profile else None
     try:
         headers = auth_headers(AUTH, None)
         with httpx.Client(headers=headers, timeout=30) as admin:
@@ -120,8 +136,10 @@ def main() -> None:
         requests = _requests(run)
         direct = httpx.Client(headers=headers, timeout=30)
         gateways = {}
-        for which, listener in listeners.items():
-            gateway = RunGateway(free_port(), Gateway(api, headers, AUTH, KEY, "bench"))
+        for which, (listener, inline_bytes, encoding) in variants.items():
+            app = Gateway(api, headers, AUTH, KEY, "bench")
+            app.inline_answer_bytes, app.upstream_encoding = inline_bytes, encoding
+            gateway = RunGateway(free_port(), app)
             gateway._start(listener("127.0.0.1", gateway.port))
             client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30)
             _send_all(client, gateway.url, requests, 5)  # warm: connections, caches
@@ -155,7 +173,7 @@ def main() -> None:
 
     n = args.rounds
     print(
-        f"| request ({n} of each) | gateway's listener | gateway thread CPU per request "
+        f"| request ({n} of each) | gateway | gateway thread CPU per request "
         "| latency through the gateway | latency direct to the server |"
     )
     print("|---|---|---|---|---|")
@@ -165,7 +183,7 @@ def main() -> None:
             f"| {direct_wall / n * 1000:.2f} ms |"
         )
     print()
-    for which in listeners:
+    for which in variants:
         mine = [row for row in rows if row[1] == which]
         cpu = sum(row[2] for row in mine) / (n * len(mine))
         added = sum(row[3] - row[4] for row in mine) / (n * len(mine))
@@ -177,7 +195,7 @@ def main() -> None:
     if profiler is not None:
         out = io.StringIO()
         pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile)
-        print("\ncProfile of the gateway thread (listener: now), by own time:\n")
+        print("\ncProfile of the gateway thread (now), by own CPU time:\n")
         print(out.getvalue())
 
 

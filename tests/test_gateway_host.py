@@ -123,8 +123,18 @@ class _FailingApi(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
     mode = "dying"
+    #: In `answering`, the Accept-Encoding of each request the API got.
+    encodings: list[str | None] = []
+
+    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+        """`answering`: a run's logs read, answered with `LARGE_ANSWER_LINES` lines."""
+        self.encodings.append(self.headers.get("Accept-Encoding"))
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        lines = [{"message": f"line {i}", "level": 20} for i in range(LARGE_ANSWER_LINES)]
+        self._answer(200, lines if self.path == "/api/logs/filter" else {"detail": "Not Found"})
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        self.encodings.append(self.headers.get("Accept-Encoding"))
         if self.headers.get("Upgrade", "").lower() == "websocket":
             if self.mode == "refusing":
                 self._answer(401, {"detail": "Unauthorized"})
@@ -138,7 +148,7 @@ class _FailingApi(BaseHTTPRequestHandler):
         else:
             self._answer(404, {"detail": "Not Found"})
 
-    def _answer(self, status: int, body: dict | None) -> None:
+    def _answer(self, status: int, body: dict | list | None) -> None:
         data = json.dumps(body).encode() if body is not None else b"<html>Bad gateway</html>"
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -150,13 +160,17 @@ class _FailingApi(BaseHTTPRequestHandler):
         pass
 
 
+#: A logs read's answer of about 1.2 MB: more than a gateway sends on in one piece.
+LARGE_ANSWER_LINES = 40_000
+
+
 @contextmanager
 def _gateway_before(mode: str | None):
     """A gateway in front of a `_FailingApi` in `mode`, or of no API at all (None:
     nothing listens on its port); the gateway's port."""
     api = None
     if mode is not None:
-        handler = type("_Api", (_FailingApi,), {"mode": mode})
+        handler = type("_Api", (_FailingApi,), {"mode": mode, "encodings": []})
         api = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         threading.Thread(target=api.serve_forever, daemon=True).start()
     api_port = api.server_port if api is not None else free_port()
@@ -166,7 +180,7 @@ def _gateway_before(mode: str | None):
     )
     assert gateway.ensure() == "bound"
     try:
-        yield port
+        yield SimpleNamespace(port=port, api=api) if mode == "answering" else port
     finally:
         gateway.stop()
         if api is not None:
@@ -279,3 +293,29 @@ def test_a_run_whose_status_reads_as_no_json_gets_a_502_it_retries():
         )
     assert response.status_code == 502, response.text
     assert "the Prefect API could not be read" in response.json()["detail"]
+
+
+def test_answers_are_sent_on_whole_when_small_streamed_when_large_never_compressed():
+    """What the gateway does with the API's answers: one of bounded size is read whole
+    and sent in one piece (with its length), a large one (a run's logs) is streamed on
+    (chunked), and the API is asked for answers it need not compress, the gateway need
+    not decompress."""
+    from prefect_managed.gateway.tokens import run_token
+
+    run = uuid4()
+    headers = {"Authorization": f"Bearer {run_token(KEY, run, 600)}"}
+    with _gateway_before("answering") as gateway:
+        base = f"http://127.0.0.1:{gateway.port}/api"
+        small = httpx.get(f"{base}/flow_runs/{run}", headers=headers, timeout=30)
+        large = httpx.post(f"{base}/logs/filter", json={"limit": 200}, headers=headers, timeout=30)
+        encodings = gateway.api.RequestHandlerClass.encodings
+    assert small.status_code == 200, small.text
+    assert small.json() == {"id": str(run), "state": {"type": "RUNNING"}}
+    assert small.headers.get("content-length") == str(len(small.content))
+    assert "transfer-encoding" not in small.headers
+    assert large.status_code == 200, large.text[:300]
+    assert len(large.content) > Gateway.inline_answer_bytes
+    assert large.headers.get("transfer-encoding") == "chunked"
+    assert len(large.json()) == LARGE_ANSWER_LINES
+    # The status read, the run's read and its logs read: none let the API compress.
+    assert len(encodings) == 3 and set(encodings) == {"identity"}, encodings

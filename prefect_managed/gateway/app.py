@@ -332,6 +332,16 @@ class Gateway:
     """The ASGI application: `api_url` is the worker's Prefect API, `auth_headers` its
     credential, `key` the ledger key that signs run tokens."""
 
+    #: An answer of the API up to this size (by its Content-Length) is read whole and
+    #: sent on in one piece; a larger one, or one of unknown length, is streamed, so a
+    #: run's logs never sit whole in the worker.
+    inline_answer_bytes = 256 * 1024
+    #: The encoding the gateway asks the API for (None: httpx's default, gzip and
+    #: deflate). Uncompressed: a run's container gets its answers uncompressed anyway,
+    #: and compressing each on the server only for the gateway to decompress it costs
+    #: both of them CPU (`python -m benchmarks.gateway`).
+    upstream_encoding: str | None = "identity"
+
     def __init__(
         self,
         api_url: str,
@@ -358,9 +368,12 @@ class Gateway:
     @property
     def client(self) -> httpx.AsyncClient:
         if self._client is None:
+            headers = dict(self._auth_headers)
+            if self.upstream_encoding is not None:
+                headers["accept-encoding"] = self.upstream_encoding
             self._client = httpx.AsyncClient(
                 timeout=httpx.Timeout(60.0),
-                headers=self._auth_headers,
+                headers=headers,
                 limits=httpx.Limits(max_connections=256, max_keepalive_connections=32),
             )
         return self._client
@@ -562,14 +575,17 @@ class Gateway:
             for key, value in upstream.headers.items()
             if key.lower() in ("content-type", "location", "retry-after")
         }
-        if decision.route in (LEASE_ROUTE, LEASE_RELEASE_ROUTE):
+        length = upstream.headers.get("content-length", "")
+        lease = decision.route in (LEASE_ROUTE, LEASE_RELEASE_ROUTE)
+        if lease or (length.isdigit() and int(length) <= self.inline_answer_bytes):
             try:
                 content = await upstream.aread()
             except httpx.HTTPError as exc:
                 return _refusal(502, f"the Prefect API did not answer: {exc}")
             finally:
                 await upstream.aclose()
-            self._remember_lease(run, decision, upstream.status_code, content)
+            if lease:
+                self._remember_lease(run, decision, upstream.status_code, content)
             return Response(content, upstream.status_code, reply_headers)
         # Streamed back: a large answer (a run's logs) never sits whole in the worker.
         return StreamingResponse(
