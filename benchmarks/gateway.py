@@ -125,8 +125,18 @@ def main() -> None:
     try:
         headers = auth_headers(AUTH, None)
         with httpx.Client(headers=headers, timeout=30) as admin:
-            flow = admin.post(f"{api}/flows/", json={"name": "gateway-bench"})
-            created = admin.post(f"{api}/flow_runs/", json={"flow_id": flow.json()["id"]})
+            # A server just started may answer 503 for a moment (its database still busy).
+            deadline = time.monotonic() + 60
+            while True:
+                flow = admin.post(f"{api}/flows/", json={"name": "gateway-bench"})
+                created = (
+                    admin.post(f"{api}/flow_runs/", json={"flow_id": flow.json()["id"]})
+                    if flow.status_code < 400
+                    else flow
+                )
+                if created.status_code != 503 or time.monotonic() > deadline:
+                    break
+                time.sleep(1)
             if created.status_code >= 400:
                 raise RuntimeError(
                     f"creating the flow run: {created.status_code} {created.text[:500]}"

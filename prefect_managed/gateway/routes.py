@@ -126,9 +126,13 @@ class Route:
     #: forward and the checks to pass.
     rule: Rule | None = None
     parts: tuple[str, ...] = field(init=False, repr=False)
+    #: Per part: None for a literal, else the parameter's name and kind ("uuid", "str").
+    parameters: tuple[tuple[str, str] | None, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "parts", tuple(self.template[1:].split("/")))
+        parts = tuple(self.template[1:].split("/"))
+        object.__setattr__(self, "parts", parts)
+        object.__setattr__(self, "parameters", tuple(_parameter(part) for part in parts))
 
     @property
     def literals(self) -> int:
@@ -138,27 +142,34 @@ class Route:
 _PARAM = re.compile(r"^\{(\w+)(?::(uuid|str))?\}$")
 
 
-def _match_parts(parts: tuple[str, ...], segments: tuple[str, ...]) -> dict[str, Any] | None:
-    if len(parts) != len(segments):
+def _parameter(part: str) -> tuple[str, str] | None:
+    """A template's part as a parameter (its name, and "uuid" or "str"); None for a
+    literal part."""
+    param = _PARAM.match(part)
+    return None if param is None else (param.group(1), param.group(2) or "str")
+
+
+def _match_parts(route: Route, segments: tuple[str, ...]) -> dict[str, Any] | None:
+    if len(route.parts) != len(segments):
         return None
     params: dict[str, Any] = {}
-    for part, segment in zip(parts, segments, strict=True):
-        param = _PARAM.match(part)
-        if param is None:
+    for part, parameter, segment in zip(route.parts, route.parameters, segments, strict=True):
+        if parameter is None:
             if part != segment:
                 return None
             continue
         if not segment:
             return None
-        if param.group(2) == "uuid":
+        name, kind = parameter
+        if kind == "uuid":
             try:
-                params[param.group(1)] = UUID(segment)
+                params[name] = UUID(segment)
             except ValueError:
                 return None
             if len(segment) != 36:  # the server's convertor: the 8-4-4-4-12 form only
                 return None
         else:
-            params[param.group(1)] = segment
+            params[name] = segment
     return params
 
 
@@ -166,9 +177,9 @@ def match(reading: Reading) -> tuple[Route, dict[str, Any]]:
     """The one route a reading matches, and its parameters; `Refusal` when none does."""
     found = [
         (route, params)
-        for route in ROUTES
-        if route.method == reading.method
-        and (params := _match_parts(route.parts, reading.segments)) is not None
+        # Only the routes of its method and number of segments can match it.
+        for route in _BY_SHAPE.get((reading.method, len(reading.segments)), ())
+        if (params := _match_parts(route, reading.segments)) is not None
     ]
     if not found:
         raise Refusal(
@@ -186,9 +197,8 @@ def match(reading: Reading) -> tuple[Route, dict[str, Any]]:
 def _render(route: Route, params: dict[str, Any]) -> str:
     """The path forwarded: the route's template with the parameters as read."""
     rendered = []
-    for part in route.parts:
-        param = _PARAM.match(part)
-        rendered.append(part if param is None else encode_segment(str(params[param.group(1)])))
+    for part, parameter in zip(route.parts, route.parameters, strict=True):
+        rendered.append(part if parameter is None else encode_segment(str(params[parameter[0]])))
     return "/" + "/".join(rendered)
 
 
@@ -653,6 +663,11 @@ ROUTES: tuple[Route, ...] = (
     *(Route(method, template) for method, text in _READS.items() for template in text.split()),
     *(Route(method, template, rule) for (method, template), rule in _WRITES.items()),
 )
+_BY_SHAPE: dict[tuple[str, int], tuple[Route, ...]] = {}
+for _route in ROUTES:
+    _shape = (_route.method, len(_route.parts))
+    _BY_SHAPE[_shape] = (*_BY_SHAPE.get(_shape, ()), _route)
+del _route, _shape
 #: The route whose answer names a lease the run took (the gateway remembers it).
 LEASE_ROUTE = "/v2/concurrency_limits/increment-with-lease"
 LEASE_RELEASE_ROUTE = "/v2/concurrency_limits/decrement-with-lease"
