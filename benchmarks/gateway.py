@@ -154,14 +154,18 @@ def main() -> None:
             client = httpx.Client(headers={"Authorization": f"Bearer {token}"}, timeout=30)
             _send_all(client, gateway.url, requests, 5)  # warm: connections, caches
             gateways[which] = (gateway, client)
-        for name, request in requests.items():
+        for index, (name, request) in enumerate(requests.items()):
             one = {name: request}
+            # Each kind of request starts with another gateway: a machine that speeds up
+            # or slows down during the run weighs on all of them alike.
+            order = list(gateways.items())
+            order = order[index % len(order) :] + order[: index % len(order)]
             client_before = time.thread_time()
             started = time.perf_counter()
             _send_all(direct, api, one, args.rounds)
             direct_wall = time.perf_counter() - started
             client_cpu = time.thread_time() - client_before
-            for which, (gateway, client) in gateways.items():
+            for which, (gateway, client) in order:
                 thread = gateway._thread
                 profile = profiler is not None and which == "now"
                 if profile:
@@ -187,6 +191,8 @@ def main() -> None:
         "| latency through the gateway | latency direct to the server |"
     )
     print("|---|---|---|---|---|")
+    names, kinds = [row[0] for row in rows], list(variants)
+    rows.sort(key=lambda row: (names.index(row[0]), kinds.index(row[1])))
     for name, which, cpu, wall, direct_wall, _ in rows:
         print(
             f"| `{name}` | {which} | {cpu / n * 1000:.2f} ms | {wall / n * 1000:.2f} ms "

@@ -504,12 +504,26 @@ def throughput(deployment_id, runs: int, deadline: float) -> dict[str, float]:
     }
 
 
-def containers_gone(docker_client: Any, deployment_id: object, deadline: float) -> None:
-    """Wait (up to a minute) until no container of the deployment's runs is running."""
+def containers_gone(docker_client: Any, deployment_id: object, deadline: float) -> bool:
+    """Wait (up to a minute) until no container of the deployment's runs is running;
+    whether none is."""
     limit = min(deadline, time.monotonic() + 60)
     label = f"io.prefect.deployment-id={deployment_id}"
-    while time.monotonic() < limit and docker_client.containers.list(filters={"label": label}):
+    while docker_client.containers.list(filters={"label": label}):
+        if time.monotonic() >= limit:
+            return False
         time.sleep(0.2)
+    return True
+
+
+def other_containers(docker_client: Any, deployment_id: object) -> set[str]:
+    """The names of running containers that are not of the deployment's runs."""
+    label = "io.prefect.deployment-id"
+    return {
+        container.name
+        for container in docker_client.containers.list()
+        if container.labels.get(label) != str(deployment_id)
+    }
 
 
 def add_throughput(total: dict[str, float] | None, part: dict[str, float]) -> dict[str, float]:
@@ -1437,15 +1451,25 @@ def main(argv: list[str] | None = None) -> int:
             containers_before = all_containers_cpu_seconds()
             gateway_before = threads_cpu_seconds(gateway_pid, gateway)
             _, log_offset = server_requests(server.log_path, 0)
+            others = other_containers(docker_client, d[f"{key}_noop"])
             part = throughput(d[f"{key}_noop"], count, deadline)
+            # Runs still reporting (or released) after the last final state are counted,
+            # and the last containers' exits with the worker's work on them: every
+            # counter is read once they are gone.
+            if not containers_gone(docker_client, d[f"{key}_noop"], deadline):
+                results.notes.append(
+                    f"(c) {key}: containers of its runs still ran a minute after the last "
+                    "final state; their CPU after that is not counted"
+                )
+            time.sleep(2 * float(QUERY_SECONDS))
+            others |= other_containers(docker_client, d[f"{key}_noop"])
+            if others:
+                results.notes.append(
+                    f"(c) {key}: other containers ran during the phase and count in the "
+                    f"containers' CPU: {', '.join(sorted(others))}"
+                )
             after = (cpu_seconds(workers[key]), cpu_seconds(server), process_cpu_seconds(engine))
             machine_after = machine_cpu_seconds()
-            # Runs still reporting (or released) after the last final state are counted,
-            # and the last containers' exits, with the worker's work on them (the
-            # container, the worker and its gateway are read once they are gone).
-            containers_gone(docker_client, d[f"{key}_noop"], deadline)
-            time.sleep(2 * float(QUERY_SECONDS))
-            after = (cpu_seconds(workers[key]), *after[1:])
             containers_after = all_containers_cpu_seconds()
             gateway_after = threads_cpu_seconds(gateway_pid, gateway)
             if key == "managed" and gateway_before is not None and gateway_after is not None:

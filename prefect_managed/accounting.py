@@ -171,6 +171,12 @@ class Accounting:
             self._line_due = None
             with anyio.move_on_after(5, shield=True):
                 await self._show_due_lines()
+            if self._lines_due:
+                logger.warning(
+                    "Stopped before showing the month's usage on work pool(s) %s; the "
+                    "next worker of the pool shows it when it starts",
+                    ", ".join(sorted(self._lines_due)),
+                )
 
     async def _show_due_lines(self) -> None:
         for pool in list(self._lines_due):
@@ -180,13 +186,17 @@ class Accounting:
                 del self._lines_due[pool]
 
     def _line_is_due(self, due: anyio.Event, pool: str, usage: MonthlyUsage) -> None:
-        shown = self._lines_due.get(pool)
-        # Records finish in any order: the usage with the most records of the latest month.
-        if shown is None or (usage.month, len(usage.records)) >= (
-            shown.month,
-            len(shown.records),
-        ):
-            self._lines_due[pool] = usage
+        waiting = self._lines_due.get(pool)
+        if waiting is not None and waiting.month == usage.month:
+            # Two records stored at once each read the month without the other's: the
+            # line shows both.
+            merged = MonthlyUsage(workspace=usage.workspace, month=usage.month)
+            for record in (*waiting.records.values(), *usage.records.values()):
+                merged.add(record)
+            usage = merged
+        elif waiting is not None and waiting.month > usage.month:
+            usage = waiting  # a record of last month, stored late
+        self._lines_due[pool] = usage
         due.set()
 
     async def send_spooled(self) -> int:

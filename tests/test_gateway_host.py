@@ -5,6 +5,7 @@ cannot prove the ledger key, and containers of a real Docker engine that a run's
 
 from __future__ import annotations
 
+import gzip
 import json
 import threading
 from contextlib import contextmanager
@@ -127,11 +128,32 @@ class _FailingApi(BaseHTTPRequestHandler):
     encodings: list[str | None] = []
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's name
-        """`answering`: a run's logs read, answered with `LARGE_ANSWER_LINES` lines."""
+        """`answering`: a run's logs read, answered with `LARGE_ANSWER_LINES` lines; a
+        flow runs read answered gzip-compressed although the gateway asked for no
+        encoding (small compressed, large once decompressed); a task runs read answered
+        with no length (the connection's end ends it)."""
         self.encodings.append(self.headers.get("Accept-Encoding"))
         self.rfile.read(int(self.headers.get("Content-Length") or 0))
         lines = [{"message": f"line {i}", "level": 20} for i in range(LARGE_ANSWER_LINES)]
-        self._answer(200, lines if self.path == "/api/logs/filter" else {"detail": "Not Found"})
+        if self.path == "/api/logs/filter":
+            self._answer(200, lines)
+        elif self.path == "/api/flow_runs/filter":
+            data = gzip.compress(json.dumps([{"name": "x" * 1000}] * 1000).encode())
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+        elif self.path == "/api/task_runs/filter":
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(b"[]")
+            self.close_connection = True
+        else:
+            self._answer(404, {"detail": "Not Found"})
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         self.encodings.append(self.headers.get("Accept-Encoding"))
@@ -297,9 +319,10 @@ def test_a_run_whose_status_reads_as_no_json_gets_a_502_it_retries():
 
 def test_answers_are_sent_on_whole_when_small_streamed_when_large_never_compressed():
     """What the gateway does with the API's answers: one of bounded size is read whole
-    and sent in one piece (with its length), a large one (a run's logs) is streamed on
-    (chunked), and the API is asked for answers it need not compress, the gateway need
-    not decompress."""
+    and sent in one piece (with its length); a large one (a run's logs), one compressed
+    all the same (its length does not bound it once decompressed) and one of unknown
+    length are streamed on (chunked); and the API is asked for answers it need not
+    compress, the gateway need not decompress."""
     from prefect_managed.gateway.tokens import run_token
 
     run = uuid4()
@@ -308,6 +331,8 @@ def test_answers_are_sent_on_whole_when_small_streamed_when_large_never_compress
         base = f"http://127.0.0.1:{gateway.port}/api"
         small = httpx.get(f"{base}/flow_runs/{run}", headers=headers, timeout=30)
         large = httpx.post(f"{base}/logs/filter", json={"limit": 200}, headers=headers, timeout=30)
+        compressed = httpx.post(f"{base}/flow_runs/filter", json={}, headers=headers, timeout=30)
+        unknown = httpx.post(f"{base}/task_runs/filter", json={}, headers=headers, timeout=30)
         encodings = gateway.api.RequestHandlerClass.encodings
     assert small.status_code == 200, small.text
     assert small.json() == {"id": str(run), "state": {"type": "RUNNING"}}
@@ -317,5 +342,13 @@ def test_answers_are_sent_on_whole_when_small_streamed_when_large_never_compress
     assert len(large.content) > Gateway.inline_answer_bytes
     assert large.headers.get("transfer-encoding") == "chunked"
     assert len(large.json()) == LARGE_ANSWER_LINES
-    # The status read, the run's read and its logs read: none let the API compress.
-    assert len(encodings) == 3 and set(encodings) == {"identity"}, encodings
+    # Compressed anyway (about 4 KB, a megabyte once decompressed): never held whole.
+    assert compressed.status_code == 200, compressed.text[:300]
+    assert compressed.headers.get("transfer-encoding") == "chunked"
+    assert "content-encoding" not in compressed.headers
+    assert len(compressed.json()) == 1000
+    # Of unknown length: streamed.
+    assert unknown.status_code == 200 and unknown.json() == []
+    assert unknown.headers.get("transfer-encoding") == "chunked"
+    # The status read and the run's four reads: none let the API compress.
+    assert len(encodings) == 5 and set(encodings) == {"identity"}, encodings

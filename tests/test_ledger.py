@@ -290,12 +290,15 @@ async def _pool_line_scenario(workspace: str, pool: str) -> dict[str, object]:
         async with anyio.create_task_group() as background:
             background.start_soon(accounting.keep_pool_lines)
             await anyio.sleep(0.1)
-            await store()  # after a quiet spell: shown at once
-            with anyio.fail_after(5):
+            await store()  # after a quiet spell: shown at once, not after the interval
+            with anyio.fail_after(POOL_LINE_SECONDS_IN_TEST / 2):
                 while "by 1 flow run(s)" not in await shown():
                     await anyio.sleep(0.05)
-            for _ in range(5):  # a burst: its last record shown within the interval
-                await store()
+            # A burst, five runs finishing at once (each record published from the month
+            # as read without the others'): shown once, within the interval, all five.
+            async with anyio.create_task_group() as burst:
+                for _ in range(5):
+                    burst.start_soon(store)
             writes_after_burst = len(writes.written)
             with anyio.fail_after(POOL_LINE_SECONDS_IN_TEST * 3):
                 while "by 6 flow run(s)" not in await shown():
@@ -314,13 +317,14 @@ async def _pool_line_scenario(workspace: str, pool: str) -> dict[str, object]:
         }
 
 
-POOL_LINE_SECONDS_IN_TEST = 1.0
+POOL_LINE_SECONDS_IN_TEST = 3.0
 
 
 def test_a_pools_usage_line_is_updated_at_once_then_once_per_burst(prefect_server, monkeypatch):
     """The pool's description shows the month's usage: the first record after a quiet
-    spell at once, a burst of records with one update after the interval, and a record
-    stored just before the worker stops as it stops; the operator's text stays."""
+    spell at once, a burst of records (stored at once) with one update after the
+    interval, counting them all, and a record stored just before the worker stops as it
+    stops; the operator's text stays."""
     import prefect_managed.accounting
 
     monkeypatch.setattr(prefect_managed.accounting, "POOL_LINE_SECONDS", POOL_LINE_SECONDS_IN_TEST)
@@ -333,3 +337,36 @@ def test_a_pools_usage_line_is_updated_at_once_then_once_per_burst(prefect_serve
     assert result["writes_after_burst"] == 1, writes
     assert result["last"].startswith("The team's pool.\n\nCompute this month"), result["last"]
     assert "by 8 flow run(s)" in result["last"], result["last"]
+
+
+def test_usages_published_at_once_are_shown_together():
+    """Two records stored at once each publish the month as read without the other's:
+    the pool's line due shows both (and a late record of last month does not replace
+    this month's)."""
+    from prefect_managed.accounting import Accounting
+    from prefect_managed.policy import load_policy
+    from prefect_managed.usage import MonthlyUsage
+
+    workspace = "merge"
+    first, second, earlier = (_record(workspace, uuid.uuid4(), 60) for _ in range(3))
+    month = first.month
+    known = _record(workspace, uuid.uuid4(), 60)
+
+    def usage(*records, of=month):
+        found = MonthlyUsage(workspace=workspace, month=of)
+        for record in records:
+            found.add(record)
+        return found
+
+    async def scenario():
+        accounting = Accounting(None, load_policy(None), lambda _: None)  # type: ignore[arg-type]
+        due = anyio.Event()
+        accounting._line_is_due(due, "pool", usage(known, first))
+        accounting._line_is_due(due, "pool", usage(known, second))
+        accounting._line_is_due(due, "pool", usage(earlier, of="2000-01"))
+        return due.is_set(), accounting._lines_due["pool"]
+
+    was_set, shown = anyio.run(scenario)
+    assert was_set
+    assert shown.month == month
+    assert set(shown.records) == {(r.flow_run_id, 1) for r in (known, first, second)}

@@ -161,8 +161,9 @@ async def _relayed(traffic_seconds: float, idle: float) -> tuple[list[bytes], fl
     last = 0.0
     while time.monotonic() - started < traffic_seconds:
         await loop.sock_sendall(client, b"x")
-        await loop.sock_sendall(upstream, await loop.sock_recv(upstream, 1))
-        echoed.append(await loop.sock_recv(client, 1))
+        relayed = await asyncio.wait_for(loop.sock_recv(upstream, 1), 10)
+        await loop.sock_sendall(upstream, relayed)
+        echoed.append(await asyncio.wait_for(loop.sock_recv(client, 1), 10))
         last = time.monotonic() - started
         await asyncio.sleep(idle / 10)
     await asyncio.wait_for(relay, idle * 10)

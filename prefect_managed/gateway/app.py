@@ -332,9 +332,9 @@ class Gateway:
     """The ASGI application: `api_url` is the worker's Prefect API, `auth_headers` its
     credential, `key` the ledger key that signs run tokens."""
 
-    #: An answer of the API up to this size (by its Content-Length) is read whole and
-    #: sent on in one piece; a larger one, or one of unknown length, is streamed, so a
-    #: run's logs never sit whole in the worker.
+    #: An uncompressed answer of the API up to this size (by its Content-Length) is read
+    #: whole and sent on in one piece; a larger one, a compressed one or one of unknown
+    #: length is streamed, so a run's logs never sit whole in the worker.
     inline_answer_bytes = 256 * 1024
     #: The encoding the gateway asks the API for (None: httpx's default, gzip and
     #: deflate). Uncompressed: a run's container gets its answers uncompressed anyway,
@@ -577,7 +577,10 @@ class Gateway:
         }
         length = upstream.headers.get("content-length", "")
         lease = decision.route in (LEASE_ROUTE, LEASE_RELEASE_ROUTE)
-        if lease or (length.isdigit() and int(length) <= self.inline_answer_bytes):
+        # Its length bounds what is held only when the answer is not compressed (an API,
+        # or a proxy in front of it, may compress anyway): else it is streamed.
+        plain = upstream.headers.get("content-encoding", "identity").strip().lower() == "identity"
+        if lease or (plain and length.isdigit() and int(length) <= self.inline_answer_bytes):
             try:
                 content = await upstream.aread()
             except httpx.HTTPError as exc:

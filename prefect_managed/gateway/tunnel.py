@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import hashlib
 import hmac
 import ipaddress
@@ -409,7 +408,11 @@ async def _relay(
         except (ConnectionError, OSError):
             pass
 
-    pipes = asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+    directions = [
+        asyncio.ensure_future(pipe(reader, up_writer)),
+        asyncio.ensure_future(pipe(up_reader, writer)),
+    ]
+    pipes = asyncio.gather(*directions)
     try:
         while True:
             quiet_until = last[0] + idle
@@ -420,6 +423,8 @@ async def _relay(
                 if time.monotonic() - last[0] >= idle:
                     return  # idle both ways: closed by the caller
     finally:
-        pipes.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await pipes
+        # Both directions end with the relay, whichever way it ends (one that failed
+        # does not leave the other running).
+        for direction in directions:
+            direction.cancel()
+        await asyncio.gather(*directions, return_exceptions=True)
