@@ -26,6 +26,7 @@ import os
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from pathlib import Path
 from statistics import median
 from typing import Any
@@ -49,22 +50,19 @@ _ALL_CONTAINERS = (
 )
 
 
+def _first_dir(candidates: Iterable[str]) -> Path | None:
+    return next((Path(c) for c in candidates if Path(c).is_dir()), None)
+
+
 def all_containers_cpu_seconds() -> float | None:
     """CPU seconds all of the engine's containers have used so far, the ones that have
     exited included; None where they cannot be told apart from the machine's services."""
-    for candidate in _ALL_CONTAINERS:
-        path = Path(candidate)
-        if path.is_dir():
-            return _cgroup_cpu_seconds(path)
-    return None
+    path = _first_dir(_ALL_CONTAINERS)
+    return None if path is None else _cgroup_cpu_seconds(path)
 
 
 def _cgroup_dir(container_id: str) -> Path | None:
-    for candidate in _CGROUP_CANDIDATES:
-        path = Path(candidate.format(id=container_id))
-        if path.is_dir():
-            return path
-    return None
+    return _first_dir(candidate.format(id=container_id) for candidate in _CGROUP_CANDIDATES)
 
 
 def _cgroup_cpu_seconds(path: Path) -> float | None:

@@ -504,12 +504,22 @@ def throughput(deployment_id, runs: int, deadline: float) -> dict[str, float]:
     }
 
 
+def accumulate(
+    totals: dict[str, float], key: str, before: float | None, after: float | None
+) -> None:
+    """Add a counter's rise over one part of (c) to the worker's total; nothing when the
+    counter could not be read."""
+    if before is not None and after is not None:
+        totals[key] = round(totals.get(key, 0.0) + after - before, 2)
+
+
 def containers_gone(docker_client: Any, deployment_id: object, deadline: float) -> bool:
     """Wait (up to a minute) until no container of the deployment's runs is running;
     whether none is."""
     limit = min(deadline, time.monotonic() + 60)
     label = f"io.prefect.deployment-id={deployment_id}"
-    while docker_client.containers.list(filters={"label": label}):
+    # ignore_removed: a container the worker removes while it is being listed is gone.
+    while docker_client.containers.list(filters={"label": label}, ignore_removed=True):
         if time.monotonic() >= limit:
             return False
         time.sleep(0.2)
@@ -521,7 +531,7 @@ def other_containers(docker_client: Any, deployment_id: object) -> set[str]:
     label = "io.prefect.deployment-id"
     return {
         container.name
-        for container in docker_client.containers.list()
+        for container in docker_client.containers.list(ignore_removed=True)
         if container.labels.get(label) != str(deployment_id)
     }
 
@@ -638,12 +648,17 @@ def floor_budget(floor: float | None) -> float | None:
     return None if floor is None else floor + FLOOR_ALLOWANCE_SECONDS + float(QUERY_SECONDS)
 
 
-def cpu_per_run(results: Results) -> dict[str, float]:
-    """Each worker's CPU seconds per run during (c)."""
+def per_run(results: Results, totals: dict[str, float]) -> dict[str, float]:
+    """Seconds over each worker's part of (c), per run of that part."""
     return {
         key: seconds / (results.throughput.get(key, {}).get("runs") or 1)
-        for key, seconds in results.throughput_cpu_seconds.items()
+        for key, seconds in totals.items()
     }
+
+
+def cpu_per_run(results: Results) -> dict[str, float]:
+    """Each worker's CPU seconds per run during (c)."""
+    return per_run(results, results.throughput_cpu_seconds)
 
 
 def without_gateway(results: Results) -> dict[str, float]:
@@ -657,32 +672,23 @@ def without_gateway(results: Results) -> dict[str, float]:
 
 def gateway_cpu_per_run(results: Results) -> dict[str, float]:
     """The run gateway's CPU seconds per managed run during (c)."""
-    return {
-        key: seconds / (results.throughput.get(key, {}).get("runs") or 1)
-        for key, seconds in results.throughput_gateway_cpu_seconds.items()
-    }
+    return per_run(results, results.throughput_gateway_cpu_seconds)
 
 
 def container_and_worker_cpu_per_run(results: Results) -> dict[str, float]:
     """Issue 26's CPU per run: the run's container and the worker together, during (c).
     The run gateway is the managed worker's, wherever the host serves it from."""
     cpu, gateway = cpu_per_run(results), gateway_cpu_per_run(results)
-    found = {}
-    for key, seconds in results.throughput_container_cpu_seconds.items():
-        if key not in cpu:
-            continue
-        found[key] = seconds / (results.throughput.get(key, {}).get("runs") or 1) + cpu[key]
-        if key == "managed" and not results.gateway_in_worker:
-            found[key] += gateway.get(key, 0.0)
+    containers = per_run(results, results.throughput_container_cpu_seconds)
+    found = {key: seconds + cpu[key] for key, seconds in containers.items() if key in cpu}
+    if "managed" in found and not results.gateway_in_worker:
+        found["managed"] += gateway.get("managed", 0.0)
     return found
 
 
 def machine_cpu_per_run(results: Results) -> dict[str, float]:
     """The machine's CPU seconds per run during each worker's part of (c)."""
-    return {
-        key: seconds / (results.throughput.get(key, {}).get("runs") or 1)
-        for key, seconds in results.throughput_machine_cpu_seconds.items()
-    }
+    return per_run(results, results.throughput_machine_cpu_seconds)
 
 
 def summarize(results: Results) -> dict[str, object]:
@@ -1472,36 +1478,20 @@ def main(argv: list[str] | None = None) -> int:
             machine_after = machine_cpu_seconds()
             containers_after = all_containers_cpu_seconds()
             gateway_after = threads_cpu_seconds(gateway_pid, gateway)
-            if key == "managed" and gateway_before is not None and gateway_after is not None:
-                results.throughput_gateway_cpu_seconds[key] = round(
-                    results.throughput_gateway_cpu_seconds.get(key, 0.0)
-                    + gateway_after
-                    - gateway_before,
-                    2,
+            if key == "managed":
+                accumulate(
+                    results.throughput_gateway_cpu_seconds, key, gateway_before, gateway_after
                 )
             requests[key].update(server_requests(server.log_path, log_offset)[0])
             results.throughput[key] = add_throughput(results.throughput.get(key), part)
-            results.throughput_cpu_seconds[key] = round(
-                results.throughput_cpu_seconds.get(key, 0.0) + after[0] - before[0], 2
+            accumulate(results.throughput_cpu_seconds, key, before[0], after[0])
+            accumulate(results.throughput_machine_cpu_seconds, key, machine_before, machine_after)
+            accumulate(
+                results.throughput_container_cpu_seconds, key, containers_before, containers_after
             )
-            if machine_before is not None and machine_after is not None:
-                results.throughput_machine_cpu_seconds[key] = round(
-                    results.throughput_machine_cpu_seconds.get(key, 0.0)
-                    + machine_after
-                    - machine_before,
-                    2,
-                )
-            if containers_before is not None and containers_after is not None:
-                results.throughput_container_cpu_seconds[key] = round(
-                    results.throughput_container_cpu_seconds.get(key, 0.0)
-                    + containers_after
-                    - containers_before,
-                    2,
-                )
             shared = results.throughput_shared_cpu_seconds.setdefault(key, {})
-            shared["server"] = round(shared.get("server", 0.0) + after[1] - before[1], 2)
-            if before[2] is not None and after[2] is not None:
-                shared["dockerd"] = round(shared.get("dockerd", 0.0) + after[2] - before[2], 2)
+            accumulate(shared, "server", before[1], after[1])
+            accumulate(shared, "dockerd", before[2], after[2])
             print(f"  {key}, {count} runs: {part}", flush=True)
         for key, found in requests.items():
             if found:

@@ -311,16 +311,18 @@ def test_the_work_pools_list_and_the_pools_page_show_the_months_usage_and_quota(
 
     # The worker updates the line off the run's finish (at most once in a few seconds).
     deadline = time.monotonic() + 30
-    while True:
-        with ThreadPoolExecutor(max_workers=1) as pool:
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        while True:
             description, report = pool.submit(read).result()
-        lines = [line for line in description.splitlines() if line.startswith("Compute this month")]
-        assert len(lines) == 1, description
-        line = lines[0]
-        expected = f"({report['month']}): {report['billable_minutes'] / 60:.2f} of "
-        if expected in line or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
+            lines = [
+                line for line in description.splitlines() if line.startswith("Compute this month")
+            ]
+            assert len(lines) == 1, description
+            line = lines[0]
+            expected = f"({report['month']}): {report['billable_minutes'] / 60:.2f} of "
+            if expected in line or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
     assert expected in line, (line, report)
     assert "workspace 'tests', test tier" in line
 
