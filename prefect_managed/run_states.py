@@ -19,6 +19,8 @@ from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas import OrchestrationResult, SetStateStatus
 from prefect.client.schemas.actions import LogCreate
 from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
     LogFilter,
     LogFilterFlowRunId,
     LogFilterTimestamp,
@@ -27,7 +29,7 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.sorting import LogSort
 from prefect.exceptions import Abort, ObjectNotFound
 from prefect.logging import get_logger
-from prefect.states import Cancelled, Crashed, Failed, Scheduled
+from prefect.states import Cancelled, Crashed, Failed, Pending, Scheduled
 
 from prefect_managed.container_output import CONTAINER_OUTPUT_LOGGER, batches
 from prefect_managed.dependencies import describe_early_exit, split_extra_pip_packages
@@ -235,27 +237,93 @@ class RunStates:
             return []
         return list(deployment.pull_steps or [])
 
-    async def refuse(self, flow_run: FlowRun, name: str, message: str) -> None:
-        """End a run that will not start Failed, with `message` (e.g. QuotaExhausted)."""
+    async def unchanged(self, flow_runs: list[FlowRun]) -> set[UUID]:
+        """Of runs a poll read, those still in the state it read (one read of them all).
+
+        Between a poll and what the worker does with its runs (room counted, slots
+        taken) another host may have taken a run and even finished it; Prefect accepts
+        Pending from Completed (without a persisted result), Failed or Crashed, so a
+        claim alone would run it again."""
+        if not flow_runs:
+            return set()
+        polled = {flow_run.id: flow_run.state_id for flow_run in flow_runs}
+        current = await self._client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=list(polled))),
+            limit=len(polled),
+        )
+        return {run.id for run in current if run.state_id == polled[run.id]}
+
+    async def _claim(self, flow_run: FlowRun) -> UUID | None:
+        """Take a run read by a poll before setting a state on it, as Prefect's workers
+        take a run to submit it; the Pending state's id, or None when the run is not
+        this worker's to change.
+
+        Scheduled → Pending is the one transition Prefect's server refuses once another
+        worker has taken the run, or it runs, or it is being cancelled
+        (`PreventPendingTransitions`); any other state is set whatever the run's current
+        one is. A state set from what a poll read is set only after this succeeds, so it
+        never replaces what another host or the run did since the poll (which would run
+        the run twice, or undo a cancel)."""
         try:
-            await self._client.set_flow_run_state(flow_run.id, Failed(name=name, message=message))
+            result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
+                flow_run.id, Pending()
+            )
+        except ObjectNotFound:  # deleted since the poll
+            return None
+        claimed = result.state
+        if result.status != SetStateStatus.ACCEPT or claimed is None or not claimed.is_pending():
+            return None
+        return claimed.id
+
+    async def _set_after_claim(self, flow_run: FlowRun, claimed: UUID, state: State) -> bool:
+        """Set `state` on a run this worker has just taken (`_claim`). Should that fail,
+        the run is put back in Scheduled if it is still in the claim's Pending state
+        (else nothing would ever start it), and the error is raised."""
+        try:
+            result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
+                flow_run.id, state
+            )
         except Abort:
+            return False
+        except Exception:
+            try:
+                await self.schedule_again(
+                    flow_run, f"Put back in Scheduled: {state.name} could not be set.", claimed
+                )
+            except Exception:
+                logger.warning(
+                    "Flow run %s is left Pending: it could not be set %s nor put back in Scheduled",
+                    flow_run.id,
+                    state.name,
+                    exc_info=True,
+                )
+            raise
+        return result.status == SetStateStatus.ACCEPT
+
+    async def refuse(self, flow_run: FlowRun, name: str, message: str) -> None:
+        """End a run that will not start Failed, with `message` (e.g. QuotaExhausted).
+        Taken first (`_claim`): a run another host started meanwhile is left to it."""
+        claimed = await self._claim(flow_run)
+        if claimed is None:
             return
-        self._run_logger(flow_run).error("%s", message)
+        if await self._set_after_claim(flow_run, claimed, Failed(name=name, message=message)):
+            self._run_logger(flow_run).error("%s", message)
 
     async def mark_awaiting_slot(
         self, flow_run: FlowRun, scheduled_time: datetime, message: str
     ) -> None:
+        """Put a run that has room on this host but no workspace slot in Scheduled
+        `AwaitingConcurrencySlot`, in its place (`scheduled_time`). Taken first
+        (`_claim`): a run another host took meanwhile is left to it; one this worker took
+        is back in Scheduled at once, for whichever host has a slot first."""
         if flow_run.state is None or flow_run.state.name == AWAITING_SLOT:
             return
-        try:
-            await self._client.set_flow_run_state(
-                flow_run.id,
-                Scheduled(name=AWAITING_SLOT, scheduled_time=scheduled_time, message=message),
-            )
-        except Abort:
+        claimed = await self._claim(flow_run)
+        if claimed is None:
             return
-        self._run_logger(flow_run).info("%s", message)
+        waiting = Scheduled(name=AWAITING_SLOT, scheduled_time=scheduled_time, message=message)
+        if await self._set_after_claim(flow_run, claimed, waiting):
+            self._run_logger(flow_run).info("%s", message)
 
     async def schedule_again(
         self, flow_run: FlowRun, message: str, pending_state_id: UUID | None = None

@@ -396,9 +396,15 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         assert self._states is not None
         if flow_run_response and await self._accounting.quota_exhausted():
             message = self._accounting.exhausted_message()
-            for entry in flow_run_response:
-                if entry.flow_run.id not in self._submitting_flow_run_ids:
-                    await self._states.refuse(entry.flow_run, QUOTA_EXHAUSTED, message)
+            polled = [
+                entry.flow_run
+                for entry in flow_run_response
+                if entry.flow_run.id not in self._submitting_flow_run_ids
+            ]
+            unchanged = await self._states.unchanged(polled)
+            for flow_run in polled:
+                if flow_run.id in unchanged:
+                    await self._states.refuse(flow_run, QUOTA_EXHAUSTED, message)
             return []
         await self._take_waiting_slots()  # taken-over runs come first
         queue = sorted(flow_run_response, key=lambda e: _scheduled_time(e.flow_run))
@@ -435,26 +441,40 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         left for another host; the runs with both submitted through Prefect."""
         assert self._slots is not None and self._states is not None
         acquired = await self._slots.acquire_in_order(roomy) if roomy else set()
+        # What the poll read may be old by now (counting room and taking slots ask the
+        # engine and the API): a run another host has taken since is left to it.
+        acting = [e.flow_run for e in queue if e.flow_run.id not in ours and e.flow_run.id in roomy]
+        if self._unslotted:
+            acting = [e.flow_run for e in queue if e.flow_run.id not in ours]
+        try:
+            unchanged = await self._states.unchanged(acting)
+        except BaseException:
+            for run in acquired:
+                await self._slots.release(run)
+            raise
         admitted: list[WorkerFlowRunResponse] = []
         self.stats.waiting_for_slot = self.stats.waiting_for_room = 0
         for entry in queue:
             flow_run = entry.flow_run
-            if flow_run.id in ours or flow_run.id in acquired:
+            if flow_run.id in ours:
                 admitted.append(entry)
-            elif flow_run.id in roomy or self._unslotted:
+            elif flow_run.id not in roomy and not self._unslotted:
+                # No room on this host: left Scheduled, without a slot, for another host.
+                self.stats.waiting_for_room += 1
+            elif flow_run.id not in unchanged:
+                pass  # taken by another host since the poll (its slot is released below)
+            elif flow_run.id in acquired:
+                admitted.append(entry)
+            else:
                 self.stats.waiting_for_slot += 1
                 await self._states.mark_awaiting_slot(
                     flow_run, _scheduled_time(flow_run), awaiting_slot_message(self.policy)
                 )
-            else:
-                # No room on this host: left Scheduled, without a slot, for another host.
-                self.stats.waiting_for_room += 1
         submitted = await super()._submit_scheduled_flow_runs(admitted)
         submitted_ids = {flow_run.id for flow_run in submitted}
         self.stats.admitted += len(submitted_ids - ours)
-        for entry in admitted:
-            if entry.flow_run.id not in submitted_ids:
-                await self._slots.release(entry.flow_run.id)
+        for run in {*acquired, *(entry.flow_run.id for entry in admitted)} - submitted_ids:
+            await self._slots.release(run)
         return submitted
 
     def _need(self) -> Need:

@@ -45,6 +45,14 @@ class FakeSlots:
         self.held.add(flow_run_id)
         return True
 
+    async def acquire_in_order(self, flow_run_ids: list[UUID]) -> set[UUID]:
+        acquired = set()
+        for flow_run_id in flow_run_ids:
+            if not await self.try_acquire(flow_run_id):
+                break
+            acquired.add(flow_run_id)
+        return acquired
+
     async def release(self, flow_run_id: UUID) -> None:
         if self.fail:
             raise RuntimeError("the Prefect API is down")
@@ -111,6 +119,70 @@ def test_a_taken_over_run_that_ends_while_its_slot_is_taken_gives_it_back(worker
     asyncio.run(worker._take_waiting_slots())
     assert not slots.held and slots.free == 1
     assert not worker._unslotted
+
+
+class PolledStates:
+    """Stands in for RunStates: `moved` runs changed since the poll; what was marked."""
+
+    def __init__(self, moved: set[UUID]) -> None:
+        self.moved = moved
+        self.marked: list[UUID] = []
+        self.refused: list[UUID] = []
+
+    async def unchanged(self, flow_runs: list[Any]) -> set[UUID]:
+        return {flow_run.id for flow_run in flow_runs} - self.moved
+
+    async def mark_awaiting_slot(self, flow_run: Any, scheduled_time: Any, message: str) -> None:
+        self.marked.append(flow_run.id)
+
+    async def refuse(self, flow_run: Any, name: str, message: str) -> None:
+        self.refused.append(flow_run.id)
+
+
+def test_a_run_another_host_took_since_the_poll_is_neither_submitted_nor_marked(
+    worker, monkeypatch
+):
+    """Slots for two of four runs; one with a slot and one without moved on since the
+    poll: the first's slot goes back, neither is submitted or marked waiting."""
+    from prefect.workers.base import BaseWorker
+
+    slots = FakeSlots(free=2)
+    worker._slots = slots  # type: ignore[assignment]
+    due = {"state": None, "next_scheduled_start_time": None, "expected_start_time": None}
+    runs = [SimpleNamespace(id=uuid4(), state_id=uuid4(), **due) for _ in range(4)]
+    took_with_slot, stays_with_slot, took_without, waits = (run.id for run in runs)
+    states = PolledStates(moved={took_with_slot, took_without})
+    worker._states = states  # type: ignore[assignment]
+    submitted: list[UUID] = []
+
+    async def submit(self, entries):  # Prefect's claim and start
+        submitted.extend(entry.flow_run.id for entry in entries)
+        return [entry.flow_run for entry in entries]
+
+    monkeypatch.setattr(BaseWorker, "_submit_scheduled_flow_runs", submit)
+    queue = [SimpleNamespace(flow_run=run) for run in runs]
+    result = asyncio.run(worker._admit_with_slots(queue, set(), [run.id for run in runs]))
+    assert [run.id for run in result] == submitted == [stays_with_slot]
+    assert states.marked == [waits]
+    assert slots.held == {stays_with_slot} and slots.released == [took_with_slot]
+
+
+def test_with_the_quota_used_up_only_runs_still_as_polled_are_refused(worker):
+    class UsedUp:
+        async def quota_exhausted(self) -> bool:
+            return True
+
+        def exhausted_message(self) -> str:
+            return "used up"
+
+    worker._slots = FakeSlots(free=1)  # type: ignore[assignment]
+    worker._accounting = UsedUp()  # type: ignore[assignment]
+    moved, still = uuid4(), uuid4()
+    states = PolledStates(moved={moved})
+    worker._states = states  # type: ignore[assignment]
+    queue = [SimpleNamespace(flow_run=SimpleNamespace(id=run)) for run in (moved, still)]
+    assert asyncio.run(worker._submit_scheduled_flow_runs(queue)) == []
+    assert states.refused == [still]
 
 
 def test_a_slot_held_for_no_run_goes_back_at_the_second_reconciliation(worker, caplog):

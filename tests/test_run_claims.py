@@ -1,0 +1,138 @@
+"""A state the worker sets on a run from what its poll read never replaces what another
+host, the user or the run did since (on a real Prefect server, no Docker).
+
+Two hosts poll the same pool. Between one host's poll and its marking a run as waiting
+for a slot (or failing it for the quota), the other host may have taken the run, run it,
+or the user cancelled it. Prefect's server guards only Scheduled → Pending; any other
+state is set whatever the run's current one, and Pending itself is accepted from
+Completed, Failed and Crashed. So the worker first checks the run is still as polled
+(`RunStates.unchanged`), then takes it as Prefect's workers do (`_claim`), and only then
+sets its state. The worker's part (which runs it checks, what it releases) is in
+tests/test_worker_logic.py; two hosts on one pool in tests/test_topology.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.states import Cancelling, Completed, Crashed, Failed, Pending, Running, Scheduled
+
+from prefect_managed.run_states import AWAITING_SLOT, QUOTA_EXHAUSTED, RunStates
+
+_LOGGER = logging.getLogger("test.run_claims")
+
+# What happened to a polled run before the worker acts on it, as the state proposals
+# another worker, the engine in its container or the UI makes.
+SINCE_THE_POLL = {
+    "another host took it": [Pending()],
+    "another host runs it": [Pending(), Running()],
+    "another host ran it to completion": [Pending(), Running(), Completed()],
+    "it failed on another host": [Pending(), Running(), Failed(message="the flow raised")],
+    "it crashed on another host": [Pending(), Running(), Crashed(message="killed")],
+    "it is being cancelled on another host": [Pending(), Running(), Cancelling()],
+    "the user cancelled it while it waited": [Cancelling()],  # the server makes it Cancelled
+}
+# The moves the server's guard on Pending alone stops (without the check of `unchanged`).
+GUARDED_BY_THE_CLAIM = {
+    "another host took it",
+    "another host runs it",
+    "it is being cancelled on another host",
+    "the user cancelled it while it waited",
+}
+
+
+async def _deployment(client) -> uuid.UUID:
+    flow_id = await client.create_flow_from_name(f"claims-{uuid.uuid4().hex[:6]}")
+    return await client.create_deployment(flow_id=flow_id, name="claims")
+
+
+def _states(client) -> RunStates:
+    async def propose_crashed(flow_run, message):  # not used by these paths
+        raise AssertionError("not expected")
+
+    return RunStates(client, lambda flow_run: _LOGGER, propose_crashed, lambda: None)
+
+
+async def _act(states: RunStates, flow_run, action: str, checked: bool) -> None:
+    if checked and flow_run.id not in await states.unchanged([flow_run]):
+        return
+    if action == "mark":
+        await states.mark_awaiting_slot(
+            flow_run, flow_run.expected_start_time, "Waiting for a concurrency slot."
+        )
+    else:
+        await states.refuse(flow_run, QUOTA_EXHAUSTED, "The quota is used up.")
+
+
+async def _scenario(moves: list, action: str, checked: bool) -> dict:
+    async with get_client() as client:
+        deployment = await _deployment(client)
+        polled = await client.create_flow_run_from_deployment(deployment)
+        for state in moves:
+            result = await client.set_flow_run_state(polled.id, state)
+            assert result.status.value in {"ACCEPT", "REJECT"}, result.details
+        before = (await client.read_flow_run(polled.id)).state
+        await _act(_states(client), polled, action, checked)
+        after = (await client.read_flow_run(polled.id)).state
+        history = await client.read_flow_run_states(polled.id)
+        await client.delete_deployment(deployment)
+    return {"before": before, "after": after, "states": len(history)}
+
+
+@pytest.mark.parametrize("action", ["mark", "refuse"])
+@pytest.mark.parametrize("since", list(SINCE_THE_POLL))
+def test_a_run_that_moved_since_the_poll_is_left_as_it_is(prefect_server, since, action):
+    moves = SINCE_THE_POLL[since]
+    seen = asyncio.run(_scenario(moves, action, checked=True))
+    assert seen["after"].id == seen["before"].id, (seen["before"].name, seen["after"].name)
+    assert seen["states"] == 1 + len(moves)  # no state of the worker's in between
+    if since.startswith("the user cancelled"):
+        assert seen["after"].type.value == "CANCELLED"
+
+
+@pytest.mark.parametrize("action", ["mark", "refuse"])
+@pytest.mark.parametrize("since", sorted(GUARDED_BY_THE_CLAIM))
+def test_the_claim_alone_leaves_a_taken_or_cancelled_run_alone(prefect_server, since, action):
+    """The check of `unchanged` is one read: what moves between it and the claim is
+    left to the server's guard on Pending."""
+    seen = asyncio.run(_scenario(SINCE_THE_POLL[since], action, checked=False))
+    assert seen["after"].id == seen["before"].id, (seen["before"].name, seen["after"].name)
+
+
+def test_a_run_still_as_polled_waits_in_its_place_or_is_refused(prefect_server):
+    due = datetime.now(timezone.utc) - timedelta(minutes=5)
+
+    async def scenario() -> dict:
+        async with get_client() as client:
+            deployment = await _deployment(client)
+            waiting, refused = [
+                await client.create_flow_run_from_deployment(
+                    deployment, state=Scheduled(scheduled_time=due)
+                )
+                for _ in range(2)
+            ]
+            states = _states(client)
+            assert await states.unchanged([waiting, refused]) == {waiting.id, refused.id}
+            await _act(states, waiting, "mark", checked=True)
+            await _act(states, refused, "refuse", checked=True)
+            seen = {
+                "waiting": (await client.read_flow_run(waiting.id)).state,
+                "refused": (await client.read_flow_run(refused.id)).state,
+                "history": [s.name for s in await client.read_flow_run_states(waiting.id)],
+            }
+            await client.delete_deployment(deployment)
+        return seen
+
+    seen = asyncio.run(scenario())
+    waiting = seen["waiting"]
+    assert (waiting.type.value, waiting.name) == ("SCHEDULED", AWAITING_SLOT)
+    # its place in the queue kept: the time it was due, not the time it was marked
+    assert abs((waiting.state_details.scheduled_time - due).total_seconds()) < 1
+    assert seen["history"] == ["Scheduled", "Pending", AWAITING_SLOT]
+    refused = seen["refused"]
+    assert (refused.type.value, refused.name) == ("FAILED", QUOTA_EXHAUSTED)
