@@ -104,6 +104,37 @@ def running_of(client, workspace: str) -> list:
     )
 
 
+def records_of(runs: list, second_engine) -> dict:
+    """Each run's usage records, waited for up to 180 s; else what the runs without one
+    went through, and whether the second engine still answers."""
+    try:
+        return {run: wait_for(lambda run=run: usage_records(run), 180, "a record") for run in runs}
+    except TimeoutError:
+        missing = [run for run in runs if not usage_records(run)]
+        raise AssertionError(
+            f"no usage record for {len(missing)} of {len(runs)} runs:\n"
+            + "\n".join(run_story(run) for run in missing)
+            + "\n"
+            + engine_story(second_engine)
+        ) from None
+
+
+def run_story(run) -> str:
+    with get_client(sync_client=True) as client:
+        states = [state.name for state in client.read_flow_run_states(run)]
+    return f"flow run {run}: {' → '.join(states)}\n  " + "\n  ".join(flow_run_logs(run)[-40:])
+
+
+def engine_story(engine) -> str:
+    """Whether the second dockerd runs and answers, and the end of its log."""
+    try:
+        answers = engine.client().ping()
+    except Exception as exc:  # what the failure's message says
+        answers = repr(exc)
+    log = engine.log_path.read_text(errors="replace")[-3000:] if engine.log_path.exists() else ""
+    return f"second engine: exit status {engine.process.poll()}, ping {answers}\n{log}"
+
+
 CAP = 3
 RUNS = 8
 _TOLD = ("submitting flow run", "WARNING", "ERROR", "started!", "Waiting for")
@@ -172,9 +203,10 @@ def test_the_cap_holds_across_hosts_and_api_processes_and_one_api_process_killed
                 for run, state in zip(runs, states, strict=True)
                 if not state.is_completed() or created[str(run)] != 1
             )
-        records = {
-            run: wait_for(lambda run=run: usage_records(run), 180, "a record") for run in runs
-        }
+        assert [state.type.value for state in states] == ["COMPLETED"] * RUNS, (
+            unfinished + "\n" + engine_story(second_engine)
+        )
+        records = records_of(runs, second_engine)
         for run in runs:
             wait_for(lambda run=run: not run_containers(docker_client, run), 300, "removed")
             wait_for(lambda run=run: not run_containers(engine_b, run), 300, "removed")
@@ -203,7 +235,6 @@ def test_the_cap_holds_across_hosts_and_api_processes_and_one_api_process_killed
         port: topology.proxy.connections[port] - before.get(port, 0) for port in topology.api_ports
     }
 
-    assert [state.type.value for state in states] == ["COMPLETED"] * RUNS, unfinished
     assert killed_at is not None and restarted, (len(on_a), len(on_b), told)
     assert most == CAP, (most, len(on_a), len(on_b), told)
     per_run = Counter(labels["io.prefect.flow-run-id"] for labels in [*on_a, *on_b])
@@ -262,12 +293,12 @@ def test_a_full_host_leaves_runs_to_the_other_host(
                     break
                 time.sleep(0.2)
             states = [client.read_flow_run(run).state for run in runs]
-        records = {
-            run: wait_for(lambda run=run: usage_records(run), 180, "a record") for run in runs
-        }
+        assert [state.type.value for state in states] == ["COMPLETED"] * 4, "\n".join(
+            [*(run_story(run) for run in runs), engine_story(second_engine)]
+        )
+        records = records_of(runs, second_engine)
     engine_b.close()
 
-    assert [state.type.value for state in states] == ["COMPLETED"] * 4
     assert most == {"a": 1, "b": 1}, most
     ran = Counter(labels["io.prefect.worker-name"] for labels in [*on_a, *on_b])
     assert ran["full-a-full-host"] >= 1 and ran["full-b-full-host"] >= 1, ran
@@ -295,7 +326,16 @@ def test_a_lost_host_s_run_ends_crashed_with_one_record_and_its_return_counts_it
         wait_for_log_line(host_b, f"Serving work pool {pool!r}")
         lost = start_run(deployment, seconds=900)
         with get_client(sync_client=True) as client:
-            wait_for(lambda: client.read_flow_run(lost).state.is_running(), 600, "run Running")
+            try:
+                wait_for(lambda: client.read_flow_run(lost).state.is_running(), 600, "run Running")
+            except TimeoutError:
+                raise AssertionError(
+                    run_story(lost)
+                    + "\n"
+                    + host_b.log()[-3000:]
+                    + "\n"
+                    + engine_story(second_engine)
+                ) from None
         host_a = start_serve(api, policy, "lost-a", env=beat)
         wait_for_log_line(host_a, f"Serving work pool {pool!r}")
         time.sleep(LOST_AFTER)  # host-a watches the pool for as long as it takes to judge
