@@ -15,6 +15,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
+import anyio
 from prefect.client.orchestration import PrefectClient
 from prefect.client.schemas import OrchestrationResult, SetStateStatus
 from prefect.client.schemas.actions import LogCreate
@@ -62,6 +63,9 @@ HOST_LOST = "HostLost"
 #: Logs read per page, and pages at most, when looking for the container's output.
 _LOG_PAGE = 200
 _LOG_PAGES = 50
+
+#: How long a claim and the state set after it may hold up a stopping worker.
+CLAIM_SECONDS = 30
 
 RunLogger = Callable[[FlowRun], "logging.Logger | logging.LoggerAdapter[Any]"]
 
@@ -263,7 +267,12 @@ class RunStates:
         (`PreventPendingTransitions`); any other state is set whatever the run's current
         one is. A state set from what a poll read is set only after this succeeds, so it
         never replaces what another host or the run did since the poll (which would run
-        the run twice, or undo a cancel)."""
+        the run twice, or undo a cancel).
+
+        Prefect also accepts Pending from Completed (without a persisted result), Failed
+        and Crashed: a run another host finished since `unchanged` read it. Such a claim
+        has no scheduled time (Prefect copies it only from a Scheduled state); the run's
+        ending is put back and the claim given up."""
         try:
             result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
                 flow_run.id, Pending()
@@ -273,40 +282,78 @@ class RunStates:
         claimed = result.state
         if result.status != SetStateStatus.ACCEPT or claimed is None or not claimed.is_pending():
             return None
+        if claimed.state_details.scheduled_time is None and await self._put_back(flow_run, claimed):
+            return None
         return claimed.id
 
-    async def _set_after_claim(self, flow_run: FlowRun, claimed: UUID, state: State) -> bool:
-        """Set `state` on a run this worker has just taken (`_claim`). Should that fail,
-        the run is put back in Scheduled if it is still in the claim's Pending state
-        (else nothing would ever start it), and the error is raised."""
-        try:
-            result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
-                flow_run.id, state
-            )
-        except Abort:
+    async def _put_back(self, flow_run: FlowRun, claimed: State) -> bool:
+        """Whether the claim `claimed` replaced a state other than Scheduled; if so, that
+        state is set again (forced: Prefect would refuse a move back to it)."""
+        history = await self._client.read_flow_run_states(flow_run.id)
+        ids = [state.id for state in history]
+        if claimed.id not in ids or ids.index(claimed.id) == 0:
             return False
-        except Exception:
+        before = history[ids.index(claimed.id) - 1]
+        if before.is_scheduled():
+            return False
+        again = State(
+            type=before.type,
+            name=before.name,
+            message=before.message,
+            data=before.data,
+            state_details=before.state_details,
+        )
+        await self._client.set_flow_run_state(flow_run.id, again, force=True)
+        logger.warning(
+            "Flow run %s ended (%s) after the poll that found it; its state is put back",
+            flow_run.id,
+            before.name,
+        )
+        return True
+
+    async def _claim_then_set(self, flow_run: FlowRun, state: State) -> bool:
+        """Set `state` on a run this worker takes first (`_claim`); whether it was set.
+
+        Shielded for up to `CLAIM_SECONDS`: a worker stopping between the claim and the
+        state would leave the run Pending with nothing to start it. Should the state not
+        be set, the run is put back in Scheduled if it is still in the claim's Pending
+        state, and an error is raised; a cancel made in between ends the run Cancelled
+        (it has no infrastructure)."""
+        with anyio.move_on_after(CLAIM_SECONDS, shield=True):
+            claimed = await self._claim(flow_run)
+            if claimed is None:
+                return False
             try:
-                await self.schedule_again(
-                    flow_run, f"Put back in Scheduled: {state.name} could not be set.", claimed
+                result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
+                    flow_run.id, state
                 )
             except Exception:
-                logger.warning(
-                    "Flow run %s is left Pending: it could not be set %s nor put back in Scheduled",
-                    flow_run.id,
-                    state.name,
-                    exc_info=True,
+                try:
+                    await self.schedule_again(
+                        flow_run, f"Put back in Scheduled: {state.name} could not be set.", claimed
+                    )
+                except Exception:
+                    logger.warning(
+                        "Flow run %s is left Pending: it could not be set %s nor put back "
+                        "in Scheduled",
+                        flow_run.id,
+                        state.name,
+                        exc_info=True,
+                    )
+                raise
+            if result.status == SetStateStatus.ACCEPT:
+                return True
+            current = await self.state(flow_run.id)
+            if current is not None and current.is_cancelling():
+                await self._client.set_flow_run_state(
+                    flow_run.id, Cancelled(message="Cancelled before it started.")
                 )
-            raise
-        return result.status == SetStateStatus.ACCEPT
+        return False
 
     async def refuse(self, flow_run: FlowRun, name: str, message: str) -> None:
         """End a run that will not start Failed, with `message` (e.g. QuotaExhausted).
         Taken first (`_claim`): a run another host started meanwhile is left to it."""
-        claimed = await self._claim(flow_run)
-        if claimed is None:
-            return
-        if await self._set_after_claim(flow_run, claimed, Failed(name=name, message=message)):
+        if await self._claim_then_set(flow_run, Failed(name=name, message=message)):
             self._run_logger(flow_run).error("%s", message)
 
     async def mark_awaiting_slot(
@@ -318,11 +365,8 @@ class RunStates:
         is back in Scheduled at once, for whichever host has a slot first."""
         if flow_run.state is None or flow_run.state.name == AWAITING_SLOT:
             return
-        claimed = await self._claim(flow_run)
-        if claimed is None:
-            return
         waiting = Scheduled(name=AWAITING_SLOT, scheduled_time=scheduled_time, message=message)
-        if await self._set_after_claim(flow_run, claimed, waiting):
+        if await self._claim_then_set(flow_run, waiting):
             self._run_logger(flow_run).info("%s", message)
 
     async def schedule_again(

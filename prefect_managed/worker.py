@@ -449,11 +449,13 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         try:
             unchanged = await self._states.unchanged(acting)
         except BaseException:
-            for run in acquired:
-                await self._slots.release(run)
+            with anyio.CancelScope(shield=True):
+                for run in acquired:
+                    await self._slots.release(run)
             raise
         admitted: list[WorkerFlowRunResponse] = []
-        self.stats.waiting_for_slot = self.stats.waiting_for_room = 0
+        waiting: list[FlowRun] = []
+        self.stats.waiting_for_room = 0
         for entry in queue:
             flow_run = entry.flow_run
             if flow_run.id in ours:
@@ -466,15 +468,22 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             elif flow_run.id in acquired:
                 admitted.append(entry)
             else:
-                self.stats.waiting_for_slot += 1
-                await self._states.mark_awaiting_slot(
-                    flow_run, _scheduled_time(flow_run), awaiting_slot_message(self.policy)
-                )
+                waiting.append(flow_run)
+        self.stats.waiting_for_slot = len(waiting)
+        # Submitted first: Prefect takes each run right after the read above.
         submitted = await super()._submit_scheduled_flow_runs(admitted)
         submitted_ids = {flow_run.id for flow_run in submitted}
         self.stats.admitted += len(submitted_ids - ours)
         for run in {*acquired, *(entry.flow_run.id for entry in admitted)} - submitted_ids:
             await self._slots.release(run)
+        message = awaiting_slot_message(self.policy)
+        for flow_run in waiting:
+            try:
+                await self._states.mark_awaiting_slot(flow_run, _scheduled_time(flow_run), message)
+            except Exception:  # the API away: it waits, unmarked, for the next poll
+                self._logger.warning(
+                    "Could not mark flow run %s as waiting for a slot", flow_run.id, exc_info=True
+                )
         return submitted
 
     def _need(self) -> Need:

@@ -6,8 +6,8 @@ for a slot (or failing it for the quota), the other host may have taken the run,
 or the user cancelled it. Prefect's server guards only Scheduled → Pending; any other
 state is set whatever the run's current one, and Pending itself is accepted from
 Completed, Failed and Crashed. So the worker first checks the run is still as polled
-(`RunStates.unchanged`), then takes it as Prefect's workers do (`_claim`), and only then
-sets its state. The worker's part (which runs it checks, what it releases) is in
+(`RunStates.unchanged`), then takes it as Prefect's workers do (`_claim`: an ending it
+would replace is put back), and only then sets its state (a cancel made in between wins). The worker's part (which runs it checks, what it releases) is in
 tests/test_worker_logic.py; two hosts on one pool in tests/test_topology.py.
 """
 
@@ -37,8 +37,9 @@ SINCE_THE_POLL = {
     "it is being cancelled on another host": [Pending(), Running(), Cancelling()],
     "the user cancelled it while it waited": [Cancelling()],  # the server makes it Cancelled
 }
-# The moves the server's guard on Pending alone stops (without the check of `unchanged`).
-GUARDED_BY_THE_CLAIM = {
+# The moves the server's guard on Pending stops; after the others (a run that ended),
+# the claim is taken back and the ending put back.
+GUARDED_BY_THE_SERVER = {
     "another host took it",
     "another host runs it",
     "it is being cancelled on another host",
@@ -96,12 +97,42 @@ def test_a_run_that_moved_since_the_poll_is_left_as_it_is(prefect_server, since,
 
 
 @pytest.mark.parametrize("action", ["mark", "refuse"])
-@pytest.mark.parametrize("since", sorted(GUARDED_BY_THE_CLAIM))
-def test_the_claim_alone_leaves_a_taken_or_cancelled_run_alone(prefect_server, since, action):
-    """The check of `unchanged` is one read: what moves between it and the claim is
-    left to the server's guard on Pending."""
+@pytest.mark.parametrize("since", list(SINCE_THE_POLL))
+def test_the_claim_alone_leaves_a_run_that_moved_as_it_is(prefect_server, since, action):
+    """The check of `unchanged` is one read: a run that moves between it and the claim
+    is left to the server's guard on Pending, or, when it ended meanwhile (Prefect takes
+    Pending from a final state), has its ending put back."""
     seen = asyncio.run(_scenario(SINCE_THE_POLL[since], action, checked=False))
-    assert seen["after"].id == seen["before"].id, (seen["before"].name, seen["after"].name)
+    before, after = seen["before"], seen["after"]
+    assert (after.type, after.name, after.message) == (before.type, before.name, before.message)
+    if since in GUARDED_BY_THE_SERVER:
+        assert after.id == before.id
+    else:  # the claim, then the ending again
+        assert seen["states"] == 1 + len(SINCE_THE_POLL[since]) + 2
+
+
+def test_a_cancel_between_the_claim_and_the_mark_ends_the_run_cancelled(prefect_server):
+    """The user cancels a run the worker has just taken to mark it waiting: the cancel
+    wins, and the run, which has no infrastructure, ends Cancelled (not Cancelling for
+    good, not back in the queue)."""
+
+    class CancelledMeanwhile(RunStates):
+        async def _claim(self, flow_run):
+            claimed = await super()._claim(flow_run)
+            await self._client.set_flow_run_state(flow_run.id, Cancelling())  # the UI's
+            return claimed
+
+    async def scenario():
+        async with get_client() as client:
+            deployment = await _deployment(client)
+            polled = await client.create_flow_run_from_deployment(deployment)
+            states = CancelledMeanwhile(client, lambda flow_run: _LOGGER, None, lambda: None)
+            await _act(states, polled, "mark", checked=True)
+            history = [s.type.value for s in await client.read_flow_run_states(polled.id)]
+            await client.delete_deployment(deployment)
+        return history
+
+    assert asyncio.run(scenario()) == ["SCHEDULED", "PENDING", "CANCELLING", "CANCELLED"]
 
 
 def test_a_run_still_as_polled_waits_in_its_place_or_is_refused(prefect_server):
