@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import anyio
 from prefect.client.orchestration import PrefectClient
@@ -63,6 +63,11 @@ HOST_LOST = "HostLost"
 #: Logs read per page, and pages at most, when looking for the container's output.
 _LOG_PAGE = 200
 _LOG_PAGES = 50
+
+
+def _claim_message(token: str) -> str:
+    return f"Taken by a managed worker to set its state ({token})."
+
 
 #: How long a claim and the state set after it may hold up a stopping worker.
 CLAIM_SECONDS = 30
@@ -257,10 +262,10 @@ class RunStates:
         )
         return {run.id for run in current if run.state_id == polled[run.id]}
 
-    async def _claim(self, flow_run: FlowRun) -> UUID | None:
+    async def _claim(self, flow_run: FlowRun, token: str) -> UUID | None:
         """Take a run read by a poll before setting a state on it, as Prefect's workers
         take a run to submit it; the Pending state's id, or None when the run is not
-        this worker's to change.
+        this worker's to change. `token` marks the claim's Pending as this call's.
 
         Scheduled → Pending is the one transition Prefect's server refuses once another
         worker has taken the run, or it runs, or it is being cancelled
@@ -272,38 +277,55 @@ class RunStates:
         Prefect also accepts Pending from Completed (without a persisted result), Failed
         and Crashed: a run another host finished since `unchanged` read it. Such a claim
         has no scheduled time (Prefect copies it only from a Scheduled state); the run's
-        ending is put back and the claim given up."""
+        ending is put back and the claim given up. So is an ending a full deployment
+        concurrency limit replaced (the server's own `AwaitingConcurrencySlot` or
+        Cancelled, on a rejected claim)."""
         try:
             result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
-                flow_run.id, Pending()
+                flow_run.id, Pending(message=_claim_message(token))
             )
         except ObjectNotFound:  # deleted since the poll
             return None
         claimed = result.state
-        if result.status != SetStateStatus.ACCEPT or claimed is None or not claimed.is_pending():
+        if claimed is None or result.status not in (SetStateStatus.ACCEPT, SetStateStatus.REJECT):
             return None
+        ours = claimed.is_pending() and token in (claimed.message or "")
+        if result.status == SetStateStatus.REJECT and not ours:
+            # A full deployment limit writes its own state in place of the claim.
+            if claimed.name == AWAITING_SLOT or claimed.is_cancelled():
+                await self._put_back(flow_run, claimed)
+            return None
+        if not ours:
+            return None
+        # (A rejected claim with this call's token: a retry of a request the server had
+        # applied, which Prefect answers with the state it made.)
         if claimed.state_details.scheduled_time is None and await self._put_back(flow_run, claimed):
             return None
         return claimed.id
 
-    async def _put_back(self, flow_run: FlowRun, claimed: State) -> bool:
-        """Whether the claim `claimed` replaced a state other than Scheduled; if so, that
-        state is set again (forced: Prefect would refuse a move back to it)."""
+    async def _put_back(self, flow_run: FlowRun, made: State) -> bool:
+        """Whether `made` (a claim, or what the server set in its place) replaced a
+        final state; if so, that state is set again, result included (forced: Prefect
+        would refuse a move back to it)."""
         history = await self._client.read_flow_run_states(flow_run.id)
         ids = [state.id for state in history]
-        if claimed.id not in ids or ids.index(claimed.id) == 0:
+        if made.id not in ids or ids.index(made.id) == 0:
             return False
-        before = history[ids.index(claimed.id) - 1]
-        if before.is_scheduled():
+        before = history[ids.index(made.id) - 1]
+        if not before.is_final():
             return False
-        again = State(
-            type=before.type,
-            name=before.name,
-            message=before.message,
-            data=before.data,
-            state_details=before.state_details,
+        again = before.model_dump(
+            mode="json", include={"type", "name", "message", "data", "state_details"}
         )
-        await self._client.set_flow_run_state(flow_run.id, again, force=True)
+        again["state_details"]["transition_id"] = str(uuid4())
+        # Sent as read: Prefect's client would drop a stored result's reference.
+        response = await self._client.request(
+            "POST",
+            "/flow_runs/{id}/set_state",
+            path_params={"id": flow_run.id},
+            json={"state": again, "force": True},
+        )
+        response.raise_for_status()
         logger.warning(
             "Flow run %s ended (%s) after the poll that found it; its state is put back",
             flow_run.id,
@@ -316,39 +338,50 @@ class RunStates:
 
         Shielded for up to `CLAIM_SECONDS`: a worker stopping between the claim and the
         state would leave the run Pending with nothing to start it. Should the state not
-        be set, the run is put back in Scheduled if it is still in the claim's Pending
-        state, and an error is raised; a cancel made in between ends the run Cancelled
-        (it has no infrastructure)."""
-        with anyio.move_on_after(CLAIM_SECONDS, shield=True):
-            claimed = await self._claim(flow_run)
-            if claimed is None:
-                return False
-            try:
+        be set (an error, or the time up), the run is put back in Scheduled if it is
+        still in the claim's Pending state; a cancel made in between ends the run
+        Cancelled (it has no infrastructure)."""
+        token = uuid4().hex
+        done = False
+        try:
+            with anyio.move_on_after(CLAIM_SECONDS, shield=True):
+                claimed = await self._claim(flow_run, token)
+                if claimed is None:
+                    return False
                 result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
                     flow_run.id, state
                 )
-            except Exception:
-                try:
-                    await self.schedule_again(
-                        flow_run, f"Put back in Scheduled: {state.name} could not be set.", claimed
-                    )
-                except Exception:
-                    logger.warning(
-                        "Flow run %s is left Pending: it could not be set %s nor put back "
-                        "in Scheduled",
-                        flow_run.id,
-                        state.name,
-                        exc_info=True,
-                    )
-                raise
-            if result.status == SetStateStatus.ACCEPT:
-                return True
+                done = result.status == SetStateStatus.ACCEPT
+                if not done:
+                    current = await self.state(flow_run.id)
+                    if current is not None and current.is_cancelling():
+                        await self._client.set_flow_run_state(
+                            flow_run.id, Cancelled(message="Cancelled before it started.")
+                        )
+                    return False
+        finally:
+            if not done:
+                with anyio.move_on_after(CLAIM_SECONDS, shield=True):
+                    await self._release_claim(flow_run, token, state)
+        return done
+
+    async def _release_claim(self, flow_run: FlowRun, token: str, state: State) -> None:
+        """A run still in this call's claim goes back to Scheduled (else nothing would
+        ever start it)."""
+        try:
             current = await self.state(flow_run.id)
-            if current is not None and current.is_cancelling():
-                await self._client.set_flow_run_state(
-                    flow_run.id, Cancelled(message="Cancelled before it started.")
-                )
-        return False
+            if current is None or not current.is_pending() or token not in (current.message or ""):
+                return
+            await self.schedule_again(
+                flow_run, f"Put back in Scheduled: {state.name} could not be set.", current.id
+            )
+        except Exception:
+            logger.warning(
+                "Flow run %s may be left Pending: it could not be set %s nor put back in Scheduled",
+                flow_run.id,
+                state.name,
+                exc_info=True,
+            )
 
     async def refuse(self, flow_run: FlowRun, name: str, message: str) -> None:
         """End a run that will not start Failed, with `message` (e.g. QuotaExhausted).

@@ -100,6 +100,8 @@ DOCKER_WAIT_SECONDS = 600.0
 
 #: How long a stopping worker takes to put back a run whose container never started.
 RESCHEDULE_SECONDS = 10
+#: How long a poll stopped while it admitted runs takes to give back the slots it took.
+RELEASE_SECONDS = 10
 
 
 class WorkerStopped(Exception):
@@ -449,7 +451,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         try:
             unchanged = await self._states.unchanged(acting)
         except BaseException:
-            with anyio.CancelScope(shield=True):
+            with anyio.move_on_after(RELEASE_SECONDS, shield=True):
                 for run in acquired:
                     await self._slots.release(run)
             raise

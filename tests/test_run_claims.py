@@ -111,14 +111,15 @@ def test_the_claim_alone_leaves_a_run_that_moved_as_it_is(prefect_server, since,
         assert seen["states"] == 1 + len(SINCE_THE_POLL[since]) + 2
 
 
-def test_a_cancel_between_the_claim_and_the_mark_ends_the_run_cancelled(prefect_server):
-    """The user cancels a run the worker has just taken to mark it waiting: the cancel
-    wins, and the run, which has no infrastructure, ends Cancelled (not Cancelling for
-    good, not back in the queue)."""
+@pytest.mark.parametrize("action", ["mark", "refuse"])
+def test_a_cancel_between_the_claim_and_the_state_ends_the_run_cancelled(prefect_server, action):
+    """The user cancels a run the worker has just taken to mark or refuse it: the
+    cancel wins, and the run, which has no infrastructure, ends Cancelled (not
+    Cancelling for good, not back in the queue)."""
 
     class CancelledMeanwhile(RunStates):
-        async def _claim(self, flow_run):
-            claimed = await super()._claim(flow_run)
+        async def _claim(self, flow_run, token):
+            claimed = await super()._claim(flow_run, token)
             await self._client.set_flow_run_state(flow_run.id, Cancelling())  # the UI's
             return claimed
 
@@ -127,7 +128,7 @@ def test_a_cancel_between_the_claim_and_the_mark_ends_the_run_cancelled(prefect_
             deployment = await _deployment(client)
             polled = await client.create_flow_run_from_deployment(deployment)
             states = CancelledMeanwhile(client, lambda flow_run: _LOGGER, None, lambda: None)
-            await _act(states, polled, "mark", checked=True)
+            await _act(states, polled, action, checked=True)
             history = [s.type.value for s in await client.read_flow_run_states(polled.id)]
             await client.delete_deployment(deployment)
         return history
@@ -135,8 +136,49 @@ def test_a_cancel_between_the_claim_and_the_mark_ends_the_run_cancelled(prefect_
     assert asyncio.run(scenario()) == ["SCHEDULED", "PENDING", "CANCELLING", "CANCELLED"]
 
 
+def test_an_ending_put_back_keeps_its_stored_result(prefect_server):
+    """A run that failed on another host after the check, with its result stored: the
+    claim's put-back sets the same Failed state, the reference to the stored result
+    included (Prefect's client would drop it)."""
+    stored = {
+        "storage_key": "/results/the-exception",
+        "expiration": None,
+        "serializer": {"type": "pickle"},
+        "prefect_version": "3.9.1",
+        "storage_block_id": None,
+    }
+
+    async def scenario():
+        async with get_client() as client:
+            deployment = await _deployment(client)
+            polled = await client.create_flow_run_from_deployment(deployment)
+            for state in (Pending(), Running()):
+                await client.set_flow_run_state(polled.id, state)
+            failed = {"type": "FAILED", "name": "Failed", "message": "raised", "data": stored}
+            response = await client.request(
+                "POST",
+                "/flow_runs/{id}/set_state",
+                path_params={"id": polled.id},
+                json={"state": failed, "force": False},
+            )
+            response.raise_for_status()
+            before = (await client.read_flow_run(polled.id)).state
+            await _act(_states(client), polled, "mark", checked=False)
+            history = await client.read_flow_run_states(polled.id)
+            await client.delete_deployment(deployment)
+        return before, history
+
+    before, history = asyncio.run(scenario())
+    assert [s.type.value for s in history[-3:]] == ["FAILED", "PENDING", "FAILED"]
+    after = history[-1]
+    assert (after.name, after.message) == (before.name, before.message)
+    assert after.data.model_dump(mode="json") == before.data.model_dump(mode="json")
+    assert after.data.storage_key == stored["storage_key"]
+
+
 def test_a_run_still_as_polled_waits_in_its_place_or_is_refused(prefect_server):
-    due = datetime.now(timezone.utc) - timedelta(minutes=5)
+    # due in a minute: Prefect's server renames a run due over 15 s ago Late
+    due = datetime.now(timezone.utc) + timedelta(minutes=1)
 
     async def scenario() -> dict:
         async with get_client() as client:

@@ -156,6 +156,7 @@ def test_a_run_another_host_took_since_the_poll_is_neither_submitted_nor_marked(
     submitted: list[UUID] = []
 
     async def submit(self, entries):  # Prefect's claim and start
+        assert not states.marked  # submitted first: Prefect's claim follows the read
         submitted.extend(entry.flow_run.id for entry in entries)
         return [entry.flow_run for entry in entries]
 
@@ -165,6 +166,33 @@ def test_a_run_another_host_took_since_the_poll_is_neither_submitted_nor_marked(
     assert [run.id for run in result] == submitted == [stays_with_slot]
     assert states.marked == [waits]
     assert slots.held == {stays_with_slot} and slots.released == [took_with_slot]
+    assert (worker.stats.waiting_for_slot, worker.stats.admitted) == (1, 1)
+
+
+def test_a_mark_that_fails_is_logged_and_the_poll_goes_on(worker, monkeypatch, caplog):
+    from prefect.workers.base import BaseWorker
+
+    worker._slots = FakeSlots(free=0)  # type: ignore[assignment]
+    due = {"state": None, "next_scheduled_start_time": None, "expected_start_time": None}
+    runs = [SimpleNamespace(id=uuid4(), state_id=uuid4(), **due) for _ in range(2)]
+    states = PolledStates(moved=set())
+
+    async def api_away(flow_run: Any, scheduled_time: Any, message: str) -> None:
+        states.marked.append(flow_run.id)
+        raise httpx.ConnectError("the Prefect API is down")
+
+    states.mark_awaiting_slot = api_away  # type: ignore[method-assign]
+    worker._states = states  # type: ignore[assignment]
+
+    async def submit(self, entries):
+        return []
+
+    monkeypatch.setattr(BaseWorker, "_submit_scheduled_flow_runs", submit)
+    queue = [SimpleNamespace(flow_run=run) for run in runs]
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(worker._admit_with_slots(queue, set(), [r.id for r in runs])) == []
+    assert states.marked == [run.id for run in runs]  # the second tried after the first failed
+    assert f"Could not mark flow run {runs[0].id} as waiting for a slot" in caplog.text
 
 
 def test_with_the_quota_used_up_only_runs_still_as_polled_are_refused(worker):
