@@ -366,18 +366,23 @@ class RunStates:
         return done
 
     async def _release_claim(self, flow_run: FlowRun, token: str, state: State) -> None:
-        """A run still in this call's claim goes back to Scheduled (else nothing would
-        ever start it)."""
+        """A run still in this call's claim goes back to the state before it: Scheduled
+        (else nothing would ever start it), or the ending the claim replaced (never the
+        queue: that would run a finished run again)."""
         try:
             current = await self.state(flow_run.id)
             if current is None or not current.is_pending() or token not in (current.message or ""):
                 return
+            if await self._put_back(flow_run, current):
+                return
             await self.schedule_again(
                 flow_run, f"Put back in Scheduled: {state.name} could not be set.", current.id
             )
+        except ObjectNotFound:  # deleted meanwhile
+            return
         except Exception:
             logger.warning(
-                "Flow run %s may be left Pending: it could not be set %s nor put back in Scheduled",
+                "Flow run %s may be left Pending: it could not be set %s nor put back",
                 flow_run.id,
                 state.name,
                 exc_info=True,

@@ -18,6 +18,7 @@ import logging
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import httpx
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.states import Cancelling, Completed, Crashed, Failed, Pending, Running, Scheduled
@@ -134,6 +135,36 @@ def test_a_cancel_between_the_claim_and_the_state_ends_the_run_cancelled(prefect
         return history
 
     assert asyncio.run(scenario()) == ["SCHEDULED", "PENDING", "CANCELLING", "CANCELLED"]
+
+
+def test_an_ending_whose_put_back_failed_once_is_never_queued_again(prefect_server):
+    """The put-back of a run that ended on another host fails (the API away for a
+    moment): the claim's release puts the ending back, never the run in the queue,
+    which would run it a second time."""
+
+    class AwayOnce(RunStates):
+        failed = False
+
+        async def _put_back(self, flow_run, made):
+            if not self.failed:
+                self.failed = True
+                raise httpx.ConnectError("the Prefect API is away")
+            return await super()._put_back(flow_run, made)
+
+    async def scenario():
+        async with get_client() as client:
+            deployment = await _deployment(client)
+            polled = await client.create_flow_run_from_deployment(deployment)
+            for state in SINCE_THE_POLL["another host ran it to completion"]:
+                await client.set_flow_run_state(polled.id, state)
+            states = AwayOnce(client, lambda flow_run: _LOGGER, None, lambda: None)
+            with pytest.raises(httpx.ConnectError):
+                await _act(states, polled, "mark", checked=False)
+            history = [s.type.value for s in await client.read_flow_run_states(polled.id)]
+            await client.delete_deployment(deployment)
+        return history
+
+    assert asyncio.run(scenario())[-3:] == ["COMPLETED", "PENDING", "COMPLETED"]
 
 
 def test_an_ending_put_back_keeps_its_stored_result(prefect_server):
