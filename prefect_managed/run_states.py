@@ -338,32 +338,33 @@ class RunStates:
 
         Shielded for up to `CLAIM_SECONDS`: a worker stopping between the claim and the
         state would leave the run Pending with nothing to start it. Should the state not
-        be set (an error, or the time up), the run is put back in Scheduled if it is
-        still in the claim's Pending state; a cancel made in between ends the run
-        Cancelled (it has no infrastructure)."""
+        be set after a claim that may have been made (an error, or the time up), a run
+        still in this claim goes back to the state before it (`_release_claim`); a cancel
+        made in between ends the run Cancelled (it has no infrastructure)."""
         token = uuid4().hex
-        done = False
+        settled = False  # nothing of this call's claim is left to release
         try:
             with anyio.move_on_after(CLAIM_SECONDS, shield=True):
                 claimed = await self._claim(flow_run, token)
-                if claimed is None:
+                if claimed is None:  # refused, or given up by `_claim` itself
+                    settled = True
                     return False
                 result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
                     flow_run.id, state
                 )
-                done = result.status == SetStateStatus.ACCEPT
-                if not done:
-                    current = await self.state(flow_run.id)
-                    if current is not None and current.is_cancelling():
-                        await self._client.set_flow_run_state(
-                            flow_run.id, Cancelled(message="Cancelled before it started.")
-                        )
-                    return False
+                if result.status == SetStateStatus.ACCEPT:
+                    settled = True
+                    return True
+                current = await self.state(flow_run.id)
+                if current is not None and current.is_cancelling():
+                    await self._client.set_flow_run_state(
+                        flow_run.id, Cancelled(message="Cancelled before it started.")
+                    )
         finally:
-            if not done:
+            if not settled:
                 with anyio.move_on_after(CLAIM_SECONDS, shield=True):
                     await self._release_claim(flow_run, token, state)
-        return done
+        return False
 
     async def _release_claim(self, flow_run: FlowRun, token: str, state: State) -> None:
         """A run still in this call's claim goes back to the state before it: Scheduled

@@ -445,9 +445,11 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         acquired = await self._slots.acquire_in_order(roomy) if roomy else set()
         # What the poll read may be old by now (counting room and taking slots ask the
         # engine and the API): a run another host has taken since is left to it.
-        acting = [e.flow_run for e in queue if e.flow_run.id not in ours and e.flow_run.id in roomy]
-        if self._unslotted:
-            acting = [e.flow_run for e in queue if e.flow_run.id not in ours]
+        acting = [
+            e.flow_run
+            for e in queue
+            if e.flow_run.id not in ours and (self._unslotted or e.flow_run.id in roomy)
+        ]
         try:
             unchanged = await self._states.unchanged(acting)
         except BaseException:

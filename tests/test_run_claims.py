@@ -7,7 +7,8 @@ or the user cancelled it. Prefect's server guards only Scheduled → Pending; an
 state is set whatever the run's current one, and Pending itself is accepted from
 Completed, Failed and Crashed. So the worker first checks the run is still as polled
 (`RunStates.unchanged`), then takes it as Prefect's workers do (`_claim`: an ending it
-would replace is put back), and only then sets its state (a cancel made in between wins). The worker's part (which runs it checks, what it releases) is in
+would replace is put back), and only then sets its state (a cancel made in between
+wins). The worker's part (which runs it checks, what it releases) is in
 tests/test_worker_logic.py; two hosts on one pool in tests/test_topology.py.
 """
 
@@ -53,11 +54,11 @@ async def _deployment(client) -> uuid.UUID:
     return await client.create_deployment(flow_id=flow_id, name="claims")
 
 
-def _states(client) -> RunStates:
+def _states(client, kind: type[RunStates] = RunStates) -> RunStates:
     async def propose_crashed(flow_run, message):  # not used by these paths
         raise AssertionError("not expected")
 
-    return RunStates(client, lambda flow_run: _LOGGER, propose_crashed, lambda: None)
+    return kind(client, lambda flow_run: _LOGGER, propose_crashed, lambda: None)
 
 
 async def _act(states: RunStates, flow_run, action: str, checked: bool) -> None:
@@ -128,7 +129,7 @@ def test_a_cancel_between_the_claim_and_the_state_ends_the_run_cancelled(prefect
         async with get_client() as client:
             deployment = await _deployment(client)
             polled = await client.create_flow_run_from_deployment(deployment)
-            states = CancelledMeanwhile(client, lambda flow_run: _LOGGER, None, lambda: None)
+            states = _states(client, CancelledMeanwhile)
             await _act(states, polled, action, checked=True)
             history = [s.type.value for s in await client.read_flow_run_states(polled.id)]
             await client.delete_deployment(deployment)
@@ -157,7 +158,7 @@ def test_an_ending_whose_put_back_failed_once_is_never_queued_again(prefect_serv
             polled = await client.create_flow_run_from_deployment(deployment)
             for state in SINCE_THE_POLL["another host ran it to completion"]:
                 await client.set_flow_run_state(polled.id, state)
-            states = AwayOnce(client, lambda flow_run: _LOGGER, None, lambda: None)
+            states = _states(client, AwayOnce)
             with pytest.raises(httpx.ConnectError):
                 await _act(states, polled, "mark", checked=False)
             history = [s.type.value for s in await client.read_flow_run_states(polled.id)]
