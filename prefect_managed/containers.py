@@ -116,6 +116,8 @@ class Containers:
         self._logger = logger
         # Image id -> whether it can run the isolated network's forwarder.
         self._forwarder_images: dict[str, bool] = {}
+        # `running`'s labels -> the containers it listed last, as first inspected.
+        self._listed: dict[tuple[str, ...], dict[str, ContainerReport]] = {}
 
     # -- the watch loop -------------------------------------------------------------
 
@@ -191,14 +193,33 @@ class Containers:
         return [ContainerReport.from_inspect(attrs) for attrs in found]
 
     async def running(self, labels: list[str]) -> list[ContainerReport]:
-        """Every running container carrying all of `labels` ("key=value")."""
+        """Every running container carrying all of `labels` ("key=value"), as inspected
+        when it was first listed.
 
-        def _running(client: docker.DockerClient) -> list[dict[str, Any]]:
+        Each call lists the containers (one request) and inspects only those it has not
+        listed before: what is read of a running container (its labels, its limits, its
+        start) is fixed when it is made and started. Admission calls this at every poll
+        with runs waiting: one inspect per running container per poll was most of the
+        worker's requests to the engine on a busy host."""
+        key = tuple(sorted(labels))
+
+        def _running(client: docker.DockerClient) -> list[ContainerReport]:
+            known = self._listed.get(key, {})
             found = client.api.containers(filters={"label": labels, "status": "running"})
-            return [a for a in (_inspect(client, item["Id"]) for item in found) if a]
+            listed: dict[str, ContainerReport] = {}
+            for item in found:
+                report = known.get(item["Id"])
+                if report is None:
+                    attrs = _inspect(client, item["Id"])
+                    if attrs is None:
+                        continue  # removed since the list
+                    report = ContainerReport.from_inspect(attrs)
+                listed[item["Id"]] = report
+            self._listed[key] = listed  # those no longer running are forgotten
+            return list(listed.values())
 
-        found: list[dict[str, Any]] = await run_sync_in_worker_thread(self._with_client, _running)
-        return [ContainerReport.from_inspect(attrs) for attrs in found]
+        result: list[ContainerReport] = await run_sync_in_worker_thread(self._with_client, _running)
+        return result
 
     async def output(self, container_id: str, tail: int) -> list[str]:
         def _output(client: docker.DockerClient) -> list[str]:

@@ -16,15 +16,21 @@ the worker's log, never a crash. Every version of a key is read, so a newer forg
 artifact cannot hide the true record.
 
 A ledger reads a month's records in full once, then only the records created since
-(newest first, down to `OVERLAP` before the newest it had read, so that a record
-committed late by another worker is not skipped); a record is counted once however
-often it is read.
+the newest it had read (newest first). At most once every `OVERLAP_EVERY` a read goes on
+down to `OVERLAP` before that newest, so that a record committed late by another worker
+(or stamped by a server replica whose clock is behind) is counted too; a record is
+counted once however often it is read. Every read going down the whole overlap made
+each run's finish parse every record of the last five minutes: at a few hundred runs a
+minute, pages of them per run.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -55,14 +61,19 @@ _SIGNATURE = "usage_signature"
 #: stored in parts of at most this many, under usage_record, usage_record_1, ...
 _PART = 480
 _PAGE = 200
-#: How far before the newest record already read an incremental read goes on reading.
+#: The page of a read of only what is new since the last read.
+_NEW_PAGE = 20
+#: How far before the newest record already read an incremental read goes on reading,
+#: once every `OVERLAP_EVERY` seconds.
 OVERLAP = timedelta(minutes=5)
+OVERLAP_EVERY = 60.0
 
 
 @dataclass
 class _Month:
     usage: MonthlyUsage
     newest: datetime | None = None  # when the newest record read was created
+    overlapped_at: float = -math.inf  # when a read last went down the whole overlap
 
 
 def artifact_record(
@@ -92,6 +103,8 @@ class UsageLedger:
         overlap: timedelta = OVERLAP,
         key: bytes | None = None,
         logger: logging.Logger | logging.LoggerAdapter[Any] | None = None,
+        overlap_every: float = OVERLAP_EVERY,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from prefect_managed.settings import ledger_key
 
@@ -99,6 +112,8 @@ class UsageLedger:
         self.workspace = workspace
         self._page_size = page_size
         self._overlap = overlap
+        self._overlap_every = overlap_every
+        self._clock = clock
         self._key = ledger_key() if key is None else key
         self._logger = logger or logging.getLogger(__name__)
         self._months: dict[str, _Month] = {}
@@ -145,7 +160,13 @@ class UsageLedger:
         """The month's usage: every record of the workspace's runs in that month."""
         known = self._months.get(month)
         seen = _Month(MonthlyUsage(self.workspace, month)) if known is None else known
-        stop_at = None if known is None or known.newest is None else known.newest - self._overlap
+        now = self._clock()
+        stop_at = None if seen.newest is None else seen.newest  # None: the whole month
+        overlapping = stop_at is None or now - seen.overlapped_at >= self._overlap_every
+        if stop_at is not None and overlapping:
+            stop_at -= self._overlap
+        # Only what is new since the last read: small pages (the first one ends there).
+        page_size = self._page_size if overlapping else min(self._page_size, _NEW_PAGE)
         prefix = run_key_prefix(self.workspace, month)
         newest = seen.newest
         offset = 0
@@ -153,7 +174,7 @@ class UsageLedger:
             page = await self._client.read_artifacts(
                 artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=prefix)),
                 sort=ArtifactSort.CREATED_DESC,
-                limit=self._page_size,
+                limit=page_size,
                 offset=offset,
             )
             for artifact in page:
@@ -164,10 +185,12 @@ class UsageLedger:
                     newest = artifact.created
                 if artifact.key and artifact.key.startswith(prefix):
                     self._count(month, artifact, seen.usage)
-            if len(page) < self._page_size:
+            if len(page) < page_size:
                 break
-            offset += self._page_size
+            offset += page_size
         seen.newest = newest
+        if overlapping:
+            seen.overlapped_at = now
         self._months = {month: seen}  # only the month in use is kept
         return MonthlyUsage(self.workspace, month, dict(seen.usage.records))
 

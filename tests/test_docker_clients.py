@@ -4,6 +4,7 @@ once per client (`DockerClients`), against the real engine."""
 from __future__ import annotations
 
 import logging
+import uuid
 from contextlib import closing
 
 import anyio
@@ -66,3 +67,60 @@ def test_answers_says_whether_the_engine_takes_a_new_connection(monkeypatch, tmp
     # The version is known now, so the next client connects only for the ping itself.
     monkeypatch.setenv("DOCKER_HOST", f"unix://{tmp_path}/no-engine.sock")
     assert anyio.run(containers.answers) is False
+
+
+@pytest.fixture
+def inspected(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The containers the engine was asked to inspect (the real call, counted)."""
+    asked: list[str] = []
+    inspect = APIClient.inspect_container
+
+    def counted(self: APIClient, container: str) -> dict:
+        asked.append(container)
+        return inspect(self, container)
+
+    monkeypatch.setattr(APIClient, "inspect_container", counted)
+    return asked
+
+
+def test_the_running_containers_are_each_inspected_once_however_often_listed(
+    docker_client, runtime_image, inspected
+):
+    """Admission lists the host's running runs at every poll with runs waiting: a
+    container is inspected when first listed, not at every poll."""
+    label = f"prefect-managed-test.listed={uuid.uuid4().hex[:8]}"
+    containers = Containers(DockerClients(), logging.getLogger("test"))
+    made = []
+
+    def start(memory: str) -> str:
+        made.append(
+            docker_client.containers.run(
+                runtime_image,
+                ["sleep", "60"],
+                entrypoint=[],
+                labels=dict([label.split("=")]),
+                mem_limit=memory,
+                detach=True,
+            )
+        )
+        return made[-1].id
+
+    def listed() -> tuple[dict[str, int], list[str]]:
+        """The running containers' memory limits, and which of them this call inspected."""
+        inspected.clear()  # the SDK's own run() inspects too
+        found = {r.id: r.memory_limit for r in anyio.run(containers.running, [label])}
+        return found, list(inspected)
+
+    try:
+        first = start("64m")
+        assert listed() == ({first: 64 * 2**20}, [first])
+        assert listed() == ({first: 64 * 2**20}, [])
+        second = start("96m")
+        assert listed() == ({first: 64 * 2**20, second: 96 * 2**20}, [second])
+        made.pop(0).remove(force=True)
+        assert listed() == ({second: 96 * 2**20}, [])
+        third = start("32m")
+        assert listed() == ({second: 96 * 2**20, third: 32 * 2**20}, [third])
+    finally:
+        for container in made:
+            container.remove(force=True)

@@ -94,6 +94,60 @@ def test_two_ledgers_share_the_month_and_count_each_run_once(prefect_server):
     assert (seen["pages_full"], seen["pages_incremental"]) == (5, 2)
 
 
+class LateClient(CountingClient):
+    """The Prefect client, as a reader sees the server while the artifacts of `hidden`
+    runs are not committed yet (another worker's transaction still open); the limit of
+    each read is kept."""
+
+    def __init__(self, client, hidden: set) -> None:
+        super().__init__(client)
+        self.hidden = hidden
+        self.limits: list[int] = []
+
+    async def read_artifacts(self, **kwargs):
+        self.limits.append(kwargs["limit"])
+        page = await super().read_artifacts(**kwargs)
+        return [artifact for artifact in page if artifact.flow_run_id not in self.hidden]
+
+
+def test_a_record_committed_late_is_counted_at_the_next_overlap_read(prefect_server):
+    """Reads between two overlap reads fetch only what is new, in small pages; the next
+    overlap read (within `overlap_every`) finds a record whose artifact became visible
+    after newer ones had been read."""
+
+    async def scenario() -> dict[str, object]:
+        workspace = f"ledger-{uuid.uuid4().hex[:6]}"
+        month = month_of(datetime.now(timezone.utc))
+        now = [0.0]
+        async with get_client() as client:
+            late, newer, newest = [
+                (await client.create_flow_run(ledger_probe)).id for _ in range(3)
+            ]
+            writer = UsageLedger(client, workspace)
+            for run in (late, newer):
+                await writer.publish(_record(workspace, run, 61), 10, "test")
+            reading = LateClient(client, hidden={late})
+            reader = UsageLedger(reading, workspace, overlap_every=60, clock=lambda: now[0])
+            seen: dict[str, object] = {"first": (await reader.month_usage(month)).minutes}
+            reading.hidden.clear()  # the late record is committed now
+            await writer.publish(_record(workspace, newest, 61), 10, "test")
+            now[0] = 30.0
+            pages = reading.pages
+            seen["between"] = (await reader.month_usage(month)).minutes
+            seen["between_reads"] = (reading.pages - pages, reading.limits[-1])
+            now[0] = 61.0
+            seen["overlap"] = (await reader.month_usage(month)).minutes
+            seen["overlap_limit"] = reading.limits[-1]
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert seen["first"] == 2  # the late record not visible yet
+    assert seen["between"] == 4  # the newest record; what is new only, one small page
+    assert seen["between_reads"] == (1, 20)
+    assert seen["overlap"] == 6  # the late record too, once the overlap is read again
+    assert seen["overlap_limit"] == 200
+
+
 @pytest.mark.parametrize("records", [0, 3])
 def test_a_new_month_starts_empty(prefect_server, records):
     async def scenario() -> int:
