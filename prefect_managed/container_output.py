@@ -75,6 +75,9 @@ _PREFECT_RECORD = re.compile(
     r"(?:Flow run (?:'.*?'|\".*?\")|Task run (?:'.*?'|\".*?\")|prefect\.(?:flow|task)_runs(?:\.\S+)?)"
     r" - "
 )
+#: The one record of Prefect's engine that it never sends to the API (`send_to_api` off:
+#: "View at <UI URL>/runs/flow-run/<id>"), so never one the API lost.
+_CONSOLE_ONLY = re.compile(r"^View at \S*/runs/flow-run/[0-9a-f-]{36}$")
 _TRACEBACK = "Traceback (most recent call last):"
 _CHAINED = (
     "The above exception was the direct cause of the following exception:",
@@ -260,11 +263,14 @@ class CappedOutput:
     def with_records_not_in(self, sent: set[str]) -> CappedOutput:
         """This output with the records of `prefect_records` whose message is not among
         `sent` (the first lines of the run's logs) put back in time order, capped again:
-        what Prefect logged just before a hard crash, which its API handler never sent."""
+        what Prefect logged just before a hard crash, which its API handler never sent.
+        The record Prefect prints only to the console ("View at <URL>") is not one: put
+        back, every run's logs would get it, and the worker a request more per run."""
         missing = [
             line
             for record in self.prefect_records
-            if record_message(record[0]) not in sent
+            if (message := record_message(record[0])) not in sent
+            and not _CONSOLE_ONLY.match(message)
             for line in record
         ]
         if not missing:

@@ -189,6 +189,32 @@ def test_prefects_last_records_that_the_api_never_got_are_put_back_in_order():
     assert output.with_records_not_in({"sent", "lost"}).lines == output.lines
 
 
+def test_the_record_prefect_prints_only_to_the_console_is_not_put_back():
+    """Prefect's engine logs the run's UI link with `send_to_api` off: it is never in
+    the run's logs, and never one the API lost."""
+    run = "7078de0e-d1b4-4983-a443-6093016977f6"
+    err = tail_of(
+        "stderr",
+        [
+            ("2026-12-03T10:00:01Z", "10:00:01.000 | INFO    | Flow run 'a' - Beginning"),
+            (
+                "2026-12-03T10:00:01Z",
+                f"10:00:01.001 | INFO    | Flow run 'a' - View at http://127.0.0.1:4200/runs/flow-run/{run}",
+            ),
+            (
+                "2026-12-03T10:00:02Z",
+                "10:00:02.000 | INFO    | Flow run 'a' - View at my dashboard",
+            ),
+        ],
+        1000,
+    )
+    output = merge([err], 1000)
+    back = output.with_records_not_in({"Beginning"})
+    assert [line.text for line in back.lines] == [
+        "10:00:02.000 | INFO    | Flow run 'a' - View at my dashboard"  # the flow's own
+    ]
+
+
 def test_the_later_lines_of_a_message_the_run_logs_hold_are_not_sent_again():
     """A block printed with log_prints: Prefect's console shows its first line in its own
     format (left out) and the rest as plain lines, which the run's logs already hold."""
@@ -315,6 +341,8 @@ def test_a_segfaulting_flows_subprocess_output_reaches_its_logs_once(deploy, doc
     sent = [log for log in logs if "sent-marker" in log.message]
     assert [log.name for log in sent] == ["prefect.flow_runs"], sent
     assert len([log for log in logs if "last-words-marker" in log.message]) == 1, logs
+    # The engine's UI link, printed to the console only, is not put back.
+    assert not [line for line in lines if "/runs/flow-run/" in line], lines
     api_messages = {
         log.message.split("\n")[0] for log in logs if log.name != CONTAINER_OUTPUT_LOGGER
     }
