@@ -24,6 +24,7 @@ again (the ledger keeps one record per run attempt); the `HostLost` state stays.
 
 from __future__ import annotations
 
+import time
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -43,7 +44,7 @@ from prefect_managed.configuration import api_label_value
 from prefect_managed.containers import being_made, pool_labels
 from prefect_managed.messages import stopped_before_start_message
 from prefect_managed.retries import retries_done
-from prefect_managed.run_states import HOST_LOST
+from prefect_managed.run_states import ABANDONED_CLAIM_SECONDS, HOST_LOST, claim_token
 from prefect_managed.usage import Outcome, UsageRecord
 
 if TYPE_CHECKING:
@@ -95,11 +96,15 @@ def lost_runs(
     """The runs of `runs` whose worker has been silent for `lost_after` while this
     worker watched (since `watching_since`), with that worker and its last heartbeat.
     Not lost: a run of this worker `me`, one whose container or run is `seen` here, one
-    without a worker label."""
+    without a worker label, one in a claim (whatever worker an earlier attempt left
+    named on it: a live worker is about to set its state; one left there goes back by
+    `LostHosts._release_abandoned_claims`)."""
     found = []
     for flow_run in runs:
         worker = (flow_run.labels or {}).get(WORKER_LABEL)
         if not isinstance(worker, str) or worker == me or str(flow_run.id) in seen:
+            continue
+        if claim_token(flow_run.state) is not None:
             continue
         # A worker Prefect no longer lists: silent since the run's last state.
         last = heard.get(worker) or (flow_run.state.timestamp if flow_run.state else None)
@@ -132,6 +137,7 @@ class LostHosts:
         _states: RunStates | None
         _running: set[Any]
         _submitting_flow_run_ids: set[Any]
+        _claims_seen: dict[Any, float]
 
         def get_flow_run_logger(self, flow_run: FlowRun) -> Any: ...
 
@@ -165,6 +171,7 @@ class LostHosts:
         if decider(online, heard, now, lost_after) != self.name:
             return []  # another online worker of the pool decides
         runs = await self._pool_runs(ACTIVE)
+        await self._release_abandoned_claims(runs)
         if not runs:
             return []
         here = await self._runs_with_containers()
@@ -176,6 +183,28 @@ class LostHosts:
             if await self._end_lost_run(flow_run, worker, last):
                 ended.append(flow_run)
         return ended
+
+    async def _release_abandoned_claims(self, runs: list[FlowRun]) -> list[FlowRun]:
+        """Put back the runs of `runs` (the pool's active runs, as read) that this worker
+        has seen in one claim for `ABANDONED_CLAIM_SECONDS`: a worker killed between
+        taking a run (to mark it waiting, or to refuse it) and setting its state left
+        it Pending, with no container and nothing to ever start it. Only the pool's
+        deciding worker looks, on its own clock (no clocks compared); those put back."""
+        assert self._states is not None
+        now = time.monotonic()
+        claims = {run.state.id: run for run in runs if run.state and claim_token(run.state)}
+        self._claims_seen = {claim: self._claims_seen.get(claim, now) for claim in claims}
+        released = []
+        for claim, flow_run in claims.items():
+            if now - self._claims_seen[claim] < ABANDONED_CLAIM_SECONDS:
+                continue
+            if await self._states.release_abandoned_claim(flow_run):
+                self._logger.warning(
+                    "Flow run %s was left in a claim by a worker that stopped; put back",
+                    flow_run.id,
+                )
+                released.append(flow_run)
+        return released
 
     async def _schedule_unstarted_of_predecessor(self) -> list[FlowRun]:
         """At start (in the background): the pool's Pending runs named for this worker

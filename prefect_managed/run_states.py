@@ -9,6 +9,7 @@ state the run reached by itself.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -48,11 +49,13 @@ from prefect_managed.sources import describe_pull_step_failure, redact_url_crede
 logger = get_logger("managed.run_states")
 
 __all__ = [
+    "ABANDONED_CLAIM_SECONDS",
     "AWAITING_SLOT",
     "CONTAINER_OUTPUT_LOGGER",
     "HOST_LOST",
     "QUOTA_EXHAUSTED",
     "RunStates",
+    "claim_token",
 ]
 
 AWAITING_SLOT = "AwaitingConcurrencySlot"
@@ -71,6 +74,27 @@ def _claim_message(token: str) -> str:
 
 #: How long a claim and the state set after it may hold up a stopping worker.
 CLAIM_SECONDS = 30
+#: How long a run may be seen in one claim before it is taken as left there (its worker
+#: killed between the claim and the state): a live worker sets the state, or releases
+#: the claim, within twice `CLAIM_SECONDS`.
+ABANDONED_CLAIM_SECONDS = 3 * CLAIM_SECONDS
+_CLAIM = re.compile(r"^Taken by a managed worker to set its state \(([0-9a-f]{32})\)\.$")
+
+
+ABANDONED_CLAIM_MESSAGE = (
+    "Put back in Scheduled: the worker that took this flow run to mark it waiting (or to "
+    "refuse it) stopped before it could; a worker of the pool starts it as usual."
+)
+
+
+def claim_token(state: State | None) -> str | None:
+    """The token of a claim's Pending state (`RunStates._claim`); None for any other
+    state (Prefect's own submission's Pending among them)."""
+    if state is None or not state.is_pending():
+        return None
+    found = _CLAIM.match(state.message or "")
+    return found.group(1) if found else None
+
 
 RunLogger = Callable[[FlowRun], "logging.Logger | logging.LoggerAdapter[Any]"]
 
@@ -363,31 +387,41 @@ class RunStates:
         finally:
             if not settled:
                 with anyio.move_on_after(CLAIM_SECONDS, shield=True):
-                    await self._release_claim(flow_run, token, state)
+                    await self._release_claim(
+                        flow_run, token, f"Put back in Scheduled: {state.name} could not be set."
+                    )
         return False
 
-    async def _release_claim(self, flow_run: FlowRun, token: str, state: State) -> None:
-        """A run still in this call's claim goes back to the state before it: Scheduled
-        (else nothing would ever start it), or the ending the claim replaced (never the
-        queue: that would run a finished run again)."""
+    async def _release_claim(self, flow_run: FlowRun, token: str, message: str) -> bool:
+        """A run still in the claim `token` goes back to the state before it: Scheduled
+        with `message` (else nothing would ever start it), or the ending the claim
+        replaced (never the queue: that would run a finished run again). Whether it went
+        back."""
         try:
             current = await self.state(flow_run.id)
             if current is None or not current.is_pending() or token not in (current.message or ""):
-                return
+                return False
             if await self._put_back(flow_run, current):
-                return
-            await self.schedule_again(
-                flow_run, f"Put back in Scheduled: {state.name} could not be set.", current.id
-            )
+                return True
+            return await self.schedule_again(flow_run, message, current.id)
         except ObjectNotFound:  # deleted meanwhile
-            return
+            return False
         except Exception:
             logger.warning(
-                "Flow run %s may be left Pending: it could not be set %s nor put back",
+                "Flow run %s may be left Pending: its claim could not be put back",
                 flow_run.id,
-                state.name,
                 exc_info=True,
             )
+            return False
+
+    async def release_abandoned_claim(self, flow_run: FlowRun) -> bool:
+        """A run left in a claim (`claim_token` of its state as read): its worker was
+        killed between the claim and the state it was to set, so nothing would ever
+        start it. It goes back as that worker would have put it back; whether it did."""
+        token = claim_token(flow_run.state)
+        if token is None:
+            return False
+        return await self._release_claim(flow_run, token, ABANDONED_CLAIM_MESSAGE)
 
     async def refuse(self, flow_run: FlowRun, name: str, message: str) -> None:
         """End a run that will not start Failed, with `message` (e.g. QuotaExhausted).

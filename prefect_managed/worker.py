@@ -169,6 +169,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._running: set[UUID] = set()  # runs submitted or taken over, until they end
         self._watching: dict[UUID, Watch] = {}  # runs whose container is watched, and how
         self._stray_slots: set[UUID] = set()  # see `_release_stray_slots`
+        self._claims_seen: dict[UUID, float] = {}  # see `_release_abandoned_claims`
         self._pool_gate: PoolGate | None = None
         self._environment_step: EnvironmentStep | None = None
         # Set when the runs are abandoned: the threads that wait on their containers end.

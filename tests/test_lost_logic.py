@@ -7,7 +7,7 @@ from datetime import datetime, timedelta, timezone
 from uuid import uuid4
 
 from prefect.client.schemas.objects import FlowRun
-from prefect.states import Running
+from prefect.states import Pending, Running
 
 from prefect_managed.lost import decider, lost_host_message, lost_runs
 from prefect_managed.usage import MonthlyUsage, Outcome, UsageRecord
@@ -55,6 +55,78 @@ def test_a_run_is_lost_only_when_its_worker_was_silent_for_the_whole_time_watche
     ]
     # Watching for only 100 s (a start, or the API back after an outage): nothing yet.
     assert just_started == []
+
+
+def claimed_by_a_worker_of(worker: str) -> FlowRun:
+    """A run a live worker has just taken to mark it waiting, still named for the
+    worker of an earlier attempt."""
+    message = f"Taken by a managed worker to set its state ({uuid4().hex})."
+    return FlowRun(
+        id=uuid4(),
+        flow_id=uuid4(),
+        labels={"prefect.worker.name": worker},
+        state=Pending(message=message, timestamp=LONG_AGO),
+    )
+
+
+def test_a_run_in_a_claim_is_not_lost_whatever_worker_it_names():
+    claimed = claimed_by_a_worker_of("gone")
+    pending = run_of("gone")
+    pending.state = Pending(timestamp=LONG_AGO)  # Prefect's own submission: lost
+
+    found = lost_runs([claimed, pending], {"gone": ago(400)}, "me", set(), NOW, ago(3600), 180)
+
+    assert [run.id for run, _, _ in found] == [pending.id]
+
+
+class Released:
+    """What `_release_abandoned_claims` uses of the worker: the runs it put back."""
+
+    def __init__(self) -> None:
+        self.put_back: list = []
+
+    async def release_abandoned_claim(self, flow_run) -> bool:
+        self.put_back.append(flow_run.id)
+        return True
+
+
+def test_a_claim_is_put_back_only_once_seen_standing_longer_than_a_live_worker_holds_one(
+    monkeypatch,
+):
+    import logging
+
+    import anyio
+
+    from prefect_managed import lost
+    from prefect_managed.lost import LostHosts
+    from prefect_managed.run_states import ABANDONED_CLAIM_SECONDS
+
+    clock = [1000.0]
+    monkeypatch.setattr(lost.time, "monotonic", lambda: clock[0])
+    worker = LostHosts()
+    worker._states = Released()
+    worker._claims_seen = {}
+    worker._logger = logging.getLogger("test.lost")
+    left, later = claimed_by_a_worker_of("gone"), claimed_by_a_worker_of("gone")
+    plain = run_of("gone")
+
+    def look(*runs) -> list:
+        return [run.id for run in anyio.run(worker._release_abandoned_claims, list(runs))]
+
+    assert look(left, plain) == []  # first seen now
+    clock[0] += ABANDONED_CLAIM_SECONDS - 1
+    assert look(left, later, plain) == []  # a live worker may still hold it
+    clock[0] += 1
+    assert look(left, later, plain) == [left.id]
+    # Claimed again since (a new claim state): its time starts again.
+    later.state = claimed_by_a_worker_of("gone").state
+    clock[0] += ABANDONED_CLAIM_SECONDS
+    assert look(later) == []  # the old claim was standing that long, the new one not
+    clock[0] += ABANDONED_CLAIM_SECONDS - 1
+    assert look(later) == []
+    clock[0] += 1
+    assert look(later) == [later.id]
+    assert worker._states.put_back == [left.id, later.id]
 
 
 def test_the_message_names_the_worker_its_last_heartbeat_and_what_to_do():

@@ -241,3 +241,60 @@ def test_a_run_still_as_polled_waits_in_its_place_or_is_refused(prefect_server):
     assert seen["history"] == ["Scheduled", "Pending", AWAITING_SLOT]
     refused = seen["refused"]
     assert (refused.type.value, refused.name) == ("FAILED", QUOTA_EXHAUSTED)
+
+
+CLAIM = "Taken by a managed worker to set its state ({})."
+LEFT_IN_A_CLAIM = {
+    # A worker killed right after its claim of a waiting run.
+    "a claim of a waiting run": ([], True),
+    # Killed after a claim the server took from an ending (before its put-back).
+    "a claim that replaced an ending": ([Pending(), Running(), Completed()], True),
+    # Prefect's own submission (a worker killed before its label): not a claim.
+    "Prefect's own Pending": ([Pending()], False),
+    # The claim a live worker went on from (read before it marked the run).
+    "a claim since followed by its mark": ([], False),
+}
+
+
+@pytest.mark.parametrize("case", list(LEFT_IN_A_CLAIM))
+def test_a_run_left_in_a_claim_goes_back_as_its_worker_would_have_put_it(prefect_server, case):
+    """A worker killed between its claim and the state it was to set left the run
+    Pending, with no container: another worker puts it back (`release_abandoned_claim`,
+    from the pool's active runs as read) to the state before the claim."""
+    moves, left = LEFT_IN_A_CLAIM[case]
+    token = uuid.uuid4().hex
+
+    async def scenario():
+        async with get_client() as client:
+            deployment = await _deployment(client)
+            polled = await client.create_flow_run_from_deployment(deployment)
+            for state in moves:
+                await client.set_flow_run_state(polled.id, state)
+            before = (await client.read_flow_run(polled.id)).state
+            if left and moves:  # the killed worker's claim, accepted from the ending
+                await client.set_flow_run_state(polled.id, Pending(message=CLAIM.format(token)))
+            elif left or case.endswith("by its mark"):
+                await _states(client)._claim(polled, token)  # the killed worker's request
+            read = await client.read_flow_run(polled.id)  # as the pool's runs are read
+            if case.endswith("by its mark"):  # the live worker's state after its claim
+                await client.set_flow_run_state(
+                    polled.id,
+                    Scheduled(name=AWAITING_SLOT, scheduled_time=polled.expected_start_time),
+                )
+            settled = (await client.read_flow_run(polled.id)).state
+            released = await _states(client).release_abandoned_claim(read)
+            after = (await client.read_flow_run(polled.id)).state
+            history = [s.type.value for s in await client.read_flow_run_states(polled.id)]
+            await client.delete_deployment(deployment)
+        return before, settled, released, after, history
+
+    before, settled, released, after, history = asyncio.run(scenario())
+    assert released is left
+    if not left:
+        assert after.id == settled.id  # not touched
+    elif moves:
+        assert history[-3:] == ["COMPLETED", "PENDING", "COMPLETED"]
+        assert (after.type, after.message) == (before.type, before.message)
+    else:
+        assert history == ["SCHEDULED", "PENDING", "SCHEDULED"]
+        assert after.is_scheduled() and "stopped before it could" in after.message
