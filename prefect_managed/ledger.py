@@ -17,9 +17,10 @@ artifact cannot hide the true record.
 
 A ledger reads a month's records in full once, then only the records created since
 the newest it had read (newest first). At most once every `OVERLAP_EVERY` a read goes on
-down to `OVERLAP` before that newest, so that a record committed late by another worker
-(or stamped by a server replica whose clock is behind) is counted too; a record is
-counted once however often it is read. Every read going down the whole overlap made
+down to `OVERLAP` (plus `OVERLAP_EVERY`, which the reads in between moved the newest on
+by) before that newest, so that a record committed up to `OVERLAP` late by another
+worker (or stamped by a server replica whose clock is behind) is counted too; a record
+is counted once however often it is read. Every read going down the whole overlap made
 each run's finish parse every record of the last five minutes: at a few hundred runs a
 minute, pages of them per run.
 """
@@ -164,8 +165,11 @@ class UsageLedger:
         stop_at = None if seen.newest is None else seen.newest  # None: the whole month
         overlapping = stop_at is None or now - seen.overlapped_at >= self._overlap_every
         if stop_at is not None and overlapping:
-            stop_at -= self._overlap
-        # Only what is new since the last read: small pages (the first one ends there).
+            # The reads since the last overlap moved `newest` on (by up to
+            # `overlap_every`): a record committed up to `overlap` late is still read.
+            stop_at -= self._overlap + timedelta(seconds=self._overlap_every)
+        # Only what is new since the last read: a small first page (it usually ends
+        # there), then full ones (inserts meanwhile shift the offsets by what they add).
         page_size = self._page_size if overlapping else min(self._page_size, _NEW_PAGE)
         prefix = run_key_prefix(self.workspace, month)
         newest = seen.newest
@@ -188,6 +192,7 @@ class UsageLedger:
             if len(page) < page_size:
                 break
             offset += page_size
+            page_size = self._page_size
         seen.newest = newest
         if overlapping:
             seen.overlapped_at = now

@@ -38,6 +38,7 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType, WorkerStatus
 from prefect.client.schemas.responses import SetStateStatus
+from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Crashed
 
 from prefect_managed.configuration import api_label_value
@@ -57,6 +58,8 @@ WORKER_LABEL = "prefect.worker.name"
 #: container, before a starting worker takes it as left by its predecessor (see
 #: `_schedule_unstarted_of_predecessor`).
 SETTLED_PENDING_SECONDS = 10.0
+#: The pool's runs read per request.
+_RUNS_PAGE = 200
 #: The states of a run whose host may be gone under it (a paused run waits in its container).
 ACTIVE = [StateType.PENDING, StateType.RUNNING, StateType.CANCELLING, StateType.PAUSED]
 
@@ -250,6 +253,9 @@ class LostHosts:
             run
             for run in runs
             if (run.labels or {}).get(WORKER_LABEL) == self.name
+            # A run in a claim goes back as the claim would (`_release_abandoned_claims`:
+            # to an ending it replaced, never to the queue).
+            and claim_token(run.state) is None
             and run.id not in self._running
             and run.id not in self._submitting_flow_run_ids
             and not being_made(str(run.id))
@@ -260,13 +266,24 @@ class LostHosts:
         return [run for run in ours if str(run.id) not in here]
 
     async def _pool_runs(self, types: list[StateType]) -> list[FlowRun]:
-        """The pool's flow runs in a state of one of `types`."""
-        return await self.client.read_flow_runs(
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[self._work_pool_name])),
-            flow_run_filter=FlowRunFilter(
-                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=types))
-            ),
-        )
+        """The pool's flow runs in a state of one of `types`, every page of them (the
+        server answers 200 at most at a time)."""
+        runs: list[FlowRun] = []
+        while True:
+            page = await self.client.read_flow_runs(
+                work_pool_filter=WorkPoolFilter(
+                    name=WorkPoolFilterName(any_=[self._work_pool_name])
+                ),
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(type=FlowRunFilterStateType(any_=types))
+                ),
+                sort=FlowRunSort.ID_DESC,
+                limit=_RUNS_PAGE,
+                offset=len(runs),
+            )
+            runs.extend(page)
+            if len(page) < _RUNS_PAGE:
+                return runs
 
     async def _runs_with_containers(self) -> set[str]:
         """The ids of the flow runs with a container of this pool on this engine."""

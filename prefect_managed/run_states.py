@@ -76,8 +76,9 @@ def _claim_message(token: str) -> str:
 CLAIM_SECONDS = 30
 #: How long a run may be seen in one claim before it is taken as left there (its worker
 #: killed between the claim and the state): a live worker sets the state, or releases
-#: the claim, within twice `CLAIM_SECONDS`.
-ABANDONED_CLAIM_SECONDS = 3 * CLAIM_SECONDS
+#: the claim, within twice `CLAIM_SECONDS`, and a request of its still in flight after
+#: that (a slow server) must not land on a run that was put back and started since.
+ABANDONED_CLAIM_SECONDS = 10 * CLAIM_SECONDS
 _CLAIM = re.compile(r"^Taken by a managed worker to set its state \(([0-9a-f]{32})\)\.$")
 
 

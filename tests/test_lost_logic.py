@@ -4,6 +4,7 @@ FlowRun objects, no server). The lost host itself, for real: tests/test_topology
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
+from types import SimpleNamespace
 from uuid import uuid4
 
 from prefect.client.schemas.objects import FlowRun
@@ -102,7 +103,7 @@ def test_a_claim_is_put_back_only_once_seen_standing_longer_than_a_live_worker_h
     from prefect_managed.run_states import ABANDONED_CLAIM_SECONDS
 
     clock = [1000.0]
-    monkeypatch.setattr(lost.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(lost, "time", SimpleNamespace(monotonic=lambda: clock[0]))
     worker = LostHosts()
     worker._states = Released()
     worker._claims_seen = {}

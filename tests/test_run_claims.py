@@ -298,3 +298,36 @@ def test_a_run_left_in_a_claim_goes_back_as_its_worker_would_have_put_it(prefect
     else:
         assert history == ["SCHEDULED", "PENDING", "SCHEDULED"]
         assert after.is_scheduled() and "stopped before it could" in after.message
+
+
+def test_the_deciding_worker_reads_every_active_run_of_its_pool(prefect_server, monkeypatch):
+    """Abandoned claims and lost hosts are looked for among the pool's active runs: all
+    of them, page after page (the server answers 200 at most; pages of 2 here)."""
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import StateType
+
+    from prefect_managed import lost
+
+    monkeypatch.setattr(lost, "_RUNS_PAGE", 2)
+
+    async def scenario() -> tuple[list, list]:
+        async with get_client() as client:
+            pool = f"claims-pool-{uuid.uuid4().hex[:6]}"
+            await client.create_work_pool(WorkPoolCreate(name=pool, type="prefect:managed"))
+            flow_id = await client.create_flow_from_name(f"claims-{uuid.uuid4().hex[:6]}")
+            deployment = await client.create_deployment(
+                flow_id=flow_id, name="claims", work_pool_name=pool
+            )
+            runs = [await client.create_flow_run_from_deployment(deployment) for _ in range(6)]
+            for run in runs[:5]:
+                await client.set_flow_run_state(run.id, Pending())
+            decider = lost.LostHosts()
+            decider.client = client
+            decider._work_pool_name = pool
+            found = await decider._pool_runs([StateType.PENDING])
+            await client.delete_deployment(deployment)
+            await client.delete_work_pool(pool)
+        return sorted(run.id for run in found), sorted(run.id for run in runs[:5])
+
+    found, pending = asyncio.run(scenario())
+    assert found == pending

@@ -399,13 +399,22 @@ def test_a_starting_worker_takes_as_its_predecessors_only_runs_that_stay_pending
 
     monkeypatch.setattr(lost_module, "SETTLED_PENDING_SECONDS", 0)
 
-    def pending(name: str = "unit-worker") -> Any:
-        return SimpleNamespace(id=uuid4(), state_id=uuid4(), labels={"prefect.worker.name": name})
+    from prefect.states import Pending
 
-    left, renamed, restarted, other, own, contained, making = (pending() for _ in range(7))
+    def pending(name: str = "unit-worker") -> Any:
+        state = Pending()  # Prefect's own submission's
+        return SimpleNamespace(
+            id=uuid4(), state_id=state.id, state=state, labels={"prefect.worker.name": name}
+        )
+
+    left, renamed, restarted, other, own, contained, making, claimed = (pending() for _ in range(8))
     other.labels["prefect.worker.name"] = "another-worker"
+    # Left in a claim (by this worker's predecessor, or another's since): it goes back
+    # as a claim does (`_release_abandoned_claims`), to an ending it replaced.
+    claimed.state = Pending(message=f"Taken by a managed worker to set its state ({'0' * 32}).")
+    claimed.state_id = claimed.state.id
     looks: list[list[Any]] = [
-        [left, renamed, restarted, other, own, contained, making],
+        [left, renamed, restarted, other, own, contained, making, claimed],
         [
             left,
             SimpleNamespace(**{**vars(renamed), "labels": {"prefect.worker.name": "w2"}}),
@@ -414,6 +423,7 @@ def test_a_starting_worker_takes_as_its_predecessors_only_runs_that_stay_pending
             own,
             contained,
             making,
+            claimed,
         ],
     ]
     # Its container being made by an earlier worker of this process (`serve` restarts
