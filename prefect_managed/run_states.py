@@ -79,7 +79,9 @@ CLAIM_SECONDS = 30
 #: the claim, within twice `CLAIM_SECONDS`, and a request of its still in flight after
 #: that (a slow server) must not land on a run that was put back and started since.
 ABANDONED_CLAIM_SECONDS = 10 * CLAIM_SECONDS
-_CLAIM = re.compile(r"^Taken by a managed worker to set its state \(([0-9a-f]{32})\)\.$")
+_CLAIM = re.compile(
+    "^" + re.escape(_claim_message("TOKEN")).replace("TOKEN", "([0-9a-f]{32})") + "$"
+)
 
 
 ABANDONED_CLAIM_MESSAGE = (
