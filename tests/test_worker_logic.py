@@ -452,3 +452,72 @@ def test_a_starting_worker_takes_as_its_predecessors_only_runs_that_stay_pending
     again = asyncio.run(worker._schedule_unstarted_of_predecessor())
     assert [run.id for run in again] == [left.id] == worker._states.scheduled_again
     assert not looks  # looked twice
+
+
+def test_the_deciding_worker_puts_back_a_run_left_in_a_claim_and_ends_no_run_in_one(
+    worker, monkeypatch
+):
+    """The lost-host check's read of the pool's active runs also finds a run a killed
+    worker left in a claim: put back once seen for `ABANDONED_CLAIM_SECONDS`, never set
+    Crashed as lost, though it names a silent worker."""
+    from datetime import datetime, timedelta, timezone
+
+    from prefect.client.schemas.objects import WorkerStatus
+    from prefect.states import Pending
+
+    from prefect_managed import lost
+    from prefect_managed.run_states import ABANDONED_CLAIM_SECONDS
+
+    clock = [0.0]
+    monkeypatch.setattr(lost, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    now = datetime.now(timezone.utc)
+    claim = Pending(message=f"Taken by a managed worker to set its state ({'a' * 32}).")
+    claimed = SimpleNamespace(
+        id=uuid4(), state=claim, state_id=claim.id, labels={"prefect.worker.name": "gone"}
+    )
+
+    class Client:
+        async def read_workers_for_work_pool(self, pool):
+            return [
+                SimpleNamespace(
+                    name="unit-worker", status=WorkerStatus.ONLINE, last_heartbeat_time=now
+                ),
+                SimpleNamespace(
+                    name="gone",
+                    status=WorkerStatus.OFFLINE,
+                    last_heartbeat_time=now - timedelta(hours=1),
+                ),
+            ]
+
+    class States:
+        released: list = []
+
+        async def release_abandoned_claim(self, flow_run):
+            self.released.append(flow_run.id)
+            return True
+
+    async def pool_runs(types):
+        return [claimed]
+
+    async def with_containers():
+        return set()
+
+    ended: list = []
+
+    async def end_lost_run(flow_run, worker_name, last):
+        ended.append(flow_run.id)
+        return True
+
+    monkeypatch.setattr(ManagedWorker, "client", property(lambda self: Client()))
+    worker._pool_runs = pool_runs  # type: ignore[method-assign]
+    worker._runs_with_containers = with_containers  # type: ignore[method-assign]
+    worker._end_lost_run = end_lost_run  # type: ignore[method-assign]
+    worker._states = States()  # type: ignore[assignment]
+    long_ago = now - timedelta(hours=2)
+
+    asyncio.run(worker._end_lost_runs(long_ago))
+    clock[0] += ABANDONED_CLAIM_SECONDS
+    asyncio.run(worker._end_lost_runs(long_ago))
+
+    assert worker._states.released == [claimed.id]
+    assert ended == []
