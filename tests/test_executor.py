@@ -202,9 +202,27 @@ def executor_runs(
         )
         finals = {key: wait_for_final_state(run_id, timeout=300) for key, run_id in runs.items()}
         time.sleep(3)  # the last logs are sent in batches
-        yield {key: (run, flow_run_logs(run.id)) for key, run in finals.items()}
+        yield {key: (run, _run_logs(run.id)) for key, run in finals.items()}
     finally:
         running.service.stop()
+
+
+def _run_logs(flow_run_id: UUID) -> list[str]:
+    """The run's log messages, an entry of its container's own output (which the worker
+    forwards) marked as such: the probes' hooks print their line too, and a printed line
+    is not the hook's log record."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from prefect_managed.container_output import CONTAINER_OUTPUT_LOGGER
+
+    with get_client(sync_client=True) as client:
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id]))
+        )
+    return [
+        f"[container output] {log.message}" if log.name == CONTAINER_OUTPUT_LOGGER else log.message
+        for log in logs
+    ]
 
 
 def _act_when_logged(actions: dict, timeout: float = 240) -> None:
