@@ -162,7 +162,7 @@ class UsageLedger:
         known = self._months.get(month)
         seen = _Month(MonthlyUsage(self.workspace, month)) if known is None else known
         now = self._clock()
-        stop_at = None if seen.newest is None else seen.newest  # None: the whole month
+        stop_at = seen.newest  # None: the whole month
         overlapping = stop_at is None or now - seen.overlapped_at >= self._overlap_every
         if stop_at is not None and overlapping:
             # The reads since the last overlap moved `newest` on (by up to

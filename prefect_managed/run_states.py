@@ -316,7 +316,7 @@ class RunStates:
         claimed = result.state
         if claimed is None or result.status not in (SetStateStatus.ACCEPT, SetStateStatus.REJECT):
             return None
-        ours = claimed.is_pending() and token in (claimed.message or "")
+        ours = claim_token(claimed) == token
         if result.status == SetStateStatus.REJECT and not ours:
             # A full deployment limit writes its own state in place of the claim.
             if claimed.name == AWAITING_SLOT or claimed.is_cancelled():
@@ -402,7 +402,7 @@ class RunStates:
         back."""
         try:
             current = await self.state(flow_run.id)
-            if current is None or not current.is_pending() or token not in (current.message or ""):
+            if claim_token(current) != token:
                 return False
             if await self._put_back(flow_run, current):
                 return True
