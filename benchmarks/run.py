@@ -99,6 +99,9 @@ class Results:
     #: Of `throughput_cpu_seconds["managed"]`, what the run gateway's threads used (the
     #: proxy every API call of the managed runs goes through; the DockerWorker has none).
     throughput_gateway_cpu_seconds: dict[str, float] = field(default_factory=dict)
+    #: Seconds from a run's final state to the Pending of the run that took its slot,
+    #: during each worker's part of (c) (`slot_handovers`).
+    throughput_handovers: dict[str, list[float]] = field(default_factory=dict)
     #: Whether those threads are the measured worker's (else another worker process of
     #: the host serves the gateway, and the worker's CPU leaves it out).
     gateway_in_worker: bool = True
@@ -405,7 +408,9 @@ def timed_run(deployment_id, deadline: float) -> Sample:
 def start_path(flow_run_id, states, t0: datetime) -> dict[str, float]:
     """Where the start goes, from Pending to Running: Docker's own create and start
     events for the run's container, and the run's log lines (written in the container)
-    for the pull steps. Phases missing from a run are left out."""
+    for the pull steps; and the end, from the final state to the container's exit (the
+    time its slot stays taken after the run is over). Phases missing from a run are
+    left out."""
     import docker
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -418,15 +423,22 @@ def start_path(flow_run_id, states, t0: datetime) -> dict[str, float]:
         marks["pending"] = first["PENDING"]
     client = docker.from_env()
     try:
+        label = f"io.prefect.flow-run-id={flow_run_id}"
+        deadline = time.monotonic() + 30
+        while (
+            client.containers.list(filters={"label": label}, ignore_removed=True)
+            and time.monotonic() < deadline
+        ):
+            time.sleep(0.1)  # until it exits, for its `die` event
         events = client.api.events(
             since=int(t0.timestamp()) - 1,
             until=int(time.time()) + 1,
-            filters={"type": "container", "label": f"io.prefect.flow-run-id={flow_run_id}"},
+            filters={"type": "container", "label": label},
             decode=True,
         )
         for event in events:
             action = event.get("Action") or event.get("status")
-            if action in ("create", "start"):
+            if action in ("create", "start", "die"):
                 at = datetime.fromtimestamp(event["timeNano"] / 1e9, timezone.utc)
                 marks.setdefault(f"container_{action}", at)
     finally:
@@ -442,12 +454,15 @@ def start_path(flow_run_id, states, t0: datetime) -> dict[str, float]:
             marks.setdefault("pull_steps_done", log.timestamp)
     if "RUNNING" in first:
         marks["running"] = first["RUNNING"]
+    if states and states[-1].is_final():
+        marks["final"] = states[-1].timestamp
     order = [
         ("pending", "container_create", "pending_to_container_create"),
         ("container_create", "container_start", "container_create_to_start"),
         ("container_start", "first_pull_step", "container_start_to_first_pull_step"),
         ("first_pull_step", "pull_steps_done", "pull_steps"),
         ("pull_steps_done", "running", "pull_steps_to_running"),
+        ("final", "container_die", "final_to_container_exit"),
     ]
     return {
         name: round((marks[end] - marks[begin]).total_seconds(), 3)
@@ -501,7 +516,32 @@ def throughput(deployment_id, runs: int, deadline: float) -> dict[str, float]:
         "completed": len(completed),
         "minutes": round(minutes, 3),
         "runs_per_minute": round(len(completed) / minutes, 2),
+        "flow_run_ids": ids,
     }
+
+
+def slot_handovers(flow_run_ids: list, limit: int) -> list[float]:
+    """How long a slot stood empty: with `limit` runs at once, the k-th run to start
+    (its last Pending, the one its container followed) took the slot of the (k - limit)-th
+    to end (its final state), so each handover is the time between the two. Covers the
+    container's exit after its final state, the worker's finish and release, and the
+    next poll's admission."""
+    from prefect.client.orchestration import get_client
+
+    starts, ends = [], []
+    with get_client(sync_client=True) as client:
+        for flow_run_id in flow_run_ids:
+            states = client.read_flow_run_states(flow_run_id)
+            pending = [s.timestamp for s in states if s.type.value == "PENDING"]
+            final = [s.timestamp for s in states if s.is_final()]
+            if pending and final:
+                starts.append(pending[-1])
+                ends.append(final[-1])
+    starts.sort()
+    ends.sort()
+    return [
+        round((starts[k] - ends[k - limit]).total_seconds(), 3) for k in range(limit, len(starts))
+    ]
 
 
 def accumulate(
@@ -686,6 +726,15 @@ def container_and_worker_cpu_per_run(results: Results) -> dict[str, float]:
     return found
 
 
+def median_handovers(results: Results) -> dict[str, float]:
+    """Each worker's median slot handover during (c), in seconds."""
+    return {
+        key: statistics.median(found)
+        for key, found in results.throughput_handovers.items()
+        if found
+    }
+
+
 def machine_cpu_per_run(results: Results) -> dict[str, float]:
     """The machine's CPU seconds per run during each worker's part of (c)."""
     return per_run(results, results.throughput_machine_cpu_seconds)
@@ -694,6 +743,7 @@ def machine_cpu_per_run(results: Results) -> dict[str, float]:
 def summarize(results: Results) -> dict[str, object]:
     m = {name: median([s.seconds for s in samples]) for name, samples in results.samples.items()}
     tp = results.throughput
+    handovers = median_handovers(results)
     rss = results.peak_rss_bytes
     cpu = cpu_per_run(results)
     machine = machine_cpu_per_run(results)
@@ -747,6 +797,11 @@ def summarize(results: Results) -> dict[str, object]:
             ),
             ">=",
             1.7,  # issue 26 (issue 14 set 1.0)
+        ),
+        "c_handover_managed_over_docker": (
+            ratio(handovers.get("managed"), handovers.get("docker")),
+            "",
+            None,
         ),
         "d_rss_managed_over_docker": (ratio(rss.get("managed"), rss.get("docker")), "<=", 1.2),
         "e_cpu_managed_over_docker": (ratio(cpu.get("managed"), cpu.get("docker")), "<=", 1.2),
@@ -877,6 +932,14 @@ def table(results: Results, summary: dict[str, object]) -> str:
         fmt(tp.get("managed", {}).get("runs_per_minute"), "runs/min"),
         fmt(tp.get("docker", {}).get("runs_per_minute"), "runs/min"),
         "c_throughput_managed_over_docker",
+    )
+    handovers = median_handovers(results)
+    row(
+        "(c) slot handover during (c), a run's final state to the Pending of the run taking "
+        "its slot (median)",
+        fmt(handovers.get("managed"), "s"),
+        fmt(handovers.get("docker"), "s"),
+        "c_handover_managed_over_docker",
     )
     rss = results.peak_rss_bytes
     row(
@@ -1459,6 +1522,7 @@ def main(argv: list[str] | None = None) -> int:
             _, log_offset = server_requests(server.log_path, 0)
             others = other_containers(docker_client, d[f"{key}_noop"])
             part = throughput(d[f"{key}_noop"], count, deadline)
+            flow_run_ids = part.pop("flow_run_ids")
             # Runs still reporting (or released) after the last final state are counted,
             # and the last containers' exits with the worker's work on them: every
             # counter is read once they are gone.
@@ -1492,6 +1556,10 @@ def main(argv: list[str] | None = None) -> int:
             shared = results.throughput_shared_cpu_seconds.setdefault(key, {})
             accumulate(shared, "server", before[1], after[1])
             accumulate(shared, "dockerd", before[2], after[2])
+            # Read after every counter: these requests are the benchmark's own.
+            results.throughput_handovers.setdefault(key, []).extend(
+                slot_handovers(flow_run_ids, concurrency)
+            )
             print(f"  {key}, {count} runs: {part}", flush=True)
         for key, found in requests.items():
             if found:

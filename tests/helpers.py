@@ -155,6 +155,24 @@ def usage_records(flow_run_id: UUID) -> list[dict]:
     return records
 
 
+def flow_run_events(flow_run_id: UUID, name: str) -> list[dict]:
+    """The events named `name` whose resource is the flow run, as the server stored them."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    return httpx.post(
+        f"{PREFECT_API_URL.value()}/events/filter",
+        auth=api_auth(),
+        json={
+            "filter": {
+                "event": {"name": [name]},
+                "resource": {"id": [f"prefect.flow-run.{flow_run_id}"]},
+            },
+            "limit": 50,
+        },
+    ).json()["events"]
+
+
 def executed_status_code(flow_run_id: UUID, timeout: float = 60) -> str:
     """The exit code Prefect's "executed flow run" event gives the run's infrastructure
     (what the UI's event feed shows), once the worker has emitted it."""

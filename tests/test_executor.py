@@ -17,6 +17,7 @@ import pytest
 from conftest import FLOWS, OUTPUT, worker_policy
 from helpers import (
     create_pool,
+    flow_run_events,
     flow_run_logs,
     run_containers,
     session_workspace,
@@ -29,7 +30,7 @@ from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.deployments import run_deployment
 from prefect.states import Cancelling
-from services import start_worker
+from services import start_worker, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -44,6 +45,9 @@ PER_RUN = {
     "PREFECT__DEPLOYMENT_ID",  # a deployment per executor
     "PREFECT_API_AUTH_STRING",  # the run's own credential for the run gateway
 }
+#: The event Prefect's engine sends for a running flow run.
+HEARTBEAT = "prefect.flow-run.heartbeat"
+
 #: The switch itself, set on the stock side only.
 SWITCH = "PREFECT_MANAGED_EXECUTOR"
 
@@ -334,6 +338,25 @@ def test_the_flow_sees_the_same_process(executor_runs, scenario):
     for key in expected:
         assert seen[key] == expected[key], key
     assert seen == expected
+
+
+@pytest.mark.parametrize("scenario", ["ordinary", "failing", "asynchronous", "parent", "retrying"])
+def test_both_executors_send_the_same_heartbeats(executor_runs, scenario):
+    """Prefect's engine sends the run's heartbeat event when the flow starts (and every
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY after). The pre-fork executor's engine does not wait
+    for the heartbeat thread at the end of a synchronous flow, as Prefect's asynchronous
+    engine does not: the server gets the same heartbeats from both."""
+    found = {}
+    for executor in EXECUTORS:
+        run = executor_runs[scenario, executor][0]
+        wait_for(
+            lambda run=run: flow_run_events(run.id, HEARTBEAT),
+            30,
+            f"a heartbeat of the {executor} executor's run {run.id}",
+            1,
+        )
+        found[executor] = len(flow_run_events(run.id, HEARTBEAT))
+    assert found["prefork"] == found["stock"] >= 1, found
 
 
 def test_the_subflow_ran_in_the_engine(executor_runs):

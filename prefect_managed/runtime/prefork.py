@@ -461,7 +461,30 @@ def supervise(request: tuple, interpreter: Interpreter) -> None:
     import prefect.engine
 
     interpreter.become(prefect.engine.__file__, [], cwd, environment)
+    heartbeats_unjoined()
     interpreter.run_module(ENGINE_MODULE)
+
+
+def heartbeats_unjoined() -> None:
+    """The engine's heartbeat thread sleeps a whole second at a time, and Prefect's
+    synchronous engine joins it when the flow's run context ends: the engine, and so
+    the run's container and its slot, stays up to a second after the run's final state
+    (every flow run longer than the first heartbeat's emission). Prefect's asynchronous
+    engine leaves the thread to stop by itself (`join_on_exit=False`); so does the
+    synchronous one here. The heartbeats sent are the same: the thread sends none once
+    told to stop, and ends at its next second."""
+    import contextlib
+
+    import prefect.flow_engine as flow_engine
+
+    send_heartbeats = flow_engine._send_heartbeats
+
+    @contextlib.contextmanager
+    def unjoined(engine, join_on_exit=True):
+        with send_heartbeats(engine, join_on_exit=False):
+            yield
+
+    flow_engine._send_heartbeats = unjoined
 
 
 def main() -> None:
