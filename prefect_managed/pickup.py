@@ -1,13 +1,21 @@
-"""Pickup on events: the worker polls at once when one of its pool's runs becomes due.
+"""Pickup on events: the worker polls at once when one of its pool's runs becomes due,
+or when a workspace slot it waits for is given back.
 
 Prefect's worker looks for scheduled runs every `PREFECT_WORKER_QUERY_SECONDS` (10 s by
 default), so an ad-hoc run (`run_deployment`, the UI's Run button) waits up to that long
 before a worker sees it. The managed worker also follows the server's event stream for
 its pool, with Prefect's own subscriber (what `prefect events stream` reads), and polls as
-soon as one of the pool's runs is Scheduled. A workspace slot it releases does not wake
-it: a host woken by its own release would always win the waiting runs over the pool's
-other hosts. Polling stays as it is: it is the fallback while
-the subscription is down, and the subscription is opened again after a pause.
+soon as one of the pool's runs is Scheduled.
+
+A run that waits for a workspace slot would likewise wait for a poll once the slot is
+given back. So a worker that gives a slot back says so in an event of its own
+(`SLOT_RELEASED`, about the workspace), and every worker of the workspace whose last poll
+left runs waiting for a slot polls when it hears it. The releasing worker hears it from
+the server like the others: waking itself at once would make it win the waiting runs
+over the other hosts every time. A flow run cannot send the event (the run gateway
+refuses event names in the managed pool's namespace). Polling stays as it is: it is
+the fallback while the subscription is down, and the subscription is opened again after
+a pause.
 
 A poll on an event is the same poll as the loop's, under the same lock: a run is never
 admitted twice, and wakes that come while a poll runs make one more poll, not many.
@@ -29,6 +37,10 @@ import anyio
 #: Never `AwaitingConcurrencySlot`, which the worker's own poll sets.
 DUE_EVENTS = ("prefect.flow-run.Scheduled", "prefect.flow-run.AwaitingInfrastructureRetry")
 
+#: What a worker says once it has given a workspace slot back; its resource is the
+#: workspace (`workspace_resource`).
+SLOT_RELEASED = "prefect-managed.workspace.slot-released"
+
 #: Seconds between a dropped subscription and the next attempt.
 RESUBSCRIBE_SECONDS = 5.0
 
@@ -46,25 +58,51 @@ def of_pool(event: Any, pool_id: UUID) -> bool:
     )
 
 
-def pool_events(pool_id: UUID) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
-    """Prefect's subscriber to the due events of the runs of one work pool (filtered
-    again with `of_pool`)."""
-    from prefect.events.clients import get_events_subscriber
-    from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
+def workspace_resource(workspace: str) -> str:
+    return f"prefect-managed.workspace.{workspace}"
 
+
+def of_workspace(event: Any, workspace: str) -> bool:
+    """Whether the event says a slot of the workspace was given back."""
+    resource = getattr(event, "resource", None)
+    return (
+        getattr(event, "event", None) == SLOT_RELEASED
+        and resource is not None
+        and resource.id == workspace_resource(workspace)
+    )
+
+
+def announce_released_slot(workspace: str) -> None:
+    """Tell the workspace's workers (through the server) that one of its slots is free."""
+    from prefect.events import emit_event
+
+    emit_event(event=SLOT_RELEASED, resource={"prefect.resource.id": workspace_resource(workspace)})
+
+
+def pool_events(
+    pool_id: UUID, workspace: str | None = None
+) -> AbstractAsyncContextManager[AsyncIterator[Any]]:
+    """Prefect's subscriber to the due events of the runs of one work pool, and to the
+    released slots of its workspace (filtered again with `of_pool` and `of_workspace`)."""
+    from prefect.events.clients import get_events_subscriber
+    from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventNameFilter
+
+    names, resources = list(DUE_EVENTS), [f"prefect.work-pool.{pool_id}"]
+    if workspace is not None:
+        names.append(SLOT_RELEASED)
+        resources.append(workspace_resource(workspace))
     return get_events_subscriber(
         filter=EventFilter(
-            event=EventNameFilter(name=list(DUE_EVENTS)),
-            related=EventRelatedFilter(
-                resources_in_roles=[(f"prefect.work-pool.{pool_id}", "work-pool")]
-            ),
+            event=EventNameFilter(name=names),
+            any_resource=EventAnyResourceFilter(id=resources),
         ),
         reconnect_on_clean_close=True,
     )
 
 
 class Pickup:
-    """Wakes `poll` for each due event of the pool, and when `wake` is called."""
+    """Wakes `poll` for each due event of the pool, for each released slot of
+    `workspace` while `waiting()` (runs wait for a slot), and when `wake` is called."""
 
     def __init__(
         self,
@@ -72,11 +110,15 @@ class Pickup:
         logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
         subscribe: Subscribe = pool_events,
         resubscribe_seconds: float = RESUBSCRIBE_SECONDS,
+        workspace: str | None = None,
+        waiting: Callable[[], bool] = lambda: False,
     ) -> None:
         self._poll = poll
         self._logger = logger
         self._subscribe = subscribe
         self._resubscribe_seconds = resubscribe_seconds
+        self._workspace = workspace
+        self._waiting = waiting
         self._due = anyio.Event()
         #: Whether the subscription is up (polling alone serves the pool while it is not).
         self.subscribed = False
@@ -115,7 +157,7 @@ class Pickup:
                     # Runs scheduled while it was down: the loop may not have seen them.
                     self.wake()
                     async for event in events:
-                        if of_pool(event, pool):
+                        if of_pool(event, pool) or self._slot_for_a_waiting_run(event):
                             self.wake()
             except Exception as exc:
                 if self.subscribed or first:
@@ -131,3 +173,8 @@ class Pickup:
             first = False
             self.subscribed = False
             await anyio.sleep(self._resubscribe_seconds)
+
+    def _slot_for_a_waiting_run(self, event: Any) -> bool:
+        return (
+            self._workspace is not None and of_workspace(event, self._workspace) and self._waiting()
+        )

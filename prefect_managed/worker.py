@@ -77,7 +77,7 @@ from prefect_managed.metrics import PoolStats
 from prefect_managed.outcome import (
     docker_lost,
 )
-from prefect_managed.pickup import Pickup
+from prefect_managed.pickup import Pickup, announce_released_slot, pool_events
 from prefect_managed.policy import Policy
 from prefect_managed.pools import PoolGate
 from prefect_managed.retries import (
@@ -191,7 +191,14 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self.stats = PoolStats()
         # Polls (Prefect's loop, and `_pickup`'s on an event) one at a time.
         self._poll_lock = anyio.Lock()
-        self._pickup = Pickup(self._poll_on_wake, self._logger)
+        workspace = self.policy.workspace.name
+        self._pickup = Pickup(
+            self._poll_on_wake,
+            self._logger,
+            subscribe=partial(pool_events, workspace=workspace),
+            workspace=workspace,
+            waiting=lambda: self.stats.waiting_for_slot > 0,
+        )
 
     def drain(self) -> None:
         """Claim no new runs; the runs in flight go on to their end (`drained`)."""
@@ -518,9 +525,21 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             # (this lease expires); a run scheduled again gives it back itself.
             return
         if self._slots is not None and self._runs_task_group is not None:
-            # No poll out of turn here: a host woken by its own release would always win
-            # the waiting runs over the other hosts of the pool.
-            self._runs_task_group.start_soon(self._slots.release, flow_run_id)
+            self._runs_task_group.start_soon(self._release_workspace_slot, flow_run_id)
+
+    async def _release_workspace_slot(self, flow_run_id: UUID) -> None:
+        """Give the run's workspace slot back and say so (`pickup.SLOT_RELEASED`): the
+        workspace's workers with runs waiting for a slot poll when the server passes it
+        on, this one among them (not at once: it would always win the waiting runs over
+        the other hosts)."""
+        assert self._slots is not None
+        held = self._slots.holds(flow_run_id)
+        await self._slots.release(flow_run_id)
+        if held:
+            try:
+                announce_released_slot(self.policy.workspace.name)
+            except Exception:  # the next poll finds the slot anyway
+                self._logger.debug("Could not announce a released slot", exc_info=True)
 
     # -- one run ------------------------------------------------------------------
 

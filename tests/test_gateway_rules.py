@@ -495,6 +495,13 @@ def test_the_payloads_flow_run_is_the_one_checked():
     "name, resource, related, payload, words",
     [
         ("prefect-managed.usage.recorded", f"prefect.flow-run.{RUN}", [], {}, "managed pool"),
+        (
+            "prefect-managed.workspace.slot-released",
+            "prefect-managed.workspace.tests",
+            [(f"prefect.flow-run.{RUN}", "flow-run")],
+            {},
+            "managed pool",
+        ),
         ("prefect.flow-run.Completed", f"prefect.flow-run.{RUN}", [], {}, "server's"),
         ("prefect.flow-run.Cancelling", f"prefect.flow-run.{RUN}", [], {}, "server's"),
         ("prefect.work-pool.paused", f"prefect.work-pool.{OTHER}", [], {}, "server's"),

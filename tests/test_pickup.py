@@ -1,6 +1,7 @@
 """Pickup on events, against a real server: with Prefect's polling set far beyond the
 test's reach, a run created ad hoc is still picked up (the pool's Scheduled event wakes
-the worker)."""
+the worker), and so is a run that waited for the workspace's only slot (the worker's
+released-slot event wakes it)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 import pytest
 from conftest import OUTPUT, worker_policy
 from helpers import create_pool, session_workspace, wait_for_final_state
+from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from services import start_worker, wait_for
 
@@ -52,7 +54,14 @@ def test_runs_are_picked_up_on_events_not_by_the_poll(
         # under a second here): from here on only a wake finds a run.
         time.sleep(5)
         ad_hoc = run_deployment(hello, timeout=0).id
-        run = wait_for_final_state(ad_hoc, timeout=300)
+        # The workspace has one slot: the second run waits for the first's, and only the
+        # event of its release can wake the worker for it.
+        second = run_deployment(hello, timeout=0).id
+        runs = [wait_for_final_state(run_id, timeout=300) for run_id in (ad_hoc, second)]
     finally:
         running.service.stop()
-    assert run.state.is_completed(), (run.state.name, run.state.message)
+    for run in runs:
+        assert run.state.is_completed(), (run.state.name, run.state.message)
+    with get_client(sync_client=True) as client:
+        names = [[s.name for s in client.read_flow_run_states(run.id)] for run in runs]
+    assert any("AwaitingConcurrencySlot" in history for history in names), names

@@ -1,5 +1,6 @@
 """The logic of pickup on events (prefect_managed/pickup.py), with a stand-in event stream:
-wakes during a poll make one more poll, and a stream that drops is followed again.
+wakes during a poll make one more poll, a stream that drops is followed again, and a
+released workspace slot wakes only a worker with runs waiting for one.
 The real stream, from a real server, is in tests/test_pickup.py."""
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from uuid import uuid4
 import anyio
 import pytest
 
-from prefect_managed.pickup import Pickup
+from prefect_managed.pickup import SLOT_RELEASED, Pickup, of_workspace, workspace_resource
 
 pytestmark = pytest.mark.anyio
 
@@ -133,3 +134,64 @@ async def test_each_event_wakes_a_poll_and_a_dropped_stream_is_followed_again(ca
     assert any("RuntimeError: connection lost" in m for m in messages) is False, messages
     assert any("picked up by polling until it is back" in m for m in messages)
     assert sum("Following the pool's events" in m for m in messages) == 2, messages
+
+
+async def test_a_released_slot_wakes_a_worker_with_runs_waiting_for_one():
+    """The workspace's released-slot event wakes a poll only while the worker's last
+    poll left runs waiting for a slot, and only for its own workspace; an event of that
+    name about another resource, or another event about the workspace, wakes nothing."""
+    pool = uuid4()
+    waiting = [False]
+    polls: list[str] = []
+    delivered: list[str] = []
+    gate = anyio.Event()
+
+    def event(name: str, resource: str) -> SimpleNamespace:
+        return SimpleNamespace(event=name, resource=SimpleNamespace(id=resource), related=[])
+
+    ours = workspace_resource("acme")
+    script = [
+        ("idle", event(SLOT_RELEASED, ours)),  # nothing waits: no poll
+        ("waits", event(SLOT_RELEASED, ours)),  # a run waits: a poll
+        ("waits", event(SLOT_RELEASED, workspace_resource("other"))),
+        ("waits", event("prefect-managed.workspace.slot-taken", ours)),
+        ("waits", event(SLOT_RELEASED, "prefect-managed.workspace.acme.x")),
+    ]
+
+    @asynccontextmanager
+    async def subscribe(pool_id):
+        async def events():
+            await gate.wait()
+            for label, item in script:
+                waiting[0] = label == "waits"
+                delivered.append(label)
+                yield item
+                await anyio.sleep(0.05)  # a woken poll runs before the next event
+            await anyio.sleep_forever()
+
+        yield events()
+
+    async def poll() -> None:
+        polls.append(delivered[-1] if delivered else "start")
+
+    pickup = Pickup(
+        poll,
+        logging.getLogger("test"),
+        subscribe,
+        workspace="acme",
+        waiting=lambda: waiting[0],
+    )
+    async with anyio.create_task_group() as group:
+        group.start_soon(pickup.poll_when_woken_forever)
+        group.start_soon(pickup.follow_forever, lambda: pool)
+        with anyio.fail_after(10):
+            while pickup.polls < 1:  # the poll every (re)subscription makes
+                await anyio.sleep(0.01)
+            gate.set()
+            while len(delivered) < len(script):
+                await anyio.sleep(0.01)
+            await anyio.sleep(0.2)
+        group.cancel_scope.cancel()
+    assert polls == ["start", "waits"], polls
+    assert of_workspace(event(SLOT_RELEASED, ours), "acme")
+    assert not of_workspace(event(SLOT_RELEASED, ours), "acm")

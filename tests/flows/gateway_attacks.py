@@ -230,6 +230,10 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port:
             },
         ),
         "managed_namespace": event("prefect-managed.usage.recorded", f"prefect.flow-run.{own}"),
+        # The workers' released-slot event: each would wake the workspace's waiting workers.
+        "slot_released": event(
+            "prefect-managed.workspace.slot-released", "prefect-managed.workspace.gw", [own_rel]
+        ),
         "other_deployment": event(
             "gw.attack.custom", f"prefect.deployment.{deployment}", [own_rel]
         ),
