@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from uuid import UUID
 
@@ -66,8 +67,11 @@ class WorkspaceSlots:
         limit: int,
         logger: logging.Logger | logging.LoggerAdapter,
         lease_seconds: float = LEASE_SECONDS,
+        released: Callable[[], None] = lambda: None,
     ) -> None:
         self._client = client
+        #: Called each time `release` has given a slot back (guarded: never fails it).
+        self._released = released
         self.limit_name = limit_name
         self.limit = limit
         self._logger = logger
@@ -202,8 +206,8 @@ class WorkspaceSlots:
             await self.assert_limit()
             if not await self._renew(lease):
                 await self._release_lost_slot(flow_run_id, lease)
-                return
-            await self._client.release_concurrency_slots_with_lease(lease.id)
+            else:
+                await self._client.release_concurrency_slots_with_lease(lease.id)
         except (httpx.HTTPError, PrefectHTTPStatusError):
             self._logger.warning(
                 "Could not release the concurrency slot of flow run %s; the Prefect server "
@@ -211,6 +215,11 @@ class WorkspaceSlots:
                 flow_run_id,
                 exc_info=True,
             )
+            return
+        try:
+            self._released()
+        except Exception:
+            self._logger.debug("Could not announce a released slot", exc_info=True)
 
     async def _renew(self, lease: _Lease) -> bool:
         """Renew the lease; False when the server no longer has it."""

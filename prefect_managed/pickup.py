@@ -48,9 +48,10 @@ Subscribe = Callable[[UUID], AbstractAsyncContextManager[AsyncIterator[Any]]]
 
 
 def of_pool(event: Any, pool_id: UUID) -> bool:
-    """Whether the event names the pool as its run's `work-pool`. The server applies a
-    related-resource filter to the backfill it reads from its database, not to the live
-    stream, so the subscriber gets every pool's due events: this is the filter that holds."""
+    """Whether the event names the pool as its run's `work-pool`. Checked here again: the
+    server did not apply a related-resource filter to its live stream (only to the
+    backfill it reads from its database), and the subscription's resource filter does not
+    say in which role the pool is named."""
     wanted = f"prefect.work-pool.{pool_id}"
     return any(
         related.id == wanted and related.role == "work-pool"

@@ -191,13 +191,16 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self.stats = PoolStats()
         # Polls (Prefect's loop, and `_pickup`'s on an event) one at a time.
         self._poll_lock = anyio.Lock()
+        # Whether the last poll left runs waiting for a workspace slot (`Pickup`).
+        self._left_waiting = False
         workspace = self.policy.workspace.name
         self._pickup = Pickup(
             self._poll_on_wake,
             self._logger,
             subscribe=partial(pool_events, workspace=workspace),
             workspace=workspace,
-            waiting=lambda: self.stats.waiting_for_slot > 0,
+            # A poll under way may be about to leave runs waiting: it is followed by one more.
+            waiting=lambda: self._left_waiting or bool(self._unslotted) or self._poll_lock.locked(),
         )
 
     def drain(self) -> None:
@@ -286,7 +289,13 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             self.client, self.policy, self._work_pool_name, self.type, self._logger
         )
         self._slots = WorkspaceSlots(
-            self.client, self.policy.concurrency_limit_name, tier.concurrency_limit, self._logger
+            self.client,
+            self.policy.concurrency_limit_name,
+            tier.concurrency_limit,
+            self._logger,
+            # The workspace's workers with runs waiting for a slot poll when they hear it
+            # (this one too, through the server: at once, it would always win them).
+            released=partial(announce_released_slot, self.policy.workspace.name),
         )
         try:
             await self._slots.ensure_limit()
@@ -373,6 +382,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
                 self.abandon_runs()
                 raise WorkerStopped(self.name)
             assert self._pool_gate is not None
+            self._left_waiting = False  # until this poll says otherwise
             if self._draining:
                 await self._take_waiting_slots()  # taken-over runs still get their slots
                 return []
@@ -482,6 +492,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             else:
                 waiting.append(flow_run)
         self.stats.waiting_for_slot = len(waiting)
+        self._left_waiting = bool(waiting)
         # Submitted first: Prefect takes each run right after the read above.
         submitted = await super()._submit_scheduled_flow_runs(admitted)
         submitted_ids = {flow_run.id for flow_run in submitted}
@@ -525,21 +536,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             # (this lease expires); a run scheduled again gives it back itself.
             return
         if self._slots is not None and self._runs_task_group is not None:
-            self._runs_task_group.start_soon(self._release_workspace_slot, flow_run_id)
-
-    async def _release_workspace_slot(self, flow_run_id: UUID) -> None:
-        """Give the run's workspace slot back and say so (`pickup.SLOT_RELEASED`): the
-        workspace's workers with runs waiting for a slot poll when the server passes it
-        on, this one among them (not at once: it would always win the waiting runs over
-        the other hosts)."""
-        assert self._slots is not None
-        held = self._slots.holds(flow_run_id)
-        await self._slots.release(flow_run_id)
-        if held:
-            try:
-                announce_released_slot(self.policy.workspace.name)
-            except Exception:  # the next poll finds the slot anyway
-                self._logger.debug("Could not announce a released slot", exc_info=True)
+            self._runs_task_group.start_soon(self._slots.release, flow_run_id)
 
     # -- one run ------------------------------------------------------------------
 

@@ -246,3 +246,37 @@ async def test_slots_taken_by_another_worker_are_not_asked_for_and_a_refusal_sto
     slots = WorkspaceSlots(api, "prefect-managed-ws", 3, logging.getLogger("test"), LEASE)  # type: ignore[arg-type]
     assert await slots.acquire_in_order(queue) == {queue[0]}
     assert api.requests == ["read", "increment", "increment"]
+
+
+@sync
+async def test_each_slot_given_back_is_announced_once(api):
+    """`released` (the workers' released-slot event) follows each slot given back, a
+    forgotten lease's too; not a release of a slot the worker does not hold, nor one
+    whose request failed (the lease expires on the server and no one is told)."""
+    said: list[str] = []
+    slots = WorkspaceSlots(
+        api,  # type: ignore[arg-type]
+        "prefect-managed-ws",
+        1,
+        logging.getLogger("test"),
+        LEASE,
+        released=lambda: said.append("released"),
+    )
+    run = uuid4()
+    assert await slots.try_acquire(run)
+    await slots.release(run)
+    await slots.release(run)  # not held any more
+    await slots.release(uuid4())  # never held
+    assert said == ["released"]
+    assert await slots.try_acquire(run)
+    api.forget_all()  # a restarted server: the slot is given back without its lease
+    await slots.release(run)
+    assert said == ["released", "released"] and api.active == 0
+
+    async def down(lease_id: UUID) -> None:
+        raise httpx.ConnectError("the API is away")
+
+    assert await slots.try_acquire(run)
+    api.release_concurrency_slots_with_lease = down  # type: ignore[method-assign]
+    await slots.release(run)
+    assert said == ["released", "released"]

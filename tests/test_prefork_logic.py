@@ -120,3 +120,46 @@ def test_the_bootstrap_runs_the_source_as_main_without_its_variable(tmp_path):
         argv, env={**os.environ, **env}, capture_output=True, text=True, check=True
     ).stdout
     assert out.split() == ["__main__", "['-c',", "'--extra']", "gone"]
+
+
+def test_the_engine_does_not_wait_for_its_heartbeat_thread(monkeypatch):
+    """Prefect's synchronous engine joins its heartbeat thread, which sleeps a whole second
+    at a time, when the flow's run context ends; with the executor's change it leaves the
+    thread to stop by itself, as Prefect's asynchronous engine does. The heartbeat is
+    still sent, and none after the stop. The engine looks `_send_heartbeats` up by name,
+    so replacing it in the module reaches it."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    import prefect.flow_engine as flow_engine
+
+    run_context = flow_engine.FlowRunEngine.run_context.__wrapped__  # under @contextmanager
+    assert "_send_heartbeats" in run_context.__code__.co_names
+    monkeypatch.setattr(flow_engine, "_send_heartbeats", flow_engine._send_heartbeats)
+    sent: list[str] = []
+    engine = SimpleNamespace(
+        heartbeat_seconds=30,
+        flow_run=SimpleNamespace(state=None),
+        logger=SimpleNamespace(debug=lambda *args, **kwargs: None),
+        _build_heartbeat_event_template=lambda: ("resource", "related"),
+        _emit_flow_run_heartbeat=lambda resource, related: sent.append(resource),
+    )
+
+    def heartbeat_thread_after_the_context(send_heartbeats) -> threading.Thread:
+        before = set(threading.enumerate())
+        with send_heartbeats(engine):
+            deadline = time.monotonic() + 10
+            while not sent and time.monotonic() < deadline:  # the first is sent at once
+                time.sleep(0.001)
+            (thread,) = set(threading.enumerate()) - before
+        return thread
+
+    joined = heartbeat_thread_after_the_context(flow_engine._send_heartbeats)
+    assert not joined.is_alive()  # Prefect's own: the context ended once the thread had
+    prefork.heartbeats_unjoined()
+    sent.clear()
+    left = heartbeat_thread_after_the_context(flow_engine._send_heartbeats)
+    assert left.is_alive()  # ended while the thread sleeps out its second
+    left.join(5)
+    assert not left.is_alive() and sent == ["resource"]

@@ -471,8 +471,9 @@ def heartbeats_unjoined() -> None:
     the run's container and its slot, stays up to a second after the run's final state
     (every flow run longer than the first heartbeat's emission). Prefect's asynchronous
     engine leaves the thread to stop by itself (`join_on_exit=False`); so does the
-    synchronous one here. The heartbeats sent are the same: the thread sends none once
-    told to stop, and ends at its next second."""
+    synchronous one here. The heartbeats sent are the same (the thread sends none once
+    told to stop, and ends at its next second), but for one being sent at that very
+    moment, which the process may end before, as with Prefect's asynchronous engine."""
     import contextlib
 
     import prefect.flow_engine as flow_engine
@@ -480,8 +481,9 @@ def heartbeats_unjoined() -> None:
     send_heartbeats = flow_engine._send_heartbeats
 
     @contextlib.contextmanager
-    def unjoined(engine, join_on_exit=True):
-        with send_heartbeats(engine, join_on_exit=False):
+    def unjoined(*args, **kwargs):
+        kwargs["join_on_exit"] = False
+        with send_heartbeats(*args, **kwargs):
             yield
 
     flow_engine._send_heartbeats = unjoined
