@@ -44,6 +44,11 @@ SLOT_RELEASED = "prefect-managed.workspace.slot-released"
 #: Seconds between a dropped subscription and the next attempt.
 RESUBSCRIBE_SECONDS = 5.0
 
+#: The least time between two polls woken by released slots: a busy workspace releases
+#: slots faster than a worker needs to look (each release heard by every waiting worker
+#: of the workspace would be a poll each), and one poll admits every slot it finds free.
+SLOT_WAKE_SECONDS = 1.0
+
 Subscribe = Callable[[UUID], AbstractAsyncContextManager[AsyncIterator[Any]]]
 
 
@@ -102,8 +107,9 @@ def pool_events(
 
 
 class Pickup:
-    """Wakes `poll` for each due event of the pool, for each released slot of
-    `workspace` while `waiting()` (runs wait for a slot), and when `wake` is called."""
+    """Wakes `poll` for each due event of the pool, for released slots of `workspace`
+    while `waiting()` (runs wait for a slot; at most once every `slot_wake_seconds`),
+    and when `wake` is called."""
 
     def __init__(
         self,
@@ -113,6 +119,7 @@ class Pickup:
         resubscribe_seconds: float = RESUBSCRIBE_SECONDS,
         workspace: str | None = None,
         waiting: Callable[[], bool] = lambda: False,
+        slot_wake_seconds: float = SLOT_WAKE_SECONDS,
     ) -> None:
         self._poll = poll
         self._logger = logger
@@ -120,7 +127,9 @@ class Pickup:
         self._resubscribe_seconds = resubscribe_seconds
         self._workspace = workspace
         self._waiting = waiting
+        self._slot_wake_seconds = slot_wake_seconds
         self._due = anyio.Event()
+        self._slot_freed = anyio.Event()
         #: Whether the subscription is up (polling alone serves the pool while it is not).
         self.subscribed = False
         #: Polls made because of a wake (an event).
@@ -140,6 +149,15 @@ class Pickup:
             except Exception:  # the loop's next poll tries again, as Prefect's does
                 self._logger.warning("A poll on an event failed", exc_info=True)
 
+    async def wake_for_freed_slots_forever(self) -> None:
+        """A wake for the released slots heard, at most one every `slot_wake_seconds`:
+        slots released meanwhile make one more wake at its end, not one each."""
+        while True:
+            await self._slot_freed.wait()
+            self._slot_freed = anyio.Event()
+            self.wake()
+            await anyio.sleep(self._slot_wake_seconds)
+
     async def follow_forever(self, pool_id: Callable[[], UUID | None]) -> None:
         """Follow the pool's due events, once the pool is known (the worker's first
         sync with the API makes or reads it), subscribing again whenever the stream
@@ -158,8 +176,10 @@ class Pickup:
                     # Runs scheduled while it was down: the loop may not have seen them.
                     self.wake()
                     async for event in events:
-                        if of_pool(event, pool) or self._slot_for_a_waiting_run(event):
+                        if of_pool(event, pool):
                             self.wake()
+                        elif self._slot_for_a_waiting_run(event):
+                            self._slot_freed.set()
             except Exception as exc:
                 if self.subscribed or first:
                     self._logger.warning(

@@ -350,6 +350,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._background.start_soon(self._accounting.show_on_pool, self._work_pool_name)
         self._background.start_soon(self._accounting.keep_pool_lines)
         self._background.start_soon(self._pickup.poll_when_woken_forever)
+        self._background.start_soon(self._pickup.wake_for_freed_slots_forever)
         self._background.start_soon(self._pickup.follow_forever, self._work_pool_id)
         self._logger.info(
             "Workspace %r, %s tier: %d concurrent flow runs, %d managed pools, "

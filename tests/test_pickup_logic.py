@@ -180,9 +180,11 @@ async def test_a_released_slot_wakes_a_worker_with_runs_waiting_for_one():
         subscribe,
         workspace="acme",
         waiting=lambda: waiting[0],
+        slot_wake_seconds=0.01,
     )
     async with anyio.create_task_group() as group:
         group.start_soon(pickup.poll_when_woken_forever)
+        group.start_soon(pickup.wake_for_freed_slots_forever)
         group.start_soon(pickup.follow_forever, lambda: pool)
         with anyio.fail_after(10):
             while pickup.polls < 1:  # the poll every (re)subscription makes
@@ -195,3 +197,55 @@ async def test_a_released_slot_wakes_a_worker_with_runs_waiting_for_one():
     assert polls == ["start", "waits"], polls
     assert of_workspace(event(SLOT_RELEASED, ours), "acme")
     assert not of_workspace(event(SLOT_RELEASED, ours), "acm")
+
+
+async def test_released_slots_wake_at_most_one_poll_a_gap():
+    """A burst of released slots (a busy workspace) makes one poll at once and one more
+    at the end of the gap, not one each; a release after the gap wakes at once again."""
+    pool = uuid4()
+    polls: list[float] = []
+    bursts = [anyio.Event(), anyio.Event()]
+    released = SimpleNamespace(
+        event=SLOT_RELEASED, resource=SimpleNamespace(id=workspace_resource("acme")), related=[]
+    )
+
+    @asynccontextmanager
+    async def subscribe(pool_id):
+        async def events():
+            for burst in bursts:
+                await burst.wait()
+                for _ in range(10):  # over 0.2 s
+                    yield released
+                    await anyio.sleep(0.02)
+            await anyio.sleep_forever()
+
+        yield events()
+
+    async def poll() -> None:
+        polls.append(anyio.current_time())
+
+    pickup = Pickup(
+        poll,
+        logging.getLogger("test"),
+        subscribe,
+        workspace="acme",
+        waiting=lambda: True,
+        slot_wake_seconds=0.5,
+    )
+    async with anyio.create_task_group() as group:
+        group.start_soon(pickup.poll_when_woken_forever)
+        group.start_soon(pickup.wake_for_freed_slots_forever)
+        group.start_soon(pickup.follow_forever, lambda: pool)
+        with anyio.fail_after(10):
+            while pickup.polls < 1:  # the poll every (re)subscription makes
+                await anyio.sleep(0.01)
+            start = len(polls)
+            bursts[0].set()
+            await anyio.sleep(1.5)
+            first_burst = polls[start:]
+            bursts[1].set()
+            await anyio.sleep(0.2)
+        group.cancel_scope.cancel()
+    assert len(first_burst) == 2, first_burst
+    assert first_burst[1] - first_burst[0] >= 0.5
+    assert len(polls) == start + 3, polls
