@@ -494,6 +494,11 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
                 waiting.append(flow_run)
         self.stats.waiting_for_slot = len(waiting)
         self._left_waiting = bool(waiting)
+        # A run this worker held a slot for was being submitted when the poll read it
+        # (Prefect skips it while it is); one whose submission is over by now runs, and
+        # submitting it again would start a second container (Prefect's server accepts
+        # Pending even from a final state) and give its slot back while it runs.
+        admitted = [entry for entry in admitted if entry.flow_run.id not in self._running]
         # Submitted first: Prefect takes each run right after the read above.
         submitted = await super()._submit_scheduled_flow_runs(admitted)
         submitted_ids = {flow_run.id for flow_run in submitted}

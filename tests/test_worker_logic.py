@@ -521,3 +521,30 @@ def test_the_deciding_worker_puts_back_a_run_left_in_a_claim_and_ends_no_run_in_
 
     assert worker._states.released == [claimed.id]
     assert ended == []
+
+
+def test_a_run_whose_submission_ended_since_the_poll_is_not_submitted_again(worker, monkeypatch):
+    """A poll that read a run while the previous poll's submission of it was under way
+    (the run still Scheduled, its slot held) must not submit it again once that
+    submission is over and the run's container runs: Prefect would start it twice. Its
+    slot stays held."""
+    from prefect.workers.base import BaseWorker
+
+    slots = FakeSlots(free=2)
+    worker._slots = slots  # type: ignore[assignment]
+    due = {"state": None, "next_scheduled_start_time": None, "expected_start_time": None}
+    running, new = (SimpleNamespace(id=uuid4(), state_id=uuid4(), **due) for _ in range(2))
+    assert asyncio.run(slots.try_acquire(running.id))
+    worker._running.add(running.id)  # its submission ended between the read and now
+    worker._states = PolledStates(moved=set())  # type: ignore[assignment]
+    submitted: list[UUID] = []
+
+    async def submit(self, entries):
+        submitted.extend(entry.flow_run.id for entry in entries)
+        return [entry.flow_run for entry in entries]
+
+    monkeypatch.setattr(BaseWorker, "_submit_scheduled_flow_runs", submit)
+    queue = [SimpleNamespace(flow_run=run) for run in (running, new)]
+    asyncio.run(worker._admit_with_slots(queue, {running.id}, [new.id]))
+    assert submitted == [new.id]
+    assert slots.held == {running.id, new.id} and slots.released == []
