@@ -343,9 +343,9 @@ def test_the_flow_sees_the_same_process(executor_runs, scenario):
 @pytest.mark.parametrize("scenario", ["ordinary", "failing", "asynchronous", "parent", "retrying"])
 def test_both_executors_send_the_same_heartbeats(executor_runs, scenario):
     """Prefect's engine sends the run's heartbeat event when the flow starts (and every
-    PREFECT_FLOWS_HEARTBEAT_FREQUENCY after). The pre-fork executor's engine does not wait
-    for the heartbeat thread at the end of a synchronous flow, as Prefect's asynchronous
-    engine does not: the server gets the same heartbeats from both."""
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY after). The pre-fork executor's heartbeat thread
+    waits on its stop event rather than sleeping out its second: the server gets the
+    same heartbeats from both."""
     runs = {executor: executor_runs[scenario, executor][0] for executor in EXECUTORS}
 
     def counts() -> dict[str, int]:

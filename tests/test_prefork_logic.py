@@ -122,12 +122,13 @@ def test_the_bootstrap_runs_the_source_as_main_without_its_variable(tmp_path):
     assert out.split() == ["__main__", "['-c',", "'--extra']", "gone"]
 
 
-def test_the_engine_does_not_wait_for_its_heartbeat_thread(monkeypatch):
-    """Prefect's synchronous engine joins its heartbeat thread, which sleeps a whole second
-    at a time, when the flow's run context ends; with the executor's change it leaves the
-    thread to stop by itself, as Prefect's asynchronous engine does. The heartbeat is
-    still sent, and none after the stop. The engine looks `_send_heartbeats` up by name,
-    so replacing it in the module reaches it."""
+def test_the_heartbeat_thread_stops_when_told_not_a_second_later(monkeypatch):
+    """Prefect's synchronous engine joins its heartbeat thread when the flow's run context
+    ends, and the thread sleeps a whole second between its checks of its stop event. With
+    the executor's change its sleep is a wait on that event: the thread sleeps no more
+    (the engine's other sleeps are real ones), it has ended when the context does (the
+    join still waits for it), and it sent its one heartbeat and none after. The engine
+    looks `_send_heartbeats` and `time` up in its module, so the change reaches them."""
     import threading
     import time
     from types import SimpleNamespace
@@ -136,8 +137,16 @@ def test_the_engine_does_not_wait_for_its_heartbeat_thread(monkeypatch):
 
     run_context = flow_engine.FlowRunEngine.run_context.__wrapped__  # under @contextmanager
     assert "_send_heartbeats" in run_context.__code__.co_names
-    monkeypatch.setattr(flow_engine, "_send_heartbeats", flow_engine._send_heartbeats)
+    monkeypatch.setattr(flow_engine, "time", flow_engine.time)  # restored after the test
     sent: list[str] = []
+    slept: list[str] = []
+    real_sleep = time.sleep
+
+    def recorded_sleep(seconds: float) -> None:
+        slept.append(threading.current_thread().name)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(time, "sleep", recorded_sleep)
     engine = SimpleNamespace(
         heartbeat_seconds=30,
         flow_run=SimpleNamespace(state=None),
@@ -146,20 +155,28 @@ def test_the_engine_does_not_wait_for_its_heartbeat_thread(monkeypatch):
         _emit_flow_run_heartbeat=lambda resource, related: sent.append(resource),
     )
 
-    def heartbeat_thread_after_the_context(send_heartbeats) -> threading.Thread:
+    def heartbeat_thread_after_the_context() -> threading.Thread:
         before = set(threading.enumerate())
-        with send_heartbeats(engine):
+        with flow_engine._send_heartbeats(engine):
             deadline = time.monotonic() + 10
             while not sent and time.monotonic() < deadline:  # the first is sent at once
-                time.sleep(0.001)
+                real_sleep(0.001)
             (thread,) = set(threading.enumerate()) - before
+            while thread.name not in slept and time.monotonic() < deadline:
+                real_sleep(0.001)  # it sleeps out its second (Prefect's own) or waits
         return thread
 
-    joined = heartbeat_thread_after_the_context(flow_engine._send_heartbeats)
-    assert not joined.is_alive()  # Prefect's own: the context ended once the thread had
-    prefork.heartbeats_unjoined()
+    stock = heartbeat_thread_after_the_context()
+    assert stock.name in slept and not stock.is_alive() and sent == ["resource"]
+    prefork.heartbeats_stop_at_once()
     sent.clear()
-    left = heartbeat_thread_after_the_context(flow_engine._send_heartbeats)
-    assert left.is_alive()  # ended while the thread sleeps out its second
-    left.join(5)
-    assert not left.is_alive() and sent == ["resource"]
+    slept.clear()
+    before = set(threading.enumerate())
+    with flow_engine._send_heartbeats(engine):
+        (changed,) = set(threading.enumerate()) - before
+        flow_engine.time.sleep(0.01)  # the main thread's sleep is the real one
+        deadline = time.monotonic() + 10
+        while not sent and time.monotonic() < deadline:
+            real_sleep(0.001)
+    assert not changed.is_alive() and sent == ["resource"]
+    assert slept == [threading.current_thread().name], slept

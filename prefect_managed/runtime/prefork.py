@@ -461,32 +461,55 @@ def supervise(request: tuple, interpreter: Interpreter) -> None:
     import prefect.engine
 
     interpreter.become(prefect.engine.__file__, [], cwd, environment)
-    heartbeats_unjoined()
+    heartbeats_stop_at_once()
     interpreter.run_module(ENGINE_MODULE)
 
 
-def heartbeats_unjoined() -> None:
-    """The engine's heartbeat thread sleeps a whole second at a time, and Prefect's
-    synchronous engine joins it when the flow's run context ends: the engine, and so
-    the run's container and its slot, stays up to a second after the run's final state
-    (every flow run longer than the first heartbeat's emission). Prefect's asynchronous
-    engine leaves the thread to stop by itself (`join_on_exit=False`); so does the
-    synchronous one here. The heartbeats sent are the same (the thread sends none once
-    told to stop, and ends at its next second), but for one being sent at that very
-    moment, which the process may end before, as with Prefect's asynchronous engine."""
-    import contextlib
+def heartbeats_stop_at_once() -> None:
+    """The engine's heartbeat thread sleeps a whole second at a time (`time.sleep(1)`
+    between its checks of its stop event), and Prefect's synchronous engine joins it
+    when the flow's run context ends: the engine, and so the run's container and its
+    slot, stayed up to a second after the run's final state. Here the heartbeat thread's
+    sleep is a wait on that same stop event (found in its loop's closure), so it ends as
+    soon as the engine tells it to stop, and Prefect's join returns at once. Nothing else
+    changes: the heartbeats are sent when they were, the join still waits for one being
+    sent, and every other sleep of the engine module (its main thread's) is the real one.
+    A thread whose stop event is not found sleeps as before."""
+    import threading
+    import time
+    import types
 
     import prefect.flow_engine as flow_engine
 
-    send_heartbeats = flow_engine._send_heartbeats
+    def stop_event(thread: threading.Thread) -> threading.Event | None:
+        args = getattr(thread, "_args", ())
+        loop = args[0] if args else None
+        if getattr(loop, "__name__", "") != "heartbeat_loop":
+            return None
+        for cell in getattr(loop, "__closure__", None) or ():
+            try:
+                value = cell.cell_contents
+            except ValueError:
+                continue
+            if isinstance(value, threading.Event):
+                return value
+        return None
 
-    @contextlib.contextmanager
-    def unjoined(*args, **kwargs):
-        kwargs["join_on_exit"] = False
-        with send_heartbeats(*args, **kwargs):
-            yield
+    class EngineTime(types.ModuleType):
+        """`time` as the engine module sees it."""
 
-    flow_engine._send_heartbeats = unjoined
+        def __getattr__(self, name: str):
+            return getattr(time, name)
+
+        @staticmethod
+        def sleep(seconds: float) -> None:
+            stop = stop_event(threading.current_thread())
+            if stop is None:
+                time.sleep(seconds)
+            else:
+                stop.wait(seconds)
+
+    flow_engine.time = EngineTime("time")
 
 
 def main() -> None:
