@@ -31,6 +31,12 @@ class Engine:
         """Its `DOCKER_HOST`."""
         return f"unix://{self.root}/docker.sock"
 
+    @property
+    def namespace(self) -> str:
+        """Its containerd namespace: letters and digits of its root's name (containerd
+        refuses a `_` next to a `-` or at the end, which `mkdtemp`'s names may have)."""
+        return "pm" + "".join(c for c in self.root.name if c.isalnum())
+
     def client(self) -> docker.DockerClient:
         return docker.DockerClient(base_url=self.host, timeout=120)
 
@@ -55,8 +61,8 @@ class Engine:
             "-H", self.host,
             "--bridge=none",
             "--iptables=false",
-            "--containerd-namespace", f"pm-{self.root.name}",
-            "--containerd-plugins-namespace", f"pm-{self.root.name}-plugins",
+            "--containerd-namespace", self.namespace,
+            "--containerd-plugins-namespace", f"{self.namespace}-plugins",
         ]  # fmt: skip
         bridge = default_bridge()
         log = self.log_path.open("ab")
