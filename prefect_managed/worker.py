@@ -191,7 +191,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self.stats = PoolStats()
         # Polls (Prefect's loop, and `_pickup`'s on an event) one at a time.
         self._poll_lock = anyio.Lock()
-        # Whether the last poll left runs waiting for a workspace slot (`Pickup`).
+        # Whether the last poll left runs waiting for a workspace slot or for room on this
+        # host (`Pickup`): a run's slot is given back once its container is gone, which
+        # is when its room on its host is free too.
         self._left_waiting = False
         workspace = self.policy.workspace.name
         self._pickup = Pickup(
@@ -478,14 +480,14 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             raise
         admitted: list[WorkerFlowRunResponse] = []
         waiting: list[FlowRun] = []
-        self.stats.waiting_for_room = 0
+        no_room = 0
         for entry in queue:
             flow_run = entry.flow_run
             if flow_run.id in ours:
                 admitted.append(entry)
             elif flow_run.id not in roomy and not self._unslotted:
                 # No room on this host: left Scheduled, without a slot, for another host.
-                self.stats.waiting_for_room += 1
+                no_room += 1
             elif flow_run.id not in unchanged:
                 pass  # taken by another host since the poll (its slot is released below)
             elif flow_run.id in acquired:
@@ -493,7 +495,8 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             else:
                 waiting.append(flow_run)
         self.stats.waiting_for_slot = len(waiting)
-        self._left_waiting = bool(waiting)
+        self.stats.waiting_for_room = no_room
+        self._left_waiting = bool(waiting or no_room)
         # A run this worker held a slot for was being submitted when the poll read it
         # (Prefect skips it while it is); one whose submission is over by now runs, and
         # submitting it again would start a second container (Prefect's server accepts
