@@ -89,6 +89,15 @@ class DockerClients:
         return client
 
 
+@dataclass(frozen=True)
+class ImageFacts:
+    """What one inspection of a run's image says (`Containers.image_facts`)."""
+
+    id: str
+    user: str  # its USER; "" for root
+    entrypoint: list[str] | None
+
+
 @dataclass
 class Watch:
     """One container under watch: what it was when first seen, and what was measured."""
@@ -287,67 +296,42 @@ class Containers:
 
         return await run_sync_in_worker_thread(self._with_client, _present)
 
-    async def pull_if_missing(self, image: str) -> None:
-        """Pull `image` when it is not on the Docker host (as prefect-docker would at the
-        container's creation, only sooner: what the worker decides from the image, its
-        user and its python3, needs it). A failed pull is left to the run's own start,
-        which reports it (`ImageNotAvailable`)."""
+    async def image_facts(self, image: str, pull: bool = False) -> ImageFacts | None:
+        """What the worker decides a run's container from (`ImageFacts`), read in one
+        inspection; None when the image is not on the Docker host.
 
-        def _pull(client: docker.DockerClient) -> None:
+        `pull`: pull it first when it is missing, as prefect-docker would at the
+        container's creation, only sooner (the image's user, entrypoint and python3
+        decide the container). A failed pull is left to the run's own start, which
+        reports it (`ImageNotAvailable`)."""
+
+        def _facts(client: docker.DockerClient) -> ImageFacts | None:
             try:
-                client.api.inspect_image(image)
+                found = client.api.inspect_image(image)
             except docker.errors.ImageNotFound:
+                if not pull:
+                    return None
                 repository, tag = docker.utils.parse_repository_tag(image)
                 try:
                     client.images.pull(repository, tag=tag or "latest")
+                    found = client.api.inspect_image(image)
                 except _DOCKER_ERRORS:
                     self._logger.debug("Could not pull image %s", image, exc_info=True)
+                    return None
+            config = found.get("Config") or {}
+            return ImageFacts(
+                id=str(found["Id"]),
+                user=config.get("User") or "",
+                entrypoint=config.get("Entrypoint"),
+            )
 
-        await run_sync_in_worker_thread(self._with_client, _pull)
+        return await run_sync_in_worker_thread(self._with_client, _facts)
 
-    async def image_id(self, image: str) -> str | None:
-        """The id of an image on the Docker host; None when it is not there."""
-
-        def _image_id(client: docker.DockerClient) -> str | None:
-            try:
-                return str(client.api.inspect_image(image)["Id"])
-            except docker.errors.ImageNotFound:
-                return None
-
-        return await run_sync_in_worker_thread(self._with_client, _image_id)
-
-    async def image_entrypoint(self, image: str) -> list[str] | None:
-        """The entrypoint an image runs its command with; None when the image is not on
-        the Docker host (its start then reports it) or has none."""
-
-        def _entrypoint(client: docker.DockerClient) -> list[str] | None:
-            try:
-                return client.api.inspect_image(image)["Config"].get("Entrypoint")
-            except docker.errors.ImageNotFound:
-                return None
-
-        return await run_sync_in_worker_thread(self._with_client, _entrypoint)
-
-    async def image_user(self, image: str) -> str | None:
-        """The user an image runs as by default (its `USER`; "" for root); None when
-        the image is not on the Docker host."""
-
-        def _user(client: docker.DockerClient) -> str | None:
-            try:
-                return client.api.inspect_image(image)["Config"].get("User") or ""
-            except docker.errors.ImageNotFound:
-                return None
-
-        return await run_sync_in_worker_thread(self._with_client, _user)
-
-    async def runs_forwarder(self, image: str, user: str) -> bool | None:
-        """Whether `image` has what the isolated network's forwarder needs (`/bin/sh` and
-        `python3` or `python` on its PATH), asked once per image in a short container
-        with no network. None when it cannot be told (the image is not on the Docker
-        host, or the probe did not end in time): the run then stays isolated."""
-        image_id = await self.image_id(image)
-        if image_id is None:
-            return None
+    async def runs_forwarder(self, image_id: str, user: str) -> bool | None:
+        """Whether the image `image_id` has what the isolated network's forwarder needs
+        (`/bin/sh` and `python3` or `python` on its PATH), asked once per image in a
+        short container with no network. None when it cannot be told (the probe did not
+        end in time): the run then stays isolated."""
         if image_id in self._forwarder_images:
             return self._forwarder_images[image_id]
 

@@ -10,7 +10,7 @@ recorded as the run's usage; no container is left.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +20,7 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
 
 from prefect_managed.configuration import API_LABEL, api_label_value
-from prefect_managed.containers import is_root_user
+from prefect_managed.containers import ImageFacts, is_root_user
 from prefect_managed.dependencies import CACHE_ENV_KEYS, describe_early_exit
 from prefect_managed.environments import (
     BUILD_SECONDS_LABEL,
@@ -58,8 +58,6 @@ class EnvironmentStep:
         states: RunStates,
         accounting: Accounting,
         run_logger: Callable[[FlowRun], logging.Logger | logging.LoggerAdapter[Any]],
-        image_id: Callable[[str], Awaitable[str | None]],
-        image_user: Callable[[str], Awaitable[str | None]],
         pool: str,
     ) -> None:
         self._environments = environments
@@ -68,20 +66,23 @@ class EnvironmentStep:
         self._states = states
         self._accounting = accounting
         self._run_logger = run_logger
-        self._image_id = image_id
-        self._image_user = image_user
         self._pool = pool
 
     def wanted(self, configuration: ManagedJobConfiguration) -> bool:
         return bool(configuration.pip_packages) and self._policy.runtime.prebuilt_environments
 
-    async def prepare(self, flow_run: FlowRun, configuration: ManagedJobConfiguration) -> bool:
-        """Point the run at its environment; False when the build failed (the run is
-        then Crashed and recorded, and no container must be made)."""
-        base_image = configuration.image or ""
-        image_id = await self._image_id(base_image)
-        if image_id is None:
+    async def prepare(
+        self,
+        flow_run: FlowRun,
+        configuration: ManagedJobConfiguration,
+        base: ImageFacts | None,
+    ) -> bool:
+        """Point the run at its environment, built from its image (`base`, as inspected
+        by the worker); False when the build failed (the run is then Crashed and
+        recorded, and no container must be made)."""
+        if base is None:
             return True  # not on this host: the run's own start says so (ImageNotAvailable)
+        base_image, image_id = configuration.image or "", base.id
         runtime, tier = self._policy.runtime, self._policy.tier
         key = environment_key(
             image_id,
@@ -96,7 +97,7 @@ class EnvironmentStep:
         create: dict[str, Any] = dict(configuration.container_create_kwargs or {})
         binds = list(configuration.volumes or [])
         builder_user: str | None = str(create.get("user") or runtime.user)
-        if is_root_user(await self._image_user(base_image) or ""):
+        if is_root_user(base.user):
             # An image made to run as root (the official image) installs into root-owned
             # site-packages: built as its own user, as `docker build` would, still with
             # every capability dropped and the run's caps. Without the workspace's

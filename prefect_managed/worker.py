@@ -49,6 +49,7 @@ from prefect_managed.containers import (
     CREATIONS,
     Containers,
     DockerClients,
+    ImageFacts,
     Watch,
     in_daemon_thread,
     is_root_user,
@@ -326,8 +327,6 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             self._states,
             self._accounting,
             self.get_flow_run_logger,
-            self._containers.image_id,
-            self._containers.image_user,
             self._work_pool_name,
         )
         try:
@@ -620,16 +619,19 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         # The attempt rides on the container, so that whoever finishes it (this worker
         # or one that takes it over) records the attempt it ran.
         configuration.labels[ATTEMPT_LABEL] = str(await self._attempt(flow_run))
-        await self._containers.pull_if_missing(configuration.image or "")
-        await self._isolate_or_fall_back(flow_run, configuration)
-        await self._give_a_home(configuration)
+        # One inspection of the image (pulled if missing) for all the worker decides
+        # from it: its user, its python3 (asked once per image) and its entrypoint.
+        facts = await self._containers.image_facts(configuration.image or "", pull=True)
+        await self._isolate_or_fall_back(flow_run, configuration, facts)
+        self._give_a_home(configuration, facts)
+        image = configuration.image
         # Before the environment step, which may give the run an image built from this one.
         command = use_prefork(configuration.image or "", configuration.command, configuration.env)
         if command is not None:
             configuration.command = command
         step = self._environment_step
         if step is not None and step.wanted(configuration):
-            if not await step.prepare(flow_run, configuration):
+            if not await step.prepare(flow_run, configuration, facts):
                 # The build failed: the run is Crashed and recorded, no container made.
                 # Said to Prefect as a start that did not happen (else it logs that the
                 # infrastructure returned without reporting).
@@ -638,9 +640,12 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
                 return DockerWorkerResult(status_code=1, identifier="")
         create = configuration.container_create_kwargs or {}
         if "entrypoint" in create:
-            # isolate.sh starts the tunnel's listeners, then the image's own entrypoint.
-            image_entrypoint = await self._containers.image_entrypoint(configuration.image or "")
-            create["entrypoint"] = [*create["entrypoint"], *(image_entrypoint or [])]
+            # isolate.sh starts the tunnel's listeners, then the image's own entrypoint
+            # (the environment step may have given the run an image built from this one).
+            if facts is None or configuration.image != image:
+                facts = await self._containers.image_facts(configuration.image or "")
+            entrypoint = facts.entrypoint if facts is not None else None
+            create["entrypoint"] = [*create["entrypoint"], *(entrypoint or [])]
         started = _StartedProxy(task_status)
         watches: list[Watch] = []
         error: Exception | None = None
@@ -714,18 +719,19 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             self._active.discard(container_id)
         return result
 
-    async def _give_a_home(self, configuration: ManagedJobConfiguration) -> None:
+    def _give_a_home(
+        self, configuration: ManagedJobConfiguration, facts: ImageFacts | None
+    ) -> None:
         """An image made to run as root (the official image) has no home for the runs'
         uid: HOME is / and not writable, so Prefect, pip and uv could not keep their
         files. Such a run gets HOME=/tmp, unless its deployment sets HOME."""
         if "HOME" in configuration.env:
             return
-        user = await self._containers.image_user(configuration.image or "")
-        if user is not None and is_root_user(user):
+        if facts is not None and is_root_user(facts.user):
             configuration.env["HOME"] = "/tmp"
 
     async def _isolate_or_fall_back(
-        self, flow_run: FlowRun, configuration: ManagedJobConfiguration
+        self, flow_run: FlowRun, configuration: ManagedJobConfiguration, facts: ImageFacts | None
     ) -> None:
         """The isolated network needs `python3` in the image: a run whose image has none
         goes on the host's network, with a warning, unless the policy chose "isolated"
@@ -734,7 +740,11 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         if runtime.network_mode != "isolated" or runtime.network_mode_chosen:
             return
         image = configuration.image or ""
-        if await self._containers.runs_forwarder(image, runtime.user) is not False:
+        # An image not on the host (its start reports it) or not told: the run stays isolated.
+        if (
+            facts is None
+            or await self._containers.runs_forwarder(facts.id, runtime.user) is not False
+        ):
             return
         configuration.leave_isolation()
         message = (
