@@ -45,10 +45,24 @@ logger = get_logger("managed.accounting")
 
 #: How long the worker trusts the month's usage it read before reading it again.
 QUOTA_CHECK_SECONDS = 10.0
-#: At most one update of a pool's usage line (a read and a write of the pool) in this
-#: many seconds: the first record after a quiet spell shows at once, a burst's last
-#: record within this time.
+#: At most one update of a pool's usage line (a read and a write of the pool), and of
+#: the month's summary artifact (a new version), in this many seconds: the first record
+#: after a quiet spell shows at once, a burst's last record within this time.
 POOL_LINE_SECONDS = 5.0
+
+
+def merged_usage(waiting: MonthlyUsage | None, usage: MonthlyUsage) -> MonthlyUsage:
+    """What to show of a month's usage read twice: records stored at once each read the
+    month without the other's, so a month read again shows both; a record of last
+    month, stored late, does not replace this month's."""
+    if waiting is not None and waiting.month == usage.month:
+        merged = MonthlyUsage(workspace=usage.workspace, month=usage.month)
+        for record in (*waiting.records.values(), *usage.records.values()):
+            merged.add(record)
+        return merged
+    if waiting is not None and waiting.month > usage.month:
+        return waiting
+    return usage
 
 
 def usage_record_of(
@@ -110,6 +124,8 @@ class Accounting:
         self._checked_at = -QUOTA_CHECK_SECONDS
         #: Pools whose usage line is due, with the usage it is to show.
         self._lines_due: dict[str, MonthlyUsage] = {}
+        #: Months whose summary artifact is due, with the usage it is to show.
+        self._summaries_due: dict[str, MonthlyUsage] = {}
         self._line_due: anyio.Event | None = None  # set while `keep_pool_lines` runs
 
     async def quota_exhausted(self) -> bool:
@@ -135,8 +151,21 @@ class Accounting:
         )
 
     async def _publish(self, record: UsageRecord) -> tuple[MonthlyUsage, MonthlyUsage] | None:
-        quota = self._policy.tier.compute_hours_per_month
-        return await self._ledger.publish(record, quota, self._policy.workspace.tier)
+        """The record stored; the month's summary with it, unless `keep_pool_lines`
+        runs (then it is due, and shown with the pool's line)."""
+        quota, tier = self._policy.tier.compute_hours_per_month, self._policy.workspace.tier
+        summary = self._line_due is None
+        published = await self._ledger.publish(record, quota, tier, summary=summary)
+        if published is not None and not summary:
+            after = published[1]
+            if self._line_due is None:  # the loop has stopped meanwhile: shown here
+                await self._ledger.publish_summary(after, quota, tier)
+            else:
+                self._summaries_due[after.month] = merged_usage(
+                    self._summaries_due.get(after.month), after
+                )
+                self._line_due.set()
+        return published
 
     async def show_on_pool(self, pool: str, usage: MonthlyUsage | None = None) -> None:
         """Keep the month's usage and quota in the pool's description, where the UI's
@@ -156,10 +185,10 @@ class Accounting:
             logger.warning("Could not show the month's usage on work pool %r", pool, exc_info=True)
 
     async def keep_pool_lines(self) -> None:
-        """Show the usage of records stored meanwhile on their pools, at most once in
-        `POOL_LINE_SECONDS`, until cancelled (then what is still due, within a few
-        seconds). While this runs, a stored record's line is shown from here, off its
-        run's finish."""
+        """Show the usage of records stored meanwhile on their pools and in the month's
+        summary, at most once in `POOL_LINE_SECONDS`, until cancelled (then what is
+        still due, within a few seconds). While this runs, a stored record's line and
+        summary are shown from here, off its run's finish."""
         self._line_due = due = anyio.Event()
         try:
             while True:
@@ -177,8 +206,24 @@ class Accounting:
                     "next worker of the pool shows it when it starts",
                     ", ".join(sorted(self._lines_due)),
                 )
+            if self._summaries_due:
+                logger.warning(
+                    "Stopped before updating the usage summary of %s; the next usage "
+                    "record stored in that month updates it",
+                    ", ".join(sorted(self._summaries_due)),
+                )
 
     async def _show_due_lines(self) -> None:
+        quota = self._policy.tier.compute_hours_per_month
+        for month in sorted(self._summaries_due):
+            usage = self._summaries_due[month]
+            try:
+                await self._ledger.publish_summary(usage, quota, self._policy.workspace.tier)
+            except Exception:  # due still: shown with the next line, or as the worker stops
+                logger.warning("Could not update the usage summary of %s", month, exc_info=True)
+                continue
+            if self._summaries_due.get(month) is usage:  # else a later record's is due
+                del self._summaries_due[month]
         for pool in list(self._lines_due):
             usage = self._lines_due[pool]
             await self.show_on_pool(pool, usage)
@@ -186,17 +231,7 @@ class Accounting:
                 del self._lines_due[pool]
 
     def _line_is_due(self, due: anyio.Event, pool: str, usage: MonthlyUsage) -> None:
-        waiting = self._lines_due.get(pool)
-        if waiting is not None and waiting.month == usage.month:
-            # Two records stored at once each read the month without the other's: the
-            # line shows both.
-            merged = MonthlyUsage(workspace=usage.workspace, month=usage.month)
-            for record in (*waiting.records.values(), *usage.records.values()):
-                merged.add(record)
-            usage = merged
-        elif waiting is not None and waiting.month > usage.month:
-            usage = waiting  # a record of last month, stored late
-        self._lines_due[pool] = usage
+        self._lines_due[pool] = merged_usage(self._lines_due.get(pool), usage)
         due.set()
 
     async def send_spooled(self) -> int:

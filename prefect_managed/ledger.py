@@ -204,9 +204,10 @@ class UsageLedger:
         return self._client
 
     async def publish(
-        self, record: UsageRecord, quota_hours: float, tier: str
+        self, record: UsageRecord, quota_hours: float, tier: str, summary: bool = True
     ) -> tuple[MonthlyUsage, MonthlyUsage] | None:
-        """Store a run attempt's record once and update the month's summary.
+        """Store a run attempt's record once and, with `summary`, update the month's
+        summary (else the caller does, `publish_summary`).
 
         Returns the month's usage before and after the record, or None when the
         attempt was already recorded.
@@ -236,7 +237,8 @@ class UsageLedger:
         )
         after = MonthlyUsage(before.workspace, before.month, dict(before.records))
         after.add(record)
-        await self.publish_summary(after, quota_hours, tier)
+        if summary:
+            await self.publish_summary(after, quota_hours, tier)
         return before, after
 
     async def publish_summary(self, usage: MonthlyUsage, quota_hours: float, tier: str) -> None:

@@ -5,6 +5,7 @@ that has read the month once reads only what is new."""
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -13,9 +14,11 @@ import anyio
 import pytest
 from prefect import flow
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+from prefect.client.schemas.sorting import ArtifactSort
 
 from prefect_managed.ledger import UsageLedger
-from prefect_managed.usage import Outcome, UsageRecord, month_of
+from prefect_managed.usage import Outcome, UsageRecord, month_of, summary_key
 
 
 @flow
@@ -309,17 +312,26 @@ def test_a_record_left_on_disk_is_stored_once_by_the_next_worker(prefect_server,
 
 
 class PoolWrites(CountingClient):
-    """The Prefect client, keeping each description it wrote to a pool, and when."""
+    """The Prefect client, keeping each description it wrote to a pool, and when, and
+    each version of a monthly summary it wrote, and when."""
 
     def __init__(self, client) -> None:
         super().__init__(client)
         self.written: list[str] = []
         self.at: list[float] = []
+        self.summaries: list[str] = []
+        self.summaries_at: list[float] = []
 
     async def update_work_pool(self, name, work_pool):
         self.written.append(work_pool.description)
         self.at.append(time.monotonic())
         return await self._client.update_work_pool(name, work_pool)
+
+    async def create_artifact(self, artifact):
+        if (artifact.key or "").endswith("-summary"):
+            self.summaries.append(artifact.data)
+            self.summaries_at.append(time.monotonic())
+        return await self._client.create_artifact(artifact)
 
 
 async def _pool_line_scenario(workspace: str, pool: str) -> dict[str, object]:
@@ -366,7 +378,22 @@ async def _pool_line_scenario(workspace: str, pool: str) -> dict[str, object]:
                     await anyio.sleep(0.05)
             await store()  # within the interval, and the worker stops: shown as it stops
             background.cancel_scope.cancel()
-        return {"writes": writes.written, "at": writes.at, "last": await shown()}
+        stored = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(
+                    any_=[summary_key(workspace, month_of(datetime.now(timezone.utc)))]
+                )
+            ),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+        return {
+            "writes": writes.written,
+            "at": writes.at,
+            "last": await shown(),
+            "summaries": writes.summaries,
+            "summaries_at": writes.summaries_at,
+            "stored_summaries": [artifact.data for artifact in stored],
+        }
 
 
 POOL_LINE_SECONDS_IN_TEST = 4.0
@@ -376,7 +403,8 @@ def test_a_pools_usage_line_is_updated_at_once_then_once_per_burst(prefect_serve
     """The pool's description shows the month's usage: the first record after a quiet
     spell at once, a burst of records (stored at once) with at most one update an
     interval, counting them all, and a record stored just before the worker stops as it
-    stops; the operator's text stays."""
+    stops; the operator's text stays. The month's summary artifact goes with it: one new
+    version per update, not one per record, the last one counting every run."""
     import prefect_managed.accounting
 
     monkeypatch.setattr(prefect_managed.accounting, "POOL_LINE_SECONDS", POOL_LINE_SECONDS_IN_TEST)
@@ -394,6 +422,14 @@ def test_a_pools_usage_line_is_updated_at_once_then_once_per_burst(prefect_serve
     assert all(gap >= POOL_LINE_SECONDS_IN_TEST - 0.05 for gap in gaps), (gaps, writes)
     assert result["last"].startswith("The team's pool.\n\nCompute this month"), result["last"]
     assert "by 8 flow run(s)" in result["last"], result["last"]
+    summaries, summaries_at = result["summaries"], result["summaries_at"]
+    summary_runs = [int(re.search(r"\| [\d.]+ % \| (\d+) \|", s).group(1)) for s in summaries]
+    assert summary_runs[0] == 1 and 6 in summary_runs and summary_runs[-1] == 8, summaries
+    assert summary_runs == sorted(summary_runs) and len(summaries) < 8, summaries
+    gaps = [b - a for a, b in zip(summaries_at[:-2], summaries_at[1:-1], strict=True)]
+    assert all(gap >= POOL_LINE_SECONDS_IN_TEST - 0.05 for gap in gaps), (gaps, summaries)
+    # What the server keeps: those versions, the newest the last one written.
+    assert result["stored_summaries"] == summaries[::-1]
 
 
 def test_usages_published_at_once_are_shown_together():
