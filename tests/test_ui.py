@@ -46,6 +46,7 @@ from helpers import (
     worker,
 )
 from playwright.sync_api import Browser, Page, Route, expect, sync_playwright
+from services import wait_for
 
 from prefect_managed import ManagedVariables
 from prefect_managed.policy import format_bytes
@@ -223,10 +224,30 @@ def finished_run(flows_repo, managed_pool, managed_worker) -> tuple[UUID, dict]:
         flow_run_id = run_deployment(deployment, timeout=0).id
         run = wait_for_final_state(flow_run_id)
         assert run.state.is_completed(), run.state
-        return flow_run_id, wait_for_usage_record(flow_run_id)
+        record = wait_for_usage_record(flow_run_id)
+        # The month's summary is written within a few seconds of the record (at most
+        # once every 5 s on a busy workspace): the pages below show it with this run.
+        key = summary_key("tests", month_of(datetime.fromisoformat(record["finished_at"])))
+        wait_for(lambda: "hello-ui-usage" in latest_summary(key), 60, "the month's summary")
+        return flow_run_id, record
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(deploy_and_run).result()
+
+
+def latest_summary(key: str) -> str:
+    """The newest version of a month's summary artifact, "" when there is none."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+            limit=1,
+        )
+    return str(found[0].data) if found else ""
 
 
 def test_a_finished_runs_page_shows_its_usage_artifact_with_the_measured_metrics(
