@@ -29,7 +29,7 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -495,15 +495,16 @@ RUN_CPUS = 2.0
 NO_ROOM = "Waiting for room on a Docker host"
 
 
-def room_for(concurrency: int) -> dict[str, float]:
-    """The policy's [host] table: room for `concurrency` runs at once on this machine.
+def room_for(concurrency: int, engine_cpus: int) -> dict[str, float]:
+    """The policy's [host] table: CPU room for `concurrency` runs at once on the engine.
 
     The DockerWorker runs as many as its limit allows; the managed worker also counts
-    the runs' CPU caps against the host's CPUs times `cpu_overcommit` (4 by default, so
-    4 runs of 2 CPUs on 2 cores). Left at the default, the throughput phase would compare
-    4 managed runs at once with 5 of the DockerWorker's."""
-    cores = float(os.cpu_count() or 1)
-    return {"cpu_overcommit": max(4.0, concurrency * RUN_CPUS / cores)}
+    the runs' CPU caps against the engine's CPUs times `cpu_overcommit` (4 by default,
+    so 4 runs of 2 CPUs on 2 cores). Left at the default, the throughput phase would
+    compare 4 managed runs at once with 5 of the DockerWorker's. (Memory is not raised:
+    a run that waits for room anyway is noted in the results.)"""
+    overcommit = concurrency * RUN_CPUS / max(engine_cpus, 1)
+    return {"cpu_overcommit": min(64.0, max(4.0, overcommit))}
 
 
 def throughput(deployment_id, runs: int, deadline: float) -> dict[str, float]:
@@ -1330,6 +1331,8 @@ def main(argv: list[str] | None = None) -> int:
                     ),
                     overwrite=True,
                 )
+        with closing(docker.from_env()) as engine:
+            engine_cpus = int(engine.info()["NCPU"])
         policy = write_policy(
             home / "policy.toml",
             workspace={"name": workspace, "tier": "bench"},
@@ -1341,7 +1344,7 @@ def main(argv: list[str] | None = None) -> int:
                     "compute_hours_per_month": 100000,
                 }
             },
-            host=room_for(concurrency),
+            host=room_for(concurrency, engine_cpus),
             # The dependency cache as runs that install in their own container use it.
             runtime={
                 "default_image": image,
@@ -1360,7 +1363,7 @@ def main(argv: list[str] | None = None) -> int:
                     "compute_hours_per_month": 100000,
                 }
             },
-            host=room_for(concurrency),
+            host=room_for(concurrency, engine_cpus),
             runtime={
                 "default_image": image,
                 "package_index_url": index.url,

@@ -159,7 +159,7 @@ class Accounting:
         if published is not None and not summary:
             after = published[1]
             if self._line_due is None:  # the loop has stopped meanwhile: shown here
-                await self._ledger.publish_summary(after, quota, tier)
+                await self._show_summary(after.month, after)
             else:
                 self._summaries_due[after.month] = merged_usage(
                     self._summaries_due.get(after.month), after
@@ -213,15 +213,37 @@ class Accounting:
                     ", ".join(sorted(self._summaries_due)),
                 )
 
+    async def show_at_start(self, pool: str) -> None:
+        """The month's usage on the pool, and its summary artifact when its newest
+        version says otherwise than the records (a worker killed between a record and
+        its summary left it behind). Guarded: never stops the worker."""
+        try:
+            usage = await self._ledger.month_usage(month_of(datetime.now(timezone.utc)))
+        except Exception:
+            logger.warning("Could not read the month's usage", exc_info=True)
+            return
+        await self.show_on_pool(pool, usage)
+        if usage.records:
+            await self._show_summary(usage.month, usage, if_changed=True)
+
+    async def _show_summary(self, month: str, due: MonthlyUsage, if_changed: bool = False) -> bool:
+        """Write the month's summary: `due` with what the month's records say now (other
+        workers stored some meanwhile; it never shows fewer runs than a version before
+        it of this worker's). Guarded: False when it could not be written."""
+        quota, tier = self._policy.tier.compute_hours_per_month, self._policy.workspace.tier
+        try:
+            usage = merged_usage(due, await self._ledger.month_usage(month))
+            await self._ledger.publish_summary(usage, quota, tier, if_changed=if_changed)
+        except Exception:
+            logger.warning("Could not update the usage summary of %s", month, exc_info=True)
+            return False
+        return True
+
     async def _show_due_lines(self) -> None:
-        quota = self._policy.tier.compute_hours_per_month
         for month in sorted(self._summaries_due):
             usage = self._summaries_due[month]
-            try:
-                await self._ledger.publish_summary(usage, quota, self._policy.workspace.tier)
-            except Exception:  # due still: shown with the next line, or as the worker stops
-                logger.warning("Could not update the usage summary of %s", month, exc_info=True)
-                continue
+            if not await self._show_summary(month, usage):
+                continue  # due still: written with the next line, or as the worker stops
             if self._summaries_due.get(month) is usage:  # else a later record's is due
                 del self._summaries_due[month]
         for pool in list(self._lines_due):

@@ -314,9 +314,12 @@ class Containers:
                 repository, tag = docker.utils.parse_repository_tag(image)
                 try:
                     client.images.pull(repository, tag=tag or "latest")
-                    found = client.api.inspect_image(image)
                 except _DOCKER_ERRORS:
                     self._logger.debug("Could not pull image %s", image, exc_info=True)
+                    return None
+                try:
+                    found = client.api.inspect_image(image)
+                except docker.errors.ImageNotFound:
                     return None
             config = found.get("Config") or {}
             return ImageFacts(

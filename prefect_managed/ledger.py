@@ -241,12 +241,26 @@ class UsageLedger:
             await self.publish_summary(after, quota_hours, tier)
         return before, after
 
-    async def publish_summary(self, usage: MonthlyUsage, quota_hours: float, tier: str) -> None:
+    async def publish_summary(
+        self, usage: MonthlyUsage, quota_hours: float, tier: str, if_changed: bool = False
+    ) -> None:
+        """A new version of the month's summary; with `if_changed`, only when the newest
+        version says something else."""
+        key = summary_key(self.workspace, usage.month)
+        data = summary_markdown(usage, quota_hours, tier)
+        if if_changed:
+            newest = await self._client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=1,
+            )
+            if newest and newest[0].data == data:
+                return
         await self._client.create_artifact(
             ArtifactCreate(
-                key=summary_key(self.workspace, usage.month),
+                key=key,
                 type="markdown",
-                data=summary_markdown(usage, quota_hours, tier),
+                data=data,
                 description=f"Compute usage of workspace {self.workspace} in {usage.month}",
             )
         )

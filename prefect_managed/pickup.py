@@ -11,7 +11,8 @@ A run that waits for a workspace slot would likewise wait for a poll once the sl
 given back. So a worker that gives a slot back says so in an event of its own
 (`SLOT_RELEASED`, about the workspace), and every worker of the workspace whose last poll
 left runs waiting for a slot, or for room on its host (the slot of a run is given back
-once its container is gone, and with it the container's room), polls when it hears it. The releasing worker hears it from
+once its container is gone, and with it the container's room; room freed by another
+workspace's run on the same engine is not announced here), polls when it hears it. The releasing worker hears it from
 the server like the others: waking itself at once would make it win the waiting runs
 over the other hosts every time. A flow run cannot send the event (the run gateway
 refuses event names in the managed pool's namespace). Polling stays as it is: it is

@@ -296,8 +296,9 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             self.policy.concurrency_limit_name,
             tier.concurrency_limit,
             self._logger,
-            # The workspace's workers with runs waiting for a slot poll when they hear it
-            # (this one too, through the server: at once, it would always win them).
+            # The workspace's workers with runs waiting for a slot or for room poll when
+            # they hear it (this one too, through the server: at once, it would always
+            # win them).
             released=partial(announce_released_slot, self.policy.workspace.name),
         )
         try:
@@ -348,7 +349,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self._background.start_soon(self._reconcile_forever)
         self._background.start_soon(self._enforce_cancels_forever)
         self._background.start_soon(self._find_lost_forever)
-        self._background.start_soon(self._accounting.show_on_pool, self._work_pool_name)
+        self._background.start_soon(self._accounting.show_at_start, self._work_pool_name)
         self._background.start_soon(self._accounting.keep_pool_lines)
         self._background.start_soon(self._pickup.poll_when_woken_forever)
         self._background.start_soon(self._pickup.wake_for_freed_slots_forever)

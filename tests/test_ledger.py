@@ -463,3 +463,48 @@ def test_usages_published_at_once_are_shown_together():
     assert was_set
     assert shown.month == month
     assert set(shown.records) == {(r.flow_run_id, 1) for r in (known, first, second)}
+
+
+async def _summary_at_start_scenario(workspace: str, pool: str) -> dict[str, object]:
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    from prefect_managed.accounting import Accounting
+    from prefect_managed.policy import load_policy
+
+    policy = load_policy(None)
+    async with get_client() as client:
+        await client.create_work_pool(WorkPoolCreate(name=pool, type="prefect:managed"))
+        writes = PoolWrites(client)
+        killed = UsageLedger(writes, workspace)
+        for _ in range(3):
+            run = (await client.create_flow_run(ledger_probe)).id
+            # Stored, and the worker killed before it wrote the month's summary.
+            record = _record(workspace, run, 60).model_copy(update={"pool": pool})
+            assert await killed.publish(record, 10, "test", summary=False) is not None
+        assert writes.summaries == []
+        for _ in range(2):  # the next worker starts, and then another
+            await Accounting(UsageLedger(writes, workspace), policy, lambda _: None).show_at_start(
+                pool
+            )
+        stored = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                key=ArtifactFilterKey(
+                    any_=[summary_key(workspace, month_of(datetime.now(timezone.utc)))]
+                )
+            )
+        )
+        line = (await client.read_work_pool(pool)).description or ""
+    return {"written": writes.summaries, "stored": [a.data for a in stored], "line": line}
+
+
+def test_a_starting_worker_writes_the_summary_a_killed_one_left_behind(prefect_server):
+    """Three records stored without their summary (their worker killed between the
+    two): the next worker's start writes one that counts all three, and a start that
+    finds it up to date writes none."""
+    workspace = f"start-{uuid.uuid4().hex[:8]}"
+    result = anyio.run(_summary_at_start_scenario, workspace, f"start-{uuid.uuid4().hex[:8]}")
+    written = result["written"]
+    assert len(written) == 1, written
+    assert re.search(r"\| [\d.]+ % \| 3 \|", written[0]), written[0]
+    assert result["stored"] == written
+    assert "by 3 flow run(s)" in result["line"], result["line"]

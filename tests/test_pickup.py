@@ -16,6 +16,8 @@ from prefect.client.schemas.filters import LogFilter
 from prefect.deployments import run_deployment
 from services import start_worker, wait_for
 
+from prefect_managed.configuration import MANAGED_LABEL
+
 # serial: its workers poll hourly, so a run the engine has no room for when its event
 # comes (room counts every managed container on the engine) would wait an hour.
 pytestmark = [pytest.mark.docker, pytest.mark.serial]
@@ -36,6 +38,8 @@ def test_runs_are_picked_up_on_events_not_by_the_poll(
         # is set so): the second run waits for the first's container to be gone.
         tier_memory = 1024**3
         reserve = docker_client.info()["MemTotal"] - tier_memory - tier_memory // 2
+        # Room counts every managed container on the engine: none may run now.
+        assert not docker_client.containers.list(filters={"label": f"{MANAGED_LABEL}=true"})
         limits = {"concurrency_limit": 2, "memory": "1g", "host": {"reserve_memory": reserve}}
     pool = create_pool(f"pickup-{waits_for}")
     policy = worker_policy(

@@ -68,8 +68,14 @@ def test_the_monthly_summary_has_history_under_a_stable_key(deploy):
     flow_run_id = start_run(deployment)
     wait_for_final_state(flow_run_id)
     wait_for_usage_record(flow_run_id)
+    # A version after the record that shows this deployment (at most every 5 s on a
+    # busy workspace, an earlier record's version may come first).
     versions = wait_for(
-        lambda: summary_versions(key) if len(summary_versions(key)) > before else None,
+        lambda: (
+            found
+            if len(found := summary_versions(key)) > before and "| hello-summary |" in found[0].data
+            else None
+        ),
         60,
         "a new summary version",
     )
