@@ -49,6 +49,7 @@ def test_runs_are_picked_up_on_events_not_by_the_poll(
         session_workspace(f"pickup-{waits_for}"),
         **limits,
     )
+    sleeper = deploy("sleeper", f"sleeper-pickup-{waits_for}", pool=pool)
     hello = deploy("hello", f"hello-pickup-{waits_for}", pool=pool)
     running = start_worker(
         pool,
@@ -69,8 +70,11 @@ def test_runs_are_picked_up_on_events_not_by_the_poll(
         # The loop's first poll and the subscription's own are over (each takes well
         # under a second here): from here on only a wake finds a run.
         time.sleep(5)
-        ad_hoc = run_deployment(hello, timeout=0).id
-        # Only the event of the first run's released slot can wake the worker for it.
+        ad_hoc = run_deployment(sleeper, parameters={"seconds": 15}, timeout=0).id
+        with get_client(sync_client=True) as client:
+            wait_for(lambda: client.read_flow_run(ad_hoc).state.is_running(), 120, "the first run")
+        # It holds the slot (and the room) for 15 s: the second run waits for it, and
+        # only the event of its release can wake the worker for it.
         second = run_deployment(hello, timeout=0).id
         runs = [wait_for_final_state(run_id, timeout=240) for run_id in (ad_hoc, second)]
     finally:
