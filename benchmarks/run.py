@@ -1333,18 +1333,21 @@ def main(argv: list[str] | None = None) -> int:
                 )
         with closing(docker.from_env()) as engine:
             engine_cpus = int(engine.info()["NCPU"])
+        # The two managed pools' workspaces: the same tier, the same room.
+        tiers = {
+            "bench": {
+                "concurrency_limit": concurrency,
+                "pool_limit": 100,
+                "cpus": RUN_CPUS,
+                "compute_hours_per_month": 100000,
+            }
+        }
+        host = room_for(concurrency, engine_cpus)
         policy = write_policy(
             home / "policy.toml",
             workspace={"name": workspace, "tier": "bench"},
-            tiers={
-                "bench": {
-                    "concurrency_limit": concurrency,
-                    "pool_limit": 100,
-                    "cpus": RUN_CPUS,
-                    "compute_hours_per_month": 100000,
-                }
-            },
-            host=room_for(concurrency, engine_cpus),
+            tiers=tiers,
+            host=host,
             # The dependency cache as runs that install in their own container use it.
             runtime={
                 "default_image": image,
@@ -1355,15 +1358,8 @@ def main(argv: list[str] | None = None) -> int:
         env_policy = write_policy(
             home / "env-policy.toml",
             workspace={"name": env_workspace, "tier": "bench"},
-            tiers={
-                "bench": {
-                    "concurrency_limit": concurrency,
-                    "pool_limit": 100,
-                    "cpus": RUN_CPUS,
-                    "compute_hours_per_month": 100000,
-                }
-            },
-            host=room_for(concurrency, engine_cpus),
+            tiers=tiers,
+            host=host,
             runtime={
                 "default_image": image,
                 "package_index_url": index.url,

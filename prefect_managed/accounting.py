@@ -159,7 +159,7 @@ class Accounting:
         if published is not None and not summary:
             after = published[1]
             if self._line_due is None:  # the loop has stopped meanwhile: shown here
-                await self._show_summary(after.month, after)
+                await self._show_summary(after)
             else:
                 self._summaries_due[after.month] = merged_usage(
                     self._summaries_due.get(after.month), after
@@ -208,8 +208,8 @@ class Accounting:
                 )
             if self._summaries_due:
                 logger.warning(
-                    "Stopped before updating the usage summary of %s; the next usage "
-                    "record stored in that month updates it",
+                    "Stopped before updating the usage summary of %s; the next worker "
+                    "updates it when it starts, or the month's next usage record",
                     ", ".join(sorted(self._summaries_due)),
                 )
 
@@ -223,26 +223,31 @@ class Accounting:
             logger.warning("Could not read the month's usage", exc_info=True)
             return
         await self.show_on_pool(pool, usage)
-        if usage.records:
-            await self._show_summary(usage.month, usage, if_changed=True)
+        if usage.records:  # just read: not read again
+            await self._show_summary(usage, read_again=False, if_changed=True)
 
-    async def _show_summary(self, month: str, due: MonthlyUsage, if_changed: bool = False) -> bool:
-        """Write the month's summary: `due` with what the month's records say now (other
-        workers stored some meanwhile; it never shows fewer runs than a version before
-        it of this worker's). Guarded: False when it could not be written."""
+    async def _show_summary(
+        self, due: MonthlyUsage, read_again: bool = True, if_changed: bool = False
+    ) -> bool:
+        """Write the summary of `due`'s month: `due` with what the month's records say
+        now (other workers stored some meanwhile; it never shows fewer runs than a
+        version before it of this worker's). Guarded: False when it could not be
+        written."""
         quota, tier = self._policy.tier.compute_hours_per_month, self._policy.workspace.tier
         try:
-            usage = merged_usage(due, await self._ledger.month_usage(month))
+            usage = (
+                merged_usage(due, await self._ledger.month_usage(due.month)) if read_again else due
+            )
             await self._ledger.publish_summary(usage, quota, tier, if_changed=if_changed)
         except Exception:
-            logger.warning("Could not update the usage summary of %s", month, exc_info=True)
+            logger.warning("Could not update the usage summary of %s", due.month, exc_info=True)
             return False
         return True
 
     async def _show_due_lines(self) -> None:
         for month in sorted(self._summaries_due):
             usage = self._summaries_due[month]
-            if not await self._show_summary(month, usage):
+            if not await self._show_summary(usage):
                 continue  # due still: written with the next line, or as the worker stops
             if self._summaries_due.get(month) is usage:  # else a later record's is due
                 del self._summaries_due[month]

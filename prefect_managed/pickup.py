@@ -12,9 +12,9 @@ given back. So a worker that gives a slot back says so in an event of its own
 (`SLOT_RELEASED`, about the workspace), and every worker of the workspace whose last poll
 left runs waiting for a slot, or for room on its host (the slot of a run is given back
 once its container is gone, and with it the container's room; room freed by another
-workspace's run on the same engine is not announced here), polls when it hears it. The releasing worker hears it from
-the server like the others: waking itself at once would make it win the waiting runs
-over the other hosts every time. A flow run cannot send the event (the run gateway
+workspace's run on the same engine is not announced here), polls when it hears it. The
+releasing worker hears it from the server like the others: waking itself at once would
+make it win the waiting runs over the other hosts every time. A flow run cannot send the event (the run gateway
 refuses event names in the managed pool's namespace). Polling stays as it is: it is
 the fallback while the subscription is down, and the subscription is opened again after
 a pause.
@@ -111,8 +111,7 @@ def pool_events(
 class Pickup:
     """Wakes `poll` for each due event of the pool, for released slots of `workspace`
     while `waiting()` (runs wait for a slot or for room; at most once every
-    `slot_wake_seconds`),
-    and when `wake` is called."""
+    `slot_wake_seconds`), and when `wake` is called."""
 
     def __init__(
         self,

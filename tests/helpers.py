@@ -45,6 +45,18 @@ def wait_for_final_state(
             ) from None
 
 
+def summary_versions(key: str) -> list:
+    """Every version of a month's summary artifact, the newest first."""
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        return client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+            sort=ArtifactSort.CREATED_DESC,
+        )
+
+
 def flow_run_logs(flow_run_id: UUID) -> list[str]:
     with get_client(sync_client=True) as client:
         logs = client.read_logs(

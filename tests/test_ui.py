@@ -39,6 +39,7 @@ from helpers import (
     create_pool,
     run_containers,
     session_workspace,
+    summary_versions,
     usage_records,
     wait_for_final_state,
     wait_for_log,
@@ -228,26 +229,15 @@ def finished_run(flows_repo, managed_pool, managed_worker) -> tuple[UUID, dict]:
         # The month's summary is written within a few seconds of the record (at most
         # once every 5 s on a busy workspace): the pages below show it with this run.
         key = summary_key("tests", month_of(datetime.fromisoformat(record["finished_at"])))
-        wait_for(lambda: "hello-ui-usage" in latest_summary(key), 60, "the month's summary")
+        wait_for(
+            lambda: (found := summary_versions(key)) and "hello-ui-usage" in found[0].data,
+            60,
+            "the month's summary",
+        )
         return flow_run_id, record
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         return pool.submit(deploy_and_run).result()
-
-
-def latest_summary(key: str) -> str:
-    """The newest version of a month's summary artifact, "" when there is none."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        found = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-            sort=ArtifactSort.CREATED_DESC,
-            limit=1,
-        )
-    return str(found[0].data) if found else ""
 
 
 def test_a_finished_runs_page_shows_its_usage_artifact_with_the_measured_metrics(

@@ -17,6 +17,7 @@ from helpers import (
     api_auth,
     create_pool,
     run_containers,
+    summary_versions,
     usage_records,
     wait_for_final_state,
     wait_for_log,
@@ -24,7 +25,6 @@ from helpers import (
     worker,
 )
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 from prefect.deployments import run_deployment
 from services import BIN, start_worker, wait_for
 
@@ -84,16 +84,6 @@ def test_the_monthly_summary_has_history_under_a_stable_key(deploy):
     assert "| work pool | hours |" in latest and "| tests-managed-pool |" in latest
     assert "| deployment | hours |" in latest and "| hello-summary |" in latest
     assert "quota (h)" in latest
-
-
-def summary_versions(key: str) -> list:
-    from prefect.client.schemas.sorting import ArtifactSort
-
-    with get_client(sync_client=True) as client:
-        return client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
-            sort=ArtifactSort.CREATED_DESC,
-        )
 
 
 def test_an_out_of_memory_run_is_recorded_with_that_outcome(
