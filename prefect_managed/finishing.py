@@ -43,9 +43,9 @@ from prefect_managed.outcome import (
 from prefect_managed.retries import (
     ATTEMPT_LABEL,
     InfrastructureCause,
+    attempt_in,
     attempt_of,
     cause_of_ending,
-    retries_done,
 )
 from prefect_managed.settings import get_settings
 
@@ -119,7 +119,7 @@ class Finishing:
     async def _attempt(self, flow_run: FlowRun) -> int:
         """Which attempt of the run this is, from its state history in the server."""
         try:
-            return retries_done(await self.client.read_flow_run_states(flow_run.id)) + 1
+            return attempt_in(await self.client.read_flow_run_states(flow_run.id))
         except (httpx.HTTPError, PrefectHTTPStatusError):
             self._logger.warning(
                 "Could not read the state history of flow run %s; its container is "

@@ -44,7 +44,7 @@ from prefect.states import Crashed
 from prefect_managed.configuration import api_label_value
 from prefect_managed.containers import being_made, pool_labels
 from prefect_managed.messages import stopped_before_start_message
-from prefect_managed.retries import retries_done
+from prefect_managed.retries import attempt_in
 from prefect_managed.run_states import ABANDONED_CLAIM_SECONDS, HOST_LOST, claim_token
 from prefect_managed.usage import Outcome, UsageRecord
 
@@ -338,5 +338,5 @@ class LostHosts:
                 (flow_run.job_variables or {}).get("image") or self.policy.runtime.default_image
             ),
             outcome=Outcome.LOST,
-            attempt=retries_done(history) + 1,
+            attempt=attempt_in(history),
         )

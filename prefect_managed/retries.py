@@ -7,9 +7,11 @@ reachable to start it) is scheduled again as a new attempt, up to the tier's
 a nonzero exit of the flow, out of memory, the maximum run time, the process limit, the
 quota, refused job variables, GPUs not available, a failed pull step or install.
 
-Attempts are counted from the run's state history in the Prefect server (the states
-named `AwaitingInfrastructureRetry`), never in a worker's memory, so a restarted worker
-or another worker of the pool counts the same. Each container carries its attempt in the
+Attempts are counted from the run's state history in the Prefect server, never in a
+worker's memory, so a restarted worker or another worker of the pool counts the same:
+the retries from the states named `AwaitingInfrastructureRetry`, a container's attempt
+from every time the run was scheduled again after it ended (`attempt_in`: a run retried
+with `prefect flow-run retry` runs again as a new attempt too, recorded on its own). Each container carries its attempt in the
 label `io.prefect-managed.attempt`, so a taken-over container is recorded as the attempt
 it ran.
 """
@@ -26,6 +28,7 @@ from prefect_managed.outcome import Ending, docker_lost
 
 __all__ = [
     "ATTEMPT_LABEL",
+    "attempt_in",
     "INFRASTRUCTURE_RETRY",
     "InfrastructureCause",
     "attempt_of",
@@ -86,6 +89,28 @@ def cause_of_start_failure(error: BaseException) -> InfrastructureCause | None:
 def retries_done(history: Iterable[State]) -> int:
     """How many times the run was scheduled again for an infrastructure reason."""
     return sum(1 for state in history if state.name == INFRASTRUCTURE_RETRY)
+
+
+def attempt_in(history: Iterable[State]) -> int:
+    """Which attempt of the run its latest start is: 1, and one more for each time the
+    run was scheduled again after it had ended or was suspended, each of which starts it
+    in a new container. That is an infrastructure retry (`INFRASTRUCTURE_RETRY`, after a
+    crash), `prefect flow-run retry` or the UI's Retry (a Scheduled state forced on a
+    final one), and a suspended run resumed (`Resuming`, after `Suspended`). Prefect's
+    own flow retries (`AwaitingRetry` after `Running`) stay in the same container, and
+    a run waiting for a slot or room only ever waits before its start: neither counts.
+
+    Each attempt's usage is recorded under its own key: a run started again under an
+    earlier attempt's number would find that record and count nowhere."""
+    attempt, before = 1, None
+    for state in history:
+        if state.is_scheduled() and (
+            state.name == INFRASTRUCTURE_RETRY
+            or (before is not None and (before.is_final() or before.is_paused()))
+        ):
+            attempt += 1
+        before = state
+    return attempt
 
 
 def attempt_of(labels: Mapping[str, str]) -> int:

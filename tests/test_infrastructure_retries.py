@@ -17,7 +17,7 @@ import docker.errors
 import pytest
 import requests.exceptions
 from prefect.client.schemas import SetStateStatus
-from prefect.states import Completed, Crashed, Failed, Pending, Running, Scheduled
+from prefect.states import Completed, Crashed, Failed, Paused, Pending, Running, Scheduled
 
 import prefect_managed.worker as worker_module
 from prefect_managed.exceptions import (
@@ -32,6 +32,7 @@ from prefect_managed.retries import (
     ATTEMPT_LABEL,
     INFRASTRUCTURE_RETRY,
     InfrastructureCause,
+    attempt_in,
     attempt_of,
     cause_of_ending,
     cause_of_start_failure,
@@ -119,6 +120,34 @@ def test_attempts_are_counted_from_the_distinctive_states_of_the_history():
     ]
     assert retries_done(history) == 2
     assert retries_done([]) == 0
+
+
+def test_every_start_after_an_ending_is_a_new_attempt():
+    """A container's attempt: one more for each time the run was scheduled again after it
+    had ended or was suspended, whoever did it; never for what happens within a start."""
+    first = [Scheduled(), Pending(), Running()]
+    assert attempt_in([]) == 1
+    assert attempt_in(first) == 1
+    # Prefect's own flow retries, and waiting for a slot, stay within one start.
+    assert attempt_in([*first, Scheduled(name="AwaitingRetry"), Running(), Completed()]) == 1
+    assert (
+        attempt_in([Scheduled(), Scheduled(name="AwaitingConcurrencySlot"), Pending(), Running()])
+        == 1
+    )
+    # An infrastructure retry, as before.
+    crashed = [*first, Crashed(message="removed"), Scheduled(name=INFRASTRUCTURE_RETRY)]
+    assert attempt_in(crashed) == 2
+    assert attempt_in([*crashed, Pending(), Running()]) == 2
+    # `prefect flow-run retry` or the UI's Retry on a finished run, twice.
+    retried = [*first, Completed(), Scheduled(message="Retried via CLI"), Pending(), Running()]
+    assert attempt_in(retried) == 2
+    assert attempt_in([*retried, Failed(), Scheduled(name="AwaitingRetry")]) == 3
+    # Both kinds together: each start has its own number.
+    assert attempt_in([*retried, Crashed(), Scheduled(name=INFRASTRUCTURE_RETRY)]) == 3
+    # A suspended run resumed starts in a new container; a paused one stays in its own.
+    suspended = [*first, Paused(name="Suspended"), Scheduled(name="Resuming"), Pending()]
+    assert attempt_in(suspended) == 2
+    assert attempt_in([*first, Paused(), Running(), Completed()]) == 1
 
 
 @pytest.mark.parametrize(

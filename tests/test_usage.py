@@ -19,6 +19,7 @@ from helpers import (
     run_containers,
     summary_versions,
     usage_records,
+    usage_report,
     wait_for_final_state,
     wait_for_log,
     wait_for_usage_record,
@@ -191,6 +192,37 @@ def test_a_killed_worker_leaves_exactly_one_record_per_run_after_restart(
         assert records[0]["outcome"] == "completed"
         with get_client(sync_client=True) as client:
             assert client.read_flow_run(run).state.is_completed()
+
+
+def test_a_finished_run_run_again_is_recorded_again(main_policy, deploy):
+    """`prefect flow-run retry` (and the UI's Retry) runs a finished flow run again in a
+    new container. That execution is the run's next attempt, recorded beside the first:
+    taken for the first one's record, its compute would count nowhere."""
+    deployment = deploy("hello", "hello-run-again")
+    flow_run_id = start_run(deployment)
+    assert wait_for_final_state(flow_run_id).state.is_completed()
+    assert wait_for_usage_record(flow_run_id)["attempt"] == 1
+    done = subprocess.run(
+        [str(BIN / "prefect"), "flow-run", "retry", str(flow_run_id)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    def both_recorded() -> list[dict] | None:
+        records = usage_records(flow_run_id)
+        return records if len(records) >= 2 else None
+
+    records = wait_for(both_recorded, 240, f"a second usage record of {flow_run_id}")
+    assert sorted(record["attempt"] for record in records) == [1, 2]
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+    assert run.state.is_completed() and run.run_count == 2, (run.state, run.run_count)
+    # The operator's books count both executions.
+    report = usage_report(main_policy)
+    counted = [r for r in report["records"] if r["flow_run_id"] == str(flow_run_id)]
+    assert sorted(r["attempt"] for r in counted) == [1, 2]
 
 
 def test_the_usage_command_prints_the_months_records(prefect_server, main_policy, deploy):
