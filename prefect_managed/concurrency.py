@@ -142,18 +142,28 @@ class WorkspaceSlots:
         """The flow runs this worker holds a slot for."""
         return set(self._leases)
 
-    async def acquire_in_order(self, flow_run_ids: list[UUID]) -> set[UUID]:
+    async def free_slots(self) -> int:
+        """How many of the workspace's slots are free: none, without a request, while
+        this worker holds every slot itself (no run can get one then, and the limit is
+        checked again when a slot is released); else as the limit reads now
+        (`assert_limit`)."""
+        if len(self._leases) >= self.limit:
+            return 0
+        return await self.assert_limit()
+
+    async def acquire_in_order(self, flow_run_ids: list[UUID], checked: bool = False) -> set[UUID]:
         """Slots for the first runs of `flow_run_ids`, as many as are free.
 
-        A poll costs one read of the limit and an increment per slot the read found
-        free (once one finds every slot taken, the later runs are not tried: they would
-        find the same), and nothing at all while this worker holds every slot itself:
-        no run can get one then, and the limit is checked again when a slot is released.
+        A poll costs one read of the limit (`free_slots`; none with `checked`: the caller has
+        just read it, and offers no more runs than it found free) and an increment per
+        slot the read found free (once one finds every slot taken, the later runs are
+        not tried: they would find the same), and nothing at all while this worker holds
+        every slot itself.
         """
         acquired: set[UUID] = set()
         if not flow_run_ids or len(self._leases) >= self.limit:
             return acquired
-        free = await self.assert_limit()
+        free = len(flow_run_ids) if checked else await self.assert_limit()
         for flow_run_id in flow_run_ids[:free]:
             if not await self.try_acquire(flow_run_id, checked=True):
                 break

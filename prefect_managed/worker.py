@@ -86,7 +86,7 @@ from prefect_managed.retries import (
     InfrastructureCause,
     cause_of_start_failure,
 )
-from prefect_managed.run_states import QUOTA_EXHAUSTED, RunStates
+from prefect_managed.run_states import AWAITING_SLOT, QUOTA_EXHAUSTED, RunStates
 from prefect_managed.settings import get_policy, get_settings, ledger_key
 from prefect_managed.spool import spool_for
 from prefect_managed.takeover import FINISH_SECONDS, TakeOver
@@ -433,24 +433,29 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         queue = sorted(flow_run_response, key=lambda e: _scheduled_time(e.flow_run))
         ours = {*self._submitting_flow_run_ids, *self._slots.held_runs()}
         waiting = [entry.flow_run.id for entry in queue if entry.flow_run.id not in ours]
-        # No new run while a taken-over one waits for a slot.
+        # No new run while a taken-over one waits for a slot. The room is counted for
+        # the runs a slot is free for (none, without a request, while this worker holds
+        # every slot): the others wait for a slot wherever they would run.
         roomy: list[UUID] = []
+        slotted: list[UUID] = []
         if waiting and not self._unslotted:
+            slotted = waiting[: await self._slots.free_slots()]
+        if slotted:
             try:
                 roomy, why = await self._capacity.admit(
-                    waiting, self._need(), anyio.current_time(), owner=self.name
+                    slotted, self._need(), anyio.current_time(), owner=self.name
                 )
             except Exception as exc:
                 # The engine does not answer: admitted as before there was a count, so
                 # the start fails as the infrastructure's (and may be retried).
                 self._logger.warning("Could not count the room on this host: %s", exc)
-                roomy, why = list(waiting), ""
+                roomy, why = list(slotted), ""
             if why:
                 await self._tell_no_room(
-                    [e.flow_run for e in queue if e.flow_run.id in waiting[len(roomy) :]], why
+                    [e.flow_run for e in queue if e.flow_run.id in slotted[len(roomy) :]], why
                 )
         try:
-            return await self._admit_with_slots(queue, ours, roomy)
+            return await self._admit_with_slots(queue, ours, roomy, slotted)
         finally:
             # Reserved room of a run not being submitted goes back, whatever happened.
             for run in roomy:
@@ -458,18 +463,39 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
                     self._capacity.release(run)
 
     async def _admit_with_slots(
-        self, queue: list[WorkerFlowRunResponse], ours: set[UUID], roomy: list[UUID]
+        self,
+        queue: list[WorkerFlowRunResponse],
+        ours: set[UUID],
+        roomy: list[UUID],
+        slotted: list[UUID] | None = None,
     ) -> list[FlowRun]:
-        """Slots for the runs with room (`roomy`); the others marked waiting for a slot or
-        left for another host; the runs with both submitted through Prefect."""
+        """Slots for the runs with room (`roomy`, of the `slotted` runs a slot was free
+        for when the limit was read: every run when None, the limit not read yet); the
+        others marked waiting for a slot or left for another host; the runs with both
+        submitted through Prefect."""
         assert self._slots is not None and self._states is not None
-        acquired = await self._slots.acquire_in_order(roomy) if roomy else set()
+        counted = None if slotted is None else set(slotted)
+        acquired = (
+            await self._slots.acquire_in_order(roomy, checked=counted is not None)
+            if roomy
+            else set()
+        )
+
+        def without_room(run: UUID) -> bool:  # left Scheduled, without a slot, for another host
+            return run not in roomy and not self._unslotted and (counted is None or run in counted)
+
+        def marked(flow_run: FlowRun) -> bool:  # waiting for a slot already
+            return flow_run.state is not None and flow_run.state.name == AWAITING_SLOT
+
         # What the poll read may be old by now (counting room and taking slots ask the
-        # engine and the API): a run another host has taken since is left to it.
+        # engine and the API): a run another host has taken since is left to it. Not
+        # read again: a run that would only wait on, marked so already.
         acting = [
             e.flow_run
             for e in queue
-            if e.flow_run.id not in ours and (self._unslotted or e.flow_run.id in roomy)
+            if e.flow_run.id not in ours
+            and not without_room(e.flow_run.id)
+            and (e.flow_run.id in acquired or not marked(e.flow_run))
         ]
         try:
             unchanged = await self._states.unchanged(acting)
@@ -485,9 +511,10 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
             flow_run = entry.flow_run
             if flow_run.id in ours:
                 admitted.append(entry)
-            elif flow_run.id not in roomy and not self._unslotted:
-                # No room on this host: left Scheduled, without a slot, for another host.
+            elif without_room(flow_run.id):
                 no_room += 1
+            elif flow_run.id not in acquired and marked(flow_run):
+                waiting.append(flow_run)  # marking it again does nothing
             elif flow_run.id not in unchanged:
                 pass  # taken by another host since the poll (its slot is released below)
             elif flow_run.id in acquired:

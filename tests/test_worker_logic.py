@@ -45,13 +45,18 @@ class FakeSlots:
         self.held.add(flow_run_id)
         return True
 
-    async def acquire_in_order(self, flow_run_ids: list[UUID]) -> set[UUID]:
+    async def acquire_in_order(self, flow_run_ids: list[UUID], checked: bool = False) -> set[UUID]:
         acquired = set()
         for flow_run_id in flow_run_ids:
             if not await self.try_acquire(flow_run_id):
                 break
             acquired.add(flow_run_id)
         return acquired
+
+    async def free_slots(self) -> int:
+        if self.fail:
+            raise httpx.ConnectError("the Prefect API is down")
+        return self.free
 
     async def release(self, flow_run_id: UUID) -> None:
         if self.fail:
@@ -211,6 +216,74 @@ def test_with_the_quota_used_up_only_runs_still_as_polled_are_refused(worker):
     queue = [SimpleNamespace(flow_run=SimpleNamespace(id=run)) for run in (moved, still)]
     assert asyncio.run(worker._submit_scheduled_flow_runs(queue)) == []
     assert states.refused == [still]
+
+
+class Room:
+    """Stands in for HostCapacity: room for every run it is asked about; what it was asked."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[UUID]] = []
+
+    async def admit(self, runs: list[UUID], each: Any, now: float, owner: str = "") -> Any:
+        self.asked.append(list(runs))
+        return list(runs), ""
+
+    def release(self, run: UUID) -> None:
+        pass
+
+
+class Quota:
+    async def quota_exhausted(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize(("free", "asked"), [(0, []), (1, [1]), (5, [3])])
+def test_the_room_is_counted_only_for_the_runs_a_slot_is_free_for(worker, monkeypatch, free, asked):
+    """Three runs waiting: the engine is asked about as many as slots are free, and not
+    at all while none is (this worker holding every slot: no request either). The runs
+    no slot was free for wait for one, marked so once: a run marked already is not read
+    again (`unchanged`) nor marked again."""
+    from prefect.workers.base import BaseWorker
+
+    slots = FakeSlots(free=free)
+    room = Room()
+    worker._slots, worker._capacity = slots, room  # type: ignore[assignment]
+    worker._accounting = Quota()  # type: ignore[assignment]
+    read: list[UUID] = []
+
+    class States(PolledStates):
+        async def unchanged(self, flow_runs: list[Any]) -> set[UUID]:
+            read.extend(flow_run.id for flow_run in flow_runs)
+            return await super().unchanged(flow_runs)
+
+        async def mark_awaiting_slot(self, flow_run: Any, scheduled_time: Any, message: str):
+            if flow_run.state is None:  # as RunStates: a run marked already is left as it is
+                self.marked.append(flow_run.id)
+
+    states = States(moved=set())
+    worker._states = states  # type: ignore[assignment]
+
+    async def submit(self, entries):
+        return [entry.flow_run for entry in entries]
+
+    monkeypatch.setattr(BaseWorker, "_submit_scheduled_flow_runs", submit)
+    due = {"next_scheduled_start_time": None, "expected_start_time": None}
+    from prefect.states import Scheduled
+
+    already = Scheduled(name="AwaitingConcurrencySlot")
+    runs = [SimpleNamespace(id=uuid4(), state_id=uuid4(), state=None, **due) for _ in range(3)]
+    if free == 0:
+        runs[2].state = already  # marked at an earlier poll
+    queue = [SimpleNamespace(flow_run=run) for run in runs]
+    submitted = asyncio.run(worker._submit_scheduled_flow_runs(queue))
+    admitted = min(free, 3)
+    assert [len(runs) for runs in room.asked] == asked
+    assert {run.id for run in submitted} == {run.id for run in runs[:admitted]}
+    assert set(states.marked) == {run.id for run in runs[admitted:] if run.state is None}
+    assert runs[2].id not in read if free == 0 else set(read) == {run.id for run in runs}
+    assert worker.stats.waiting_for_slot == 3 - admitted
+    assert worker.stats.waiting_for_room == 0
+    assert worker._left_waiting is (admitted < 3)
 
 
 def test_a_slot_held_for_no_run_goes_back_at_the_second_reconciliation(worker, caplog):
