@@ -42,6 +42,8 @@ WHEELS = ROOT / "benchmarks" / ".wheels"  # gitignored: pandas and its dependenc
 PANDAS = "pandas==2.2.3"
 RUN_TIMEOUT = 300.0
 QUERY_SECONDS = "1"
+#: py-spy's samples a second with `--profile`.
+PROFILE_HZ = 250
 
 from benchmarks.container_cpu import (  # noqa: E402
     all_containers_cpu_seconds,
@@ -336,12 +338,23 @@ def _short(frame: str) -> str:
 
 
 class Profile:
-    """py-spy sampling a worker process (active samples only), until `stop()`."""
+    """py-spy sampling a worker process, until `stop()`: only a thread that holds the GIL
+    is sampled (`--gil`), so that the samples are the process's Python CPU (a thread
+    waiting in a system call py-spy does not know as idle would count otherwise), 250
+    times a second (about one sample per 4 ms of CPU)."""
 
     def __init__(self, service: Service, output: Path) -> None:
         self.output = output
         self.process = subprocess.Popen(
-            [str(BIN / "py-spy"), "record", "--pid", str(service.process.pid), "--rate", "50"]
+            [
+                str(BIN / "py-spy"),
+                "record",
+                "--pid",
+                str(service.process.pid),
+                "--rate",
+                str(PROFILE_HZ),
+                "--gil",
+            ]
             + ["--format", "raw", "--nonblocking", "--output", str(output)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -1082,7 +1095,7 @@ def _worker_cpu(results: Results) -> str:
         samples = found.get("samples") or 0
         lines += [
             "",
-            f"py-spy, {key} worker, {samples} active samples at 50 Hz"
+            f"py-spy, {key} worker, {samples} samples holding the GIL at {PROFILE_HZ} Hz"
             + (
                 f" ({found.get('in_prefect_managed', 0)} with a prefect_managed frame)"
                 if key == "managed"
