@@ -116,14 +116,26 @@ class Finishing:
                 cause.value,
             )
 
-    async def _attempt(self, flow_run: FlowRun) -> int:
-        """Which attempt of the run this is, from its state history in the server."""
+    async def _attempt(self, flow_run: FlowRun, to_start: bool = False) -> int:
+        """Which attempt of the run this is, from its state history in the server.
+
+        `to_start`: for the label of a container about to be made; a history that cannot
+        be read then stops the start (its record would go under a guessed attempt, maybe
+        an earlier one's, and count nowhere). At the finish, a container whose history
+        cannot be read is taken for the run's latest attempt (1 is never above its
+        label)."""
         try:
             return attempt_in(await self.client.read_flow_run_states(flow_run.id))
-        except (httpx.HTTPError, PrefectHTTPStatusError):
+        except (httpx.HTTPError, PrefectHTTPStatusError) as error:
+            if to_start:
+                raise RuntimeError(
+                    f"Could not read the state history of flow run {flow_run.id}, which "
+                    "says which attempt of the run its container is: not started "
+                    f"({error})"
+                ) from error
             self._logger.warning(
-                "Could not read the state history of flow run %s; its container is "
-                "labelled attempt 1",
+                "Could not read the state history of flow run %s; its container is taken "
+                "for the run's latest attempt",
                 flow_run.id,
                 exc_info=True,
             )

@@ -1,8 +1,8 @@
 """Usage records stored in the Prefect server, as artifacts.
 
 Each run's record is a table artifact on the run's page, under a key of its own
-(`usage-<workspace>-<yyyymm>-run-<flow run id>`; an attempt after an infrastructure
-retry adds `-attempt-<n>`), with the record itself in the artifact's metadata. The
+(`usage-<workspace>-<yyyymm>-run-<flow run id>`; a later start of the run, after an
+infrastructure retry or `prefect flow-run retry`, adds `-attempt-<n>`), with the record itself in the artifact's metadata. The
 month's totals are always computed from those records, each attempt of each run
 counted once, so publishing a record twice never counts it twice. The
 monthly summary (`usage-<workspace>-<yyyymm>-summary`) is a markdown rendering

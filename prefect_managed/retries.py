@@ -18,6 +18,7 @@ it ran.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
 from enum import Enum
 
@@ -29,6 +30,8 @@ from prefect_managed.outcome import Ending, docker_lost
 __all__ = [
     "ATTEMPT_LABEL",
     "attempt_in",
+    "claim_message",
+    "claim_token",
     "INFRASTRUCTURE_RETRY",
     "InfrastructureCause",
     "attempt_of",
@@ -91,26 +94,50 @@ def retries_done(history: Iterable[State]) -> int:
     return sum(1 for state in history if state.name == INFRASTRUCTURE_RETRY)
 
 
-def attempt_in(history: Iterable[State]) -> int:
-    """Which attempt of the run its latest start is: 1, and one more for each time the
-    run was scheduled again after it had ended or was suspended, each of which starts it
-    in a new container. That is an infrastructure retry (`INFRASTRUCTURE_RETRY`, after a
-    crash), `prefect flow-run retry` or the UI's Retry (a Scheduled state forced on a
-    final one), and a suspended run resumed (`Resuming`, after `Suspended`). Prefect's
-    own flow retries (`AwaitingRetry` after `Running`) stay in the same container, and
-    a run waiting for a slot or room only ever waits before its start: neither counts.
+def claim_message(token: str) -> str:
+    """The message of a managed worker's claim: a Pending state it sets only to set
+    another state after it (`RunStates._claim`), never to start a container."""
+    return f"Taken by a managed worker to set its state ({token})."
 
-    Each attempt's usage is recorded under its own key: a run started again under an
+
+_CLAIM = re.compile(
+    "^" + re.escape(claim_message("TOKEN")).replace("TOKEN", "([0-9a-f]{32})") + "$"
+)
+
+
+def claim_token(state: State | None) -> str | None:
+    """The token of a claim's Pending state (`RunStates._claim`); None for any other
+    state (Prefect's own submission's Pending among them)."""
+    if state is None or not state.is_pending():
+        return None
+    found = _CLAIM.match(state.message or "")
+    return found.group(1) if found else None
+
+
+def attempt_in(history: Iterable[State]) -> int:
+    """Which attempt of the run its latest start is: how many times a worker has taken
+    it to start a container, at least 1. Each start is the Pending state Prefect's worker
+    sets on a run it submits, from a state that is not Pending (Prefect refuses Pending
+    after Pending; a run goes back to Scheduled, by any retry, before it is started
+    again); a managed worker's claim (`claim_message`) only sets another state after it
+    and starts nothing. So a run retried after an infrastructure crash, retried with
+    `prefect flow-run retry` or the UI's Retry, resumed after a suspension, or put back
+    in Scheduled by a flow's own doing (a run cannot set its own Pending), is a new
+    attempt each time it is started, whichever host starts it; Prefect's own flow
+    retries stay in the start they were made in.
+
+    Each attempt's usage is recorded under its own key: a container started under an
     earlier attempt's number would find that record and count nowhere."""
-    attempt, before = 1, None
+    starts, before = 0, None
     for state in history:
-        if state.is_scheduled() and (
-            state.name == INFRASTRUCTURE_RETRY
-            or (before is not None and (before.is_final() or before.is_paused()))
+        if (
+            state.is_pending()
+            and not (before is not None and before.is_pending())
+            and claim_token(state) is None
         ):
-            attempt += 1
+            starts += 1
         before = state
-    return attempt
+    return max(1, starts)
 
 
 def attempt_of(labels: Mapping[str, str]) -> int:

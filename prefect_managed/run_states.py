@@ -9,7 +9,6 @@ state the run reached by itself.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -40,6 +39,8 @@ from prefect_managed.outcome import ContainerReport
 from prefect_managed.retries import (
     INFRASTRUCTURE_RETRY,
     InfrastructureCause,
+    claim_message,
+    claim_token,
     infrastructure_retry_message,
     last_attempt_message,
     retries_done,
@@ -68,10 +69,6 @@ _LOG_PAGE = 200
 _LOG_PAGES = 50
 
 
-def _claim_message(token: str) -> str:
-    return f"Taken by a managed worker to set its state ({token})."
-
-
 #: How long a claim and the state set after it may hold up a stopping worker.
 CLAIM_SECONDS = 30
 #: How long a run may be seen in one claim before it is taken as left there (its worker
@@ -79,24 +76,12 @@ CLAIM_SECONDS = 30
 #: the claim, within twice `CLAIM_SECONDS`, and a request of its still in flight after
 #: that (a slow server) must not land on a run that was put back and started since.
 ABANDONED_CLAIM_SECONDS = 10 * CLAIM_SECONDS
-_CLAIM = re.compile(
-    "^" + re.escape(_claim_message("TOKEN")).replace("TOKEN", "([0-9a-f]{32})") + "$"
-)
 
 
 ABANDONED_CLAIM_MESSAGE = (
     "Put back in Scheduled: the worker that took this flow run to mark it waiting (or to "
     "refuse it) stopped before it could; a worker of the pool starts it as usual."
 )
-
-
-def claim_token(state: State | None) -> str | None:
-    """The token of a claim's Pending state (`RunStates._claim`); None for any other
-    state (Prefect's own submission's Pending among them)."""
-    if state is None or not state.is_pending():
-        return None
-    found = _CLAIM.match(state.message or "")
-    return found.group(1) if found else None
 
 
 RunLogger = Callable[[FlowRun], "logging.Logger | logging.LoggerAdapter[Any]"]
@@ -309,7 +294,7 @@ class RunStates:
         Cancelled, on a rejected claim)."""
         try:
             result: OrchestrationResult[Any] = await self._client.set_flow_run_state(
-                flow_run.id, Pending(message=_claim_message(token))
+                flow_run.id, Pending(message=claim_message(token))
             )
         except ObjectNotFound:  # deleted since the poll
             return None
@@ -435,8 +420,9 @@ class RunStates:
     async def mark_awaiting_slot(
         self, flow_run: FlowRun, scheduled_time: datetime, message: str
     ) -> None:
-        """Put a run that has room on this host but no workspace slot in Scheduled
-        `AwaitingConcurrencySlot`, in its place (`scheduled_time`). Taken first
+        """Put a run that has no workspace slot (none was free, or its room was counted
+        and the slot taken meanwhile) in Scheduled `AwaitingConcurrencySlot`, in its
+        place (`scheduled_time`). Taken first
         (`_claim`): a run another host took meanwhile is left to it; one this worker took
         is back in Scheduled at once, for whichever host has a slot first."""
         if flow_run.state is None or flow_run.state.name == AWAITING_SLOT:

@@ -83,8 +83,9 @@ class UsageRecord(BaseModel):
     attempt: int = Field(
         default=1,
         ge=1,
-        description="Which attempt of the flow run this was: 1, then 2, 3... for each "
-        "infrastructure retry (records written before retries existed are attempt 1)",
+        description="Which attempt of the flow run this was: 1, then 2, 3... each time "
+        "a worker started the run again (an infrastructure retry, `prefect flow-run "
+        "retry`); records written before retries existed are attempt 1",
     )
 
     @classmethod

@@ -646,7 +646,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
     ) -> DockerWorkerResult:
         # The attempt rides on the container, so that whoever finishes it (this worker
         # or one that takes it over) records the attempt it ran.
-        configuration.labels[ATTEMPT_LABEL] = str(await self._attempt(flow_run))
+        configuration.labels[ATTEMPT_LABEL] = str(await self._attempt(flow_run, to_start=True))
         # One inspection of the image (pulled if missing) for all the worker decides
         # from it: its user, its python3 (asked once per image) and its entrypoint.
         facts = await self._containers.image_facts(configuration.image or "", pull=True)

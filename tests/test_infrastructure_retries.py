@@ -14,6 +14,7 @@ from typing import Any
 from uuid import uuid4
 
 import docker.errors
+import httpx
 import pytest
 import requests.exceptions
 from prefect.client.schemas import SetStateStatus
@@ -36,6 +37,7 @@ from prefect_managed.retries import (
     attempt_of,
     cause_of_ending,
     cause_of_start_failure,
+    claim_message,
     infrastructure_retry_message,
     retries_done,
 )
@@ -122,32 +124,41 @@ def test_attempts_are_counted_from_the_distinctive_states_of_the_history():
     assert retries_done([]) == 0
 
 
-def test_every_start_after_an_ending_is_a_new_attempt():
-    """A container's attempt: one more for each time the run was scheduled again after it
-    had ended or was suspended, whoever did it; never for what happens within a start."""
-    first = [Scheduled(), Pending(), Running()]
+def test_every_start_of_a_run_is_a_new_attempt():
+    """A container's attempt: how many times a worker has taken the run to start it
+    (Prefect's Pending after a state that is not Pending), whoever made it due again;
+    never what happens within a start, nor a managed worker's claim."""
+    start = [Pending(), Pending(name="Submitting")]  # Prefect's worker submitting it
+    first = [Scheduled(), *start, Running()]
     assert attempt_in([]) == 1
+    assert attempt_in([Scheduled()]) == 1
     assert attempt_in(first) == 1
-    # Prefect's own flow retries, and waiting for a slot, stay within one start.
+    # Prefect's own flow retries stay within one start, as a pause does.
     assert attempt_in([*first, Scheduled(name="AwaitingRetry"), Running(), Completed()]) == 1
-    assert (
-        attempt_in([Scheduled(), Scheduled(name="AwaitingConcurrencySlot"), Pending(), Running()])
-        == 1
-    )
+    assert attempt_in([*first, Paused(), Running(), Completed()]) == 1
+    # Waiting for a slot: claims (a managed worker's Pending) start nothing.
+    claim = Pending(message=claim_message("0" * 32))
+    waited = [Scheduled(), claim, Scheduled(name="AwaitingConcurrencySlot"), *start, Running()]
+    assert attempt_in(waited) == 1
     # An infrastructure retry, as before.
     crashed = [*first, Crashed(message="removed"), Scheduled(name=INFRASTRUCTURE_RETRY)]
-    assert attempt_in(crashed) == 2
-    assert attempt_in([*crashed, Pending(), Running()]) == 2
+    assert attempt_in(crashed) == 1  # not started again yet
+    assert attempt_in([*crashed, *start, Running()]) == 2
     # `prefect flow-run retry` or the UI's Retry on a finished run, twice.
-    retried = [*first, Completed(), Scheduled(message="Retried via CLI"), Pending(), Running()]
+    retried = [*first, Completed(), Scheduled(message="Retried via CLI"), *start, Running()]
     assert attempt_in(retried) == 2
-    assert attempt_in([*retried, Failed(), Scheduled(name="AwaitingRetry")]) == 3
-    # Both kinds together: each start has its own number.
-    assert attempt_in([*retried, Crashed(), Scheduled(name=INFRASTRUCTURE_RETRY)]) == 3
-    # A suspended run resumed starts in a new container; a paused one stays in its own.
-    suspended = [*first, Paused(name="Suspended"), Scheduled(name="Resuming"), Pending()]
+    assert attempt_in([*retried, Failed(), Scheduled(name="AwaitingRetry"), *start]) == 3
+    # A run made due again while its container still runs (its in-process retry turned
+    # into one a poll returns), started by another host: a new attempt too.
+    hijacked = [*first, Scheduled(name="AwaitingRetry"), *start, Running()]
+    assert attempt_in(hijacked) == 2
+    # A claim on a run that had ended, replaced by a full deployment limit's state and
+    # the ending put back: not a start.
+    put_back = [*first, Completed(), Scheduled(name="AwaitingConcurrencySlot"), Completed()]
+    assert attempt_in(put_back) == 1
+    # A suspended run resumed starts in a new container.
+    suspended = [*first, Paused(name="Suspended"), Scheduled(name="Resuming"), *start]
     assert attempt_in(suspended) == 2
-    assert attempt_in([*first, Paused(), Running(), Completed()]) == 1
 
 
 @pytest.mark.parametrize(
@@ -374,3 +385,21 @@ def test_the_worker_schedules_nothing_for_a_crash_that_is_not_the_infrastructure
     worker._note_infrastructure_crash(run, how, final)  # type: ignore[arg-type]
     asyncio.run(worker._retry_infrastructure_crash(run))  # type: ignore[arg-type]
     assert calls == []
+
+
+def test_a_container_is_not_started_under_a_guessed_attempt(worker, monkeypatch, caplog):
+    """The history unread (the API away): no container is labelled with a guess, which
+    might be an earlier attempt's number (its record would be taken for that one's); at
+    the finish the container is taken for the latest attempt, so its run is finished."""
+
+    class Away:
+        async def read_flow_run_states(self, flow_run_id: Any) -> list:
+            raise httpx.ConnectError("the Prefect API is down")
+
+    monkeypatch.setattr(ManagedWorker, "client", property(lambda self: Away()))
+    run = SimpleNamespace(id=uuid4())
+    with pytest.raises(RuntimeError, match=f"state history of flow run {run.id}.*not started"):
+        asyncio.run(worker._attempt(run, to_start=True))  # type: ignore[arg-type]
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(worker._attempt(run)) == 1  # type: ignore[arg-type]
+    assert "taken for the run's latest attempt" in caplog.text

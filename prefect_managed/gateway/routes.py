@@ -335,8 +335,8 @@ def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str)
         raise Refusal(
             403,
             f"{what}: suspending a flow run (pause_reschedule, suspend_flow_run) is not "
-            "available on managed pools: its second container would be the same attempt of "
-            "the run; use pause_flow_run, which waits in the same container",
+            "available on managed pools (a suspended run resumes in a second container); "
+            "use pause_flow_run, which waits in the same container",
         )
 
 
@@ -364,7 +364,7 @@ def _limit_names(names: list[str]) -> None:
 
 _ALL_STATES = frozenset(StateType)
 #: The run's own flow run: what its engine proposes from start to end (its worker set
-#: Pending; Scheduled would start a second container for one attempt).
+#: Pending; Scheduled would start a second container of the run).
 _ROOT_STATES = _ALL_STATES - {StateType.SCHEDULED, StateType.PENDING}
 _SUBFLOW_FIELDS = {
     "state",
