@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 import uuid
@@ -13,7 +14,7 @@ from uuid import UUID
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
-from services import start_worker, wait_for
+from services import BIN, start_worker, wait_for
 
 #: This test session's tag. Tests that count a workspace's containers by label give their
 #: workspace a name ending with it: another session on the same Docker engine (or one
@@ -254,6 +255,24 @@ def wait_for_usage_record(flow_run_id: UUID, timeout: float = 60) -> dict:
     )
     assert len(records) == 1, records
     return records[0]
+
+
+def wait_for_usage_records(flow_run_id: UUID, count: int, timeout: float = 240) -> list[dict]:
+    """The run's usage records once there are at least `count` of them."""
+
+    def enough() -> list[dict] | None:
+        records = usage_records(flow_run_id)
+        return records if len(records) >= count else None
+
+    return wait_for(enough, timeout, f"{count} usage records of {flow_run_id}")
+
+
+def prefect_cli(*args: str) -> None:
+    """Prefect's own CLI, as a user runs it; fails the test on a nonzero exit."""
+    done = subprocess.run(
+        [str(BIN / "prefect"), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def create_pool(name: str, base_job_template: dict | None = None) -> str:

@@ -31,6 +31,7 @@ from faults import (
 )
 from helpers import (
     create_pool,
+    prefect_cli,
     run_containers,
     session_workspace,
     usage_records,
@@ -40,7 +41,7 @@ from helpers import (
 from prefect.client.orchestration import get_client
 from prefect.deployments import run_deployment
 from prefect.states import Pending
-from services import BIN, start_worker, wait_for
+from services import start_worker, wait_for
 
 from prefect_managed.retries import INFRASTRUCTURE_RETRY
 
@@ -203,13 +204,7 @@ def test_a_cancelled_run_stops_within_30_s_and_ends_cancelled(docker_client, fau
             lambda: running_containers(docker_client, [flow_run_id]), 180, "the container running"
         )
         wait_for_log(flow_run_id, "Beginning flow run", timeout=120)
-        done = subprocess.run(
-            [str(BIN / "prefect"), "flow-run", "cancel", str(flow_run_id)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stdout + done.stderr
+        prefect_cli("flow-run", "cancel", str(flow_run_id))
         cancelled_at = time.monotonic()
         wait_for(
             lambda: (
@@ -246,13 +241,7 @@ def test_a_cancel_the_container_does_not_carry_out_is_carried_out_by_the_worker(
             wait_for_log(run, f"{name}: ", timeout=180)
         time.sleep(3)  # the runner stopped
         for run in runs:
-            done = subprocess.run(
-                [str(BIN / "prefect"), "flow-run", "cancel", str(run)],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-            assert done.returncode == 0, done.stdout + done.stderr
+            prefect_cli("flow-run", "cancel", str(run))
         cancelled_at = time.monotonic()
         # Still running after Prefect's own stop had its chance: the worker's to do.
         time.sleep(grace / 2)

@@ -16,6 +16,7 @@ from conftest import OUTPUT, worker_policy
 from helpers import (
     api_auth,
     create_pool,
+    prefect_cli,
     run_containers,
     summary_versions,
     usage_records,
@@ -23,6 +24,7 @@ from helpers import (
     wait_for_final_state,
     wait_for_log,
     wait_for_usage_record,
+    wait_for_usage_records,
     worker,
 )
 from prefect.client.orchestration import get_client
@@ -202,24 +204,36 @@ def test_a_finished_run_run_again_is_recorded_again(main_policy, deploy):
     flow_run_id = start_run(deployment)
     assert wait_for_final_state(flow_run_id).state.is_completed()
     assert wait_for_usage_record(flow_run_id)["attempt"] == 1
-    done = subprocess.run(
-        [str(BIN / "prefect"), "flow-run", "retry", str(flow_run_id)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-
-    def both_recorded() -> list[dict] | None:
-        records = usage_records(flow_run_id)
-        return records if len(records) >= 2 else None
-
-    records = wait_for(both_recorded, 240, f"a second usage record of {flow_run_id}")
+    prefect_cli("flow-run", "retry", str(flow_run_id))
+    records = wait_for_usage_records(flow_run_id, 2)
     assert sorted(record["attempt"] for record in records) == [1, 2]
     with get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run_id)
     assert run.state.is_completed() and run.run_count == 2, (run.state, run.run_count)
     # The operator's books count both executions.
+    report = usage_report(main_policy)
+    counted = [r for r in report["records"] if r["flow_run_id"] == str(flow_run_id)]
+    assert sorted(r["attempt"] for r in counted) == [1, 2]
+
+
+def test_a_run_that_makes_itself_due_again_is_recorded_per_container(
+    main_policy, managed_pool, deploy, docker_client
+):
+    """Hostile: a flow turns its own retry into one a worker's poll returns (through the
+    gateway, its own retry policy rewritten after a failure it proposed), and another
+    worker of the pool starts a second container of the run while the first goes on.
+    Each container is an attempt of its own and recorded: neither's compute is taken for
+    the other's, and the first one's finish leaves the run's state to the second."""
+    deployment = deploy("starts_itself_again", "starts-itself-again")
+    with worker(managed_pool, main_policy, "second-host"):
+        flow_run_id = start_run(deployment, seconds=25)
+        wait_for_log(flow_run_id, "starts_itself_again: its run is now AwaitingRetry", 120)
+        wait_for_log(flow_run_id, "starts_itself_again: run count 2", 120)
+        records = wait_for_usage_records(flow_run_id, 2)
+    assert sorted(record["attempt"] for record in records) == [1, 2]
+    run = wait_for_final_state(flow_run_id)
+    assert run.state.is_completed(), run.state
+    wait_for(lambda: not run_containers(docker_client, flow_run_id), 60, "its containers gone")
     report = usage_report(main_policy)
     counted = [r for r in report["records"] if r["flow_run_id"] == str(flow_run_id)]
     assert sorted(r["attempt"] for r in counted) == [1, 2]

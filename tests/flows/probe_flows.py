@@ -147,3 +147,29 @@ def stops_its_runner(seconds: float = 300.0) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         time.sleep(0.5)
+
+
+@flow
+def starts_itself_again(seconds: float = 25.0) -> int:
+    """Hostile: on its first start, makes its own run due again while its container goes
+    on (its own retry, proposed as a failure, turned into one a worker's poll returns by
+    rewriting its retry policy), so that another worker starts a second container of the
+    run meanwhile; a later start only says which one it is."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.objects import FlowRunPolicy
+    from prefect.context import get_run_context
+    from prefect.states import Failed
+
+    run = get_run_context().flow_run
+    logger = get_run_logger()
+    logger.info("starts_itself_again: run count %d", run.run_count)
+    if run.run_count > 1:
+        return run.run_count
+    policy = FlowRunPolicy(retries=1, retry_delay=0)
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(run.id, empirical_policy=policy)
+        answer = client.set_flow_run_state(run.id, Failed(message="not really"))
+        client.update_flow_run(run.id, empirical_policy=policy)  # retry_type gone
+        logger.info("starts_itself_again: its run is now %s", answer.state.name)
+    time.sleep(seconds)
+    return run.run_count
