@@ -154,8 +154,8 @@ class WorkspaceSlots:
     async def acquire_in_order(self, flow_run_ids: list[UUID], checked: bool = False) -> set[UUID]:
         """Slots for the first runs of `flow_run_ids`, as many as are free.
 
-        A poll costs one read of the limit (`free_slots`; none with `checked`: the caller has
-        just read it, and offers no more runs than it found free) and an increment per
+        A poll costs one read of the limit (`free_slots`; none with `checked`: the caller
+        has just read it, and offers no more runs than it found free) and an increment per
         slot the read found free (once one finds every slot taken, the later runs are
         not tried: they would find the same), and nothing at all while this worker holds
         every slot itself.

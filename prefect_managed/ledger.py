@@ -2,11 +2,11 @@
 
 Each run's record is a table artifact on the run's page, under a key of its own
 (`usage-<workspace>-<yyyymm>-run-<flow run id>`; a later start of the run, after an
-infrastructure retry or `prefect flow-run retry`, adds `-attempt-<n>`), with the record itself in the artifact's metadata. The
-month's totals are always computed from those records, each attempt of each run
-counted once, so publishing a record twice never counts it twice. The
-monthly summary (`usage-<workspace>-<yyyymm>-summary`) is a markdown rendering
-of those totals; each update adds a version to the key's history.
+infrastructure retry or `prefect flow-run retry`, adds `-attempt-<n>`), with the record
+itself in the artifact's metadata. The month's totals are always computed from those
+records, each attempt of each run counted once, so publishing a record twice never
+counts it twice. The monthly summary (`usage-<workspace>-<yyyymm>-summary`) is a
+markdown rendering of those totals; each update adds a version to the key's history.
 
 Records are signed (HMAC-SHA256) with a key only workers hold (`settings.ledger_key`):
 a flow run holds a Prefect API credential and can write artifacts under any key, so

@@ -14,10 +14,10 @@ left runs waiting for a slot, or for room on its host (the slot of a run is give
 once its container is gone, and with it the container's room; room freed by another
 workspace's run on the same engine is not announced here), polls when it hears it. The
 releasing worker hears it from the server like the others: waking itself at once would
-make it win the waiting runs over the other hosts every time. A flow run cannot send the event (the run gateway
-refuses event names in the managed pool's namespace). Polling stays as it is: it is
-the fallback while the subscription is down, and the subscription is opened again after
-a pause.
+make it win the waiting runs over the other hosts every time. A flow run cannot send the
+event (the run gateway refuses event names in the managed pool's namespace). Polling
+stays as it is: it is the fallback while the subscription is down, and the subscription
+is opened again after a pause.
 
 A poll on an event is the same poll as the loop's, under the same lock: a run is never
 admitted twice, and wakes that come while a poll runs make one more poll, not many.

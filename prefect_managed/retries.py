@@ -10,8 +10,8 @@ quota, refused job variables, GPUs not available, a failed pull step or install.
 Attempts are counted from the run's state history in the Prefect server, never in a
 worker's memory, so a restarted worker or another worker of the pool counts the same:
 the retries from the states named `AwaitingInfrastructureRetry`, a container's attempt
-from every time the run was scheduled again after it ended (`attempt_in`: a run retried
-with `prefect flow-run retry` runs again as a new attempt too, recorded on its own). Each container carries its attempt in the
+from every start of the run (`attempt_in`: a run retried with `prefect flow-run retry`
+is a new attempt too, recorded on its own). Each container carries its attempt in the
 label `io.prefect-managed.attempt`, so a taken-over container is recorded as the attempt
 it ran.
 """
@@ -29,12 +29,12 @@ from prefect_managed.outcome import Ending, docker_lost
 
 __all__ = [
     "ATTEMPT_LABEL",
-    "attempt_in",
-    "claim_message",
-    "claim_token",
     "INFRASTRUCTURE_RETRY",
     "InfrastructureCause",
+    "attempt_in",
     "attempt_of",
+    "claim_message",
+    "claim_token",
     "cause_of_ending",
     "cause_of_start_failure",
     "infrastructure_retry_message",

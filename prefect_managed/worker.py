@@ -467,22 +467,17 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         queue: list[WorkerFlowRunResponse],
         ours: set[UUID],
         roomy: list[UUID],
-        slotted: list[UUID] | None = None,
+        slotted: list[UUID],
     ) -> list[FlowRun]:
         """Slots for the runs with room (`roomy`, of the `slotted` runs a slot was free
-        for when the limit was read: every run when None, the limit not read yet); the
-        others marked waiting for a slot or left for another host; the runs with both
-        submitted through Prefect."""
+        for when the limit was read); the others marked waiting for a slot or left for
+        another host; the runs with both submitted through Prefect."""
         assert self._slots is not None and self._states is not None
-        counted = None if slotted is None else set(slotted)
-        acquired = (
-            await self._slots.acquire_in_order(roomy, checked=counted is not None)
-            if roomy
-            else set()
-        )
+        counted = set(slotted)
+        acquired = await self._slots.acquire_in_order(roomy, checked=True) if roomy else set()
 
         def without_room(run: UUID) -> bool:  # left Scheduled, without a slot, for another host
-            return run not in roomy and not self._unslotted and (counted is None or run in counted)
+            return run not in roomy and not self._unslotted and run in counted
 
         def marked(flow_run: FlowRun) -> bool:  # waiting for a slot already
             return flow_run.state is not None and flow_run.state.name == AWAITING_SLOT

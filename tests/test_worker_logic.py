@@ -167,7 +167,8 @@ def test_a_run_another_host_took_since_the_poll_is_neither_submitted_nor_marked(
 
     monkeypatch.setattr(BaseWorker, "_submit_scheduled_flow_runs", submit)
     queue = [SimpleNamespace(flow_run=run) for run in runs]
-    result = asyncio.run(worker._admit_with_slots(queue, set(), [run.id for run in runs]))
+    ids = [run.id for run in runs]  # a slot was free for each when the limit was read
+    result = asyncio.run(worker._admit_with_slots(queue, set(), ids, ids))
     assert [run.id for run in result] == submitted == [stays_with_slot]
     assert states.marked == [waits]
     assert slots.held == {stays_with_slot} and slots.released == [took_with_slot]
@@ -195,7 +196,8 @@ def test_a_mark_that_fails_is_logged_and_the_poll_goes_on(worker, monkeypatch, c
     monkeypatch.setattr(BaseWorker, "_submit_scheduled_flow_runs", submit)
     queue = [SimpleNamespace(flow_run=run) for run in runs]
     with caplog.at_level(logging.WARNING):
-        assert asyncio.run(worker._admit_with_slots(queue, set(), [r.id for r in runs])) == []
+        ids = [r.id for r in runs]
+        assert asyncio.run(worker._admit_with_slots(queue, set(), ids, ids)) == []
     assert states.marked == [run.id for run in runs]  # the second tried after the first failed
     assert f"Could not mark flow run {runs[0].id} as waiting for a slot" in caplog.text
 
@@ -618,6 +620,6 @@ def test_a_run_whose_submission_ended_since_the_poll_is_not_submitted_again(work
 
     monkeypatch.setattr(BaseWorker, "_submit_scheduled_flow_runs", submit)
     queue = [SimpleNamespace(flow_run=run) for run in (running, new)]
-    asyncio.run(worker._admit_with_slots(queue, {running.id}, [new.id]))
+    asyncio.run(worker._admit_with_slots(queue, {running.id}, [new.id], [new.id]))
     assert submitted == [new.id]
     assert slots.held == {running.id, new.id} and slots.released == []
