@@ -807,6 +807,16 @@ def summarize(results: Results) -> dict[str, object]:
             "<=",
             1.05,
         ),
+        "b_env_noop_over_managed_trivial": (
+            ratio(m.get("managed_env_noop"), m.get("managed_noop_beside_env")),
+            "",
+            None,
+        ),
+        "b_env_warm_over_env_noop": (
+            ratio(m.get("managed_env_warm"), m.get("managed_env_noop")),
+            "",
+            None,
+        ),
         "b_docker_deps_over_env_warm": (
             ratio(m.get("docker_pandas"), m.get("managed_env_warm")),
             ">=",
@@ -936,6 +946,20 @@ def table(results: Results, summary: dict[str, object]) -> str:
         fmt(m.get("managed_env_warm")),
         f"ours trivial {fmt(m.get('managed_noop'))}",
         "b_env_warm_over_managed_trivial",
+    )
+    row(
+        "(b) the trivial flow in that warm environment vs our trivial run (interleaved): "
+        "what starting from the environment costs",
+        fmt(m.get("managed_env_noop")),
+        f"ours trivial {fmt(m.get('managed_noop_beside_env'))}",
+        "b_env_noop_over_managed_trivial",
+    )
+    row(
+        "(b) pandas vs the trivial flow, both in that warm environment: the flow's own "
+        "`import pandas`",
+        fmt(m.get("managed_env_warm")),
+        f"trivial {fmt(m.get('managed_env_noop'))}",
+        "b_env_warm_over_env_noop",
     )
     row(
         "(b) DockerWorker + EXTRA_PIP_PACKAGES (loopback index) vs our prebuilt environment",
@@ -1445,6 +1469,11 @@ def main(argv: list[str] | None = None) -> int:
                 "bench-managed-env",
                 {"pip_packages": [PANDAS]},
             ),
+            # The trivial flow in the same environment: what starting from it costs,
+            # without the flow's own `import pandas`.
+            "managed_noop_env": deploy(
+                "noop", "managed-noop-env", "bench-managed-env", {"pip_packages": [PANDAS]}
+            ),
             "docker_pandas_registry": deploy(
                 "uses_pandas",
                 "docker-pandas-registry",
@@ -1511,6 +1540,8 @@ def main(argv: list[str] | None = None) -> int:
         sample("managed_env_build", "managed_pandas_env")
         for _ in range(runs):
             sample("managed_env_warm", "managed_pandas_env")
+            sample("managed_env_noop", "managed_noop_env")
+            sample("managed_noop_beside_env", "managed_noop")
 
         if args.registry:
             print(f"(b) DockerWorker, {PANDAS} from the real registry: {runs}", flush=True)
