@@ -120,13 +120,13 @@ class Finishing:
         """Which attempt of the run this is, from its state history in the server.
 
         `to_start`: for the label of a container about to be made; a history that cannot
-        be read then stops the start (its record would go under a guessed attempt, maybe
+        be read (the API away, or states that do not parse) then stops the start (its record would go under a guessed attempt, maybe
         an earlier one's, and count nowhere). At the finish, a container whose history
         cannot be read is taken for the run's latest attempt (1 is never above its
         label)."""
         try:
             return attempt_in(await self.client.read_flow_run_states(flow_run.id))
-        except (httpx.HTTPError, PrefectHTTPStatusError) as error:
+        except Exception as error:  # the API away, or a history that does not parse
             if to_start:
                 raise RuntimeError(
                     f"Could not read the state history of flow run {flow_run.id}, which "
@@ -171,13 +171,11 @@ class Finishing:
         reconciliation finds it again.
         """
         assert self._states is not None and self._accounting is not None
-        states, policy = self._states, self.policy
         report = await self._containers.inspect(watch.container_id)
         if report is not None and report.running:
             # Never recorded nor removed while it runs (a watch ended by a stop of the
             # worker): whoever watches it next finishes it.
             return None
-        known: State | None = None  # the run's state, when read since its container exited
         how = ending(report, timed_out=watch.timed_out, engine_lost=engine_lost)
         if await self._of_earlier_attempt(flow_run, report or watch.report):
             await self._finish_earlier_attempt(flow_run, watch, report, how)
@@ -189,6 +187,48 @@ class Finishing:
             )
             await self._finish_removed(flow_run, watch)
             return report
+        try:
+            final, crashed_by = await self._settle(flow_run, watch, report, how)
+        except (httpx.HTTPError, PrefectHTTPStatusError):
+            raise  # the API away: the container is kept and finished at a reconciliation
+        except Exception:
+            # What the API holds for the run does not parse (or the like), which no later
+            # reconciliation would change: the usage is recorded all the same, from what
+            # the container says, rather than never.
+            self._logger.exception(
+                "Could not settle the state of flow run %s; its usage is recorded from its "
+                "container alone",
+                flow_run.id,
+            )
+            final, crashed_by = None, how
+        outcome = outcome_of(
+            final, timed_out=how is Ending.RUN_TIME, out_of_memory=report.oom_killed
+        )
+        try:
+            await self._accounting.record(
+                flow_run, report, watch.meter, outcome, self._work_pool_name
+            )
+        except Exception:
+            self._logger.exception(
+                "Could not record the usage of flow run %s; its container is kept and "
+                "recorded at the next reconciliation",
+                flow_run.id,
+            )
+            return report
+        await self._containers.remove(report.id)
+        self._finished.append(report.id)
+        self._note_infrastructure_crash(flow_run, crashed_by, final)
+        return report
+
+    async def _settle(
+        self, flow_run: FlowRun, watch: Watch, report: ContainerReport, how: Ending
+    ) -> tuple[State | None, Ending]:
+        """The run's final state, made so where the container's ending says why (run
+        time, memory, the engine lost, an exit before the flow started, the process
+        limit), the container's output forwarded; and the ending to retry it for."""
+        assert self._states is not None
+        states, policy = self._states, self.policy
+        known: State | None = None  # the run's state, when read since its container exited
         if how is Ending.RUN_TIME:  # said when it was stopped; again if that failed
             await states.crash_with_cause(flow_run, run_time_exceeded_message(policy))
         elif how is Ending.OUT_OF_MEMORY:
@@ -217,24 +257,7 @@ class Finishing:
                 flow_run, pids_limit_message(policy, report.pids_limit)
             )
             crashed_by = Ending.EXITED  # the process limit: never retried
-        outcome = outcome_of(
-            final, timed_out=how is Ending.RUN_TIME, out_of_memory=report.oom_killed
-        )
-        try:
-            await self._accounting.record(
-                flow_run, report, watch.meter, outcome, self._work_pool_name
-            )
-        except Exception:
-            self._logger.exception(
-                "Could not record the usage of flow run %s; its container is kept and "
-                "recorded at the next reconciliation",
-                flow_run.id,
-            )
-            return report
-        await self._containers.remove(report.id)
-        self._finished.append(report.id)
-        self._note_infrastructure_crash(flow_run, crashed_by, final)
-        return report
+        return final, crashed_by
 
     async def _finish_removed(self, flow_run: FlowRun, watch: Watch) -> None:
         """A container removed from outside: its record first, from what its watch saw

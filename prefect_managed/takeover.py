@@ -178,6 +178,15 @@ class TakeOver:
                 flow_run = await self.client.read_flow_run(UUID(report.flow_run_id))
             except ObjectNotFound:
                 continue  # not a run of this Prefect server: not ours to touch
+            except Exception:  # one run that cannot be read never holds up the others
+                self._logger.warning(
+                    "Could not read flow run %s of container %s; the next reconciliation "
+                    "tries again",
+                    report.flow_run_id,
+                    report.name,
+                    exc_info=True,
+                )
+                continue
             if flow_run.state is None or not flow_run.state.is_final():
                 continue
             self._logger.info(
@@ -228,6 +237,15 @@ class TakeOver:
                 flow_run = await self.client.read_flow_run(UUID(str(report.flow_run_id)))
             except ObjectNotFound:
                 continue  # not a run of this Prefect server: not ours to touch
+            except Exception:  # one run that cannot be read never holds up the others
+                self._logger.warning(
+                    "Could not read flow run %s of container %s; the next reconciliation "
+                    "tries again",
+                    report.flow_run_id,
+                    report.name,
+                    exc_info=True,
+                )
+                continue
             self._active.add(report.id)
             self._running.add(flow_run.id)
             # The run's worker label names who runs it now (the lost-host check reads it).

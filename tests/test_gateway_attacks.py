@@ -34,6 +34,8 @@ from prefect import flow, task
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterKey,
     DeploymentFilter,
     DeploymentFilterId,
     FlowRunFilter,
@@ -275,9 +277,11 @@ def test_events_about_other_runs_never_reach_the_server(attacked, docker_client)
 def test_bodies_that_reach_past_the_run_are_refused_and_the_books_hold(attacked, docker_client):
     results, run = _attack(attacked, docker_client)
     bodies = results["bodies"]
-    refused = {name: status for name, status in bodies.items() if name != "delete_usage"}
+    many = ("delete_usage", "poisoned_state_data")
+    refused = {name: status for name, status in bodies.items() if name not in many}
     assert all(_refused(status) for status in refused.values()), refused
-    assert bodies["delete_usage"] and all(_refused(s) for s in bodies["delete_usage"]), bodies
+    for name in many:
+        assert bodies[name] and all(_refused(s) for s in bodies[name]), (name, bodies[name])
     with get_client(sync_client=True) as client:
         # No run of the plain pool's deployment, none of the victim's deployment but its own.
         for deployment, expected in (
@@ -301,7 +305,18 @@ def test_bodies_that_reach_past_the_run_are_refused_and_the_books_hold(attacked,
         # Its own run kept the worker's infrastructure_pid and never went back to Scheduled.
         attack_run = client.read_flow_run(run.id)
         assert "victim" not in str(attack_run.infrastructure_pid)
+        # Its states read as Prefect reads them (none holds data that breaks the read), and
+        # no artifact was made under its usage record's key but the record itself.
         kinds = [s.type.value for s in client.read_flow_run_states(run.id)]
+        under_its_key = [
+            a
+            for a in client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=f"-run-{run.id}"))
+            )
+            if str(a.key).startswith("usage-")
+        ]
+        assert len(under_its_key) == 1, under_its_key
+        assert under_its_key[0].metadata_, under_its_key  # the signed record, not a forgery
         assert "SCHEDULED" not in kinds[kinds.index("RUNNING") :], kinds
         from prefect.blocks.system import Secret
 

@@ -385,6 +385,62 @@ def test_everything_else_is_refused_with_a_reason(method, path, body, words):
     assert words in _refusal(method, path, body).reason
 
 
+#: State `data` no Prefect engine sends: Prefect's client reads a dict with a
+#: `storage_key` back as a result record's metadata, and one that does not parse breaks
+#: every read of the run's states (the worker's finish, which records the run's usage,
+#: among them); the server makes an artifact of any data, under its `artifact_key`.
+POISONED_DATA = [
+    {"storage_key": 1},
+    {"storage_key": None, "serializer": "not a serializer"},
+    {"storage_key": "k", "expiration": "not a date"},
+    {"storage_key": "k", "storage_block_id": "not a uuid"},
+    {"storage_key": ["k"], "artifact_key": "usage-ws-202612-run-x", "artifact_type": "table"},
+    "usage-ws-202612-summary",
+    42,
+    ["storage_key"],
+    True,
+]
+
+
+def _with_state(path: str, body: dict, data) -> dict:
+    return {**body, "state": {"type": "RUNNING", "data": data}}
+
+
+STATE_CARRIERS = [
+    (f"flow_runs/{RUN}/set_state", {}),
+    (f"flow_runs/{OTHER}/set_state", {}),
+    (f"task_runs/{OTHER}/set_state", {}),
+    ("task_runs/", {"flow_run_id": str(RUN), "task_key": "k", "dynamic_key": "1"}),
+    ("flow_runs/", {"flow_id": str(OTHER), "parent_task_run_id": str(OTHER)}),
+]
+
+
+@pytest.mark.parametrize("data", POISONED_DATA, ids=repr)
+@pytest.mark.parametrize("path, body", STATE_CARRIERS, ids=lambda v: str(v)[:24])
+def test_state_data_other_than_result_metadata_is_refused(path, body, data):
+    refused = _refusal("POST", path, _with_state(path, body, data))
+    assert refused.status == 422
+    assert "data must be a result record's metadata" in refused.reason
+    assert "storage_key" in refused.reason  # names the fields it may hold
+
+
+def test_result_metadata_is_forwarded_as_checked_and_nothing_beside_it():
+    metadata = {"storage_key": "/results/abc", "prefect_version": "3.9.1"}
+    for path, body in STATE_CARRIERS:
+        sent = _with_state(path, body, {**metadata, "artifact_key": "usage-ws-202612-run-x"})
+        forwarded = json.loads(_decide("POST", path, sent).body)
+        assert forwarded["state"]["data"] == metadata, path
+        none = json.loads(_decide("POST", path, _with_state(path, body, None)).body)
+        assert none["state"]["data"] is None, path
+    # What is forwarded reads back as Prefect's client reads a state: no error.
+    from prefect.client.schemas.objects import State
+
+    forwarded = json.loads(
+        _decide("POST", f"flow_runs/{RUN}/set_state", _with_state("", {}, metadata)).body
+    )
+    State.model_validate({**forwarded["state"], "id": str(uuid4())})
+
+
 def test_a_uuid_parameter_is_read_in_the_servers_one_form():
     for spelling in (str(RUN).upper(), str(RUN).replace("-", ""), "{" + str(RUN) + "}"):
         if len(spelling) == 36:

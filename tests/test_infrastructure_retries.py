@@ -387,14 +387,33 @@ def test_the_worker_schedules_nothing_for_a_crash_that_is_not_the_infrastructure
     assert calls == []
 
 
-def test_a_container_is_not_started_under_a_guessed_attempt(worker, monkeypatch, caplog):
-    """The history unread (the API away): no container is labelled with a guess, which
-    might be an earlier attempt's number (its record would be taken for that one's); at
-    the finish the container is taken for the latest attempt, so its run is finished."""
+def _unparsable_history() -> Exception:
+    """What Prefect's client raises for a state whose data does not parse as the result
+    metadata it claims to be (a flow run could once store one through the gateway)."""
+    from prefect.client.schemas.objects import State
+    from pydantic import ValidationError
+
+    try:
+        State.model_validate({"id": str(uuid4()), "type": "RUNNING", "data": {"storage_key": 1}})
+    except ValidationError as error:
+        return error
+    raise AssertionError("Prefect's State now reads that data")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [httpx.ConnectError("the Prefect API is down"), _unparsable_history()],
+    ids=["api-away", "history-unparsable"],
+)
+def test_a_container_is_not_started_under_a_guessed_attempt(worker, monkeypatch, caplog, error):
+    """The history unread (the API away, or a state in it that does not parse): no
+    container is labelled with a guess, which might be an earlier attempt's number (its
+    record would be taken for that one's); at the finish the container is taken for the
+    latest attempt, so its run is finished and recorded."""
 
     class Away:
         async def read_flow_run_states(self, flow_run_id: Any) -> list:
-            raise httpx.ConnectError("the Prefect API is down")
+            raise error
 
     monkeypatch.setattr(ManagedWorker, "client", property(lambda self: Away()))
     run = SimpleNamespace(id=uuid4())
@@ -403,3 +422,92 @@ def test_a_container_is_not_started_under_a_guessed_attempt(worker, monkeypatch,
     with caplog.at_level(logging.WARNING):
         assert asyncio.run(worker._attempt(run)) == 1  # type: ignore[arg-type]
     assert "taken for the run's latest attempt" in caplog.text
+
+
+@pytest.mark.parametrize("unreadable", ["history", "state"])
+def test_a_run_whose_states_do_not_parse_is_still_recorded_and_its_container_removed(
+    worker, monkeypatch, caplog, unreadable
+):
+    """What the API holds for a run may not parse (a state whose data claims to be result
+    metadata and is not, stored before the gateway refused it): no later reconciliation
+    would change that, so the container's usage is recorded from the container and the
+    container removed, rather than kept and never recorded."""
+    from prefect_managed.containers import Watch
+    from prefect_managed.outcome import ContainerReport, Outcome
+
+    finished = datetime.now(timezone.utc)
+    report = ContainerReport(
+        id="c1",
+        name="c1",
+        image="i",
+        labels={"prefect-managed.attempt": "1"},
+        started_at=finished - timedelta(seconds=30),
+        finished_at=finished,
+        exit_code=0,
+    )
+    calls: list[str] = []
+
+    class Containers:
+        async def inspect(self, container_id: str) -> ContainerReport:
+            return report
+
+        async def remove(self, container_id: str) -> None:
+            calls.append(f"remove {container_id}")
+
+    class Accounting:
+        async def record(self, flow_run: Any, seen: Any, meter: Any, outcome: Any, pool: str):
+            calls.append(f"record {outcome.value}")
+
+    class Unparsable:
+        async def read_flow_run_states(self, flow_run_id: Any) -> list:
+            if unreadable == "history":
+                raise _unparsable_history()
+            return [Pending(), Running()]
+
+    async def settle(*args: Any) -> None:
+        raise _unparsable_history()
+
+    monkeypatch.setattr(ManagedWorker, "client", property(lambda self: Unparsable()))
+    monkeypatch.setattr(worker, "_settle", settle)
+    worker._containers = Containers()  # type: ignore[assignment]
+    worker._accounting = Accounting()  # type: ignore[assignment]
+    worker._states = object()  # type: ignore[assignment]
+    run = SimpleNamespace(id=uuid4())
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(worker._finish(run, Watch("c1", report=report))) is report  # type: ignore[arg-type]
+    assert calls == [f"record {Outcome.CRASHED.value}", "remove c1"]
+    assert f"Could not settle the state of flow run {run.id}" in caplog.text
+
+
+def test_a_run_whose_state_is_unread_because_the_api_is_away_keeps_its_container(
+    worker, monkeypatch
+):
+    """The API away is not what the run holds: the container is kept (not recorded nor
+    removed) and finished at a later reconciliation, as before."""
+    from prefect_managed.containers import Watch
+    from prefect_managed.outcome import ContainerReport
+
+    report = ContainerReport(id="c1", name="c1", image="i", exit_code=0)
+    calls: list[str] = []
+
+    class Containers:
+        async def inspect(self, container_id: str) -> ContainerReport:
+            return report
+
+        async def remove(self, container_id: str) -> None:
+            calls.append("remove")
+
+    async def away(*args: Any) -> None:
+        raise httpx.ConnectError("the Prefect API is down")
+
+    async def latest(*args: Any) -> bool:
+        return False
+
+    monkeypatch.setattr(worker, "_settle", away)
+    monkeypatch.setattr(worker, "_of_earlier_attempt", latest)
+    worker._containers = Containers()  # type: ignore[assignment]
+    worker._accounting = object()  # type: ignore[assignment]
+    worker._states = object()  # type: ignore[assignment]
+    with pytest.raises(httpx.ConnectError):
+        asyncio.run(worker._finish(SimpleNamespace(id=uuid4()), Watch("c1", report=report)))  # type: ignore[arg-type]
+    assert calls == []

@@ -36,6 +36,7 @@ from prefect.client.schemas.actions import (
     TaskRunUpdate,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.results import ResultRecordMetadata
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from prefect_managed.gateway.reading import Reading, encode_segment
@@ -330,6 +331,18 @@ def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str)
             403,
             f"{what}: deployment_concurrency_lease_id is not a field a flow run may set; "
             "the server sets it",
+        )
+    if state.data is not None and not isinstance(state.data, ResultRecordMetadata):
+        # Prefect's engine sends a result record's metadata or nothing. Anything else is
+        # stored as given, and Prefect's client reads a dict with a `storage_key` back as
+        # metadata: one that does not parse breaks every read of the run's states (the
+        # worker's finish, which records the run's usage, among them); and the server
+        # makes an artifact of any data, under the key its `artifact_key` names.
+        raise Refusal(
+            422,
+            f"{what}: data must be a result record's metadata "
+            f"({', '.join(ResultRecordMetadata.model_fields)}), as Prefect's engine sends, "
+            "or null",
         )
     if details.pause_reschedule:
         raise Refusal(

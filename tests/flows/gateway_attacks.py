@@ -275,6 +275,8 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port:
 
     # 4. Bodies of allowed writes that reach past the run.
     now = datetime.now(timezone.utc).isoformat()
+    workspace = victim["limit"].removeprefix("prefect-managed-")
+    usage_key = f"usage-{workspace}-{datetime.now(timezone.utc):%Y%m}-run-{own}"
     results["bodies"] = {
         "infrastructure_pid": raw(
             "PATCH",
@@ -377,6 +379,36 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port:
         "secret": raw("PATCH", f"/api/block_documents/{secret}", {"data": {"value": "x"}}),
         "pause_pool": raw("PATCH", f"/api/work_pools/{pool}", {"is_paused": True}),
         "delete_usage": [raw("DELETE", f"/api/artifacts/{a}") for a in victim["usage_artifacts"]],
+        # 8. State data that is no result's metadata: read back, it would break every read
+        # of the run's states (its finish, which records its usage, among them), and the
+        # server makes an artifact of any data, under the key it names.
+        "poisoned_state_data": [
+            raw(
+                "POST",
+                f"/api/flow_runs/{own}/set_state",
+                {"state": {"type": "RUNNING", "data": data}},
+            )
+            for data in (
+                {"storage_key": 1},
+                {"storage_key": "k", "serializer": "not a serializer"},
+                {"storage_key": "k", "expiration": "not a date"},
+                {"storage_key": [own], "artifact_key": usage_key, "artifact_type": "table"},
+                usage_key,
+                [usage_key],
+            )
+        ]
+        + [
+            raw(
+                "POST",
+                "/api/task_runs/",
+                {
+                    "flow_run_id": own,
+                    "task_key": "poison",
+                    "dynamic_key": "1",
+                    "state": {"type": "RUNNING", "data": {"storage_key": 1}},
+                },
+            )
+        ],
         "automation": raw(
             "POST", "/api/automations/", {"name": "gw_attack", "trigger": {}, "actions": []}
         ),
