@@ -239,6 +239,39 @@ def test_a_run_that_makes_itself_due_again_is_recorded_per_container(
     assert sorted(r["attempt"] for r in counted) == [1, 2]
 
 
+def test_a_run_whose_state_history_does_not_parse_is_still_recorded(deploy, docker_client):
+    """In depth: a state Prefect's client cannot read back (data that claims to be a
+    result's metadata and is not) in a run's history, stored with the API's own
+    credential (the gateway refuses it from a flow: tests/test_gateway_attacks.py), does
+    not keep the run's usage from being recorded nor its container from being removed."""
+    from pydantic import ValidationError
+
+    deployment = deploy("sleeper", "sleeper-unreadable-history")
+    flow_run_id = start_run(deployment, seconds=15)
+
+    def running() -> bool:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run_id).state
+        return state is not None and state.is_running()
+
+    wait_for(running, 120, "the run Running")
+    with get_client(sync_client=True) as client:
+        for data in ({"storage_key": 1}, None):  # then a readable one, the run's current
+            answer = client._client.post(
+                f"/flow_runs/{flow_run_id}/set_state",
+                json={"state": {"type": "RUNNING", "data": data}, "force": True},
+            )
+            assert answer.status_code in (200, 201), answer.text
+        with pytest.raises(ValidationError):
+            client.read_flow_run_states(flow_run_id)
+    run = wait_for_final_state(flow_run_id)
+    assert run.state.is_completed(), run.state
+    record = wait_for_usage_record(flow_run_id, 120)
+    assert record["attempt"] == 1 and record["outcome"] == "completed"
+    assert record["wall_seconds"] >= 15
+    wait_for(lambda: not run_containers(docker_client, flow_run_id), 60, "its container gone")
+
+
 def test_the_usage_command_prints_the_months_records(prefect_server, main_policy, deploy):
     deployment = deploy("hello", "hello-usage-cli")
     flow_run_id = start_run(deployment)
