@@ -53,6 +53,9 @@ STATS_INTERVAL = 2.0
 VERSION_SECONDS = 60.0
 _DOCKER_ERRORS = (RuntimeError, docker.errors.DockerException, requests.RequestException)
 
+#: The wait before a stats stream that ended while its container runs is opened again.
+STREAM_AGAIN_SECONDS = 1.0
+
 
 class DockerClients:
     """Docker clients made as prefect-docker makes them (from the environment, with its
@@ -150,15 +153,39 @@ class Containers:
                     # limit if its own timestamps say so; it was stopped for it.
                     length = (report.finished_at - report.started_at).total_seconds()
                     watch.timed_out = watch.stopped = length >= max_run_seconds
-                # One stats stream for the whole watch: Docker pushes a sample a second
-                # on one connection, where a request per sample cost the worker about
-                # five times the CPU (and a second's wait each, one_shot or not).
-                samples = await run_sync_in_worker_thread(
-                    client.api.stats, watch.container_id, stream=True, decode=True
-                )
                 per_check = max(1, round(STATS_INTERVAL))
-                while await run_sync_in_worker_thread(_feed, samples, watch.meter, per_check):
+                while True:
+                    try:
+                        # One stats stream at a time: Docker pushes a sample a second on
+                        # one connection, where a request per sample cost the worker about
+                        # five times the CPU (and a second's wait each, one_shot or not).
+                        samples = await run_sync_in_worker_thread(
+                            client.api.stats, watch.container_id, stream=True, decode=True
+                        )
+                        while fed := await run_sync_in_worker_thread(
+                            _feed, samples, watch.meter, per_check
+                        ):
+                            await self._check_run_time(watch, max_run_seconds, on_run_time)
+                        if fed is False:
+                            return  # stopped, or gone
+                    except _DOCKER_ERRORS:
+                        self._logger.debug(
+                            "The stats of container %s stopped", watch.container_id, exc_info=True
+                        )
+                    # The stream ended without saying why: the container is being
+                    # removed or stopped meanwhile, or the stream was cut while it runs
+                    # (an engine restarted with live-restore, a dropped connection). Then
+                    # it is watched again: else its run time would no longer be clocked,
+                    # nor its usage sampled.
+                    attrs = await run_sync_in_worker_thread(_inspect, client, watch.container_id)
+                    if attrs is None or not ContainerReport.from_inspect(attrs).running:
+                        return
                     await self._check_run_time(watch, max_run_seconds, on_run_time)
+                    self._logger.info(
+                        "The stats stream of container %s ended while it runs; watching it again",
+                        watch.container_id,
+                    )
+                    await anyio.sleep(STREAM_AGAIN_SECONDS)
         except _DOCKER_ERRORS:
             # Measuring is not worth a run: a container being removed answers stats with
             # an empty body, an engine going away with no answer. The caller finishes
@@ -489,15 +516,20 @@ def _inspect(client: docker.DockerClient, container_id: str) -> dict[str, Any] |
         return None
 
 
-def _feed(samples: Iterator[dict[str, Any]], meter: Meter, count: int) -> bool:
-    """The next `count` samples of a stats stream into `meter`; False once the container
-    is gone, being removed (the stream ends) or stopped (Docker's zero time)."""
+def _feed(samples: Iterator[dict[str, Any]], meter: Meter, count: int) -> bool | None:
+    """The next `count` samples of a stats stream into `meter`: True while it goes on;
+    False once Docker says the container stopped (its zero time) or is gone; None when
+    the stream ended without saying (being removed, or cut while the container runs)."""
     for _ in range(count):
         try:
             stats = next(samples, None)
-        except (docker.errors.NotFound, ValueError):
-            return False  # gone before the stream began; a cut answer
-        if stats is None or str(stats.get("read", "")).startswith("0001-"):
+        except docker.errors.NotFound:
+            return False  # gone before the stream began
+        except ValueError:
+            return None  # a cut answer
+        if stats is None:
+            return None
+        if str(stats.get("read", "")).startswith("0001-"):
             return False
         meter.add(stats)
     return True

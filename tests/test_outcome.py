@@ -170,6 +170,56 @@ def test_a_failing_run_time_stop_is_logged_and_retried_never_ends_the_watch(capl
     assert "Could not stop container abc123 at the maximum run time" in caplog.text
 
 
+@pytest.mark.parametrize("cut", ["ended", "connection dropped"])
+def test_a_stats_stream_cut_while_the_container_runs_is_opened_again(monkeypatch, cut):
+    """Docker's stats stream of a running container may end without a word (an engine
+    restarted with live-restore, a dropped connection): the container is watched again,
+    so its run time is still clocked and its usage sampled; a stopped container's stream
+    (Docker's zero time) ends the watch without asking Docker anything more."""
+    import prefect_managed.containers as containers_module
+
+    monkeypatch.setattr(containers_module, "STREAM_AGAIN_SECONDS", 0.0)
+    started = (datetime.now(timezone.utc) - timedelta(seconds=120)).isoformat()
+    calls: list[str] = []
+
+    def sample(memory: int, read: str = "2026-12-04T15:00:00.000000001Z") -> dict:
+        return {"read": read, "memory_stats": {"usage": memory}}
+
+    def first_stream():
+        yield sample(100)
+        if cut == "connection dropped":
+            raise requests.exceptions.ChunkedEncodingError("connection dropped")
+
+    streams = iter([first_stream(), iter([sample(300), sample(0, "0001-01-01T00:00:00Z")])])
+
+    class Api:
+        def inspect_container(self, container_id: str) -> dict:
+            calls.append("inspect")
+            return inspect_data(Running=True, StartedAt=started, FinishedAt="0001-01-01T00:00:00Z")
+
+        def stats(self, container_id: str, stream: bool, decode: bool):
+            calls.append("stats")
+            return next(streams)
+
+    class Client:
+        api = Api()
+
+        def close(self) -> None:
+            calls.append("close")
+
+    stopped: list[int] = []
+
+    async def stop() -> None:
+        stopped.append(1)
+
+    containers = Containers(lambda: Client(), logging.getLogger("test.containers"))  # type: ignore[arg-type,return-value]
+    watch = Watch("abc123")
+    asyncio.run(containers.watch(watch, 60, stop))
+    assert calls == ["inspect", "stats", "inspect", "stats", "close"]
+    assert watch.meter.peak_memory_bytes == 300  # sampled on the second stream
+    assert watch.timed_out and watch.stopped and stopped == [1]  # clocked past its 60 s
+
+
 def test_a_container_within_its_run_time_is_not_stopped():
     containers = Containers(lambda: None, logging.getLogger("test.containers"))  # type: ignore[arg-type]
     watch = Watch("abc123")
