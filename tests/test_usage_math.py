@@ -3,6 +3,7 @@
 from datetime import datetime, timedelta, timezone
 from uuid import uuid4
 
+import docker.errors
 import pytest
 
 from prefect_managed.metering import Meter, parse_docker_time
@@ -83,7 +84,7 @@ def _sample(memory: int, read: str = "2026-12-04T15:00:00.000000001Z") -> dict:
 def test_a_stats_stream_feeds_the_meter_every_sample_until_the_container_stops():
     """Each of Docker's samples counts (cgroup v2 has no high-water mark, so a peak seen
     in a sample the worker skipped would be lost); a stopped container's zero-time sample
-    or the stream's end ends the watch."""
+    ends the watch; a stream that ends without saying (None) is asked about again."""
     from prefect_managed.containers import _feed
 
     meter = Meter()
@@ -92,11 +93,17 @@ def test_a_stats_stream_feeds_the_meter_every_sample_until_the_container_stops()
     assert meter.peak_memory_bytes == 500
     assert _feed(samples, meter, 2) is False  # the third sample, then the stopped one
     assert meter.peak_memory_bytes == 500 and meter.last_seen is not None
-    assert _feed(iter([_sample(900)]), meter, 2) is False  # the stream ended
+    assert _feed(iter([_sample(900)]), meter, 2) is None  # the stream ended, unsaid why
     assert meter.peak_memory_bytes == 900
 
     def cut():
         yield _sample(1)
         raise ValueError("a cut JSON answer")
 
-    assert _feed(cut(), Meter(), 2) is False
+    assert _feed(cut(), Meter(), 2) is None  # asked about again: it may still run
+
+    def gone():
+        raise docker.errors.NotFound("no such container")
+        yield
+
+    assert _feed(gone(), Meter(), 2) is False
