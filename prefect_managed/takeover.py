@@ -174,20 +174,8 @@ class TakeOver:
                 online[pool] = await self._online_workers(pool) if pool else set()
             if report.labels.get("io.prefect.worker-name") in online[pool]:
                 continue
-            try:
-                flow_run = await self.client.read_flow_run(UUID(report.flow_run_id))
-            except ObjectNotFound:
-                continue  # not a run of this Prefect server: not ours to touch
-            except Exception:  # one run that cannot be read never holds up the others
-                self._logger.warning(
-                    "Could not read flow run %s of container %s; the next reconciliation "
-                    "tries again",
-                    report.flow_run_id,
-                    report.name,
-                    exc_info=True,
-                )
-                continue
-            if flow_run.state is None or not flow_run.state.is_final():
+            flow_run = await self._run_of(report)
+            if flow_run is None or flow_run.state is None or not flow_run.state.is_final():
                 continue
             self._logger.info(
                 "Finishing container %s of flow run %s (pool %r), left by worker %r",
@@ -229,22 +217,29 @@ class TakeOver:
             else:
                 self._unlabelled.discard(flow_run_id)
 
+    async def _run_of(self, report: ContainerReport) -> FlowRun | None:
+        """The flow run of a container left behind; None when it is not this server's
+        (not ours to touch) or cannot be read now (the next reconciliation tries again:
+        one run that cannot be read never holds up the others)."""
+        try:
+            return await self.client.read_flow_run(UUID(str(report.flow_run_id)))
+        except ObjectNotFound:
+            return None
+        except Exception:
+            self._logger.warning(
+                "Could not read flow run %s of container %s; the next reconciliation tries again",
+                report.flow_run_id,
+                report.name,
+                exc_info=True,
+            )
+            return None
+
     async def _take_over(self, found: list[ContainerReport]) -> None:
         online = await self._online_workers(self._work_pool_name)
         watched = {*self._active, *self._finished}
         for report in orphans(found, watched, online):
-            try:
-                flow_run = await self.client.read_flow_run(UUID(str(report.flow_run_id)))
-            except ObjectNotFound:
-                continue  # not a run of this Prefect server: not ours to touch
-            except Exception:  # one run that cannot be read never holds up the others
-                self._logger.warning(
-                    "Could not read flow run %s of container %s; the next reconciliation "
-                    "tries again",
-                    report.flow_run_id,
-                    report.name,
-                    exc_info=True,
-                )
+            flow_run = await self._run_of(report)
+            if flow_run is None:
                 continue
             self._active.add(report.id)
             self._running.add(flow_run.id)

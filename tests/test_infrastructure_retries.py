@@ -511,3 +511,37 @@ def test_a_run_whose_state_is_unread_because_the_api_is_away_keeps_its_container
     with pytest.raises(httpx.ConnectError):
         asyncio.run(worker._finish(SimpleNamespace(id=uuid4()), Watch("c1", report=report)))  # type: ignore[arg-type]
     assert calls == []
+
+
+def test_a_left_behind_container_whose_run_cannot_be_read_is_passed_over(
+    worker, monkeypatch, caplog
+):
+    """The takeover reads each left-behind container's run: one that cannot be read (its
+    state does not parse, the API hiccups) is passed over until the next reconciliation,
+    never stopping the pass for the other containers; one of another server is not ours."""
+    from prefect.exceptions import ObjectNotFound
+
+    from prefect_managed.outcome import ContainerReport
+
+    unreadable, foreign, fine = uuid4(), uuid4(), uuid4()
+
+    class Client:
+        async def read_flow_run(self, flow_run_id: Any) -> Any:
+            if flow_run_id == unreadable:
+                raise _unparsable_history()
+            if flow_run_id == foreign:
+                raise ObjectNotFound(http_exc=Exception("404"))
+            return SimpleNamespace(id=flow_run_id)
+
+    monkeypatch.setattr(ManagedWorker, "client", property(lambda self: Client()))
+
+    def left(run: Any) -> ContainerReport:
+        labels = {"io.prefect.flow-run-id": str(run)}
+        return ContainerReport(id=str(run), name=f"c-{run}", image="i", labels=labels)
+
+    with caplog.at_level(logging.WARNING):
+        assert asyncio.run(worker._run_of(left(unreadable))) is None
+        assert asyncio.run(worker._run_of(left(foreign))) is None
+        assert asyncio.run(worker._run_of(left(fine))).id == fine
+    assert f"Could not read flow run {unreadable} of container c-{unreadable}" in caplog.text
+    assert str(foreign) not in caplog.text
