@@ -20,8 +20,9 @@ from uuid import UUID
 import anyio
 import httpx
 from prefect.client.schemas.objects import FlowRun, State
-from prefect.exceptions import InfrastructureNotFound, PrefectHTTPStatusError
+from prefect.exceptions import InfrastructureNotFound, ObjectNotFound, PrefectHTTPStatusError
 from prefect.utilities.asyncutils import run_sync_in_worker_thread
+from pydantic import ValidationError
 
 from prefect_managed.container_output import log_entries
 from prefect_managed.containers import Watch
@@ -34,6 +35,7 @@ from prefect_managed.messages import (
 from prefect_managed.outcome import (
     CONTAINER_REMOVED_MESSAGE,
     DOCKER_ENGINE_LOST_MESSAGE,
+    UNSETTLED_MESSAGE,
     ContainerReport,
     Ending,
     ending,
@@ -189,17 +191,17 @@ class Finishing:
             return report
         try:
             final, crashed_by = await self._settle(flow_run, watch, report, how)
-        except (httpx.HTTPError, PrefectHTTPStatusError):
-            raise  # the API away: the container is kept and finished at a reconciliation
-        except Exception:
-            # What the API holds for the run does not parse (or the like), which no later
-            # reconciliation would change: the usage is recorded all the same, from what
-            # the container says, rather than never.
+        except (ValidationError, ObjectNotFound):
+            # What the API holds for the run does not parse, or the run is gone: no later
+            # reconciliation would change that, so the usage is recorded from what the
+            # container says rather than never (any other error keeps the container for
+            # the next reconciliation, as the API or the engine may be back by then).
             self._logger.exception(
                 "Could not settle the state of flow run %s; its usage is recorded from its "
                 "container alone",
                 flow_run.id,
             )
+            await self._crash_unsettled(flow_run)
             final, crashed_by = None, how
         outcome = outcome_of(
             final, timed_out=how is Ending.RUN_TIME, out_of_memory=report.oom_killed
@@ -219,6 +221,22 @@ class Finishing:
         self._finished.append(report.id)
         self._note_infrastructure_crash(flow_run, crashed_by, final)
         return report
+
+    async def _crash_unsettled(self, flow_run: FlowRun) -> None:
+        """Propose Crashed on a run whose state cannot be read, so that it is not left
+        running with its container gone; the answer is not read (it may not parse either),
+        and the server refuses the proposal on a run that has ended."""
+        try:
+            await self.client.request(
+                "POST",
+                "/flow_runs/{id}/set_state",
+                path_params={"id": flow_run.id},
+                json={"state": {"type": "CRASHED", "message": UNSETTLED_MESSAGE}},
+            )
+        except Exception:
+            self._logger.warning(
+                "Could not propose Crashed on flow run %s", flow_run.id, exc_info=True
+            )
 
     async def _settle(
         self, flow_run: FlowRun, watch: Watch, report: ContainerReport, how: Ending

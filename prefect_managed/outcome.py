@@ -25,6 +25,7 @@ from prefect_managed.usage import Outcome
 __all__ = [
     "CONTAINER_REMOVED_MESSAGE",
     "DOCKER_ENGINE_LOST_MESSAGE",
+    "UNSETTLED_MESSAGE",
     "ContainerReport",
     "Ending",
     "docker_lost",
@@ -38,6 +39,11 @@ CONTAINER_REMOVED_MESSAGE = (
     "`docker rm -f`) before the flow run finished, so the flow run was stopped with it. "
     "Its usage is counted until the worker last saw the container running. Run it again, "
     "and ask whoever manages the Docker host not to remove running flow run containers."
+)
+UNSETTLED_MESSAGE = (
+    "The flow run's container exited, and what the Prefect API holds for the flow run "
+    "could not be read back (a state whose data does not parse), so the worker could not "
+    "tell how it ended. Its usage is recorded from the container. Run it again."
 )
 DOCKER_ENGINE_LOST_MESSAGE = (
     "The Docker engine stopped while the flow run was running (a restart of the Docker "

@@ -390,20 +390,23 @@ def test_everything_else_is_refused_with_a_reason(method, path, body, words):
 #: every read of the run's states (the worker's finish, which records the run's usage,
 #: among them); the server makes an artifact of any data, under its `artifact_key`.
 POISONED_DATA = [
-    {"storage_key": 1},
-    {"storage_key": None, "serializer": "not a serializer"},
-    {"storage_key": "k", "expiration": "not a date"},
-    {"storage_key": "k", "storage_block_id": "not a uuid"},
-    {"storage_key": ["k"], "artifact_key": "usage-ws-202612-run-x", "artifact_type": "table"},
-    "usage-ws-202612-summary",
-    42,
-    ["storage_key"],
-    True,
+    ("COMPLETED", {"storage_key": 1}),
+    ("COMPLETED", {"storage_key": None, "serializer": "not a serializer"}),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "compressed", "serializer": 5}}),
+    ("COMPLETED", {"storage_key": "k", "expiration": "not a date"}),
+    ("FAILED", {"storage_key": "k", "storage_block_id": "not a uuid"}),
+    ("COMPLETED", {"storage_key": "k", "artifact_key": "usage-ws-202612-run-x"}),
+    ("CRASHED", {"artifact_key": "usage-ws-202612-run-x", "artifact_type": "table"}),
+    ("COMPLETED", "usage-ws-202612-summary"),
+    ("COMPLETED", 42),
+    ("COMPLETED", ["storage_key"]),
+    ("RUNNING", {"storage_key": "k"}),  # well-formed, on a state that has no result
+    ("SCHEDULED", {"storage_key": "k"}),
 ]
 
 
-def _with_state(path: str, body: dict, data) -> dict:
-    return {**body, "state": {"type": "RUNNING", "data": data}}
+def _with_state(body: dict, kind: str, data) -> dict:
+    return {**body, "state": {"type": kind, "data": data}}
 
 
 STATE_CARRIERS = [
@@ -412,33 +415,48 @@ STATE_CARRIERS = [
     (f"task_runs/{OTHER}/set_state", {}),
     ("task_runs/", {"flow_run_id": str(RUN), "task_key": "k", "dynamic_key": "1"}),
     ("flow_runs/", {"flow_id": str(OTHER), "parent_task_run_id": str(OTHER)}),
+    (f"deployments/{OTHER}/create_flow_run", {}),
 ]
 
 
-@pytest.mark.parametrize("data", POISONED_DATA, ids=repr)
+@pytest.mark.parametrize("kind, data", POISONED_DATA, ids=repr)
 @pytest.mark.parametrize("path, body", STATE_CARRIERS, ids=lambda v: str(v)[:24])
-def test_state_data_other_than_result_metadata_is_refused(path, body, data):
-    refused = _refusal("POST", path, _with_state(path, body, data))
-    assert refused.status == 422
-    assert "data must be a result record's metadata" in refused.reason
-    assert "storage_key" in refused.reason  # names the fields it may hold
+def test_state_data_other_than_a_results_metadata_is_refused(path, body, kind, data):
+    refused = _refusal("POST", path, _with_state(body, kind, data))
+    assert refused.status in (403, 422)
+    assert "data" in refused.reason or "state" in refused.reason
 
 
-def test_result_metadata_is_forwarded_as_checked_and_nothing_beside_it():
-    metadata = {"storage_key": "/results/abc", "prefect_version": "3.9.1"}
-    for path, body in STATE_CARRIERS:
-        sent = _with_state(path, body, {**metadata, "artifact_key": "usage-ws-202612-run-x"})
-        forwarded = json.loads(_decide("POST", path, sent).body)
-        assert forwarded["state"]["data"] == metadata, path
-        none = json.loads(_decide("POST", path, _with_state(path, body, None)).body)
-        assert none["state"]["data"] is None, path
-    # What is forwarded reads back as Prefect's client reads a state: no error.
+def _engine_metadata() -> dict:
+    """A result's metadata as Prefect's engine sends it (`to_state_create`, dumped as its
+    client dumps a request): a result block, an expiration, a compressed JSON serializer."""
+    from datetime import datetime, timezone
+
+    from prefect.results import ResultRecordMetadata
+    from prefect.serializers import CompressedSerializer
+
+    metadata = ResultRecordMetadata(
+        storage_key="/results/abc",
+        expiration=datetime(2027, 1, 1, tzinfo=timezone.utc),
+        storage_block_id=uuid4(),
+        serializer=CompressedSerializer(serializer="json"),
+    )
+    return json.loads(metadata.model_dump_json(serialize_as_any=True))
+
+
+@pytest.mark.parametrize("kind", ["COMPLETED", "FAILED", "CRASHED", "CANCELLED"])
+def test_a_results_metadata_is_forwarded_exactly_as_sent_and_reads_back(kind):
     from prefect.client.schemas.objects import State
 
-    forwarded = json.loads(
-        _decide("POST", f"flow_runs/{RUN}/set_state", _with_state("", {}, metadata)).body
-    )
-    State.model_validate({**forwarded["state"], "id": str(uuid4())})
+    metadata = _engine_metadata()
+    for path, body in STATE_CARRIERS:
+        if "create_flow_run" in path or (path == "flow_runs/" and kind == "SCHEDULED"):
+            continue  # a deployment's run is created Scheduled, with no result
+        forwarded = json.loads(_decide("POST", path, _with_state(body, kind, metadata)).body)
+        assert forwarded["state"]["data"] == metadata, path
+        State.model_validate({**forwarded["state"], "id": str(uuid4())})  # no error
+        none = json.loads(_decide("POST", path, _with_state(body, kind, None)).body)
+        assert none["state"].get("data") is None, path
 
 
 def test_a_uuid_parameter_is_read_in_the_servers_one_form():

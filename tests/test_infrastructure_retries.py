@@ -464,6 +464,10 @@ def test_a_run_whose_states_do_not_parse_is_still_recorded_and_its_container_rem
                 raise _unparsable_history()
             return [Pending(), Running()]
 
+        async def request(self, method: str, path: str, **kwargs: Any) -> None:
+            state = kwargs["json"]["state"]
+            calls.append(f"{method} {path.format(**kwargs['path_params'])} {state['type']}")
+
     async def settle(*args: Any) -> None:
         raise _unparsable_history()
 
@@ -475,15 +479,29 @@ def test_a_run_whose_states_do_not_parse_is_still_recorded_and_its_container_rem
     run = SimpleNamespace(id=uuid4())
     with caplog.at_level(logging.WARNING):
         assert asyncio.run(worker._finish(run, Watch("c1", report=report))) is report  # type: ignore[arg-type]
-    assert calls == [f"record {Outcome.CRASHED.value}", "remove c1"]
+    assert calls == [
+        f"POST /flow_runs/{run.id}/set_state CRASHED",  # not left running, container gone
+        f"record {Outcome.CRASHED.value}",
+        "remove c1",
+    ]
     assert f"Could not settle the state of flow run {run.id}" in caplog.text
 
 
-def test_a_run_whose_state_is_unread_because_the_api_is_away_keeps_its_container(
-    worker, monkeypatch
+@pytest.mark.parametrize(
+    "error",
+    [
+        httpx.ConnectError("the Prefect API is down"),
+        requests.exceptions.ConnectionError("the Docker engine is away"),
+        RuntimeError("anything else"),
+    ],
+    ids=["api-away", "docker-away", "other"],
+)
+def test_a_run_whose_state_is_unsettled_for_a_passing_reason_keeps_its_container(
+    worker, monkeypatch, error
 ):
-    """The API away is not what the run holds: the container is kept (not recorded nor
-    removed) and finished at a later reconciliation, as before."""
+    """The API or the engine away, or any error but an unreadable or deleted run: the
+    container is kept (not recorded nor removed) and finished at a later reconciliation,
+    as before."""
     from prefect_managed.containers import Watch
     from prefect_managed.outcome import ContainerReport
 
@@ -498,7 +516,7 @@ def test_a_run_whose_state_is_unread_because_the_api_is_away_keeps_its_container
             calls.append("remove")
 
     async def away(*args: Any) -> None:
-        raise httpx.ConnectError("the Prefect API is down")
+        raise error
 
     async def latest(*args: Any) -> bool:
         return False
@@ -508,7 +526,7 @@ def test_a_run_whose_state_is_unread_because_the_api_is_away_keeps_its_container
     worker._containers = Containers()  # type: ignore[assignment]
     worker._accounting = object()  # type: ignore[assignment]
     worker._states = object()  # type: ignore[assignment]
-    with pytest.raises(httpx.ConnectError):
+    with pytest.raises(type(error)):
         asyncio.run(worker._finish(SimpleNamespace(id=uuid4()), Watch("c1", report=report)))  # type: ignore[arg-type]
     assert calls == []
 

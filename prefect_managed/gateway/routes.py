@@ -313,9 +313,18 @@ def _dump(model: BaseModel) -> Any:
     return model.model_dump(mode="json", exclude_unset=True)
 
 
-def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str) -> None:
+#: The states a run's engine sends a result with (`to_state_create`: a result record's
+#: metadata, for a final state that has one).
+_WITH_RESULTS = frozenset(
+    {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
+)
+
+
+def _states(state: StateCreate | None, body: Any, allowed: frozenset[StateType], what: str) -> Any:
+    """Check a proposed state (`state`, as validated from `body`'s `state`); the state's
+    `data` to forward, exactly as sent (None for none)."""
     if state is None:
-        return
+        return None
     if state.type not in allowed:
         raise Refusal(
             403,
@@ -332,18 +341,6 @@ def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str)
             f"{what}: deployment_concurrency_lease_id is not a field a flow run may set; "
             "the server sets it",
         )
-    if state.data is not None and not isinstance(state.data, ResultRecordMetadata):
-        # Prefect's engine sends a result record's metadata or nothing. Anything else is
-        # stored as given, and Prefect's client reads a dict with a `storage_key` back as
-        # metadata: one that does not parse breaks every read of the run's states (the
-        # worker's finish, which records the run's usage, among them); and the server
-        # makes an artifact of any data, under the key its `artifact_key` names.
-        raise Refusal(
-            422,
-            f"{what}: data must be a result record's metadata "
-            f"({', '.join(ResultRecordMetadata.model_fields)}), as Prefect's engine sends, "
-            "or null",
-        )
     if details.pause_reschedule:
         raise Refusal(
             403,
@@ -351,6 +348,46 @@ def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str)
             "available on managed pools (a suspended run resumes in a second container); "
             "use pause_flow_run, which waits in the same container",
         )
+    return _result_metadata(state.type, body.get("data") if isinstance(body, dict) else None, what)
+
+
+def _result_metadata(kind: StateType, data: Any, what: str) -> Any:
+    """A state's `data`, forwarded only as Prefect's engine sends it: the metadata of a
+    final state's result record, that Prefect's client reads back. Anything else is
+    stored as given: a dict with a `storage_key` that does not parse as metadata breaks
+    every read of the run's states (the worker's finish, which records the run's usage,
+    among them, and the pool's poll for a scheduled run), and the server makes an
+    artifact of any data, under the key its `artifact_key` names."""
+    if data is None:
+        return None
+    fields = ", ".join(ResultRecordMetadata.model_fields)
+    if kind not in _WITH_RESULTS:
+        raise Refusal(
+            422, f"{what}: a {kind.value} state carries no data; only a final state's result"
+        )
+    if not isinstance(data, dict) or "storage_key" not in data:
+        raise Refusal(422, f"{what}: data must be a result record's metadata ({fields}) or null")
+    extra = sorted(set(data) - set(ResultRecordMetadata.model_fields))
+    if extra:
+        raise Refusal(
+            403,
+            f"{what}: {', '.join(extra)} is not a field of a result record's metadata; it "
+            f"may hold {fields}",
+        )
+    try:  # as Prefect's client reads it back
+        ResultRecordMetadata.model_validate(data)
+    except ValidationError as exc:
+        raise Refusal(422, f"{what}: data: {_error(exc)}") from exc
+    return data
+
+
+def _with_data(body: Any, data: Any) -> Any:
+    """`body` (a dumped model holding a `state`) with the state's data as checked."""
+    if data is not None:
+        body["state"]["data"] = data
+    elif isinstance(body.get("state"), dict):
+        body["state"].pop("data", None)
+    return body
 
 
 def _labels(labels: Any, what: str) -> None:
@@ -376,6 +413,7 @@ def _limit_names(names: list[str]) -> None:
 
 
 _ALL_STATES = frozenset(StateType)
+_SCHEDULED = frozenset({StateType.SCHEDULED})
 #: The run's own flow run: what its engine proposes from start to end (its worker set
 #: Pending; Scheduled would start a second container of the run).
 _ROOT_STATES = _ALL_STATES - {StateType.SCHEDULED, StateType.PENDING}
@@ -430,9 +468,11 @@ def _create_subflow_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
             "a flow run may create subflow runs of its own task runs only "
             "(parent_task_run_id); use run_deployment to start a deployment's run",
         )
-    _states(created.state, _ALL_STATES - {StateType.SCHEDULED}, what)
+    data = _states(
+        created.state, request.body.get("state"), _ALL_STATES - {StateType.SCHEDULED}, what
+    )
     _labels(created.labels, what)
-    return _dump(created), (Check("task_run", created.parent_task_run_id),)
+    return _with_data(_dump(created), data), (Check("task_run", created.parent_task_run_id),)
 
 
 def _update_flow_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
@@ -446,13 +486,14 @@ def _set_flow_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a flow run's state"
     target = request.params["id"]
     proposal = _valid(_SetState, request.body, what)
-    _states(proposal.state, _ROOT_STATES if target == request.run else _ALL_STATES, what)
+    allowed = _ROOT_STATES if target == request.run else _ALL_STATES
+    data = _states(proposal.state, request.body.get("state"), allowed, what)
     checks = [Check("flow_run", target)]
     if proposal.state.type in (StateType.SCHEDULED, StateType.PENDING):
         # Only a subflow run in the run's own process: a deployment's run would go back to
         # its pool's workers and run a second container of one attempt.
         checks.append(Check("inline_flow_run", target))
-    return _dump(proposal), tuple(checks)
+    return _with_data(_dump(proposal), data), tuple(checks)
 
 
 def _resume(request: Request) -> tuple[Any, tuple[Check, ...]]:
@@ -485,14 +526,14 @@ def _update_labels(request: Request) -> tuple[Any, tuple[Check, ...]]:
 def _create_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a task run"
     created = _valid(TaskRunCreate, request.body, what)
-    _states(created.state, _ALL_STATES, what)
+    data = _states(created.state, request.body.get("state"), _ALL_STATES, what)
     if created.flow_run_id is None:
         raise Refusal(403, f"{what}: flow_run_id must name a flow run of this run")
     _labels(created.labels, what)
     checks = [Check("flow_run", created.flow_run_id)]
     if created.id is not None:
         checks.append(Check("new_or_own_task_run", created.id))
-    return _dump(created), tuple(checks)
+    return _with_data(_dump(created), data), tuple(checks)
 
 
 def _update_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
@@ -502,20 +543,21 @@ def _update_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
 
 def _set_task_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
     proposal = _valid(_SetState, request.body, "a task run's state")
-    _states(proposal.state, _ALL_STATES, "a task run's state")
-    return _dump(proposal), (Check("task_run", request.params["id"]),)
+    state = request.body.get("state")
+    data = _states(proposal.state, state, _ALL_STATES, "a task run's state")
+    return _with_data(_dump(proposal), data), (Check("task_run", request.params["id"]),)
 
 
 def _create_deployment_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a deployment's run"
     _fields(request.body if request.body is not None else {}, _DEPLOYMENT_RUN_FIELDS, what)
     created = _valid(DeploymentFlowRunCreate, request.body or {}, what)
-    _states(created.state, frozenset({StateType.SCHEDULED}), what)
+    data = _states(created.state, (request.body or {}).get("state"), _SCHEDULED, what)
     _labels(created.labels, what)
     checks = [Check("managed_deployment", request.params["id"])]
     if created.parent_task_run_id is not None:
         checks.append(Check("task_run", created.parent_task_run_id))
-    return _dump(created), tuple(checks)
+    return _with_data(_dump(created), data), tuple(checks)
 
 
 def _create_logs(request: Request) -> tuple[Any, tuple[Check, ...]]:

@@ -386,15 +386,18 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port:
             raw(
                 "POST",
                 f"/api/flow_runs/{own}/set_state",
-                {"state": {"type": "RUNNING", "data": data}},
+                {"state": {"type": kind, "data": data}},
             )
-            for data in (
-                {"storage_key": 1},
-                {"storage_key": "k", "serializer": "not a serializer"},
-                {"storage_key": "k", "expiration": "not a date"},
-                {"storage_key": [own], "artifact_key": usage_key, "artifact_type": "table"},
-                usage_key,
-                [usage_key],
+            for kind, data in (
+                ("COMPLETED", {"storage_key": 1}),
+                ("COMPLETED", {"storage_key": "k", "serializer": "not a serializer"}),
+                ("FAILED", {"storage_key": "k", "expiration": "not a date"}),
+                ("COMPLETED", {"storage_key": "k", "serializer": {"type": "compressed"}}),
+                ("COMPLETED", {"storage_key": [own], "artifact_key": usage_key}),
+                ("CRASHED", {"storage_key": "k", "artifact_key": usage_key}),
+                ("COMPLETED", usage_key),
+                ("COMPLETED", [usage_key]),
+                ("RUNNING", {"storage_key": 1}),
             )
         ]
         + [
