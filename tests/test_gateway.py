@@ -121,6 +121,33 @@ def test_an_ordinary_flow_runs_through_the_gateway(gated, docker_client):
     assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
 
 
+def test_results_persisted_as_the_engine_persists_them_pass_the_gateway(gated, docker_client):
+    """The engine's result metadata (a saved result block, an expiration, a compressed
+    JSON serializer) passes the gateway as sent: the run and its task complete, and
+    their states read back with that metadata, as Prefect's client reads them."""
+    from prefect.filesystems import LocalFileSystem
+
+    block = LocalFileSystem(basepath="/tmp/prefect-managed-results")
+    block_id = block.save("gateway-results", overwrite=True)
+    deployment = gated["deploy"]("persists_results", "gateway-persists-results")
+    flow_run_id = run_deployment(deployment, parameters={"value": 41}, timeout=0).id
+    done = wait_for_settled_run(docker_client, flow_run_id, 300)
+    assert done.state.is_completed(), (done.state, flow_run_logs(flow_run_id)[-20:])
+    assert any("persisted: 42" in line for line in wait_for_log(flow_run_id, "persisted:"))
+    with get_client(sync_client=True) as client:
+        final = client.read_flow_run_states(flow_run_id)[-1]  # reads back: no error
+        task_runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    for state in [final, *(run.state for run in task_runs)]:
+        assert state is not None and state.is_completed(), state
+        metadata = state.data
+        assert metadata.storage_block_id == block_id, metadata
+        assert metadata.serializer.type == "compressed/json", metadata
+    assert task_runs[0].state.data.expiration is not None
+    assert wait_for_records([flow_run_id]) == {flow_run_id: 1}
+
+
 def test_a_hostile_flow_changes_nothing_through_or_around_the_gateway(gated, docker_client):
     with get_client(sync_client=True) as client:
         victim_deployment = gated["deploy"]("ordinary", "gateway-victim")

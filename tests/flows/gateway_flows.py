@@ -6,7 +6,7 @@ import base64
 import json
 import os
 import uuid
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import httpx
 from prefect import flow, get_run_logger, task
@@ -34,6 +34,29 @@ def ordinary(value: int = 20) -> int:
         resource={"prefect.resource.id": f"gateway.test.{value}"},
     )
     print(f"ordinary total: {total}")
+    return total
+
+
+#: The saved block the persisting flow keeps its results in (the test saves it first).
+RESULTS_BLOCK = "local-file-system/gateway-results"
+
+
+@task(persist_result=True, result_serializer="compressed/json", cache_expiration=timedelta(hours=1))
+def persisted(value: int) -> int:
+    return value + 1
+
+
+@flow(
+    persist_result=True,
+    result_serializer="compressed/json",
+    result_storage=RESULTS_BLOCK,
+    log_prints=True,
+)
+def persists_results(value: int = 41) -> int:
+    """Results as Prefect's engine persists them: in a saved block (its id in each
+    state's data), with an expiration, through a compressed JSON serializer."""
+    total = persisted.with_options(result_storage=RESULTS_BLOCK)(value)
+    print(f"persisted: {total}")
     return total
 
 
