@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 
 import anyio
@@ -385,6 +386,12 @@ def test_everything_else_is_refused_with_a_reason(method, path, body, words):
     assert words in _refusal(method, path, body).reason
 
 
+#: A module that says when it is imported (on `sys.path` for these tests only).
+PROBE = "prefect_managed_gateway_probe_module"
+NESTED: dict = {}
+for _ in range(300):
+    NESTED = {"a": NESTED}
+
 #: State `data` no Prefect engine sends: Prefect's client reads a dict with a
 #: `storage_key` back as a result record's metadata, and one that does not parse breaks
 #: every read of the run's states (the worker's finish, which records the run's usage,
@@ -402,6 +409,38 @@ POISONED_DATA = [
     ("COMPLETED", ["storage_key"]),
     ("RUNNING", {"storage_key": "k"}),  # well-formed, on a state that has no result
     ("SCHEDULED", {"storage_key": "k"}),
+    # Data the server stores and then cannot answer with: every read of the run fails.
+    ("COMPLETED", {"storage_key": "\ud800"}),
+    ("COMPLETED", {"storage_key": "k", "prefect_version": "3.9.1\udfff"}),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "json", "dumps_kwargs": NESTED}}),
+    ("COMPLETED", {"storage_key": "k" * 20_000}),
+    # Serializers that name modules to import in the worker's process, or are not Prefect's.
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "pickle", "picklelib": PROBE}}),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "pickle", "picklelib": "this"}}),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "pickle", "picklelib": "dill"}}),
+    (
+        "COMPLETED",
+        {"storage_key": "k", "serializer": {"type": "compressed/json", "compressionlib": PROBE}},
+    ),
+    (
+        "COMPLETED",
+        {
+            "storage_key": "k",
+            "serializer": {
+                "type": "compressed",
+                "serializer": {"type": "pickle", "picklelib": PROBE},
+            },
+        },
+    ),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "json", "jsonlib": PROBE}}),
+    (
+        "COMPLETED",
+        {"storage_key": "k", "serializer": {"type": "json", "object_decoder": "os.system"}},
+    ),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "__unknown__", "x": PROBE}}),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "pickle", "extra": 1}}),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "json", "loads_kwargs": {"a": {}}}}),
+    ("COMPLETED", {"storage_key": "k", "serializer": "pickle"}),
 ]
 
 
@@ -421,10 +460,17 @@ STATE_CARRIERS = [
 
 @pytest.mark.parametrize("kind, data", POISONED_DATA, ids=repr)
 @pytest.mark.parametrize("path, body", STATE_CARRIERS, ids=lambda v: str(v)[:24])
-def test_state_data_other_than_a_results_metadata_is_refused(path, body, kind, data):
+def test_state_data_other_than_a_results_metadata_is_refused(
+    path, body, kind, data, tmp_path, monkeypatch
+):
+    (tmp_path / f"{PROBE}.py").write_text("raise SystemExit('imported by the gateway')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    imported = "this" in sys.modules
     refused = _refusal("POST", path, _with_state(body, kind, data))
-    assert refused.status in (403, 422)
+    assert refused.status in (403, 413, 422)
     assert "data" in refused.reason or "state" in refused.reason
+    assert PROBE not in sys.modules  # nothing the data names was imported
+    assert ("this" in sys.modules) == imported
 
 
 def _engine_metadata() -> dict:

@@ -351,6 +351,93 @@ def _states(state: StateCreate | None, body: Any, allowed: frozenset[StateType],
     return _result_metadata(state.type, body.get("data") if isinstance(body, dict) else None, what)
 
 
+#: Prefect's own serializers, the fields each may send, and the modules a field may name:
+#: checking a serializer imports the modules it names (`picklelib`, `compressionlib`),
+#: in the worker's process (the gateway's check, and every reader of the run's states).
+_SERIALIZERS: dict[str, frozenset[str]] = {
+    "pickle": frozenset({"type", "picklelib", "picklelib_version"}),
+    "json": frozenset(
+        {"type", "jsonlib", "object_encoder", "object_decoder", "dumps_kwargs", "loads_kwargs"}
+    ),
+    "compressed": frozenset({"type", "serializer", "compressionlib"}),
+    "compressed/pickle": frozenset({"type", "serializer", "compressionlib"}),
+    "compressed/json": frozenset({"type", "serializer", "compressionlib"}),
+}
+_NAMED: dict[str, frozenset[Any]] = {
+    "picklelib": frozenset({"cloudpickle", "pickle"}),
+    "jsonlib": frozenset({"json", "orjson"}),
+    "compressionlib": frozenset({"lzma", "bz2", "zlib", "gzip"}),
+    "object_encoder": frozenset({None, "prefect.serializers.prefect_json_object_encoder"}),
+    "object_decoder": frozenset({None, "prefect.serializers.prefect_json_object_decoder"}),
+}
+#: A result's metadata is a few hundred bytes, three levels deep at most.
+_DATA_MAX_BYTES = 16 * 1024
+_DATA_MAX_DEPTH = 6
+
+
+def _depth(value: Any) -> int:
+    if isinstance(value, dict):
+        return 1 + max((_depth(v) for v in value.values()), default=0)
+    if isinstance(value, list):
+        return 1 + max((_depth(v) for v in value), default=0)
+    return 0
+
+
+def _screen(state: Any, what: str) -> None:
+    """A state's `data` looked at as sent, before anything validates it (validating a
+    serializer imports the modules it names): bounded in size and depth (a server fails
+    to answer for data nested past about 250 levels, and then every read of the run
+    fails), valid UTF-8 (a lone surrogate is stored and then breaks every read), and a
+    serializer only as Prefect's own, naming only the modules they use."""
+    if not isinstance(state, dict) or state.get("data") is None:
+        return
+    data = state["data"]
+    if _depth(data) > _DATA_MAX_DEPTH:
+        raise Refusal(422, f"{what}: data nests deeper than a result's metadata does")
+    try:
+        size = len(json.dumps(data, ensure_ascii=False).encode("utf-8"))
+    except UnicodeEncodeError:
+        raise Refusal(422, f"{what}: data holds a string that is not valid UTF-8") from None
+    if size > _DATA_MAX_BYTES:
+        raise Refusal(
+            413, f"{what}: data of {size} bytes is larger than a result's metadata may be"
+        )
+    if isinstance(data, dict) and data.get("serializer") is not None:
+        _screen_serializer(data["serializer"], what)
+
+
+def _screen_serializer(serializer: Any, what: str, inner: bool = False) -> None:
+    kinds = ", ".join(_SERIALIZERS)
+    if inner and serializer in ("pickle", "json"):
+        return  # a compressed serializer's own, by name
+    if not isinstance(serializer, dict) or serializer.get("type") not in _SERIALIZERS:
+        raise Refusal(
+            422, f"{what}: data: a result's serializer must be one of Prefect's ({kinds})"
+        )
+    kind = serializer["type"]
+    extra = sorted(set(serializer) - _SERIALIZERS[kind])
+    if extra:
+        raise Refusal(
+            403, f"{what}: data: {', '.join(extra)} is not a field of Prefect's {kind!r} serializer"
+        )
+    for field_name, allowed in _NAMED.items():
+        if field_name in serializer and serializer[field_name] not in allowed:
+            names = ", ".join(sorted(str(name) for name in allowed if name is not None))
+            raise Refusal(
+                422,
+                f"{what}: data: a result serializer's {field_name} {serializer[field_name]!r} is "
+                f"not available on managed pools; use one of {names}",
+            )
+    for kwargs in ("dumps_kwargs", "loads_kwargs"):
+        given = serializer.get(kwargs, {})
+        if not isinstance(given, dict) or not all(
+            isinstance(value, str | int | float | bool) or value is None for value in given.values()
+        ):
+            raise Refusal(422, f"{what}: data: a result serializer's {kwargs} must be plain values")
+    if "serializer" in serializer:
+        _screen_serializer(serializer["serializer"], what, inner=True)
+
+
 def _result_metadata(kind: StateType, data: Any, what: str) -> Any:
     """A state's `data`, forwarded only as Prefect's engine sends it: the metadata of a
     final state's result record, that Prefect's client reads back. Anything else is
@@ -461,6 +548,7 @@ def _create_flow(request: Request) -> tuple[Any, tuple[Check, ...]]:
 def _create_subflow_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a subflow run"
     _fields(request.body, _SUBFLOW_FIELDS, what)
+    _screen(request.body.get("state"), what)
     created = _valid(FlowRunCreate, request.body, what)
     if created.parent_task_run_id is None:
         raise Refusal(
@@ -485,6 +573,7 @@ def _update_flow_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
 def _set_flow_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a flow run's state"
     target = request.params["id"]
+    _screen(request.body.get("state") if isinstance(request.body, dict) else None, what)
     proposal = _valid(_SetState, request.body, what)
     allowed = _ROOT_STATES if target == request.run else _ALL_STATES
     data = _states(proposal.state, request.body.get("state"), allowed, what)
@@ -525,6 +614,7 @@ def _update_labels(request: Request) -> tuple[Any, tuple[Check, ...]]:
 
 def _create_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a task run"
+    _screen(request.body.get("state") if isinstance(request.body, dict) else None, what)
     created = _valid(TaskRunCreate, request.body, what)
     data = _states(created.state, request.body.get("state"), _ALL_STATES, what)
     if created.flow_run_id is None:
@@ -542,6 +632,10 @@ def _update_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
 
 
 def _set_task_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
+    _screen(
+        request.body.get("state") if isinstance(request.body, dict) else None,
+        "a task run's state",
+    )
     proposal = _valid(_SetState, request.body, "a task run's state")
     state = request.body.get("state")
     data = _states(proposal.state, state, _ALL_STATES, "a task run's state")
@@ -551,6 +645,7 @@ def _set_task_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
 def _create_deployment_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a deployment's run"
     _fields(request.body if request.body is not None else {}, _DEPLOYMENT_RUN_FIELDS, what)
+    _screen((request.body or {}).get("state"), what)
     created = _valid(DeploymentFlowRunCreate, request.body or {}, what)
     data = _states(created.state, (request.body or {}).get("state"), _SCHEDULED, what)
     _labels(created.labels, what)

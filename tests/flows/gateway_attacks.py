@@ -277,6 +277,9 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port:
     now = datetime.now(timezone.utc).isoformat()
     workspace = victim["limit"].removeprefix("prefect-managed-")
     usage_key = f"usage-{workspace}-{datetime.now(timezone.utc):%Y%m}-run-{own}"
+    deep: dict = {}
+    for _ in range(300):  # past what the server can answer with
+        deep = {"a": deep}
     results["bodies"] = {
         "infrastructure_pid": raw(
             "PATCH",
@@ -398,6 +401,22 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port:
                 ("COMPLETED", usage_key),
                 ("COMPLETED", [usage_key]),
                 ("RUNNING", {"storage_key": 1}),
+                ("COMPLETED", {"storage_key": "\ud800"}),
+                (
+                    "COMPLETED",
+                    {"storage_key": "k", "serializer": {"type": "json", "dumps_kwargs": deep}},
+                ),
+                (
+                    "COMPLETED",
+                    {"storage_key": "k", "serializer": {"type": "pickle", "picklelib": "this"}},
+                ),
+                (
+                    "FAILED",
+                    {
+                        "storage_key": "k",
+                        "serializer": {"type": "json", "jsonlib": "venv.__main__"},
+                    },
+                ),
             )
         ]
         + [
