@@ -122,10 +122,10 @@ class Finishing:
         """Which attempt of the run this is, from its state history in the server.
 
         `to_start`: for the label of a container about to be made; a history that cannot
-        be read (the API away, or states that do not parse) then stops the start (its record would go under a guessed attempt, maybe
-        an earlier one's, and count nowhere). At the finish, a container whose history
-        cannot be read is taken for the run's latest attempt (1 is never above its
-        label)."""
+        be read (the API away, or states that do not parse) then stops the start (its
+        record would go under a guessed attempt, maybe an earlier one's, and count
+        nowhere). At the finish, a container whose history cannot be read is taken for
+        the run's latest attempt (1 is never above its label)."""
         try:
             return attempt_in(await self.client.read_flow_run_states(flow_run.id))
         except Exception as error:  # the API away, or a history that does not parse
