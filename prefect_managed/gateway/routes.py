@@ -320,11 +320,9 @@ _WITH_RESULTS = frozenset(
 )
 
 
-def _states(state: StateCreate | None, body: Any, allowed: frozenset[StateType], what: str) -> Any:
-    """Check a proposed state (`state`, as validated from `body`'s `state`); the state's
-    `data` to forward, exactly as sent (None for none)."""
+def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str) -> None:
     if state is None:
-        return None
+        return
     if state.type not in allowed:
         raise Refusal(
             403,
@@ -348,7 +346,6 @@ def _states(state: StateCreate | None, body: Any, allowed: frozenset[StateType],
             "available on managed pools (a suspended run resumes in a second container); "
             "use pause_flow_run, which waits in the same container",
         )
-    return _result_metadata(state.type, body.get("data") if isinstance(body, dict) else None, what)
 
 
 #: Prefect's own serializers, the fields each may send, and the modules a field may name:
@@ -383,15 +380,29 @@ def _depth(value: Any) -> int:
     return 0
 
 
-def _screen(state: Any, what: str) -> None:
-    """A state's `data` looked at as sent, before anything validates it (validating a
-    serializer imports the modules it names): bounded in size and depth (a server fails
-    to answer for data nested past about 250 levels, and then every read of the run
-    fails), valid UTF-8 (a lone surrogate is stored and then breaks every read), and a
-    serializer only as Prefect's own, naming only the modules they use."""
-    if not isinstance(state, dict) or state.get("data") is None:
-        return
-    data = state["data"]
+def _valid_with_data(model: type[BaseModel], body: Any, what: str) -> tuple[Any, Any]:
+    """`body` validated as `model`, and the `data` of the state it holds, to forward
+    exactly as sent (None for none). The data is checked first, as sent: validating a
+    serializer imports the modules it names."""
+    state = body.get("state") if isinstance(body, dict) else None
+    data = _state_data(state, what) if isinstance(state, dict) else None
+    return _valid(model, body, what), data
+
+
+def _state_data(state: dict[str, Any], what: str) -> Any:
+    """A state's `data`, forwarded only as Prefect's engine sends it: the metadata of a
+    final state's result record, that Prefect's client reads back. Anything else is
+    stored as given: a dict with a `storage_key` that does not parse as metadata breaks
+    every read of the run's states (the worker's finish, which records the run's usage,
+    among them, and the pool's poll for a scheduled run), and the server makes an
+    artifact of any data, under the key its `artifact_key` names. Bounded in size and
+    depth (a server fails to answer for data nested past about 250 levels, and then
+    every read of the run fails), valid UTF-8 (a lone surrogate is stored and then
+    breaks every read), and a serializer only as Prefect's own, naming only the modules
+    they use."""
+    data = state.get("data")
+    if data is None:
+        return None
     if _depth(data) > _DATA_MAX_DEPTH:
         raise Refusal(422, f"{what}: data nests deeper than a result's metadata does")
     try:
@@ -402,8 +413,27 @@ def _screen(state: Any, what: str) -> None:
         raise Refusal(
             413, f"{what}: data of {size} bytes is larger than a result's metadata may be"
         )
-    if isinstance(data, dict) and data.get("serializer") is not None:
+    fields = ", ".join(ResultRecordMetadata.model_fields)
+    if state.get("type") not in _WITH_RESULTS:
+        raise Refusal(
+            422, f"{what}: a {state.get('type')} state carries no data; only a final state's result"
+        )
+    if not isinstance(data, dict) or "storage_key" not in data:
+        raise Refusal(422, f"{what}: data must be a result record's metadata ({fields}) or null")
+    extra = sorted(set(data) - set(ResultRecordMetadata.model_fields))
+    if extra:
+        raise Refusal(
+            403,
+            f"{what}: {', '.join(extra)} is not a field of a result record's metadata; it "
+            f"may hold {fields}",
+        )
+    if data.get("serializer") is not None:
         _screen_serializer(data["serializer"], what)
+    try:  # as Prefect's client reads it back
+        ResultRecordMetadata.model_validate(data)
+    except ValidationError as exc:
+        raise Refusal(422, f"{what}: data: {_error(exc)}") from exc
+    return data
 
 
 def _screen_serializer(serializer: Any, what: str, inner: bool = False) -> None:
@@ -436,36 +466,6 @@ def _screen_serializer(serializer: Any, what: str, inner: bool = False) -> None:
             raise Refusal(422, f"{what}: data: a result serializer's {kwargs} must be plain values")
     if "serializer" in serializer:
         _screen_serializer(serializer["serializer"], what, inner=True)
-
-
-def _result_metadata(kind: StateType, data: Any, what: str) -> Any:
-    """A state's `data`, forwarded only as Prefect's engine sends it: the metadata of a
-    final state's result record, that Prefect's client reads back. Anything else is
-    stored as given: a dict with a `storage_key` that does not parse as metadata breaks
-    every read of the run's states (the worker's finish, which records the run's usage,
-    among them, and the pool's poll for a scheduled run), and the server makes an
-    artifact of any data, under the key its `artifact_key` names."""
-    if data is None:
-        return None
-    fields = ", ".join(ResultRecordMetadata.model_fields)
-    if kind not in _WITH_RESULTS:
-        raise Refusal(
-            422, f"{what}: a {kind.value} state carries no data; only a final state's result"
-        )
-    if not isinstance(data, dict) or "storage_key" not in data:
-        raise Refusal(422, f"{what}: data must be a result record's metadata ({fields}) or null")
-    extra = sorted(set(data) - set(ResultRecordMetadata.model_fields))
-    if extra:
-        raise Refusal(
-            403,
-            f"{what}: {', '.join(extra)} is not a field of a result record's metadata; it "
-            f"may hold {fields}",
-        )
-    try:  # as Prefect's client reads it back
-        ResultRecordMetadata.model_validate(data)
-    except ValidationError as exc:
-        raise Refusal(422, f"{what}: data: {_error(exc)}") from exc
-    return data
 
 
 def _with_data(body: Any, data: Any) -> Any:
@@ -548,17 +548,14 @@ def _create_flow(request: Request) -> tuple[Any, tuple[Check, ...]]:
 def _create_subflow_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a subflow run"
     _fields(request.body, _SUBFLOW_FIELDS, what)
-    _screen(request.body.get("state"), what)
-    created = _valid(FlowRunCreate, request.body, what)
+    created, data = _valid_with_data(FlowRunCreate, request.body, what)
     if created.parent_task_run_id is None:
         raise Refusal(
             403,
             "a flow run may create subflow runs of its own task runs only "
             "(parent_task_run_id); use run_deployment to start a deployment's run",
         )
-    data = _states(
-        created.state, request.body.get("state"), _ALL_STATES - {StateType.SCHEDULED}, what
-    )
+    _states(created.state, _ALL_STATES - {StateType.SCHEDULED}, what)
     _labels(created.labels, what)
     return _with_data(_dump(created), data), (Check("task_run", created.parent_task_run_id),)
 
@@ -573,10 +570,8 @@ def _update_flow_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
 def _set_flow_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a flow run's state"
     target = request.params["id"]
-    _screen(request.body.get("state") if isinstance(request.body, dict) else None, what)
-    proposal = _valid(_SetState, request.body, what)
-    allowed = _ROOT_STATES if target == request.run else _ALL_STATES
-    data = _states(proposal.state, request.body.get("state"), allowed, what)
+    proposal, data = _valid_with_data(_SetState, request.body, what)
+    _states(proposal.state, _ROOT_STATES if target == request.run else _ALL_STATES, what)
     checks = [Check("flow_run", target)]
     if proposal.state.type in (StateType.SCHEDULED, StateType.PENDING):
         # Only a subflow run in the run's own process: a deployment's run would go back to
@@ -614,9 +609,8 @@ def _update_labels(request: Request) -> tuple[Any, tuple[Check, ...]]:
 
 def _create_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a task run"
-    _screen(request.body.get("state") if isinstance(request.body, dict) else None, what)
-    created = _valid(TaskRunCreate, request.body, what)
-    data = _states(created.state, request.body.get("state"), _ALL_STATES, what)
+    created, data = _valid_with_data(TaskRunCreate, request.body, what)
+    _states(created.state, _ALL_STATES, what)
     if created.flow_run_id is None:
         raise Refusal(403, f"{what}: flow_run_id must name a flow run of this run")
     _labels(created.labels, what)
@@ -632,22 +626,16 @@ def _update_task_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
 
 
 def _set_task_run_state(request: Request) -> tuple[Any, tuple[Check, ...]]:
-    _screen(
-        request.body.get("state") if isinstance(request.body, dict) else None,
-        "a task run's state",
-    )
-    proposal = _valid(_SetState, request.body, "a task run's state")
-    state = request.body.get("state")
-    data = _states(proposal.state, state, _ALL_STATES, "a task run's state")
+    proposal, data = _valid_with_data(_SetState, request.body, "a task run's state")
+    _states(proposal.state, _ALL_STATES, "a task run's state")
     return _with_data(_dump(proposal), data), (Check("task_run", request.params["id"]),)
 
 
 def _create_deployment_run(request: Request) -> tuple[Any, tuple[Check, ...]]:
     what = "a deployment's run"
     _fields(request.body if request.body is not None else {}, _DEPLOYMENT_RUN_FIELDS, what)
-    _screen((request.body or {}).get("state"), what)
-    created = _valid(DeploymentFlowRunCreate, request.body or {}, what)
-    data = _states(created.state, (request.body or {}).get("state"), _SCHEDULED, what)
+    created, data = _valid_with_data(DeploymentFlowRunCreate, request.body or {}, what)
+    _states(created.state, _SCHEDULED, what)
     _labels(created.labels, what)
     checks = [Check("managed_deployment", request.params["id"])]
     if created.parent_task_run_id is not None:
