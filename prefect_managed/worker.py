@@ -482,15 +482,23 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         def marked(flow_run: FlowRun) -> bool:  # waiting for a slot already
             return flow_run.state is not None and flow_run.state.name == AWAITING_SLOT
 
+        # A run this worker held a slot for was being submitted when the poll read it
+        # (Prefect skips it while it is), or runs by now: submitting that one again would
+        # start a second container (Prefect's server accepts Pending even from a final
+        # state) and give its slot back while it runs. Which ones run is read before the
+        # states are: one whose container ends after this has a state other than the
+        # poll's by the time they are read (its ending, or the Crashed its finish sets).
+        running = {run for run in ours if run in self._running}
         # What the poll read may be old by now (counting room and taking slots ask the
-        # engine and the API): a run another host has taken since is left to it. Not
-        # read again: a run that would only wait on, marked so already.
+        # engine and the API, and a poll waits for the one before it): a run another
+        # host has taken, or this one has run to its end, since is left alone. Not read
+        # again: a run that would only wait on, marked so already.
         acting = [
             e.flow_run
             for e in queue
-            if e.flow_run.id not in ours
+            if e.flow_run.id not in running
             and not without_room(e.flow_run.id)
-            and (e.flow_run.id in acquired or not marked(e.flow_run))
+            and (e.flow_run.id in ours or e.flow_run.id in acquired or not marked(e.flow_run))
         ]
         try:
             unchanged = await self._states.unchanged(acting)
@@ -505,7 +513,8 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         for entry in queue:
             flow_run = entry.flow_run
             if flow_run.id in ours:
-                admitted.append(entry)
+                if flow_run.id in unchanged and flow_run.id not in running:
+                    admitted.append(entry)
             elif without_room(flow_run.id):
                 no_room += 1
             elif flow_run.id not in acquired and marked(flow_run):
@@ -519,10 +528,6 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         self.stats.waiting_for_slot = len(waiting)
         self.stats.waiting_for_room = no_room
         self._left_waiting = bool(waiting or no_room)
-        # A run this worker held a slot for was being submitted when the poll read it
-        # (Prefect skips it while it is); one whose submission is over by now runs, and
-        # submitting it again would start a second container (Prefect's server accepts
-        # Pending even from a final state) and give its slot back while it runs.
         admitted = [entry for entry in admitted if entry.flow_run.id not in self._running]
         # Submitted first: Prefect takes each run right after the read above.
         submitted = await super()._submit_scheduled_flow_runs(admitted)

@@ -175,6 +175,48 @@ def test_a_run_another_host_took_since_the_poll_is_neither_submitted_nor_marked(
     assert (worker.stats.waiting_for_slot, worker.stats.admitted) == (1, 1)
 
 
+def test_a_run_of_this_worker_that_ended_since_the_poll_is_not_submitted_again(worker, monkeypatch):
+    """Runs this worker holds a slot for, polled while still Scheduled (their submission
+    had just begun): one whose container has come and gone by the time admission
+    decides is not submitted again (Prefect's server would take Pending from its
+    ending and a second container would run the flow again); one whose container ends
+    while the states are read is not either; one still as polled is (a run of a
+    taken-over container that made itself due again, an attempt of its own)."""
+    from prefect.workers.base import BaseWorker
+
+    slots = FakeSlots(free=0)
+    worker._slots = slots  # type: ignore[assignment]
+    due = {"state": None, "next_scheduled_start_time": None, "expected_start_time": None}
+    runs = [SimpleNamespace(id=uuid4(), state_id=uuid4(), **due) for _ in range(3)]
+    ended, ends_during_the_read, due_again = (run.id for run in runs)
+    slots.held.update(run.id for run in runs)
+    states = PolledStates(moved={ended})
+    worker._states = states  # type: ignore[assignment]
+    worker._running.add(ends_during_the_read)
+    read: list[UUID] = []
+    unchanged = states.unchanged
+
+    async def container_ends_meanwhile(flow_runs: list[Any]) -> set[UUID]:
+        worker._running.discard(ends_during_the_read)
+        read.extend(flow_run.id for flow_run in flow_runs)
+        return await unchanged(flow_runs)
+
+    states.unchanged = container_ends_meanwhile  # type: ignore[method-assign]
+    submitted: list[UUID] = []
+
+    async def submit(self, entries):
+        submitted.extend(entry.flow_run.id for entry in entries)
+        return [entry.flow_run for entry in entries]
+
+    monkeypatch.setattr(BaseWorker, "_submit_scheduled_flow_runs", submit)
+    queue = [SimpleNamespace(flow_run=run) for run in runs]
+    ours = {run.id for run in runs}
+    assert asyncio.run(worker._admit_with_slots(queue, ours, [], [])) == [runs[2]]
+    assert submitted == [due_again]
+    assert read == [ended, due_again]  # the running one is not read: it is left alone
+    assert not slots.released and not states.marked  # its finish gives a slot back
+
+
 def test_a_mark_that_fails_is_logged_and_the_poll_goes_on(worker, monkeypatch, caplog):
     from prefect.workers.base import BaseWorker
 
