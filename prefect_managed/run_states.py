@@ -26,7 +26,7 @@ from prefect.client.schemas.filters import (
     LogFilterFlowRunId,
     LogFilterTimestamp,
 )
-from prefect.client.schemas.objects import FlowRun, State
+from prefect.client.schemas.objects import TERMINAL_STATES, FlowRun, State
 from prefect.client.schemas.sorting import LogSort
 from prefect.exceptions import Abort, ObjectNotFound
 from prefect.logging import get_logger
@@ -319,18 +319,24 @@ class RunStates:
         """Whether `made` (a claim, or what the server set in its place) replaced a
         final state; if so, that state is set again, result included (forced: Prefect
         would refuse a move back to it)."""
-        history = await self._client.read_flow_run_states(flow_run.id)
-        ids = [state.id for state in history]
-        if made.id not in ids or ids.index(made.id) == 0:
-            return False
-        before = history[ids.index(made.id) - 1]
-        if not before.is_final():
-            return False
-        again = before.model_dump(
-            mode="json", include={"type", "name", "message", "data", "state_details"}
+        # Read and sent as stored: Prefect's client would drop a stored result's
+        # reference, and its models a result serializer's own fields.
+        response = await self._client.request(
+            "GET", "/flow_run_states/", params={"flow_run_id": str(flow_run.id)}
         )
-        again["state_details"]["transition_id"] = str(uuid4())
-        # Sent as read: Prefect's client would drop a stored result's reference.
+        response.raise_for_status()
+        history: list[dict[str, Any]] = response.json()
+        ids = [state.get("id") for state in history]
+        if str(made.id) not in ids or ids.index(str(made.id)) == 0:
+            return False
+        before = history[ids.index(str(made.id)) - 1]
+        if before.get("type") not in {state_type.value for state_type in TERMINAL_STATES}:
+            return False
+        again = {key: before.get(key) for key in ("type", "name", "message", "data")}
+        again["state_details"] = {
+            **(before.get("state_details") or {}),
+            "transition_id": str(uuid4()),
+        }
         response = await self._client.request(
             "POST",
             "/flow_runs/{id}/set_state",
@@ -341,7 +347,7 @@ class RunStates:
         logger.warning(
             "Flow run %s ended (%s) after the poll that found it; its state is put back",
             flow_run.id,
-            before.name,
+            before.get("name"),
         )
         return True
 

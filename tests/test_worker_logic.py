@@ -180,8 +180,8 @@ def test_a_run_of_this_worker_that_ended_since_the_poll_is_not_submitted_again(w
     had just begun): one whose container has come and gone by the time admission
     decides is not submitted again (Prefect's server would take Pending from its
     ending and a second container would run the flow again); one whose container ends
-    while the states are read is not either; one still as polled is (a run of a
-    taken-over container that made itself due again, an attempt of its own)."""
+    while the states are read is not either; one still as polled goes on to Prefect's
+    submission, which skips a run it is still submitting."""
     from prefect.workers.base import BaseWorker
 
     slots = FakeSlots(free=0)
