@@ -40,6 +40,7 @@ from prefect.client.schemas.filters import (
     DeploymentFilterId,
     FlowRunFilter,
     FlowRunFilterDeploymentId,
+    FlowRunFilterName,
 )
 from prefect.deployments import run_deployment
 from prefect.exceptions import ObjectNotFound
@@ -48,6 +49,8 @@ from prefect.states import Scheduled
 from services import free_port, start_prefect_server, start_worker, wait_for, write_policy
 
 from prefect_managed.gateway.port import auto_gateway_port
+from prefect_managed.retries import INFRASTRUCTURE_RETRY
+from prefect_managed.run_states import AWAITING_SLOT, HOST_LOST, QUOTA_EXHAUSTED
 from prefect_managed.settings import ledger_key
 
 pytestmark = pytest.mark.docker
@@ -55,6 +58,12 @@ pytestmark = pytest.mark.docker
 FLOWS = Path(__file__).parent / "flows"
 AUTH = f"admin:{secrets.token_hex(8)}"
 SECRET = "s3cret-" + secrets.token_hex(4)
+#: The state names the worker gives a meaning to, as the flow spells them (casefolded).
+WORKERS_NAMES = {
+    n.casefold() for n in (AWAITING_SLOT, QUOTA_EXHAUSTED, HOST_LOST, INFRASTRUCTURE_RETRY)
+}
+#: The deployment run the attack flow tries to create already waiting for a slot.
+WORKER_NAMED_RUN = "gw-attack-awaiting-slot"
 
 
 @task
@@ -277,7 +286,7 @@ def test_events_about_other_runs_never_reach_the_server(attacked, docker_client)
 def test_bodies_that_reach_past_the_run_are_refused_and_the_books_hold(attacked, docker_client):
     results, run = _attack(attacked, docker_client)
     bodies = results["bodies"]
-    many = ("delete_usage", "poisoned_state_data")
+    many = ("delete_usage", "poisoned_state_data", "worker_named_states")
     refused = {name: status for name, status in bodies.items() if name not in many}
     assert all(_refused(status) for status in refused.values()), refused
     for name in many:
@@ -318,6 +327,12 @@ def test_bodies_that_reach_past_the_run_are_refused_and_the_books_hold(attacked,
         assert len(under_its_key) == 1, under_its_key
         assert under_its_key[0].metadata_, under_its_key  # the signed record, not a forgery
         assert "SCHEDULED" not in kinds[kinds.index("RUNNING") :], kinds
+        # No state named as the worker names its own, on its run or on a run it made.
+        names = {s.name.casefold().replace(" ", "") for s in client.read_flow_run_states(run.id)}
+        assert not names & WORKERS_NAMES, names
+        assert not client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[WORKER_NAMED_RUN]))
+        )
         from prefect.blocks.system import Secret
 
         assert Secret.load(f"victim-secret-{attacked.mode}").get() == SECRET

@@ -473,6 +473,43 @@ def test_state_data_other_than_a_results_metadata_is_refused(
     assert ("this" in sys.modules) == imported
 
 
+WORKERS_NAMES = [
+    "AwaitingConcurrencySlot",
+    "awaitingconcurrencyslot",
+    " Awaiting Concurrency Slot ",
+    "QuotaExhausted",
+    "HOSTLOST",
+    "AwaitingInfrastructureRetry",
+    "awaiting\tinfrastructure\nretry",
+]
+
+
+@pytest.mark.parametrize("name", WORKERS_NAMES)
+@pytest.mark.parametrize("kind", ["SCHEDULED", "FAILED", "CRASHED", "COMPLETED"])
+@pytest.mark.parametrize("path, body", STATE_CARRIERS, ids=lambda v: str(v)[:24])
+def test_a_state_named_as_the_worker_names_its_own_is_refused(path, body, kind, name):
+    """A deployment run a flow creates Scheduled under `AwaitingConcurrencySlot` would be
+    taken for one already marked waiting; a final state of its own named
+    `AwaitingInfrastructureRetry` would count against its run's retries."""
+    state = {"type": kind, "name": name}
+    refused = _refusal("POST", path, {**body, "state": state})
+    assert refused.status == 403
+    assert f"named {name!r} is the managed worker's to set" in refused.reason
+
+
+def test_a_state_name_of_prefects_own_passes():
+    for path, body, kind, name in [
+        (f"flow_runs/{RUN}/set_state", {}, "FAILED", "TimedOut"),
+        (f"flow_runs/{RUN}/set_state", {}, "RUNNING", "Retrying"),
+        (f"deployments/{OTHER}/create_flow_run", {}, "SCHEDULED", "Scheduled"),
+        (f"flow_runs/{RUN}/set_state", {}, "COMPLETED", "AwaitingConcurrencySlots"),
+    ]:
+        forwarded = json.loads(
+            _decide("POST", path, {**body, "state": {"type": kind, "name": name}}).body
+        )
+        assert forwarded["state"]["name"] == name
+
+
 def _engine_metadata() -> dict:
     """A result's metadata as Prefect's engine sends it (`to_state_create`, dumped as its
     client dumps a request): a result block, an expiration, a compressed JSON serializer."""

@@ -40,6 +40,8 @@ from prefect.results import ResultRecordMetadata
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from prefect_managed.gateway.reading import Reading, encode_segment
+from prefect_managed.retries import INFRASTRUCTURE_RETRY
+from prefect_managed.run_states import AWAITING_SLOT, HOST_LOST, QUOTA_EXHAUSTED
 
 __all__ = [
     "RESERVED_ARTIFACT_PREFIX",
@@ -320,9 +322,25 @@ _WITH_RESULTS = frozenset(
 )
 
 
+#: The state names the managed worker gives a meaning to (a run waiting for a slot, a
+#: run refused for the quota, a lost host's run, an infrastructure retry, which counts
+#: against the tier's retries): the worker's to set, under any spelling.
+_WORKERS_NAMES = {
+    name.casefold(): name
+    for name in (AWAITING_SLOT, QUOTA_EXHAUSTED, HOST_LOST, INFRASTRUCTURE_RETRY)
+}
+
+
 def _states(state: StateCreate | None, allowed: frozenset[StateType], what: str) -> None:
     if state is None:
         return
+    reserved = _WORKERS_NAMES.get("".join((state.name or "").split()).casefold())
+    if reserved is not None:
+        raise Refusal(
+            403,
+            f"{what}: a state named {state.name!r} is the managed worker's to set "
+            f"({reserved}); name the state otherwise",
+        )
     if state.type not in allowed:
         raise Refusal(
             403,

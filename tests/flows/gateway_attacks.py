@@ -22,6 +22,8 @@ from prefect.context import get_run_context
 TOKEN = os.environ.get("PREFECT_API_AUTH_STRING", "")
 API = urlsplit(os.environ.get("PREFECT_API_URL", "http://127.0.0.1:1/api"))
 AUTH = "Basic " + base64.b64encode(TOKEN.encode()).decode()
+#: The name of the deployment run the flow tries to create as already waiting for a slot.
+WORKER_NAMED_RUN = "gw-attack-awaiting-slot"
 
 
 def raw(method, path, body=None, headers=None, read=True):
@@ -430,6 +432,26 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port:
                     "state": {"type": "RUNNING", "data": {"storage_key": 1}},
                 },
             )
+        ],
+        # 9. States named as the worker names its own: a deployment run created as one
+        # already waiting for a slot, an ending that would count as an infrastructure
+        # retry, a lost host or a refused quota.
+        "worker_named_states": [
+            raw("POST", f"/api/flow_runs/{own}/set_state", {"state": {"type": kind, "name": name}})
+            for kind, name in (
+                ("FAILED", "AwaitingInfrastructureRetry"),
+                ("COMPLETED", "awaiting infrastructure retry"),
+                ("CRASHED", "HostLost"),
+                ("FAILED", "quotaexhausted"),
+            )
+        ]
+        + [
+            raw(
+                "POST",
+                f"/api/deployments/{deployment}/create_flow_run",
+                {"name": WORKER_NAMED_RUN, "state": {"type": "SCHEDULED", "name": name}},
+            )
+            for name in ("AwaitingConcurrencySlot", "AWAITINGCONCURRENCYSLOT")
         ],
         "automation": raw(
             "POST", "/api/automations/", {"name": "gw_attack", "trigger": {}, "actions": []}
