@@ -327,10 +327,11 @@ class RunStates:
         response.raise_for_status()
         history: list[dict[str, Any]] = response.json()
         ids = [state.get("id") for state in history]
-        if str(made.id) not in ids or ids.index(str(made.id)) == 0:
+        made_id = str(made.id)
+        if made_id not in ids or ids.index(made_id) == 0:
             return False
-        before = history[ids.index(str(made.id)) - 1]
-        if before.get("type") not in {state_type.value for state_type in TERMINAL_STATES}:
+        before = history[ids.index(made_id) - 1]
+        if before.get("type") not in TERMINAL_STATES:  # StateType's values are strings
             return False
         again = {key: before.get(key) for key in ("type", "name", "message", "data")}
         again["state_details"] = {

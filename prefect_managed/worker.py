@@ -513,7 +513,7 @@ class ManagedWorker(DockerWorker, TakeOver, Finishing, Cancels, LostHosts):
         for entry in queue:
             flow_run = entry.flow_run
             if flow_run.id in ours:
-                if flow_run.id in unchanged and flow_run.id not in running:
+                if flow_run.id in unchanged:  # a running one was not read again
                     admitted.append(entry)
             elif without_room(flow_run.id):
                 no_room += 1

@@ -35,7 +35,7 @@ from prefect.client.schemas.actions import (
     TaskRunCreate,
     TaskRunUpdate,
 )
-from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.objects import TERMINAL_STATES, StateType
 from prefect.results import ResultRecordMetadata
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
@@ -315,13 +315,6 @@ def _dump(model: BaseModel) -> Any:
     return model.model_dump(mode="json", exclude_unset=True)
 
 
-#: The states a run's engine sends a result with (`to_state_create`: a result record's
-#: metadata, for a final state that has one).
-_WITH_RESULTS = frozenset(
-    {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-)
-
-
 #: The state names the managed worker gives a meaning to (a run waiting for a slot, a
 #: run refused for the quota, a lost host's run, an infrastructure retry, which counts
 #: against the tier's retries): the worker's to set, under any spelling.
@@ -432,7 +425,8 @@ def _state_data(state: dict[str, Any], what: str) -> Any:
             413, f"{what}: data of {size} bytes is larger than a result's metadata may be"
         )
     fields = ", ".join(ResultRecordMetadata.model_fields)
-    if state.get("type") not in _WITH_RESULTS:
+    # Prefect's engine sends a result's metadata with a final state (`to_state_create`).
+    if state.get("type") not in TERMINAL_STATES:
         raise Refusal(
             422, f"{what}: a {state.get('type')} state carries no data; only a final state's result"
         )
