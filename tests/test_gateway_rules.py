@@ -398,6 +398,18 @@ for _ in range(300):
 #: among them); the server makes an artifact of any data, under its `artifact_key`.
 POISONED_DATA = [
     ("COMPLETED", {"storage_key": 1}),
+    # A list or an object where the check looks a name up (it raised TypeError, a 500).
+    (["COMPLETED"], {"storage_key": "k"}),
+    ({"COMPLETED": 1}, {"storage_key": "k"}),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": ["pickle"]}}),
+    ("COMPLETED", {"storage_key": "k", "serializer": {"type": "pickle", "picklelib": ["pickle"]}}),
+    (
+        "FAILED",
+        {
+            "storage_key": "k",
+            "serializer": {"type": "compressed", "serializer": "json", "compressionlib": {"a": 1}},
+        },
+    ),
     ("COMPLETED", {"storage_key": None, "serializer": "not a serializer"}),
     ("COMPLETED", {"storage_key": "k", "serializer": {"type": "compressed", "serializer": 5}}),
     ("COMPLETED", {"storage_key": "k", "expiration": "not a date"}),

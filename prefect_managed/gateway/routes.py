@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from uuid import UUID
@@ -383,6 +383,12 @@ _DATA_MAX_BYTES = 16 * 1024
 _DATA_MAX_DEPTH = 6
 
 
+def _one_of(value: Any, allowed: Collection[Any]) -> bool:
+    """Whether `value`, as sent (before anything validated it), is one of `allowed`: a
+    list or an object never is."""
+    return not isinstance(value, dict | list) and value in allowed
+
+
 def _depth(value: Any) -> int:
     if isinstance(value, dict):
         return 1 + max((_depth(v) for v in value.values()), default=0)
@@ -426,7 +432,7 @@ def _state_data(state: dict[str, Any], what: str) -> Any:
         )
     fields = ", ".join(ResultRecordMetadata.model_fields)
     # Prefect's engine sends a result's metadata with a final state (`to_state_create`).
-    if state.get("type") not in TERMINAL_STATES:
+    if not _one_of(state.get("type"), TERMINAL_STATES):
         raise Refusal(
             422, f"{what}: a {state.get('type')} state carries no data; only a final state's result"
         )
@@ -452,7 +458,7 @@ def _screen_serializer(serializer: Any, what: str, inner: bool = False) -> None:
     kinds = ", ".join(_SERIALIZERS)
     if inner and serializer in ("pickle", "json"):
         return  # a compressed serializer's own, by name
-    if not isinstance(serializer, dict) or serializer.get("type") not in _SERIALIZERS:
+    if not isinstance(serializer, dict) or not _one_of(serializer.get("type"), _SERIALIZERS):
         raise Refusal(
             422, f"{what}: data: a result's serializer must be one of Prefect's ({kinds})"
         )
@@ -463,7 +469,7 @@ def _screen_serializer(serializer: Any, what: str, inner: bool = False) -> None:
             403, f"{what}: data: {', '.join(extra)} is not a field of Prefect's {kind!r} serializer"
         )
     for field_name, allowed in _NAMED.items():
-        if field_name in serializer and serializer[field_name] not in allowed:
+        if field_name in serializer and not _one_of(serializer[field_name], allowed):
             names = ", ".join(sorted(str(name) for name in allowed if name is not None))
             raise Refusal(
                 422,

@@ -403,6 +403,8 @@ def attack(victim: dict, gateway_port: int, isolated: bool = False, server_port:
                 ("COMPLETED", usage_key),
                 ("COMPLETED", [usage_key]),
                 ("RUNNING", {"storage_key": 1}),
+                (["COMPLETED"], {"storage_key": "k"}),
+                ("COMPLETED", {"storage_key": "k", "serializer": {"type": ["pickle"]}}),
                 ("COMPLETED", {"storage_key": "\ud800"}),
                 (
                     "COMPLETED",
